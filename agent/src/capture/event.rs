@@ -1,0 +1,193 @@
+//! Decoding ring-buffer records into owned events.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use bytes::Bytes;
+use meshless_common::{
+    ConnAddrs, Direction, EventHeader, EventKind, AF_INET, AF_INET6, FLAG_ACCEPTED,
+    FLAG_CONNECTED, FLAG_LOCAL_ADDR, FLAG_NEW_CONN, FLAG_REMOTE_ADDR, HEADER_SIZE,
+};
+
+/// Identity of one connection: a (process, fd) pair and the kernel's
+/// generation number for it, so a reused fd is a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnKey {
+    pub tgid: u32,
+    pub fd: u32,
+    pub conn_id: u64,
+}
+
+/// What the kernel said about a socket when it started tracking it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SocketInfo {
+    pub local: Option<SocketAddr>,
+    pub remote: Option<SocketAddr>,
+    pub accepted: bool,
+    pub connected: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventBody {
+    Data {
+        direction: Direction,
+        /// Bytes the syscall moved.
+        len: u64,
+        /// The captured prefix of those bytes.
+        payload: Bytes,
+    },
+    Close,
+}
+
+/// One decoded kernel event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub ktime_ns: u64,
+    pub conn: ConnKey,
+    pub tid: u32,
+    pub cgroup_id: u64,
+    pub comm: String,
+    pub new_conn: bool,
+    pub socket: SocketInfo,
+    pub body: EventBody,
+}
+
+/// Why a record could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than the {HEADER_SIZE}-byte header")]
+    Short(usize),
+    #[error("record announces {announced} payload bytes but carries {carried}")]
+    Payload { announced: usize, carried: usize },
+    #[error("unknown event kind {0}")]
+    Kind(u32),
+    #[error("unknown direction {0}")]
+    Direction(u32),
+}
+
+impl Event {
+    /// Decodes one ring-buffer record (header + payload).
+    pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
+        if record.len() < HEADER_SIZE {
+            return Err(DecodeError::Short(record.len()));
+        }
+        // SAFETY: EventHeader is plain old data; the length was checked and
+        // read_unaligned copes with any alignment.
+        let h: EventHeader = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+        let carried = record.len() - HEADER_SIZE;
+        let announced = h.captured as usize;
+        if announced > carried {
+            return Err(DecodeError::Payload { announced, carried });
+        }
+        let body = match h.kind {
+            k if k == EventKind::Data as u32 => EventBody::Data {
+                direction: match h.direction {
+                    d if d == Direction::Ingress as u32 => Direction::Ingress,
+                    d if d == Direction::Egress as u32 => Direction::Egress,
+                    d => return Err(DecodeError::Direction(d)),
+                },
+                len: u64::from(h.len),
+                payload: Bytes::copy_from_slice(&record[HEADER_SIZE..HEADER_SIZE + announced]),
+            },
+            k if k == EventKind::Close as u32 => EventBody::Close,
+            k => return Err(DecodeError::Kind(k)),
+        };
+        Ok(Event {
+            ktime_ns: h.ktime_ns,
+            conn: ConnKey { tgid: h.tgid, fd: h.fd, conn_id: h.conn_id },
+            tid: h.tid,
+            cgroup_id: h.cgroup_id,
+            comm: comm_str(&h.comm),
+            new_conn: h.flags & FLAG_NEW_CONN != 0,
+            socket: SocketInfo {
+                local: addr(&h.addrs, FLAG_LOCAL_ADDR),
+                remote: addr(&h.addrs, FLAG_REMOTE_ADDR),
+                accepted: h.flags & FLAG_ACCEPTED != 0,
+                connected: h.flags & FLAG_CONNECTED != 0,
+            },
+            body,
+        })
+    }
+}
+
+fn comm_str(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+fn addr(a: &ConnAddrs, which: u32) -> Option<SocketAddr> {
+    if a.valid & which == 0 {
+        return None;
+    }
+    let (bytes, port) = if which == FLAG_LOCAL_ADDR { (a.local, a.local_port) } else { (a.remote, a.remote_port) };
+    let ip = match a.family {
+        AF_INET => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
+        AF_INET6 => {
+            let v6 = Ipv6Addr::from(bytes);
+            // Dual-stack sockets report IPv4 peers as ::ffff:a.b.c.d.
+            v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(h: EventHeader, payload: &[u8]) -> Vec<u8> {
+        // SAFETY: viewing a POD struct as bytes.
+        let raw = unsafe { std::slice::from_raw_parts((&h as *const EventHeader).cast::<u8>(), HEADER_SIZE) };
+        let mut v = raw.to_vec();
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn header() -> EventHeader {
+        EventHeader {
+            ktime_ns: 5,
+            conn_id: 9,
+            cgroup_id: 1,
+            tgid: 100,
+            tid: 101,
+            fd: 3,
+            kind: EventKind::Data as u32,
+            direction: Direction::Egress as u32,
+            syscall: 2,
+            len: 10,
+            captured: 4,
+            flags: FLAG_NEW_CONN | FLAG_CONNECTED,
+            _pad: 0,
+            addrs: ConnAddrs {
+                family: AF_INET6,
+                local_port: 4000,
+                remote_port: 80,
+                valid: FLAG_LOCAL_ADDR | FLAG_REMOTE_ADDR,
+                local: Ipv6Addr::LOCALHOST.octets(),
+                remote: Ipv4Addr::new(10, 0, 0, 2).to_ipv6_mapped().octets(),
+                ..ConnAddrs::default()
+            },
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+        }
+    }
+
+    #[test]
+    fn decodes_a_data_record_with_ipv6_and_mapped_ipv4() {
+        let ev = Event::decode(&record(header(), b"GET ")).expect("decodes");
+        assert_eq!(ev.comm, "curl");
+        assert_eq!(ev.socket.local, Some("[::1]:4000".parse().expect("addr")));
+        assert_eq!(ev.socket.remote, Some("10.0.0.2:80".parse().expect("addr")));
+        assert!(ev.new_conn && ev.socket.connected && !ev.socket.accepted);
+        assert_eq!(ev.body, EventBody::Data { direction: Direction::Egress, len: 10, payload: Bytes::from_static(b"GET ") });
+    }
+
+    #[test]
+    fn rejects_short_and_inconsistent_records() {
+        assert_eq!(Event::decode(&[0; 8]), Err(DecodeError::Short(8)));
+        let mut h = header();
+        h.captured = 100;
+        assert!(matches!(Event::decode(&record(h, b"GET ")), Err(DecodeError::Payload { .. })));
+        let mut h = header();
+        h.kind = 77;
+        assert_eq!(Event::decode(&record(h, b"GET ")), Err(DecodeError::Kind(77)));
+    }
+}

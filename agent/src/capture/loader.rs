@@ -1,0 +1,137 @@
+//! Loading and attaching the kernel programs.
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+    Ebpf, EbpfLoader,
+};
+use meshless_common::{Counter, AGENT_TGID_GLOBAL, COUNTERS_MAP, EVENTS_MAP, WAKEUP_BYTES_GLOBAL};
+
+use super::preflight::{self, PreflightError};
+
+/// The eBPF object built by build.rs from `ebpf/`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshless.bpf.o"));
+
+/// Every tracepoint program: (program name, category, tracepoint).
+pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("sys_enter_read", "syscalls", "sys_enter_read"),
+    ("sys_exit_read", "syscalls", "sys_exit_read"),
+    ("sys_enter_write", "syscalls", "sys_enter_write"),
+    ("sys_exit_write", "syscalls", "sys_exit_write"),
+    ("sys_enter_readv", "syscalls", "sys_enter_readv"),
+    ("sys_exit_readv", "syscalls", "sys_exit_readv"),
+    ("sys_enter_writev", "syscalls", "sys_enter_writev"),
+    ("sys_exit_writev", "syscalls", "sys_exit_writev"),
+    ("sys_enter_sendto", "syscalls", "sys_enter_sendto"),
+    ("sys_exit_sendto", "syscalls", "sys_exit_sendto"),
+    ("sys_enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
+    ("sys_exit_recvfrom", "syscalls", "sys_exit_recvfrom"),
+    ("sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
+    ("sys_exit_sendmsg", "syscalls", "sys_exit_sendmsg"),
+    ("sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
+    ("sys_exit_recvmsg", "syscalls", "sys_exit_recvmsg"),
+    ("sys_enter_sendfile64", "syscalls", "sys_enter_sendfile64"),
+    ("sys_exit_sendfile64", "syscalls", "sys_exit_sendfile64"),
+    ("sys_enter_accept4", "syscalls", "sys_enter_accept4"),
+    ("sys_exit_accept4", "syscalls", "sys_exit_accept4"),
+    ("sys_enter_accept", "syscalls", "sys_enter_accept"),
+    ("sys_exit_accept", "syscalls", "sys_exit_accept"),
+    ("sys_enter_connect", "syscalls", "sys_enter_connect"),
+    ("sys_exit_connect", "syscalls", "sys_exit_connect"),
+    ("sys_enter_close", "syscalls", "sys_enter_close"),
+    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+];
+
+/// Why loading failed, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error("loading the eBPF object failed: {0}; is this a Linux >= 5.8 kernel with BPF ring buffers?")]
+    Object(#[source] aya::EbpfError),
+    #[error("program {0} is missing from the eBPF object (build mismatch: rebuild with `cargo build`)")]
+    MissingProgram(&'static str),
+    #[error("the kernel rejected program {name}: {source}{hint}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+        hint: &'static str,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Loaded programs and the maps userspace reads. Dropping it detaches all.
+pub struct Probes {
+    pub events: RingBuf<MapData>,
+    pub counters: PerCpuArray<MapData, u64>,
+    /// Owns the programs and their links; dropping it detaches everything.
+    pub ebpf: Ebpf,
+}
+
+/// Options for loading.
+pub struct LoadOptions {
+    pub ringbuf_bytes: u32,
+    pub wakeup_bytes: u64,
+}
+
+pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
+    let tps: Vec<(&str, &str)> = TRACEPOINTS.iter().map(|(_, c, n)| (*c, *n)).collect();
+    preflight::check(&tps)?;
+    let tgid = std::process::id();
+    let mut ebpf = EbpfLoader::new()
+        .override_global(AGENT_TGID_GLOBAL, &tgid, true)
+        .override_global(WAKEUP_BYTES_GLOBAL, &opts.wakeup_bytes, true)
+        .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
+        .load(OBJECT)
+        .map_err(LoadError::Object)?;
+    for (name, category, tracepoint) in TRACEPOINTS {
+        let program: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| program_error(name, source))?;
+        program.load().map_err(|source| program_error(name, source))?;
+        program.attach(category, tracepoint).map_err(|source| program_error(name, source))?;
+    }
+    let events = take_map(&mut ebpf, EVENTS_MAP)?;
+    let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
+    Ok(Probes { events, counters, ebpf })
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    M::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+fn program_error(name: &'static str, source: aya::programs::ProgramError) -> LoadError {
+    let text = format!("{source:?}");
+    let hint = if text.contains("EPERM") || text.contains("PermissionDenied") || text.contains("Operation not permitted") {
+        " (permission denied: run as root or grant CAP_BPF and CAP_PERFMON)"
+    } else if text.contains("verifier") {
+        " (the verifier log above says why; please report it with your kernel version)"
+    } else {
+        ""
+    };
+    LoadError::Program { name, source, hint }
+}
+
+/// Sums the per-CPU kernel counters.
+pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> Vec<(&'static str, u64)> {
+    Counter::ALL
+        .iter()
+        .map(|(c, name)| {
+            let total = map.get(&(*c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+            (*name, total)
+        })
+        .collect()
+}

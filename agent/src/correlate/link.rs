@@ -1,0 +1,72 @@
+//! Linking a server span to the client span of the same call when both
+//! ends run on this node (matched by TCP 4-tuple and request index).
+use std::{collections::HashMap, net::SocketAddr};
+
+use super::conn::SpanContext;
+use crate::span::Span;
+
+/// How long a client context waits for its server side.
+const CLIENT_TTL_NS: u64 = 30 * 1_000_000_000;
+/// Most client contexts kept; beyond it the oldest half is dropped.
+const MAX_CLIENTS: usize = 200_000;
+
+/// (client end, server end, request index on the connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LinkKey {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub seq: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Links {
+    clients: HashMap<LinkKey, (SpanContext, u64)>,
+    waiting: HashMap<LinkKey, (Span, u64)>,
+}
+
+fn adopt(span: &mut Span, client: &SpanContext) {
+    span.trace_id = client.trace_id;
+    span.parent_span_id = Some(client.span_id);
+    span.sampled = client.sampled;
+}
+
+impl Links {
+    /// A client request was seen; returns a waiting server span it completes.
+    pub fn client_seen(&mut self, key: LinkKey, ctx: SpanContext, ktime_ns: u64) -> Option<Span> {
+        if let Some((mut span, _)) = self.waiting.remove(&key) {
+            adopt(&mut span, &ctx);
+            return Some(span);
+        }
+        self.clients.insert(key, (ctx, ktime_ns));
+        None
+    }
+
+    /// A server exchange finished; returns it at once if its client is known,
+    /// else holds it until `deadline_ns`.
+    pub fn server_done(&mut self, key: LinkKey, mut span: Span, deadline_ns: u64) -> Option<Span> {
+        if let Some((ctx, _)) = self.clients.remove(&key) {
+            adopt(&mut span, &ctx);
+            return Some(span);
+        }
+        self.waiting.insert(key, (span, deadline_ns));
+        None
+    }
+
+    /// Server spans whose wait is over, released as they are.
+    pub fn expired(&mut self, now_ns: u64) -> Vec<Span> {
+        let due: Vec<LinkKey> = self.waiting.iter().filter(|(_, (_, d))| *d <= now_ns).map(|(k, _)| *k).collect();
+        due.into_iter().filter_map(|k| self.waiting.remove(&k)).map(|(s, _)| s).collect()
+    }
+
+    /// Forgets client contexts nobody claimed (the server was elsewhere).
+    pub fn purge(&mut self, now_ns: u64) {
+        let cutoff = now_ns.saturating_sub(CLIENT_TTL_NS);
+        self.clients.retain(|_, (_, t)| *t >= cutoff);
+        if self.clients.len() > MAX_CLIENTS {
+            let mut times: Vec<u64> = self.clients.values().map(|(_, t)| *t).collect();
+            times.sort_unstable();
+            let median = times[times.len() / 2];
+            self.clients.retain(|_, (_, t)| *t > median);
+        }
+    }
+}

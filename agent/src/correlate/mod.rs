@@ -1,0 +1,244 @@
+//! Stage 3: events → spans.
+//!
+//! Owns every tracked connection (its two HTTP streams and requests in
+//! flight), matches responses to requests in FIFO order, and links the two
+//! sides of a call that both run on this node: the client's k-th request on
+//! a TCP connection is the server's k-th request on the mirrored connection,
+//! so the server span becomes the client span's child without any header
+//! being injected.
+mod conn;
+mod link;
+
+use std::{collections::HashMap, sync::Arc};
+
+use conn::{Conn, Exchange, Output};
+use link::{LinkKey, Links};
+
+use crate::{
+    capture::{ConnKey, Event, EventBody},
+    clock::Clock,
+    sockets,
+    span::{Process, Span, SpanKind},
+    stats::Stats,
+};
+
+/// Bounds on the correlator's state.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_conns: usize,
+    /// Connections without traffic for this long are forgotten.
+    pub idle_timeout_ns: u64,
+    /// How long a server span waits for its local client side to show up.
+    pub link_wait_ns: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_conns: 65_536, idle_timeout_ns: 300 * 1_000_000_000, link_wait_ns: 200_000_000 }
+    }
+}
+
+pub struct Correlator {
+    conns: HashMap<ConnKey, Conn>,
+    /// Current generation (conn_id) of each (tgid, fd).
+    generations: HashMap<(u32, u32), u64>,
+    links: Links,
+    clock: Clock,
+    stats: Arc<Stats>,
+    limits: Limits,
+}
+
+impl Correlator {
+    pub fn new(limits: Limits, stats: Arc<Stats>) -> Self {
+        Self {
+            conns: HashMap::new(),
+            generations: HashMap::new(),
+            links: Links::default(),
+            clock: Clock::sample(),
+            stats,
+            limits,
+        }
+    }
+
+    /// Handles one event; finished spans are appended to `spans`.
+    pub fn handle(&mut self, ev: Event, spans: &mut Vec<Span>) {
+        let key = ev.conn;
+        match ev.body {
+            EventBody::Close => {
+                if let Some(conn) = self.conns.remove(&key) {
+                    self.generations.remove(&(key.tgid, key.fd));
+                    self.finish(key, conn, spans);
+                }
+            }
+            EventBody::Data { direction, len, payload } => {
+                self.retire_old_generation(key, spans);
+                if !self.conns.contains_key(&key) {
+                    self.make_room(spans);
+                    let conn = new_conn(&ev.conn, &ev.comm, ev.cgroup_id, ev.tid, ev.socket);
+                    self.conns.insert(key, conn);
+                    self.generations.insert((key.tgid, key.fd), key.conn_id);
+                }
+                let Some(conn) = self.conns.get_mut(&key) else {
+                    return;
+                };
+                let out = conn.data(direction, payload, len, ev.ktime_ns, ev.tid);
+                self.absorb(key, out, spans);
+            }
+        }
+        Stats::set(&self.stats.conns_tracked, self.conns.len() as u64);
+    }
+
+    /// Periodic work: releases server spans whose client never showed up,
+    /// forgets idle connections and stale link entries.
+    pub fn tick(&mut self, now_ktime_ns: u64, spans: &mut Vec<Span>) {
+        self.clock = Clock::sample();
+        spans.extend(self.links.expired(now_ktime_ns));
+        let idle_before = now_ktime_ns.saturating_sub(self.limits.idle_timeout_ns);
+        let idle: Vec<ConnKey> =
+            self.conns.iter().filter(|(_, c)| c.last_ktime_ns < idle_before).map(|(k, _)| *k).collect();
+        for key in idle {
+            if let Some(conn) = self.conns.remove(&key) {
+                Stats::inc(&self.stats.conns_evicted);
+                self.finish(key, conn, spans);
+            }
+        }
+        self.generations.retain(|(tgid, fd), id| {
+            let key = ConnKey { tgid: *tgid, fd: *fd, conn_id: *id };
+            self.conns.contains_key(&key)
+        });
+        self.links.purge(now_ktime_ns);
+        Stats::set(&self.stats.conns_tracked, self.conns.len() as u64);
+    }
+
+    /// Emits everything still held (shutdown).
+    pub fn flush(&mut self, spans: &mut Vec<Span>) {
+        spans.extend(self.links.expired(u64::MAX));
+    }
+
+    fn retire_old_generation(&mut self, key: ConnKey, spans: &mut Vec<Span>) {
+        let Some(&old_id) = self.generations.get(&(key.tgid, key.fd)) else {
+            return;
+        };
+        if old_id == key.conn_id {
+            return;
+        }
+        let old = ConnKey { conn_id: old_id, ..key };
+        if let Some(conn) = self.conns.remove(&old) {
+            self.finish(old, conn, spans);
+        }
+    }
+
+    fn make_room(&mut self, spans: &mut Vec<Span>) {
+        if self.conns.len() < self.limits.max_conns {
+            return;
+        }
+        let oldest = self.conns.iter().min_by_key(|(_, c)| c.last_ktime_ns).map(|(k, _)| *k);
+        if let Some(key) = oldest {
+            if let Some(conn) = self.conns.remove(&key) {
+                Stats::inc(&self.stats.conns_evicted);
+                self.finish(key, conn, spans);
+            }
+        }
+    }
+
+    fn finish(&mut self, key: ConnKey, mut conn: Conn, spans: &mut Vec<Span>) {
+        let out = conn.close();
+        Stats::add(&self.stats.spans_unanswered, conn.unanswered() as u64);
+        self.absorb_with(&conn, key, out, spans);
+    }
+
+    fn absorb(&mut self, key: ConnKey, out: Output, spans: &mut Vec<Span>) {
+        let Some(conn) = self.conns.remove(&key) else {
+            return;
+        };
+        self.absorb_with(&conn, key, out, spans);
+        self.conns.insert(key, conn);
+    }
+
+    fn absorb_with(&mut self, conn: &Conn, _key: ConnKey, out: Output, spans: &mut Vec<Span>) {
+        Stats::add(&self.stats.http_malformed, out.malformed);
+        Stats::add(&self.stats.http_orphan_responses, out.orphans);
+        if let (Some(client), Some(server)) = conn.endpoints(SpanKind::Client) {
+            for (seq, ctx) in out.client_requests {
+                let key = LinkKey { client, server, seq };
+                if let Some(span) = self.links.client_seen(key, ctx, conn.last_ktime_ns) {
+                    spans.push(span);
+                }
+            }
+        }
+        for ex in out.exchanges {
+            Stats::inc(&self.stats.spans_created);
+            let link = link_key(conn, &ex);
+            let span = build_span(conn, ex, &self.clock);
+            match link {
+                Some(key) if span.kind == SpanKind::Server => {
+                    let deadline = conn.last_ktime_ns.saturating_add(self.limits.link_wait_ns);
+                    if let Some(span) = self.links.server_done(key, span, deadline) {
+                        spans.push(span);
+                    }
+                }
+                _ => spans.push(span),
+            }
+        }
+    }
+}
+
+/// The link key of a server exchange whose ids may come from a local client.
+fn link_key(conn: &Conn, ex: &Exchange) -> Option<LinkKey> {
+    if ex.request.kind != SpanKind::Server || ex.request.ctx.from_header {
+        return None;
+    }
+    match conn.endpoints(SpanKind::Server) {
+        (Some(client), Some(server)) => Some(LinkKey { client, server, seq: ex.request.seq }),
+        _ => None,
+    }
+}
+
+fn new_conn(key: &ConnKey, comm: &str, cgroup_id: u64, tid: u32, socket: crate::capture::SocketInfo) -> Conn {
+    let (mut local, mut remote) = (socket.local, socket.remote);
+    if local.is_none() || remote.is_none() {
+        // The kernel side could not learn the addresses (e.g. accept4 with a
+        // NULL sockaddr, or a socket older than the agent): ask the socket.
+        if let Some((l, r)) = sockets::lookup(key.tgid, key.fd) {
+            local = local.or(Some(l));
+            remote = remote.or(Some(r));
+        }
+    }
+    let process = Process { pid: key.tgid, tid, comm: comm.to_owned(), cgroup_id };
+    Conn::new(process, local, remote)
+}
+
+fn build_span(conn: &Conn, ex: Exchange, clock: &Clock) -> Span {
+    let Exchange { request, response, end_ktime_ns } = ex;
+    let (client, server) = conn.endpoints(request.kind);
+    let start = request.head.start_ktime_ns;
+    let end = end_ktime_ns.max(response.start_ktime_ns).max(start);
+    let (method, target) = match &request.head.kind {
+        crate::http::HeadKind::Request { method, target } => (method.clone(), target.clone()),
+        crate::http::HeadKind::Response { .. } => (String::new(), String::new()),
+    };
+    let ctx = request.ctx;
+    Span {
+        trace_id: ctx.trace_id,
+        span_id: ctx.span_id,
+        parent_span_id: ctx.parent,
+        sampled: ctx.sampled,
+        trace_state: request.head.header("tracestate").filter(|_| ctx.from_header).map(str::to_owned),
+        kind: request.kind,
+        start_unix_nano: clock.to_unix_nanos(start),
+        end_unix_nano: clock.to_unix_nanos(end),
+        method,
+        target,
+        status_code: response.status(),
+        protocol_version: if request.head.version == 0 { "1.0" } else { "1.1" },
+        client,
+        server,
+        process: Process { tid: request.tid, ..conn.process.clone() },
+        user_agent: request.head.header("user-agent").map(str::to_owned),
+        request_id: request.head.header("x-request-id").map(str::to_owned),
+        truncated: request.head.truncated || response.truncated,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,312 @@
+//! Incremental HTTP/1.x parsing of one direction of a connection.
+//!
+//! The kernel hands us, per syscall, a bounded prefix of the bytes moved and
+//! the true byte count. [`HttpStream`] turns that sequence into message
+//! heads and message ends. It copes with splits anywhere, pipelining,
+//! content-length and chunked bodies, bytes that were never captured
+//! (gaps), and garbage; it never panics. Where framing is lost it waits for
+//! the next segment that starts like a message ("resync").
+mod chunked;
+mod head;
+
+use std::collections::VecDeque;
+
+pub use head::{Head, HeadKind, MAX_HEADERS};
+
+use chunked::{Chunked, ChunkStep};
+
+/// Largest header block buffered while waiting for its end.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// What a stream yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A message head (request or status line and headers).
+    Head(Box<Head>),
+    /// The message whose head came last has ended; `ktime_ns` is the time of
+    /// the last syscall that carried its bytes.
+    End { ktime_ns: u64 },
+    /// Bytes that could not be parsed were skipped (counted by callers).
+    Malformed(&'static str),
+}
+
+/// Which kind of messages a stream carries, decided by its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Requests,
+    Responses,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Expecting a start line; `head` accumulates the header block.
+    Start,
+    Body { remaining: u64 },
+    Chunked(Chunked),
+    UntilClose,
+    /// Framing lost: skip until a segment starts like a message.
+    Desync,
+}
+
+#[derive(Debug)]
+struct Segment {
+    data: bytes::Bytes,
+    pos: usize,
+    /// Bytes the syscall moved beyond what was captured.
+    missing: u64,
+    ktime_ns: u64,
+}
+
+/// Parser state for one direction of one connection.
+#[derive(Debug)]
+pub struct HttpStream {
+    flow: Option<Flow>,
+    state: State,
+    head: Vec<u8>,
+    head_ktime: u64,
+    /// A message is open (head returned, end not yet).
+    open: bool,
+    last_ktime: u64,
+    /// The head just returned has no body: `End` is due next.
+    end_due: bool,
+    segments: VecDeque<Segment>,
+}
+
+impl Default for HttpStream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HttpStream {
+    pub fn new() -> Self {
+        Self {
+            flow: None,
+            state: State::Start,
+            head: Vec::new(),
+            head_ktime: 0,
+            open: false,
+            last_ktime: 0,
+            end_due: false,
+            segments: VecDeque::new(),
+        }
+    }
+
+    /// Requests or responses, once the first message was seen.
+    pub fn flow(&self) -> Option<Flow> {
+        self.flow
+    }
+
+    /// Queues the bytes of one syscall: `data` was captured, `missing` more
+    /// bytes were moved but not captured.
+    pub fn push(&mut self, data: bytes::Bytes, missing: u64, ktime_ns: u64) {
+        self.segments.push_back(Segment { data, pos: 0, missing, ktime_ns });
+    }
+
+    /// The connection closed: ends a message delimited by close.
+    pub fn close(&mut self) -> Option<Item> {
+        self.segments.clear();
+        self.head.clear();
+        let was_open = std::mem::replace(&mut self.open, false);
+        self.end_due = false;
+        self.state = State::Start;
+        was_open.then_some(Item::End { ktime_ns: self.last_ktime })
+    }
+
+    /// Tells the stream that the message whose head was just returned has
+    /// no body whatever its headers say (a response to HEAD, 1xx, 204, 304).
+    pub fn expect_no_body(&mut self) {
+        if self.open && !matches!(self.state, State::Desync) {
+            self.state = State::Start;
+            self.end_due = true;
+        }
+    }
+
+    /// Stops parsing for good (after `101 Switching Protocols`).
+    pub fn abandon(&mut self) {
+        self.segments.clear();
+        self.head.clear();
+        self.open = false;
+        self.end_due = false;
+        self.state = State::Desync;
+        self.flow = None;
+    }
+
+    /// Next parsed item, or None when more bytes are needed.
+    pub fn next_item(&mut self) -> Option<Item> {
+        loop {
+            if self.end_due {
+                self.end_due = false;
+                self.open = false;
+                return Some(Item::End { ktime_ns: self.last_ktime });
+            }
+            let seg = self.segments.front_mut()?;
+            if seg.pos >= seg.data.len() && seg.missing == 0 {
+                self.segments.pop_front();
+                continue;
+            }
+            if let Some(item) = self.step() {
+                return Some(item);
+            }
+        }
+    }
+
+    /// Advances the state machine on the front segment; may return an item.
+    fn step(&mut self) -> Option<Item> {
+        let Some(seg) = self.segments.front_mut() else {
+            return None;
+        };
+        let ktime = seg.ktime_ns;
+        match &mut self.state {
+            State::Start => self.step_start(),
+            State::Body { remaining } => {
+                let avail = (seg.data.len() - seg.pos) as u64;
+                let take = avail.min(*remaining);
+                seg.pos += take as usize;
+                *remaining -= take;
+                if *remaining > 0 && seg.pos == seg.data.len() {
+                    let gap = seg.missing.min(*remaining);
+                    seg.missing -= gap;
+                    *remaining -= gap;
+                }
+                self.last_ktime = ktime;
+                if *remaining == 0 {
+                    return Some(self.finish_message());
+                }
+                None
+            }
+            State::Chunked(chunked) => {
+                let data = &seg.data[seg.pos..];
+                let (used, step) = if data.is_empty() {
+                    let (skipped, step) = chunked.skip(seg.missing);
+                    seg.missing -= skipped;
+                    (0, step)
+                } else {
+                    chunked.feed(data)
+                };
+                seg.pos += used;
+                self.last_ktime = ktime;
+                match step {
+                    ChunkStep::More => None,
+                    ChunkStep::Done => Some(self.finish_message()),
+                    ChunkStep::Lost => {
+                        self.state = State::Desync;
+                        Some(Item::Malformed("chunked framing lost"))
+                    }
+                }
+            }
+            State::UntilClose => {
+                seg.pos = seg.data.len();
+                seg.missing = 0;
+                self.last_ktime = ktime;
+                None
+            }
+            State::Desync => {
+                let starts_message = seg.pos == 0
+                    && head::starts_message(&seg.data, self.flow);
+                if starts_message {
+                    self.state = State::Start;
+                    if self.open {
+                        self.open = false;
+                        return Some(Item::End { ktime_ns: self.last_ktime });
+                    }
+                    return None;
+                }
+                seg.pos = seg.data.len();
+                seg.missing = 0;
+                if self.open {
+                    self.last_ktime = ktime;
+                }
+                None
+            }
+        }
+    }
+
+    fn step_start(&mut self) -> Option<Item> {
+        let seg = self.segments.front_mut()?;
+        if self.head.is_empty() {
+            // Tolerate stray CRLFs between messages (RFC 9112 section 2.2).
+            while seg.pos < seg.data.len() && matches!(seg.data[seg.pos], b'\r' | b'\n') {
+                seg.pos += 1;
+            }
+            if seg.pos == seg.data.len() {
+                if seg.missing > 0 {
+                    seg.missing = 0;
+                    self.state = State::Desync;
+                }
+                return None;
+            }
+            self.head_ktime = seg.ktime_ns;
+        }
+        let old_len = self.head.len();
+        let room = MAX_HEAD_BYTES.saturating_sub(old_len);
+        let chunk = &seg.data[seg.pos..];
+        let take = chunk.len().min(room);
+        self.head.extend_from_slice(&chunk[..take]);
+        let search_from = old_len.saturating_sub(3);
+        if let Some(end) = find_head_end(&self.head[search_from..]) {
+            let head_len = search_from + end;
+            let unused = self.head.len() - head_len;
+            seg.pos += take - unused;
+            self.head.truncate(head_len);
+            let ktime = seg.ktime_ns;
+            return Some(self.parse_head(false, ktime));
+        }
+        seg.pos += take;
+        let overflow = take < chunk.len();
+        if seg.missing > 0 || overflow {
+            // The header block continues in bytes we never saw.
+            seg.missing = 0;
+            seg.pos = seg.data.len();
+            let ktime = seg.ktime_ns;
+            return Some(self.parse_head(true, ktime));
+        }
+        None
+    }
+
+    /// Parses the buffered header block; `truncated` means its end was lost.
+    fn parse_head(&mut self, truncated: bool, ktime: u64) -> Item {
+        let block = std::mem::take(&mut self.head);
+        let parsed = head::parse(&block, truncated, self.flow);
+        self.last_ktime = ktime;
+        match parsed {
+            Ok(mut h) => {
+                h.start_ktime_ns = self.head_ktime;
+                self.flow = Some(h.flow());
+                self.open = true;
+                self.state = if truncated {
+                    State::Desync
+                } else {
+                    match h.framing() {
+                        head::Framing::None => {
+                            self.end_due = true;
+                            State::Start
+                        }
+                        head::Framing::Length(n) => State::Body { remaining: n },
+                        head::Framing::Chunked => State::Chunked(Chunked::default()),
+                        head::Framing::UntilClose => State::UntilClose,
+                    }
+                };
+                Item::Head(Box::new(h))
+            }
+            Err(reason) => {
+                self.state = State::Desync;
+                Item::Malformed(reason)
+            }
+        }
+    }
+
+    fn finish_message(&mut self) -> Item {
+        self.state = State::Start;
+        self.open = false;
+        Item::End { ktime_ns: self.last_ktime }
+    }
+}
+
+/// Position just past the blank line ending a header block.
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,186 @@
+use bytes::Bytes;
+use proptest::prelude::*;
+
+use super::*;
+
+fn feed(stream: &mut HttpStream, chunks: &[&[u8]]) -> Vec<Item> {
+    let mut out = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        stream.push(Bytes::copy_from_slice(c), 0, i as u64 + 1);
+        while let Some(item) = stream.next_item() {
+            out.push(item);
+        }
+    }
+    out
+}
+
+fn heads(items: &[Item]) -> Vec<&Head> {
+    items.iter().filter_map(|i| if let Item::Head(h) = i { Some(h.as_ref()) } else { None }).collect()
+}
+
+fn ends(items: &[Item]) -> Vec<u64> {
+    items.iter().filter_map(|i| if let Item::End { ktime_ns } = i { Some(*ktime_ns) } else { None }).collect()
+}
+
+#[test]
+fn parses_request_split_across_three_reads() {
+    let mut s = HttpStream::new();
+    let items = feed(&mut s, &[b"GET /a/b?x=1 HT", b"TP/1.1\r\nHost: h\r\ntraceparent: 00-ab", b"-cd\r\n\r\n"]);
+    let h = heads(&items);
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0].kind, HeadKind::Request { method: "GET".into(), target: "/a/b?x=1".into() });
+    assert_eq!(h[0].header("traceparent"), Some("00-ab-cd"));
+    assert_eq!(h[0].start_ktime_ns, 1);
+    assert_eq!(ends(&items), vec![3]);
+    assert_eq!(s.flow(), Some(Flow::Requests));
+}
+
+#[test]
+fn parses_three_pipelined_requests_in_one_write() {
+    let mut s = HttpStream::new();
+    let items = feed(&mut s, &[b"GET /1 HTTP/1.1\r\n\r\nPOST /2 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /3 HTTP/1.1\r\n\r\n"]);
+    let targets: Vec<_> = heads(&items)
+        .iter()
+        .map(|h| match &h.kind {
+            HeadKind::Request { target, .. } => target.clone(),
+            HeadKind::Response { .. } => unreachable!(),
+        })
+        .collect();
+    assert_eq!(targets, ["/1", "/2", "/3"]);
+    assert_eq!(ends(&items).len(), 3);
+}
+
+#[test]
+fn content_length_body_ends_at_the_last_byte() {
+    let mut s = HttpStream::new();
+    let items = feed(&mut s, &[b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345", b"678", b"90"]);
+    assert_eq!(heads(&items)[0].status(), Some(200));
+    assert_eq!(ends(&items), vec![3]);
+}
+
+#[test]
+fn body_bytes_that_were_not_captured_still_count() {
+    let mut s = HttpStream::new();
+    s.push(Bytes::from_static(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\nab"), 4998, 7);
+    assert!(matches!(s.next_item(), Some(Item::Head(_))));
+    assert_eq!(s.next_item(), Some(Item::End { ktime_ns: 7 }));
+    assert_eq!(s.next_item(), None);
+}
+
+#[test]
+fn chunked_response_ends_at_the_last_chunk() {
+    let mut s = HttpStream::new();
+    let items = feed(
+        &mut s,
+        &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"5\r\nhello\r\n", b"6;ext=1\r\n world\r\n", b"0\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"],
+    );
+    assert_eq!(heads(&items).len(), 2);
+    assert_eq!(ends(&items), vec![4, 4]);
+}
+
+#[test]
+fn chunked_body_with_uncaptured_chunk_data_keeps_framing() {
+    let mut s = HttpStream::new();
+    s.push(Bytes::from_static(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"), 0, 1);
+    s.push(Bytes::from_static(b"1000\r\nxx"), 4096 - 2 + 2, 2);
+    s.push(Bytes::from_static(b"0\r\n\r\n"), 0, 3);
+    let mut items = Vec::new();
+    while let Some(i) = s.next_item() {
+        items.push(i);
+    }
+    assert_eq!(ends(&items), vec![3]);
+}
+
+#[test]
+fn header_block_larger_than_the_capture_keeps_method_and_path() {
+    let mut s = HttpStream::new();
+    let mut big = b"GET /big/path HTTP/1.1\r\nHost: x\r\nX-Fill: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 3000));
+    s.push(Bytes::copy_from_slice(&big[..2048]), (big.len() - 2048) as u64 + 4, 1);
+    let Some(Item::Head(h)) = s.next_item() else { panic!("no head") };
+    assert!(h.truncated);
+    assert_eq!(h.method(), Some("GET"));
+    assert_eq!(h.header("host"), Some("x"));
+    // The next request resyncs the stream and ends the truncated one.
+    s.push(Bytes::from_static(b"GET /next HTTP/1.1\r\n\r\n"), 0, 2);
+    assert_eq!(s.next_item(), Some(Item::End { ktime_ns: 1 }));
+    let Some(Item::Head(h)) = s.next_item() else { panic!("no second head") };
+    assert_eq!(h.kind, HeadKind::Request { method: "GET".into(), target: "/next".into() });
+}
+
+#[test]
+fn response_to_head_request_has_no_body() {
+    let mut s = HttpStream::new();
+    s.push(Bytes::from_static(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), 0, 1);
+    assert!(matches!(s.next_item(), Some(Item::Head(_))));
+    s.expect_no_body();
+    assert_eq!(s.next_item(), Some(Item::End { ktime_ns: 1 }));
+    assert!(matches!(s.next_item(), Some(Item::Head(_))));
+    assert_eq!(s.next_item(), Some(Item::End { ktime_ns: 1 }));
+}
+
+#[test]
+fn response_without_length_ends_at_close() {
+    let mut s = HttpStream::new();
+    let items = feed(&mut s, &[b"HTTP/1.0 200 OK\r\n\r\nbody", b"more"]);
+    assert_eq!(heads(&items).len(), 1);
+    assert!(ends(&items).is_empty());
+    assert_eq!(s.close(), Some(Item::End { ktime_ns: 2 }));
+}
+
+#[test]
+fn garbage_is_reported_and_skipped_until_a_message_starts() {
+    let mut s = HttpStream::new();
+    let items = feed(&mut s, &[b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x02\x00garbage\r\n\r\n", b"GET /ok HTTP/1.1\r\n\r\n"]);
+    assert!(items.iter().any(|i| matches!(i, Item::Malformed(_))));
+    assert_eq!(heads(&items).len(), 2);
+}
+
+#[test]
+fn tls_client_hello_gives_no_head() {
+    let mut s = HttpStream::new();
+    let hello = [0x16u8, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03];
+    let items = feed(&mut s, &[&hello, &hello]);
+    assert!(heads(&items).is_empty());
+}
+
+proptest! {
+    #[test]
+    fn never_panics_on_arbitrary_segments(segs in proptest::collection::vec((proptest::collection::vec(any::<u8>(), 0..300), 0u64..5000), 0..12)) {
+        let mut s = HttpStream::new();
+        for (i, (data, missing)) in segs.into_iter().enumerate() {
+            s.push(Bytes::from(data), missing, i as u64);
+            let mut guard = 0;
+            while s.next_item().is_some() {
+                guard += 1;
+                prop_assert!(guard < 10_000);
+            }
+        }
+        let _ = s.close();
+    }
+
+    #[test]
+    fn any_split_of_valid_traffic_gives_the_same_messages(cuts in proptest::collection::vec(0usize..200, 0..8)) {
+        let wire: &[u8] = b"POST /x HTTP/1.1\r\nContent-Length: 4\r\n\r\nabcdGET /y HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /z HTTP/1.1\r\n\r\n";
+        let mut points: Vec<usize> = cuts.into_iter().map(|c| c % wire.len()).collect();
+        points.sort_unstable();
+        points.dedup();
+        let mut chunks = Vec::new();
+        let mut last = 0;
+        for p in points { chunks.push(&wire[last..p]); last = p; }
+        chunks.push(&wire[last..]);
+        let mut s = HttpStream::new();
+        let items = feed(&mut s, &chunks);
+        prop_assert_eq!(heads(&items).len(), 3);
+        prop_assert_eq!(ends(&items).len(), 3);
+    }
+
+    #[test]
+    fn hostile_header_values_never_panic(name in "[a-zA-Z-]{1,20}", value in proptest::collection::vec(any::<u8>(), 0..2000)) {
+        let mut wire = format!("GET / HTTP/1.1\r\n{name}: ").into_bytes();
+        wire.extend(value);
+        wire.extend(b"\r\n\r\n");
+        let mut s = HttpStream::new();
+        let _ = feed(&mut s, &[&wire]);
+    }
+}

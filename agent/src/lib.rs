@@ -1,0 +1,17 @@
+//! meshless: eBPF capture of HTTP on every socket → OpenTelemetry spans.
+//!
+//! Pipeline (see docs/architecture.md):
+//! `capture` (kernel ring buffer) → `http` (parsing) → `correlate` (spans)
+//! → `export` (console). `app` wires the stages together.
+pub mod app;
+pub mod capture;
+pub mod clock;
+pub mod config;
+pub mod correlate;
+pub mod export;
+pub mod http;
+pub mod route;
+pub mod sockets;
+pub mod span;
+pub mod stats;
+pub mod trace_context;

@@ -1,0 +1,47 @@
+//! Agent self-metrics: counters every stage bumps, read by the reporter.
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($name:ident: $doc:literal,)*) => {
+        /// Userspace counters (kernel-side ones are read from the COUNTERS map).
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $(#[doc = $doc] pub $name: AtomicU64,)*
+        }
+
+        impl Stats {
+            /// (name, value) of every counter, for logs and metrics.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    events_read: "Ring-buffer records read.",
+    events_malformed: "Ring-buffer records that could not be decoded.",
+    events_dropped_queue: "Events dropped because the pipeline was behind.",
+    http_malformed: "Byte runs on tracked sockets that were not valid HTTP/1.x.",
+    http_orphan_responses: "Responses with no request seen (e.g. agent started mid-request).",
+    conns_tracked: "Connections currently tracked in userspace.",
+    conns_evicted: "Connections dropped because the table was full or idle.",
+    spans_created: "Spans built from request/response pairs.",
+    spans_exported: "Spans written by an exporter.",
+    spans_dropped: "Spans dropped because an exporter was behind.",
+    spans_unanswered: "Requests that ended without a response (closed or idle).",
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn set(counter: &AtomicU64, n: u64) {
+        counter.store(n, Ordering::Relaxed);
+    }
+}

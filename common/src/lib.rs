@@ -1,0 +1,169 @@
+//! Wire types shared by meshless's kernel programs (`ebpf/`) and its agent.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding and `u32` flags so
+//! that the byte layout is identical on both sides of the ring buffer.
+#![no_std]
+
+/// Name of the ring buffer that carries [`EventHeader`]s (+ payload) to userspace.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Name of the per-CPU array of drop/truncation counters, indexed by [`Counter`].
+pub const COUNTERS_MAP: &str = "COUNTERS";
+/// Name of the global that holds the agent's own tgid (filtered in the kernel).
+pub const AGENT_TGID_GLOBAL: &str = "AGENT_TGID";
+/// Name of the global with the ring-buffer fill level (bytes) above which a
+/// submit wakes the reader; below it the reader polls on a timer.
+pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
+
+/// Largest number of payload bytes copied per syscall. A power of two so the
+/// kernel side can bound lengths with a mask the verifier understands.
+pub const MAX_CAPTURE: usize = 2048;
+/// How many iovecs of a readv/writev/sendmsg/recvmsg are copied at most.
+pub const MAX_IOVECS: usize = 4;
+
+/// What an event says happened.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// Bytes moved on a tracked socket; payload follows the header.
+    Data = 1,
+    /// A tracked socket was closed (or its fd reused for a new connection).
+    Close = 2,
+}
+
+/// Which way the bytes moved, seen from the traced process.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// The process received the bytes (read, recvfrom, readv, recvmsg).
+    Ingress = 1,
+    /// The process sent the bytes (write, sendto, writev, sendmsg, sendfile).
+    Egress = 2,
+}
+
+/// The syscall that produced an event (for debugging and statistics).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Syscall {
+    Read = 1,
+    Write = 2,
+    Readv = 3,
+    Writev = 4,
+    Sendto = 5,
+    Recvfrom = 6,
+    Sendmsg = 7,
+    Recvmsg = 8,
+    Sendfile = 9,
+    Close = 10,
+    Accept = 11,
+    Connect = 12,
+}
+
+/// Event flag: `len` was larger than the bytes captured.
+pub const FLAG_TRUNCATED: u32 = 1 << 0;
+/// Event flag: first event of a newly tracked connection.
+pub const FLAG_NEW_CONN: u32 = 1 << 1;
+/// Event flag: `addrs.remote_*` is valid.
+pub const FLAG_REMOTE_ADDR: u32 = 1 << 2;
+/// Event flag: `addrs.local_*` is valid.
+pub const FLAG_LOCAL_ADDR: u32 = 1 << 3;
+/// Event flag: the socket came from accept4 (the process is the server).
+pub const FLAG_ACCEPTED: u32 = 1 << 4;
+/// Event flag: the socket came from connect (the process is the client).
+pub const FLAG_CONNECTED: u32 = 1 << 5;
+
+/// Address family values carried in [`ConnAddrs::family`] (Linux values).
+pub const AF_INET: u16 = 2;
+/// IPv6 address family.
+pub const AF_INET6: u16 = 10;
+
+/// Both ends of a TCP connection, as far as the kernel side learned them.
+/// IPv4 addresses occupy the first four bytes of the 16-byte arrays.
+/// Ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnAddrs {
+    pub family: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub valid: u32,
+    pub _pad2: u32,
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+}
+
+/// Fixed header of every ring-buffer record; `captured` payload bytes follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EventHeader {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at syscall exit.
+    pub ktime_ns: u64,
+    /// Distinguishes successive connections on the same (tgid, fd).
+    pub conn_id: u64,
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: u32,
+    /// An [`EventKind`] value.
+    pub kind: u32,
+    /// A [`Direction`] value.
+    pub direction: u32,
+    /// A [`Syscall`] value.
+    pub syscall: u32,
+    /// Bytes the syscall moved (may exceed `captured`).
+    pub len: u32,
+    /// Payload bytes following this header.
+    pub captured: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+    pub addrs: ConnAddrs,
+    /// `bpf_get_current_comm` of the thread.
+    pub comm: [u8; 16],
+}
+
+/// Size of the header on the wire.
+pub const HEADER_SIZE: usize = core::mem::size_of::<EventHeader>();
+
+/// Per-CPU counters kept by the kernel side (index into [`COUNTERS_MAP`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Events submitted to the ring buffer.
+    EventsSent = 0,
+    /// Events lost because the ring buffer was full.
+    RingbufFull = 1,
+    /// Events whose payload was cut to MAX_CAPTURE.
+    Truncated = 2,
+    /// New connections tracked after HTTP was detected.
+    ConnsTracked = 3,
+    /// Connection table insertions that failed (table full).
+    ConnTableFull = 4,
+    /// Syscall-argument stash insertions that failed.
+    ArgsTableFull = 5,
+    /// Copies from user memory that failed.
+    ReadUserFailed = 6,
+}
+
+/// Number of [`Counter`] slots.
+pub const COUNTER_SLOTS: u32 = 8;
+
+impl Counter {
+    /// Every counter, in index order, with a stable snake_case name.
+    pub const ALL: [(Counter, &'static str); 7] = [
+        (Counter::EventsSent, "events_sent"),
+        (Counter::RingbufFull, "ringbuf_full"),
+        (Counter::Truncated, "truncated"),
+        (Counter::ConnsTracked, "conns_tracked"),
+        (Counter::ConnTableFull, "conn_table_full"),
+        (Counter::ArgsTableFull, "args_table_full"),
+        (Counter::ReadUserFailed, "read_user_failed"),
+    ];
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data structs with explicit padding and no pointers.
+    unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::ConnAddrs {}
+}

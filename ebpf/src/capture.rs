@@ -1,0 +1,235 @@
+//! Copying payload prefixes into ring-buffer events, HTTP detection, and
+//! the tracking of HTTP connections per (tgid, fd).
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated,
+    },
+};
+use meshless_common::{
+    ConnAddrs, Counter, EventKind, FLAG_NEW_CONN, FLAG_TRUNCATED, HEADER_SIZE, MAX_CAPTURE, MAX_IOVECS,
+};
+
+use crate::maps::{
+    ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, ConnState, EVENTS, SCRATCH, count,
+    wakeup_bytes,
+};
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IoVec {
+    base: u64,
+    len: u64,
+}
+
+/// Offset of `msg_iov` and `msg_iovlen` in `struct user_msghdr` (64-bit).
+const MSG_IOV_OFFSET: u64 = 16;
+
+/// Resolves a stashed buffer argument to (iovec array, iovec count), or a
+/// plain buffer as a single pseudo-iovec.
+fn iovecs(args: &Args) -> Option<(u64, u64, bool)> {
+    match args.layout {
+        BUF_PLAIN => Some((args.ptr, 1, true)),
+        BUF_IOVEC => Some((args.ptr, args.count, false)),
+        BUF_MSGHDR => {
+            // SAFETY: user pointer read through the checked helper.
+            let iov: IoVec =
+                unsafe { bpf_probe_read_user((args.ptr + MSG_IOV_OFFSET) as *const IoVec) }.ok()?;
+            Some((iov.base, iov.len, false))
+        }
+        _ => None,
+    }
+}
+
+/// Reads the first eight payload bytes of a syscall buffer.
+pub fn first_bytes(args: &Args) -> Option<[u8; 8]> {
+    let (ptr, cnt, plain) = iovecs(args)?;
+    let base = if plain {
+        ptr
+    } else {
+        if cnt == 0 {
+            return None;
+        }
+        // SAFETY: user pointer read through the checked helper.
+        let iov: IoVec = unsafe { bpf_probe_read_user(ptr as *const IoVec) }.ok()?;
+        if iov.len < 4 {
+            return None;
+        }
+        iov.base
+    };
+    // SAFETY: as above; a short buffer makes the helper fail, not fault.
+    unsafe { bpf_probe_read_user(base as *const [u8; 8]) }.ok()
+}
+
+/// True when bytes start like an HTTP/1.x request or response, or the
+/// HTTP/2 preface. Userspace validates fully; this only keeps the kernel
+/// from following sockets that are certainly not HTTP.
+pub fn looks_like_http(b: &[u8; 8]) -> bool {
+    let head = [b[0], b[1], b[2], b[3]];
+    match &head {
+        b"GET " | b"PUT " | b"PRI " => true,
+        b"POST" | b"HEAD" => b[4] == b' ',
+        b"HTTP" => b[4] == b'/',
+        b"DELE" => b[4] == b'T',
+        b"PATC" => b[4] == b'H',
+        b"OPTI" => b[4] == b'O',
+        b"CONN" => b[4] == b'E',
+        b"TRAC" => b[4] == b'E',
+        _ => false,
+    }
+}
+
+/// Returns the state of a tracked connection, or starts tracking it when
+/// `detect` says its first bytes look like HTTP.
+pub fn tracked_conn(key: u64, args: &Args, detect: bool) -> Option<(ConnState, u32)> {
+    // SAFETY: the value is copied out at once.
+    if let Some(state) = unsafe { CONNS.get(&key) } {
+        return Some((*state, 0));
+    }
+    if !detect || !looks_like_http(&first_bytes(args)?) {
+        return None;
+    }
+    // SAFETY: the value is copied out at once.
+    let known = unsafe { ADDRS.get(&key) }.copied();
+    let state = ConnState {
+        conn_id: unsafe { bpf_ktime_get_ns() },
+        flags: known.map_or(0, |k| k.flags),
+        _pad: 0,
+        addrs: known.map_or(ConnAddrs::default(), |k| k.addrs),
+    };
+    if CONNS.insert(&key, &state, 0).is_err() {
+        count(Counter::ConnTableFull);
+        return None;
+    }
+    count(Counter::ConnsTracked);
+    Some((state, FLAG_NEW_CONN))
+}
+
+/// Copies up to MAX_CAPTURE bytes of what the syscall moved into the
+/// scratch event; returns the number of bytes copied.
+fn copy_payload(buf: *mut u8, args: &Args, total: usize) -> usize {
+    let Some((ptr, cnt, plain)) = iovecs(args) else {
+        return 0;
+    };
+    let want = if total > MAX_CAPTURE { MAX_CAPTURE } else { total };
+    if plain {
+        if read_user(buf, ptr, want).is_err() {
+            count(Counter::ReadUserFailed);
+            return 0;
+        }
+        return want;
+    }
+    let mut off = 0usize;
+    for i in 0..MAX_IOVECS {
+        if i as u64 >= cnt || off >= want {
+            break;
+        }
+        // SAFETY: user pointer read through the checked helper.
+        let Ok(iov) = (unsafe { bpf_probe_read_user((ptr as *const IoVec).wrapping_add(i)) })
+        else {
+            break;
+        };
+        let room = want - off;
+        let n = if iov.len as usize > room { room } else { iov.len as usize };
+        // `off < MAX_CAPTURE` and `n <= MAX_CAPTURE`: in bounds of the 2x buffer.
+        let dst = buf.wrapping_add(off & (MAX_CAPTURE - 1));
+        if read_user(dst, iov.base, n).is_err() {
+            count(Counter::ReadUserFailed);
+            break;
+        }
+        off += n;
+    }
+    off
+}
+
+fn read_user(dst: *mut u8, src: u64, len: usize) -> Result<(), i64> {
+    let len = (len & (MAX_CAPTURE * 2 - 1)) as u32;
+    if len > MAX_CAPTURE as u32 {
+        return Err(-1);
+    }
+    // SAFETY: dst points into the per-CPU scratch buffer with room for len.
+    let ret = unsafe { generated::bpf_probe_read_user(dst.cast(), len, src as *const _) };
+    if ret == 0 { Ok(()) } else { Err(ret) }
+}
+
+#[inline(always)]
+/// Emits one Data event for a finished syscall on a tracked connection.
+pub fn emit_data(tgid: u32, tid: u32, args: &Args, ret: usize, state: &ConnState, flags: u32) {
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch, used by one program at a time on this CPU.
+    let ev = unsafe { &mut *ev };
+    let captured = if ret > 0 {
+        copy_payload(ev.data.as_mut_ptr(), args, ret)
+    } else {
+        0
+    };
+    let mut flags = flags | state.flags;
+    if captured < ret {
+        flags |= FLAG_TRUNCATED;
+        count(Counter::Truncated);
+    }
+    fill_header(ev, tgid, tid, args.fd, EventKind::Data, state);
+    ev.header.direction = args.direction;
+    ev.header.syscall = args.syscall;
+    ev.header.len = ret as u32;
+    ev.header.captured = captured as u32;
+    ev.header.flags = flags;
+    submit(ev, captured);
+}
+
+/// Emits a header-only event (Close).
+pub fn emit_close(tgid: u32, tid: u32, fd: u32, syscall: u32, state: &ConnState) {
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: as in emit_data.
+    let ev = unsafe { &mut *ev };
+    fill_header(ev, tgid, tid, fd, EventKind::Close, state);
+    ev.header.direction = 0;
+    ev.header.syscall = syscall;
+    ev.header.len = 0;
+    ev.header.captured = 0;
+    ev.header.flags = state.flags;
+    submit(ev, 0);
+}
+
+#[inline(always)]
+fn fill_header(
+    ev: &mut crate::maps::EventBuf,
+    tgid: u32,
+    tid: u32,
+    fd: u32,
+    kind: EventKind,
+    state: &ConnState,
+) {
+    let h = &mut ev.header;
+    h.ktime_ns = unsafe { bpf_ktime_get_ns() };
+    h.conn_id = state.conn_id;
+    h.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    h.tgid = tgid;
+    h.tid = tid;
+    h.fd = fd;
+    h.kind = kind as u32;
+    h._pad = 0;
+    h.addrs = state.addrs;
+    h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+}
+
+fn submit(ev: &mut crate::maps::EventBuf, captured: usize) {
+    let size = HEADER_SIZE + (captured & (MAX_CAPTURE * 2 - 1));
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > wakeup_bytes() {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    // SAFETY: size <= size_of::<EventBuf>() by construction.
+    let bytes = unsafe { core::slice::from_raw_parts((ev as *const crate::maps::EventBuf).cast::<u8>(), size) };
+    if EVENTS.output::<[u8]>(bytes, flags as u64).is_ok() {
+        count(Counter::EventsSent);
+    } else {
+        count(Counter::RingbufFull);
+    }
+}

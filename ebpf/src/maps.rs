@@ -1,0 +1,115 @@
+//! Every map and global of the kernel side, in one place.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use meshless_common::{COUNTER_SLOTS, ConnAddrs, Counter, EventHeader, MAX_CAPTURE};
+
+/// The agent's own tgid; its syscalls are never traced. Set at load time.
+#[unsafe(no_mangle)]
+static AGENT_TGID: u32 = 0;
+/// Ring-buffer fill level (bytes) above which a submit wakes the reader.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u64 = 256 * 1024;
+
+pub fn agent_tgid() -> u32 {
+    // SAFETY: a global patched by the loader; volatile so it is not const-folded.
+    unsafe { core::ptr::read_volatile(&AGENT_TGID) }
+}
+
+pub fn wakeup_bytes() -> u64 {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) }
+}
+
+/// How a stashed syscall's buffer argument is laid out.
+pub const BUF_PLAIN: u32 = 1;
+pub const BUF_IOVEC: u32 = 2;
+pub const BUF_MSGHDR: u32 = 3;
+pub const BUF_NONE: u32 = 4;
+
+/// Syscall arguments stashed at sys_enter, keyed by pid_tgid, used at sys_exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Args {
+    pub ptr: u64,
+    pub count: u64,
+    pub fd: u32,
+    pub layout: u32,
+    pub syscall: u32,
+    pub direction: u32,
+}
+
+/// State of a tracked (HTTP) connection, keyed by (tgid << 32 | fd).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConnState {
+    pub conn_id: u64,
+    pub flags: u32,
+    pub _pad: u32,
+    pub addrs: ConnAddrs,
+}
+
+/// Addresses learned from accept4/connect, keyed like `CONNS`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct KnownAddrs {
+    pub flags: u32,
+    /// The socket's fd while a connect is in flight (CONNECTING only).
+    pub fd: u32,
+    pub addrs: ConnAddrs,
+}
+
+/// Passive connections that reached ESTABLISHED, keyed by the client's end.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PeerKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// One event under construction: header then payload (twice MAX_CAPTURE so
+/// that every bounded copy at a bounded offset stays inside the buffer).
+#[repr(C)]
+pub struct EventBuf {
+    pub header: EventHeader,
+    pub data: [u8; MAX_CAPTURE * 2],
+}
+
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[map(name = "ARGS")]
+pub static ARGS: HashMap<u64, Args> = HashMap::with_max_entries(16384, 0);
+
+#[map(name = "CONNS")]
+pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0);
+
+#[map(name = "ADDRS")]
+pub static ADDRS: LruHashMap<u64, KnownAddrs> = LruHashMap::with_max_entries(65536, 0);
+
+#[map(name = "CONNECTING")]
+pub static CONNECTING: HashMap<u64, KnownAddrs> = HashMap::with_max_entries(4096, 0);
+
+#[map(name = "PASSIVE")]
+pub static PASSIVE: LruHashMap<PeerKey, ConnAddrs> = LruHashMap::with_max_entries(16384, 0);
+
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<EventBuf> = PerCpuArray::with_max_entries(1, 0);
+
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Key of a (process, file descriptor) pair.
+pub fn conn_key(tgid: u32, fd: u32) -> u64 {
+    ((tgid as u64) << 32) | fd as u64
+}

@@ -1,0 +1,265 @@
+//! Connection lifecycle: accept/connect learn addresses, close ends tracking.
+//!
+//! Addresses come without reading kernel memory: the peer sockaddr passed
+//! to connect/accept4 is user memory, and the `sock:inet_sock_set_state`
+//! tracepoint carries the 4-tuple in its record (the SYN_SENT transition
+//! runs in the connecting thread; SYN_RECV -> ESTABLISHED is keyed by the
+//! client's address so accept4 can find its local half).
+use aya_ebpf::{helpers::bpf_probe_read_user, macros::tracepoint, programs::TracePointContext};
+use meshless_common::{
+    AF_INET, AF_INET6, ConnAddrs, FLAG_ACCEPTED, FLAG_CONNECTED, FLAG_LOCAL_ADDR,
+    FLAG_REMOTE_ADDR, Syscall,
+};
+
+use super::{arg, current, ret};
+use crate::{
+    capture::emit_close,
+    maps::{
+        ADDRS, ARGS, Args, BUF_NONE, CONNECTING, CONNS, KnownAddrs, PASSIVE, PeerKey, conn_key,
+    },
+};
+
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
+const IPPROTO_TCP: u16 = 6;
+const EINPROGRESS: i64 = 115;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SockAddr16 {
+    family: u16,
+    port: [u8; 2],
+    v4: [u8; 4],
+    _zero: [u8; 8],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SockAddr28 {
+    family: u16,
+    port: [u8; 2],
+    flowinfo: [u8; 4],
+    v6: [u8; 16],
+    scope: u32,
+}
+
+/// Reads a user sockaddr into (family, address, port in host order).
+fn read_sockaddr(ptr: u64) -> Option<(u16, [u8; 16], u16)> {
+    if ptr == 0 {
+        return None;
+    }
+    // SAFETY: user pointer read through the checked helper.
+    let sa: SockAddr16 = unsafe { bpf_probe_read_user(ptr as *const SockAddr16) }.ok()?;
+    let port = u16::from_be_bytes(sa.port);
+    let mut addr = [0u8; 16];
+    match sa.family {
+        AF_INET => {
+            addr[..4].copy_from_slice(&sa.v4);
+            Some((AF_INET, addr, port))
+        }
+        AF_INET6 => {
+            // SAFETY: as above.
+            let sa6: SockAddr28 = unsafe { bpf_probe_read_user(ptr as *const SockAddr28) }.ok()?;
+            Some((AF_INET6, sa6.v6, port))
+        }
+        _ => None,
+    }
+}
+
+fn remote_only(family: u16, addr: [u8; 16], port: u16) -> ConnAddrs {
+    ConnAddrs {
+        family,
+        remote_port: port,
+        remote: addr,
+        valid: FLAG_REMOTE_ADDR,
+        ..ConnAddrs::default()
+    }
+}
+
+fn stash_accept(ctx: &TracePointContext, syscall: Syscall) -> u32 {
+    let Some((id, _, _)) = current() else {
+        return 0;
+    };
+    let args = Args {
+        ptr: arg(ctx, 1),
+        count: 0,
+        fd: arg(ctx, 0) as u32,
+        layout: BUF_NONE,
+        syscall: syscall as u32,
+        direction: 0,
+    };
+    let _ = ARGS.insert(&id, &args, 0);
+    0
+}
+
+fn finish_accept(ctx: &TracePointContext) -> u32 {
+    let Some((id, tgid, _)) = current() else {
+        return 0;
+    };
+    // SAFETY: copied out before removal.
+    let Some(args) = (unsafe { ARGS.get(&id) }).copied() else {
+        return 0;
+    };
+    let _ = ARGS.remove(&id);
+    let fd = ret(ctx);
+    if fd < 0 {
+        return 0;
+    }
+    let key = conn_key(tgid, fd as u32);
+    let _ = CONNS.remove(&key);
+    let mut known = KnownAddrs {
+        flags: FLAG_ACCEPTED,
+        fd: fd as u32,
+        addrs: ConnAddrs::default(),
+    };
+    if let Some((family, addr, port)) = read_sockaddr(args.ptr) {
+        let peer = PeerKey { addr, port, family, _pad: 0 };
+        // SAFETY: copied out at once.
+        known.addrs = match unsafe { PASSIVE.get(&peer) } {
+            Some(full) => *full,
+            None => remote_only(family, addr, port),
+        };
+        let _ = PASSIVE.remove(&peer);
+    }
+    let _ = ADDRS.insert(&key, &known, 0);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_accept4(ctx: TracePointContext) -> u32 {
+    stash_accept(&ctx, Syscall::Accept)
+}
+
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    finish_accept(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
+    stash_accept(&ctx, Syscall::Accept)
+}
+
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    finish_accept(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let Some((id, _, _)) = current() else {
+        return 0;
+    };
+    let Some((family, addr, port)) = read_sockaddr(arg(&ctx, 1)) else {
+        return 0;
+    };
+    let known = KnownAddrs {
+        flags: FLAG_CONNECTED,
+        fd: arg(&ctx, 0) as u32,
+        addrs: remote_only(family, addr, port),
+    };
+    let _ = CONNECTING.insert(&id, &known, 0);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let Some((id, tgid, _)) = current() else {
+        return 0;
+    };
+    // SAFETY: copied out before removal.
+    let Some(known) = (unsafe { CONNECTING.get(&id) }).copied() else {
+        return 0;
+    };
+    let _ = CONNECTING.remove(&id);
+    let r = ret(&ctx);
+    if r == 0 || r == -EINPROGRESS {
+        let key = conn_key(tgid, known.fd);
+        let _ = CONNS.remove(&key);
+        let _ = ADDRS.insert(&key, &known, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let Some((_, tgid, tid)) = current() else {
+        return 0;
+    };
+    let fd = arg(&ctx, 0) as u32;
+    let key = conn_key(tgid, fd);
+    // SAFETY: copied out before removal.
+    if let Some(state) = (unsafe { CONNS.get(&key) }).copied() {
+        emit_close(tgid, tid, fd, Syscall::Close as u32, &state);
+        let _ = CONNS.remove(&key);
+    }
+    let _ = ADDRS.remove(&key);
+    0
+}
+
+/// Record layout of `sock:inet_sock_set_state` after the common header.
+#[repr(C)]
+struct SetState {
+    _common: u64,
+    _skaddr: u64,
+    oldstate: i32,
+    newstate: i32,
+    sport: u16,
+    dport: u16,
+    family: u16,
+    protocol: u16,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    saddr_v6: [u8; 16],
+    daddr_v6: [u8; 16],
+}
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    use aya_ebpf::EbpfContext;
+    // SAFETY: the record layout matches
+    // /sys/kernel/tracing/events/sock/inet_sock_set_state/format.
+    let rec = unsafe { &*(ctx.as_ptr() as *const SetState) };
+    if rec.protocol != IPPROTO_TCP {
+        return 0;
+    }
+    let (old, new) = (rec.oldstate, rec.newstate);
+    let connecting = new == TCP_SYN_SENT;
+    let established = old == TCP_SYN_RECV && new == TCP_ESTABLISHED;
+    if !connecting && !established {
+        return 0;
+    }
+    let mut addrs = ConnAddrs {
+        family: rec.family,
+        local_port: rec.sport,
+        remote_port: rec.dport,
+        valid: FLAG_LOCAL_ADDR | FLAG_REMOTE_ADDR,
+        ..ConnAddrs::default()
+    };
+    if rec.family == AF_INET6 {
+        addrs.local = rec.saddr_v6;
+        addrs.remote = rec.daddr_v6;
+    } else {
+        addrs.local[..4].copy_from_slice(&rec.saddr);
+        addrs.remote[..4].copy_from_slice(&rec.daddr);
+    }
+    if connecting {
+        let Some((id, _, _)) = current() else {
+            return 0;
+        };
+        if let Some(known) = CONNECTING.get_ptr_mut(&id) {
+            // SAFETY: entry of this thread, only this thread writes it.
+            unsafe { (*known).addrs = addrs };
+        }
+    } else {
+        let peer = PeerKey {
+            addr: addrs.remote,
+            port: addrs.remote_port,
+            family: addrs.family,
+            _pad: 0,
+        };
+        let _ = PASSIVE.insert(&peer, &addrs, 0);
+    }
+    0
+}
