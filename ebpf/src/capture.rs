@@ -12,7 +12,7 @@ use meshless_common::{
 };
 
 use crate::maps::{
-    ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, ConnState, EVENTS, SCRATCH, count,
+    ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, ConnState, EVENTS, SCRATCH, count,
     wakeup_bytes,
 };
 
@@ -91,7 +91,17 @@ pub fn tracked_conn(key: u64, args: &Args, detect: bool) -> Option<(ConnState, u
         return None;
     }
     // SAFETY: the value is copied out at once.
-    let known = unsafe { ADDRS.get(&key) }.copied();
+    let mut known = unsafe { ADDRS.get(&key) }.copied();
+    if let Some(k) = known.as_mut() {
+        if k.sk != 0 {
+            // A connected socket: its full 4-tuple was recorded at ESTABLISHED.
+            // SAFETY: copied out at once.
+            if let Some(full) = unsafe { ACTIVE.get(&k.sk) } {
+                k.addrs = *full;
+            }
+            let _ = ACTIVE.remove(&k.sk);
+        }
+    }
     let state = ConnState {
         conn_id: unsafe { bpf_ktime_get_ns() },
         flags: known.map_or(0, |k| k.flags),

@@ -57,6 +57,9 @@ pub struct KnownAddrs {
     pub flags: u32,
     /// The socket's fd while a connect is in flight (CONNECTING only).
     pub fd: u32,
+    /// Kernel socket address (an opaque key, never dereferenced) of a
+    /// connecting socket: its source port is only known at ESTABLISHED.
+    pub sk: u64,
     pub addrs: ConnAddrs,
 }
 
@@ -98,6 +101,10 @@ pub static CONNECTING: HashMap<u64, KnownAddrs> = HashMap::with_max_entries(4096
 
 #[map(name = "PASSIVE")]
 pub static PASSIVE: LruHashMap<PeerKey, ConnAddrs> = LruHashMap::with_max_entries(16384, 0);
+
+/// Full 4-tuples of active connections at ESTABLISHED, by socket address.
+#[map(name = "ACTIVE")]
+pub static ACTIVE: LruHashMap<u64, ConnAddrs> = LruHashMap::with_max_entries(16384, 0);
 
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<EventBuf> = PerCpuArray::with_max_entries(1, 0);

@@ -50,11 +50,11 @@ pub enum LoadError {
     Object(#[source] aya::EbpfError),
     #[error("program {0} is missing from the eBPF object (build mismatch: rebuild with `cargo build`)")]
     MissingProgram(&'static str),
-    #[error("the kernel rejected program {name}: {source}{hint}")]
+    #[error("the kernel rejected program {name}: {detail}{hint}")]
     Program {
         name: &'static str,
-        #[source]
-        source: aya::programs::ProgramError,
+        /// The error with a long verifier log cut to its last lines.
+        detail: String,
         hint: &'static str,
     },
     #[error("map {0} is missing from the eBPF object")]
@@ -113,16 +113,25 @@ where
     M::try_from(map).map_err(|source| LoadError::Map { name, source })
 }
 
+/// Lines of the verifier log kept in the error (the reason is at the end).
+const VERIFIER_TAIL: usize = 12;
+
 fn program_error(name: &'static str, source: aya::programs::ProgramError) -> LoadError {
-    let text = format!("{source:?}");
+    let text = source.to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    let detail = if lines.len() > VERIFIER_TAIL {
+        format!("{}\n  [... verifier log cut ...]\n{}", lines[0], lines[lines.len() - VERIFIER_TAIL..].join("\n"))
+    } else {
+        text.clone()
+    };
     let hint = if text.contains("EPERM") || text.contains("PermissionDenied") || text.contains("Operation not permitted") {
         " (permission denied: run as root or grant CAP_BPF and CAP_PERFMON)"
-    } else if text.contains("verifier") {
-        " (the verifier log above says why; please report it with your kernel version)"
+    } else if text.contains("Verifier output") {
+        "\n(the verifier's last lines above say why; please report it with your kernel version)"
     } else {
         ""
     };
-    LoadError::Program { name, source, hint }
+    LoadError::Program { name, detail, hint }
 }
 
 /// Sums the per-CPU kernel counters.

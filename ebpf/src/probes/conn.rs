@@ -15,7 +15,8 @@ use super::{arg, current, ret};
 use crate::{
     capture::emit_close,
     maps::{
-        ADDRS, ARGS, Args, BUF_NONE, CONNECTING, CONNS, KnownAddrs, PASSIVE, PeerKey, conn_key,
+        ACTIVE, ADDRS, ARGS, Args, BUF_NONE, CONNECTING, CONNS, KnownAddrs, PASSIVE, PeerKey,
+        conn_key,
     },
 };
 
@@ -111,6 +112,7 @@ fn finish_accept(ctx: &TracePointContext) -> u32 {
     let mut known = KnownAddrs {
         flags: FLAG_ACCEPTED,
         fd: fd as u32,
+        sk: 0,
         addrs: ConnAddrs::default(),
     };
     if let Some((family, addr, port)) = read_sockaddr(args.ptr) {
@@ -157,6 +159,7 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let known = KnownAddrs {
         flags: FLAG_CONNECTED,
         fd: arg(&ctx, 0) as u32,
+        sk: 0,
         addrs: remote_only(family, addr, port),
     };
     let _ = CONNECTING.insert(&id, &known, 0);
@@ -198,60 +201,87 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Record layout of `sock:inet_sock_set_state` after the common header.
-#[repr(C)]
-struct SetState {
-    _common: u64,
-    _skaddr: u64,
-    oldstate: i32,
-    newstate: i32,
-    sport: u16,
-    dport: u16,
-    family: u16,
-    protocol: u16,
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-    saddr_v6: [u8; 16],
-    daddr_v6: [u8; 16],
+/// Field offsets of `sock:inet_sock_set_state`, from
+/// /sys/kernel/tracing/events/sock/inet_sock_set_state/format.
+mod set_state {
+    pub const SKADDR: usize = 8;
+    pub const OLDSTATE: usize = 16;
+    pub const NEWSTATE: usize = 20;
+    pub const SPORT: usize = 24;
+    pub const DPORT: usize = 26;
+    pub const FAMILY: usize = 28;
+    pub const PROTOCOL: usize = 30;
+    pub const SADDR: usize = 32;
+    pub const DADDR: usize = 36;
+    pub const SADDR_V6: usize = 40;
+    pub const DADDR_V6: usize = 56;
+}
+
+/// Reads a context field at a constant offset. The verifier only allows
+/// context loads at fixed offsets from the unmodified pointer, so every
+/// field is loaded on its own (no memcpy of arrays).
+#[inline(always)]
+fn ctx_load<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    use aya_ebpf::EbpfContext;
+    // SAFETY: offsets come from the tracepoint format; reads stay in the record.
+    unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(offset) as *const T) }
+}
+
+#[inline(always)]
+fn ctx_addr16(ctx: &TracePointContext, offset: usize) -> [u8; 16] {
+    let words: [u32; 4] = [
+        ctx_load(ctx, offset),
+        ctx_load(ctx, offset + 4),
+        ctx_load(ctx, offset + 8),
+        ctx_load(ctx, offset + 12),
+    ];
+    // SAFETY: [u32; 4] and [u8; 16] have the same size; bytes keep memory order.
+    unsafe { core::mem::transmute(words) }
 }
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    use aya_ebpf::EbpfContext;
-    // SAFETY: the record layout matches
-    // /sys/kernel/tracing/events/sock/inet_sock_set_state/format.
-    let rec = unsafe { &*(ctx.as_ptr() as *const SetState) };
-    if rec.protocol != IPPROTO_TCP {
+    if ctx_load::<u16>(&ctx, set_state::PROTOCOL) != IPPROTO_TCP {
         return 0;
     }
-    let (old, new) = (rec.oldstate, rec.newstate);
+    let old: i32 = ctx_load(&ctx, set_state::OLDSTATE);
+    let new: i32 = ctx_load(&ctx, set_state::NEWSTATE);
     let connecting = new == TCP_SYN_SENT;
     let established = old == TCP_SYN_RECV && new == TCP_ESTABLISHED;
-    if !connecting && !established {
+    let connected = old == TCP_SYN_SENT && new == TCP_ESTABLISHED;
+    if !connecting && !established && !connected {
         return 0;
     }
+    let family: u16 = ctx_load(&ctx, set_state::FAMILY);
     let mut addrs = ConnAddrs {
-        family: rec.family,
-        local_port: rec.sport,
-        remote_port: rec.dport,
+        family,
+        local_port: ctx_load(&ctx, set_state::SPORT),
+        remote_port: ctx_load(&ctx, set_state::DPORT),
         valid: FLAG_LOCAL_ADDR | FLAG_REMOTE_ADDR,
         ..ConnAddrs::default()
     };
-    if rec.family == AF_INET6 {
-        addrs.local = rec.saddr_v6;
-        addrs.remote = rec.daddr_v6;
+    if family == AF_INET6 {
+        addrs.local = ctx_addr16(&ctx, set_state::SADDR_V6);
+        addrs.remote = ctx_addr16(&ctx, set_state::DADDR_V6);
     } else {
-        addrs.local[..4].copy_from_slice(&rec.saddr);
-        addrs.remote[..4].copy_from_slice(&rec.daddr);
+        let (s, d): (u32, u32) = (ctx_load(&ctx, set_state::SADDR), ctx_load(&ctx, set_state::DADDR));
+        addrs.local[..4].copy_from_slice(&s.to_ne_bytes());
+        addrs.remote[..4].copy_from_slice(&d.to_ne_bytes());
     }
+    let sk: u64 = ctx_load(&ctx, set_state::SKADDR);
     if connecting {
+        // Runs in the connecting thread; the source port is not chosen yet.
         let Some((id, _, _)) = current() else {
             return 0;
         };
         if let Some(known) = CONNECTING.get_ptr_mut(&id) {
             // SAFETY: entry of this thread, only this thread writes it.
-            unsafe { (*known).addrs = addrs };
+            unsafe {
+                (*known).sk = sk;
+            }
         }
+    } else if connected {
+        let _ = ACTIVE.insert(&sk, &addrs, 0);
     } else {
         let peer = PeerKey {
             addr: addrs.remote,
