@@ -1,0 +1,256 @@
+//! Test harness for real-kernel tests: runs the real agent binary, real
+//! servers and clients in network namespaces the test creates ("pods"),
+//! and collects the spans the agent prints as JSON.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// Kernel tests run one at a time: each loads its own agent.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running agent whose stdout (JSON spans) is collected.
+pub struct Agent {
+    child: Child,
+    spans: Arc<Mutex<Vec<Value>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    pub fn start() -> Agent {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Agent {
+        mount_tracefs();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_meshless"))
+            .args(["--console-format", "json", "--poll-interval-ms", "5", "--stats-interval-secs", "0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the meshless binary");
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().expect("stdout piped");
+        let sink = spans.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("agent printed non-JSON span line {line:?}: {e}"));
+                sink.lock().expect("spans lock").push(v);
+            }
+        });
+        let err = child.stderr.take().expect("stderr piped");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let log = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if line.contains("meshless ready") {
+                    let _ = ready_tx.send(());
+                }
+                log.lock().expect("stderr lock").push(line);
+            }
+        });
+        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            panic!("agent did not become ready: {:?}", stderr.lock().expect("stderr lock"));
+        }
+        Agent { child, spans, stderr }
+    }
+
+    /// Waits until `done` holds for the spans matching `filter`, returning them.
+    pub fn wait_for(&self, filter: impl Fn(&Value) -> bool, done: impl Fn(&[Value]) -> bool, timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got: Vec<Value> = self.spans.lock().expect("spans lock").iter().filter(|s| filter(s)).cloned().collect();
+            if done(&got) || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Spans matching `filter` after waiting `settle` for stragglers.
+    pub fn settle(&self, filter: impl Fn(&Value) -> bool, settle: Duration) -> Vec<Value> {
+        std::thread::sleep(settle);
+        self.spans.lock().expect("spans lock").iter().filter(|s| filter(s)).cloned().collect()
+    }
+
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().expect("stderr lock").clone()
+    }
+
+    /// Stops the agent with SIGINT and returns its exit status and stderr.
+    pub fn stop(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().expect("wait for agent");
+        std::thread::sleep(Duration::from_millis(100));
+        (status, self.stderr())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn mount_tracefs() {
+    if !std::path::Path::new("/sys/kernel/tracing/events").is_dir() {
+        let _ = Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]).status();
+    }
+}
+
+/// Span attribute accessors.
+pub fn attr<'a>(span: &'a Value, key: &str) -> &'a Value {
+    &span["attributes"][key]
+}
+
+pub fn attr_str<'a>(span: &'a Value, key: &str) -> &'a str {
+    attr(span, key).as_str().unwrap_or("")
+}
+
+pub fn attr_u64(span: &Value, key: &str) -> u64 {
+    attr(span, key).as_u64().unwrap_or(0)
+}
+
+pub fn kind(span: &Value) -> &str {
+    span["kind"].as_str().unwrap_or("")
+}
+
+/// Spans whose server end is `ip:port`.
+pub fn to_server(ip: &str, port: u16) -> impl Fn(&Value) -> bool + '_ {
+    move |s| attr_str(s, "server.address") == ip && attr_u64(s, "server.port") == u64::from(port)
+}
+
+static NETNS_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Two network namespaces ("pods") joined by a veth pair:
+/// `a` has 10.X.Y.1, `b` has 10.X.Y.2 (X, Y unique per pair).
+pub struct PodPair {
+    pub a: String,
+    pub b: String,
+    pub ip_a: String,
+    pub ip_b: String,
+}
+
+impl PodPair {
+    pub fn new() -> PodPair {
+        let n = NETNS_SEQ.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let (x, y) = (200 + (pid % 50) as u8, (n % 250) as u8 + 1);
+        let tag = format!("{}{}", pid % 100_000, n);
+        let pair = PodPair {
+            a: format!("mla{tag}"),
+            b: format!("mlb{tag}"),
+            ip_a: format!("10.{x}.{y}.1"),
+            ip_b: format!("10.{x}.{y}.2"),
+        };
+        let veth_a = format!("va{tag}");
+        let veth_b = format!("vb{tag}");
+        for ns in [&pair.a, &pair.b] {
+            sh(&["ip", "netns", "add", ns]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        sh(&["ip", "link", "add", &veth_a, "netns", &pair.a, "type", "veth", "peer", "name", &veth_b, "netns", &pair.b]);
+        sh(&["ip", "-n", &pair.a, "addr", "add", &format!("{}/24", pair.ip_a), "dev", &veth_a]);
+        sh(&["ip", "-n", &pair.b, "addr", "add", &format!("{}/24", pair.ip_b), "dev", &veth_b]);
+        sh(&["ip", "-n", &pair.a, "link", "set", &veth_a, "up"]);
+        sh(&["ip", "-n", &pair.b, "link", "set", &veth_b, "up"]);
+        pair
+    }
+
+    /// A command to run inside namespace `ns`.
+    pub fn cmd(ns: &str, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, program]);
+        c
+    }
+}
+
+impl Drop for PodPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "pids", ns]).output().map(|o| {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            });
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn sh(args: &[&str]) {
+    let st = Command::new(args[0]).args(&args[1..]).status().unwrap_or_else(|e| panic!("run {args:?}: {e}"));
+    assert!(st.success(), "{args:?} failed: {st}");
+}
+
+/// A background process killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn(mut cmd: Command) -> Proc {
+    Proc(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")))
+}
+
+/// Runs a command to completion, asserting success; returns stdout.
+pub fn run(mut cmd: Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until a TCP port accepts connections inside namespace `ns`.
+pub fn wait_port(ns: &str, ip: &str, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let probe = format!("import socket; socket.create_connection(('{ip}', {port}), timeout=1).close()");
+    while Instant::now() < deadline {
+        let ok = PodPair::cmd(ns, "python3").args(["-c", &probe]).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+        if ok {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{ip}:{port} in {ns} never accepted connections");
+}
+
+/// A scratch directory under the target dir, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("meshless-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,82 @@
+//! Idempotent machine set-up: installs only what is missing and says so.
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{is_root, status, step};
+
+/// Debian packages: Debian's Rust with a precompiled `core` for
+/// bpfel-unknown-none, LLVM 22 for bpf-linker, and the real servers and
+/// clients the integration tests run.
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "nginx",
+    "golang-go",
+    "nodejs",
+    "curl",
+    "iproute2",
+];
+
+pub fn run() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    if !missing.is_empty() {
+        step(&format!("installing Debian packages: {}", missing.join(" ")));
+        let sudo = if is_root() { vec![] } else { vec!["sudo"] };
+        let apt = |args: &[&str]| {
+            let mut cmd = Command::new(sudo.first().copied().unwrap_or("apt-get"));
+            if !sudo.is_empty() {
+                cmd.arg("apt-get");
+            }
+            cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+            cmd
+        };
+        status(&mut apt(&["update", "-qq"]))?;
+        let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
+        install.args(&missing);
+        status(&mut install).context("apt-get install failed; check network access to the Debian mirror")?;
+    }
+    if !bpf_linker_ok() {
+        step("installing bpf-linker (LLVM 22 backend, about a minute)");
+        status(
+            Command::new("cargo")
+                .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+        )?;
+    }
+    if !Path::new("/usr/bin/rustc").exists() {
+        bail!("/usr/bin/rustc is still missing after installing rustc-web");
+    }
+    Ok(())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker").arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+/// Mounts tracefs at /sys/kernel/tracing when it is not mounted yet.
+pub fn mount_tracefs() -> Result<()> {
+    if Path::new("/sys/kernel/tracing/events").is_dir() {
+        return Ok(());
+    }
+    step("mounting tracefs at /sys/kernel/tracing");
+    let mut cmd = if is_root() { Command::new("mount") } else {
+        let mut c = Command::new("sudo");
+        c.arg("mount");
+        c
+    };
+    status(cmd.args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
+}
