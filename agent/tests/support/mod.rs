@@ -254,3 +254,42 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Starts nginx in namespace `ns` on ip:port with fixed routes:
+/// `/` and `/ok` → 200 "ok\n", `/fail` → 500, `/chunky` → a static file,
+/// anything else → 404.
+pub fn start_nginx(ns: &str, ip: &str, port: u16, dir: &std::path::Path) -> Proc {
+    std::fs::create_dir_all(dir.join("www")).expect("www dir");
+    std::fs::write(dir.join("www/file.txt"), "x".repeat(10_000)).expect("static file");
+    let d = dir.display();
+    let conf = format!(
+        r#"daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  keepalive_requests 100000;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  server {{
+    listen {ip}:{port};
+    root {d}/www;
+    location = / {{ return 200 "ok\n"; }}
+    location = /ok {{ return 200 "ok\n"; }}
+    location = /fail {{ return 500; }}
+    location = /file.txt {{ }}
+  }}
+}}
+"#
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).expect("nginx.conf");
+    let mut cmd = PodPair::cmd(ns, "nginx");
+    cmd.args(["-c", &path.display().to_string(), "-e", &format!("{d}/error.log")]);
+    spawn(cmd)
+}
