@@ -27,12 +27,7 @@ fn curl_to_python_gives_one_client_and_one_server_span_per_request_in_one_trace(
             c
         });
     }
-    let spans = agent.wait_for(to_server(&pods.ip_b, port), |s| s.len() >= 6, Duration::from_secs(10));
-    let spans = {
-        let extra = agent.settle(to_server(&pods.ip_b, port), Duration::from_millis(500));
-        assert_eq!(extra.len(), spans.len().max(extra.len()));
-        extra
-    };
+    let spans = agent.collect(to_server(&pods.ip_b, port), 6, Duration::from_secs(10));
     assert_eq!(spans.len(), 6, "spans: {spans:#?}");
     for (path, status) in paths.iter().zip([200, 404, 200]) {
         let of_path: Vec<_> = spans.iter().filter(|s| attr_str(s, "url.path") == *path).collect();

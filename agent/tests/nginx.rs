@@ -29,8 +29,7 @@ fn keepalive_connection_to_nginx_gives_a_span_pair_per_request_with_404_and_500(
     }
     run(curl);
 
-    let spans = agent.wait_for(to_server(&pods.ip_b, PORT), |s| s.len() >= 20, Duration::from_secs(10));
-    let spans = agent.settle(to_server(&pods.ip_b, PORT), Duration::from_millis(300)).into_iter().chain(std::iter::empty()).collect::<Vec<_>>();
+    let spans = agent.collect(to_server(&pods.ip_b, PORT), 20, Duration::from_secs(10));
     assert_eq!(spans.len(), 20, "{spans:#?}");
     let servers: Vec<_> = spans.iter().filter(|s| kind(s) == "SERVER").collect();
     let clients: Vec<_> = spans.iter().filter(|s| kind(s) == "CLIENT").collect();
@@ -84,7 +83,7 @@ assert data.count(b"HTTP/1.1 ") == 3, data
     py.args(["-c", &script]);
     run(py);
 
-    let spans = agent.wait_for(to_server(&pods.ip_b, PORT), |s| s.len() >= 6, Duration::from_secs(10));
+    let spans = agent.collect(to_server(&pods.ip_b, PORT), 6, Duration::from_secs(10));
     assert_eq!(spans.len(), 6, "{spans:#?}");
     for k in ["CLIENT", "SERVER"] {
         let mut side: Vec<_> = spans.iter().filter(|s| kind(s) == k).collect();
@@ -140,8 +139,7 @@ assert not errors, errors
     py.args(["-c", &script]);
     run(py);
 
-    let spans = agent.wait_for(to_server(&pods.ip_b, PORT), |s| s.len() >= 4000, Duration::from_secs(20));
-    let spans = if spans.len() >= 4000 { agent.settle(to_server(&pods.ip_b, PORT), Duration::from_millis(500)) } else { spans };
+    let spans = agent.collect(to_server(&pods.ip_b, PORT), 4000, Duration::from_secs(20));
     let servers = spans.iter().filter(|s| kind(s) == "SERVER").count();
     let clients = spans.iter().filter(|s| kind(s) == "CLIENT").count();
     assert_eq!((servers, clients), (2000, 2000), "stderr: {:?}", agent.stderr());

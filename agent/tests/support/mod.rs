@@ -84,6 +84,16 @@ impl Agent {
         }
     }
 
+    /// Waits for at least `n` spans matching `filter`, then a little longer
+    /// so that extra (unexpected) spans would show up too.
+    pub fn collect(&self, filter: impl Fn(&Value) -> bool + Copy, n: usize, timeout: Duration) -> Vec<Value> {
+        let got = self.wait_for(filter, |s| s.len() >= n, timeout);
+        if got.len() < n {
+            return got;
+        }
+        self.settle(filter, Duration::from_millis(400))
+    }
+
     /// Spans matching `filter` after waiting `settle` for stragglers.
     pub fn settle(&self, filter: impl Fn(&Value) -> bool, settle: Duration) -> Vec<Value> {
         std::thread::sleep(settle);
@@ -135,7 +145,7 @@ pub fn kind(span: &Value) -> &str {
 }
 
 /// Spans whose server end is `ip:port`.
-pub fn to_server(ip: &str, port: u16) -> impl Fn(&Value) -> bool + '_ {
+pub fn to_server(ip: &str, port: u16) -> impl Fn(&Value) -> bool + Copy + '_ {
     move |s| attr_str(s, "server.address") == ip && attr_u64(s, "server.port") == u64::from(port)
 }
 
