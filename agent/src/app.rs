@@ -20,12 +20,17 @@ use crate::{
 /// Batches in flight between stages (each batch holds up to 4096 items).
 const CHANNEL_BATCHES: usize = 256;
 const TICK: Duration = Duration::from_millis(50);
+/// How often kernel-side losses are checked and, if any, reported.
+const LOSS_CHECK: Duration = Duration::from_secs(5);
 
 pub fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -48,13 +53,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (capture_to_correlate, events_rx) = mpsc::channel::<Vec<Event>>(CHANNEL_BATCHES);
     let (correlate_to_export, spans_rx) = mpsc::channel::<Vec<Span>>(CHANNEL_BATCHES);
 
-    let capture = tokio::spawn(capture::run(events, config.poll_interval(), capture_to_correlate, stats.clone()));
+    let capture = tokio::spawn(capture::run(
+        events,
+        config.poll_interval(),
+        capture_to_correlate,
+        stats.clone(),
+    ));
     let limits = Limits {
         max_conns: config.max_connections as usize,
         idle_timeout_ns: config.idle_timeout_secs * 1_000_000_000,
         ..Limits::default()
     };
-    let correlate = tokio::spawn(correlate_stage(Correlator::new(limits, stats.clone()), events_rx, correlate_to_export, stats.clone()));
+    let correlate = tokio::spawn(correlate_stage(
+        Correlator::new(limits, stats.clone()),
+        events_rx,
+        correlate_to_export,
+        stats.clone(),
+    ));
     let format = config.console_format;
     let export_stats = stats.clone();
     let export = std::thread::Builder::new()
@@ -63,14 +78,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("starting the console exporter thread")?;
 
     let report_every = Duration::from_secs(config.stats_interval_secs);
-    let mut terminate = tokio::signal::unix::signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut report = time::interval(if report_every.is_zero() { Duration::from_secs(3600 * 24) } else { report_every });
+    let mut terminate =
+        tokio::signal::unix::signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut report = time::interval(if report_every.is_zero() {
+        Duration::from_secs(3600 * 24)
+    } else {
+        report_every
+    });
     report.tick().await;
+    let mut loss_check = time::interval(LOSS_CHECK);
+    let mut lost_before = 0;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
             _ = report.tick(), if !report_every.is_zero() => log_stats(&stats, &counters, "statistics"),
+            _ = loss_check.tick() => lost_before = warn_on_loss(&counters, lost_before),
         }
     }
     info!("stopping: detaching probes and flushing spans");
@@ -135,8 +158,27 @@ fn console_stage(format: crate::export::console::Format, mut spans_rx: mpsc::Rec
     }
 }
 
+/// Warns (at most once per check) when the ring buffer overflowed; returns the new total.
+fn warn_on_loss(counters: &aya::maps::PerCpuArray<aya::maps::MapData, u64>, before: u64) -> u64 {
+    let lost = loader::read_counters(counters)
+        .iter()
+        .find(|(k, _)| *k == "ringbuf_full")
+        .map_or(0, |(_, v)| *v);
+    if lost > before {
+        warn!(
+            lost = lost - before,
+            total = lost,
+            "ring buffer full: events were lost; raise --ringbuf-mib or lower --poll-interval-ms"
+        );
+    }
+    lost
+}
+
 fn log_stats(stats: &Stats, counters: &aya::maps::PerCpuArray<aya::maps::MapData, u64>, what: &str) {
     let user: Vec<String> = stats.snapshot().iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let kernel: Vec<String> = loader::read_counters(counters).iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let kernel: Vec<String> = loader::read_counters(counters)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     info!(kernel = %kernel.join(" "), agent = %user.join(" "), "{what}");
 }

@@ -73,7 +73,9 @@ pub enum LogFormat {
 fn parse_ringbuf_mib(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|_| format!("`{s}` is not a number of MiB"))?;
     if n == 0 || !n.is_power_of_two() || n > 1024 {
-        return Err(format!("ring buffer size must be a power of two between 1 and 1024 MiB, got {n}"));
+        return Err(format!(
+            "ring buffer size must be a power of two between 1 and 1024 MiB, got {n}"
+        ));
     }
     Ok(n)
 }

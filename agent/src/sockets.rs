@@ -5,7 +5,7 @@
 use std::{
     mem::MaybeUninit,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{FromRawFd, OwnedFd, AsRawFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
 /// (local, remote) of socket `fd` in process `pid`, if it is a TCP/IP socket.
@@ -46,7 +46,8 @@ fn name(fd: i32, f: NameFn) -> Option<SocketAddr> {
         }
         libc::AF_INET6 => {
             // SAFETY: the family says this is a sockaddr_in6.
-            let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read((&storage as *const libc::sockaddr_storage).cast()) };
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((&storage as *const libc::sockaddr_storage).cast()) };
             let v6 = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
             let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
             Some(SocketAddr::new(ip, u16::from_be(sin6.sin6_port)))
@@ -66,6 +67,9 @@ mod tests {
         use std::os::fd::AsRawFd;
         let got = super::lookup(std::process::id(), client.as_raw_fd() as u32);
         // pidfd_getfd on our own process needs no privilege.
-        assert_eq!(got, Some((client.local_addr().expect("l"), client.peer_addr().expect("p"))));
+        assert_eq!(
+            got,
+            Some((client.local_addr().expect("l"), client.peer_addr().expect("p")))
+        );
     }
 }

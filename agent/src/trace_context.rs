@@ -93,7 +93,11 @@ impl TraceParent {
         if trace_id.0 == [0; 16] || parent_id.0 == [0; 8] {
             return None;
         }
-        Some(Self { trace_id, parent_id, sampled: flags & 1 == 1 })
+        Some(Self {
+            trace_id,
+            parent_id,
+            sampled: flags & 1 == 1,
+        })
     }
 }
 

@@ -14,7 +14,9 @@ fn curl_to_python_gives_one_client_and_one_server_span_per_request_in_one_trace(
     let scratch = Scratch::new("pyroot");
     std::fs::write(scratch.0.join("hello.txt"), "hello\n").expect("write file");
     let mut server = PodPair::cmd(&pods.b, "python3");
-    server.args(["-m", "http.server", &port.to_string(), "--bind", &pods.ip_b]).current_dir(&scratch.0);
+    server
+        .args(["-m", "http.server", &port.to_string(), "--bind", &pods.ip_b])
+        .current_dir(&scratch.0);
     let _server = spawn(server);
     wait_port(&pods.a, &pods.ip_b, port);
 
@@ -38,18 +40,30 @@ fn curl_to_python_gives_one_client_and_one_server_span_per_request_in_one_trace(
         assert_eq!(attr_str(c, "process.executable.name"), "curl");
         assert_eq!(attr_str(s, "process.executable.name"), "python3");
         assert_eq!(c["trace_id"], s["trace_id"], "same trace for both sides of {path}");
-        assert_eq!(s["parent_span_id"], c["span_id"], "server span is the client span's child");
+        assert_eq!(
+            s["parent_span_id"], c["span_id"],
+            "server span is the client span's child"
+        );
         for span in [c, s] {
             assert_eq!(attr_str(span, "http.request.method"), "GET");
             assert_eq!(attr_u64(span, "http.response.status_code"), status);
             assert_eq!(attr_str(span, "client.address"), pods.ip_a);
             assert_eq!(attr_str(span, "server.address"), pods.ip_b);
             assert!(attr_u64(span, "client.port") > 0);
-            let (start, end) = (span["start_time_unix_nano"].as_u64().unwrap_or(0), span["end_time_unix_nano"].as_u64().unwrap_or(0));
-            assert!(start > 1_700_000_000_000_000_000 && end >= start, "wall-clock times: {span}");
+            let (start, end) = (
+                span["start_time_unix_nano"].as_u64().unwrap_or(0),
+                span["end_time_unix_nano"].as_u64().unwrap_or(0),
+            );
+            assert!(
+                start > 1_700_000_000_000_000_000 && end >= start,
+                "wall-clock times: {span}"
+            );
         }
         assert_eq!(attr_u64(c, "client.port"), attr_u64(s, "client.port"));
-        assert!(c["start_time_unix_nano"].as_u64() <= s["start_time_unix_nano"].as_u64(), "client starts first");
+        assert!(
+            c["start_time_unix_nano"].as_u64() <= s["start_time_unix_nano"].as_u64(),
+            "client starts first"
+        );
     }
     let (status, stderr) = agent.stop();
     assert!(status.success(), "agent exits cleanly on SIGINT: {stderr:?}");

@@ -93,7 +93,16 @@ fn incoming_traceparent_makes_the_server_span_its_child() {
     let parent = "00f067aa0ba902b7";
     let url = format!("http://{}:{port}/etc/hostname", pods.ip_b);
     let mut curl = PodPair::cmd(&pods.a, "curl");
-    curl.args(["-s", "-o", "/dev/null", "-H", &format!("traceparent: 00-{trace}-{parent}-01"), "-H", "tracestate: vendor=abc", &url]);
+    curl.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-H",
+        &format!("traceparent: 00-{trace}-{parent}-01"),
+        "-H",
+        "tracestate: vendor=abc",
+        &url,
+    ]);
     run(curl);
     let spans = agent.collect(to_server(&pods.ip_b, port), 2, Duration::from_secs(10));
     assert_eq!(spans.len(), 2, "{spans:#?}");
@@ -103,7 +112,10 @@ fn incoming_traceparent_makes_the_server_span_its_child() {
     assert_eq!(server["trace_state"], "vendor=abc");
     assert_ne!(server["span_id"], parent);
     let client = spans.iter().find(|s| kind(s) == "CLIENT").expect("client span");
-    assert_eq!(client["trace_id"], trace, "the caller's outgoing context names the client span");
+    assert_eq!(
+        client["trace_id"], trace,
+        "the caller's outgoing context names the client span"
+    );
     assert_eq!(client["span_id"], parent);
 }
 
@@ -150,6 +162,9 @@ for payload in [os.urandom(3000), hello, b"\x00\x00\x00\x01GET / nothing", b"HTT
     assert!(spans.is_empty(), "{spans:#?}");
     let (status, stderr) = agent.stop();
     assert!(status.success());
-    let errors: Vec<_> = stderr.iter().filter(|l| l.contains("ERROR") || l.contains("WARN")).collect();
+    let errors: Vec<_> = stderr
+        .iter()
+        .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+        .collect();
     assert!(errors.is_empty(), "{errors:?}");
 }

@@ -34,7 +34,9 @@ fn keepalive_connection_to_nginx_gives_a_span_pair_per_request_with_404_and_500(
     let servers: Vec<_> = spans.iter().filter(|s| kind(s) == "SERVER").collect();
     let clients: Vec<_> = spans.iter().filter(|s| kind(s) == "CLIENT").collect();
     assert_eq!((servers.len(), clients.len()), (10, 10));
-    assert!(servers.iter().all(|s| attr_str(s, "process.executable.name") == "nginx"));
+    assert!(servers
+        .iter()
+        .all(|s| attr_str(s, "process.executable.name") == "nginx"));
     let ports: HashSet<u64> = clients.iter().map(|s| attr_u64(s, "client.port")).collect();
     assert_eq!(ports.len(), 1, "all requests on one keep-alive connection");
     let statuses = |v: &[&serde_json::Value]| {
@@ -45,13 +47,24 @@ fn keepalive_connection_to_nginx_gives_a_span_pair_per_request_with_404_and_500(
     let expected = [200, 200, 200, 200, 200, 200, 200, 200, 404, 500];
     assert_eq!(statuses(&servers), expected);
     assert_eq!(statuses(&clients), expected);
-    let fail = servers.iter().find(|s| attr_u64(s, "http.response.status_code") == 500).expect("500 span");
+    let fail = servers
+        .iter()
+        .find(|s| attr_u64(s, "http.response.status_code") == 500)
+        .expect("500 span");
     assert_eq!(fail["status"]["code"], "ERROR");
-    let missing = servers.iter().find(|s| attr_u64(s, "http.response.status_code") == 404).expect("404 span");
-    assert_eq!(missing["status"]["code"], "UNSET", "4xx is not an error on the server side");
+    let missing = servers
+        .iter()
+        .find(|s| attr_u64(s, "http.response.status_code") == 404)
+        .expect("404 span");
+    assert_eq!(
+        missing["status"]["code"], "UNSET",
+        "4xx is not an error on the server side"
+    );
     for s in &servers {
         let parent = s["parent_span_id"].as_str().expect("linked to curl's span");
-        assert!(clients.iter().any(|c| c["span_id"] == parent && c["trace_id"] == s["trace_id"]));
+        assert!(clients
+            .iter()
+            .any(|c| c["span_id"] == parent && c["trace_id"] == s["trace_id"]));
     }
 }
 
@@ -88,9 +101,20 @@ assert data.count(b"HTTP/1.1 ") == 3, data
     for k in ["CLIENT", "SERVER"] {
         let mut side: Vec<_> = spans.iter().filter(|s| kind(s) == k).collect();
         side.sort_by_key(|s| s["start_time_unix_nano"].as_u64());
-        let got: Vec<(String, u64)> =
-            side.iter().map(|s| (attr_str(s, "url.path").to_owned(), attr_u64(s, "http.response.status_code"))).collect();
-        let want = [("/ok".to_owned(), 200), ("/nope".to_owned(), 404), ("/fail".to_owned(), 500)];
+        let got: Vec<(String, u64)> = side
+            .iter()
+            .map(|s| {
+                (
+                    attr_str(s, "url.path").to_owned(),
+                    attr_u64(s, "http.response.status_code"),
+                )
+            })
+            .collect();
+        let want = [
+            ("/ok".to_owned(), 200),
+            ("/nope".to_owned(), 404),
+            ("/fail".to_owned(), 500),
+        ];
         if k == "CLIENT" {
             // All three left in one write: same start, matched in FIFO order.
             let mut got_sorted = got.clone();
@@ -145,6 +169,9 @@ assert not errors, errors
     assert_eq!((servers, clients), (2000, 2000), "stderr: {:?}", agent.stderr());
     let conns: HashSet<u64> = spans.iter().map(|s| attr_u64(s, "client.port")).collect();
     assert_eq!(conns.len(), 100);
-    let linked = spans.iter().filter(|s| kind(s) == "SERVER" && s["parent_span_id"].is_string()).count();
+    let linked = spans
+        .iter()
+        .filter(|s| kind(s) == "SERVER" && s["parent_span_id"].is_string())
+        .count();
     assert_eq!(linked, 2000, "every server span is linked to its client span");
 }

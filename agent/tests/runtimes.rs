@@ -12,7 +12,13 @@ fn goapp() -> PathBuf {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/goapp/main.go");
     let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("gocache");
     let mut cmd = Command::new("go");
-    cmd.args(["build", "-o"]).arg(&out).arg(&src).env("GOCACHE", &cache).env("GOPATH", cache.join("gopath")).env("GO111MODULE", "off").env("GOFLAGS", "");
+    cmd.args(["build", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .env("GOCACHE", &cache)
+        .env("GOPATH", cache.join("gopath"))
+        .env("GO111MODULE", "off")
+        .env("GOFLAGS", "");
     run(cmd);
     out
 }
@@ -37,14 +43,19 @@ fn go_client_to_go_server_gives_linked_spans() {
     assert_eq!(spans.len(), 10, "{spans:#?}");
     for (path, status, n) in [("/hello", 200, 3), ("/boom", 500, 2)] {
         for k in ["SERVER", "CLIENT"] {
-            let side: Vec<_> = spans.iter().filter(|s| kind(s) == k && attr_str(s, "url.path") == path).collect();
+            let side: Vec<_> = spans
+                .iter()
+                .filter(|s| kind(s) == k && attr_str(s, "url.path") == path)
+                .collect();
             assert_eq!(side.len(), n, "{k} {path}");
             assert!(side.iter().all(|s| attr_u64(s, "http.response.status_code") == status));
             assert!(side.iter().all(|s| attr_str(s, "process.executable.name") == "goapp"));
         }
     }
     let linked = spans.iter().filter(|s| kind(s) == "SERVER").all(|s| {
-        spans.iter().any(|c| kind(c) == "CLIENT" && c["span_id"] == s["parent_span_id"] && c["trace_id"] == s["trace_id"])
+        spans
+            .iter()
+            .any(|c| kind(c) == "CLIENT" && c["span_id"] == s["parent_span_id"] && c["trace_id"] == s["trace_id"])
     });
     assert!(linked, "{spans:#?}");
 }
@@ -77,18 +88,43 @@ http.createServer((req, res) => {{
     wait_port(&pods.a, &pods.ip_b, port);
     let url = |p: &str| format!("http://{}:{port}{p}", pods.ip_b);
     let mut curl = PodPair::cmd(&pods.a, "curl");
-    curl.args(["-s", "-o", "/dev/null", &url("/chunked"), "-o", "/dev/null", &url("/made")]);
+    curl.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        &url("/chunked"),
+        "-o",
+        "/dev/null",
+        &url("/made"),
+    ]);
     run(curl);
 
     let spans = agent.collect(to_server(&pods.ip_b, port), 4, Duration::from_secs(10));
     assert_eq!(spans.len(), 4, "{spans:#?}");
-    let server_chunked = spans.iter().find(|s| kind(s) == "SERVER" && attr_str(s, "url.path") == "/chunked").expect("node span");
+    let server_chunked = spans
+        .iter()
+        .find(|s| kind(s) == "SERVER" && attr_str(s, "url.path") == "/chunked")
+        .expect("node span");
     assert_eq!(attr_str(server_chunked, "process.executable.name"), "node");
-    assert_eq!(attr_str(server_chunked, "client.address"), pods.ip_a, "peer found although libuv passes no sockaddr to accept4");
-    let dur = server_chunked["end_time_unix_nano"].as_u64().unwrap_or(0) - server_chunked["start_time_unix_nano"].as_u64().unwrap_or(0);
-    assert!(dur >= 90_000_000, "the span lasts until the last chunk (~100 ms), got {dur} ns");
-    let made = spans.iter().find(|s| kind(s) == "SERVER" && attr_str(s, "url.path") == "/made").expect("second request");
+    assert_eq!(
+        attr_str(server_chunked, "client.address"),
+        pods.ip_a,
+        "peer found although libuv passes no sockaddr to accept4"
+    );
+    let dur = server_chunked["end_time_unix_nano"].as_u64().unwrap_or(0)
+        - server_chunked["start_time_unix_nano"].as_u64().unwrap_or(0);
+    assert!(
+        dur >= 90_000_000,
+        "the span lasts until the last chunk (~100 ms), got {dur} ns"
+    );
+    let made = spans
+        .iter()
+        .find(|s| kind(s) == "SERVER" && attr_str(s, "url.path") == "/made")
+        .expect("second request");
     assert_eq!(attr_u64(made, "http.response.status_code"), 201);
-    let client_chunked = spans.iter().find(|s| kind(s) == "CLIENT" && attr_str(s, "url.path") == "/chunked").expect("curl span");
+    let client_chunked = spans
+        .iter()
+        .find(|s| kind(s) == "CLIENT" && attr_str(s, "url.path") == "/chunked")
+        .expect("curl span");
     assert_eq!(server_chunked["parent_span_id"], client_chunked["span_id"]);
 }

@@ -2,18 +2,14 @@
 //! the tracking of HTTP connections per (tgid, fd).
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated,
-    },
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user, generated},
 };
 use meshless_common::{
     ConnAddrs, Counter, EventKind, FLAG_NEW_CONN, FLAG_TRUNCATED, HEADER_SIZE, MAX_CAPTURE, MAX_IOVECS,
 };
 
 use crate::maps::{
-    ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, ConnState, EVENTS, SCRATCH, count,
-    wakeup_bytes,
+    ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, ConnState, EVENTS, SCRATCH, count, wakeup_bytes,
 };
 
 #[repr(C)]
@@ -34,8 +30,7 @@ fn iovecs(args: &Args) -> Option<(u64, u64, bool)> {
         BUF_IOVEC => Some((args.ptr, args.count, false)),
         BUF_MSGHDR => {
             // SAFETY: user pointer read through the checked helper.
-            let iov: IoVec =
-                unsafe { bpf_probe_read_user((args.ptr + MSG_IOV_OFFSET) as *const IoVec) }.ok()?;
+            let iov: IoVec = unsafe { bpf_probe_read_user((args.ptr + MSG_IOV_OFFSET) as *const IoVec) }.ok()?;
             Some((iov.base, iov.len, false))
         }
         _ => None,
@@ -136,12 +131,15 @@ fn copy_payload(buf: *mut u8, args: &Args, total: usize) -> usize {
             break;
         }
         // SAFETY: user pointer read through the checked helper.
-        let Ok(iov) = (unsafe { bpf_probe_read_user((ptr as *const IoVec).wrapping_add(i)) })
-        else {
+        let Ok(iov) = (unsafe { bpf_probe_read_user((ptr as *const IoVec).wrapping_add(i)) }) else {
             break;
         };
         let room = want - off;
-        let n = if iov.len as usize > room { room } else { iov.len as usize };
+        let n = if iov.len as usize > room {
+            room
+        } else {
+            iov.len as usize
+        };
         // `off < MAX_CAPTURE` and `n <= MAX_CAPTURE`: in bounds of the 2x buffer.
         let dst = buf.wrapping_add(off & (MAX_CAPTURE - 1));
         if read_user(dst, iov.base, n).is_err() {
@@ -207,14 +205,7 @@ pub fn emit_close(tgid: u32, tid: u32, fd: u32, syscall: u32, state: &ConnState)
 }
 
 #[inline(always)]
-fn fill_header(
-    ev: &mut crate::maps::EventBuf,
-    tgid: u32,
-    tid: u32,
-    fd: u32,
-    kind: EventKind,
-    state: &ConnState,
-) {
+fn fill_header(ev: &mut crate::maps::EventBuf, tgid: u32, tid: u32, fd: u32, kind: EventKind, state: &ConnState) {
     let h = &mut ev.header;
     h.ktime_ns = unsafe { bpf_ktime_get_ns() };
     h.conn_id = state.conn_id;

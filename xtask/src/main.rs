@@ -54,7 +54,10 @@ fn main() -> Result<()> {
 
 fn workspace_root() -> Result<PathBuf> {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    Ok(manifest.parent().context("xtask lives inside the workspace")?.to_path_buf())
+    Ok(manifest
+        .parent()
+        .context("xtask lives inside the workspace")?
+        .to_path_buf())
 }
 
 fn cargo() -> Command {
@@ -103,7 +106,11 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
     }
     setup::mount_tracefs()?;
     step("building everything once");
-    status(cargo().current_dir(root).args(["build", "--workspace", "--all-targets", "--release"]))?;
+    status(
+        cargo()
+            .current_dir(root)
+            .args(["build", "--workspace", "--all-targets", "--release"]),
+    )?;
     step("running the test suite (unit, property and real-kernel tests)");
     let mut cmd = cargo();
     cmd.current_dir(root).args(["test", "--workspace", "--release"]);
@@ -115,11 +122,19 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
 
 fn lint(root: &Path) -> Result<()> {
     status(cargo().current_dir(root).args(["fmt", "--all", "--check"]))?;
-    status(cargo().current_dir(root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+    status(
+        cargo()
+            .current_dir(root)
+            .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+    )
 }
 
 pub fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }
 
 pub fn step(msg: &str) {

@@ -45,7 +45,13 @@ pub fn run() -> Result<()> {
         step("installing bpf-linker (LLVM 22 backend, about a minute)");
         status(
             Command::new("cargo")
-                .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
                 .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
         )?;
     }
@@ -64,7 +70,11 @@ fn dpkg_installed(pkg: &str) -> bool {
 }
 
 fn bpf_linker_ok() -> bool {
-    Command::new("bpf-linker").arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// Mounts tracefs at /sys/kernel/tracing when it is not mounted yet.
@@ -73,7 +83,9 @@ pub fn mount_tracefs() -> Result<()> {
         return Ok(());
     }
     step("mounting tracefs at /sys/kernel/tracing");
-    let mut cmd = if is_root() { Command::new("mount") } else {
+    let mut cmd = if is_root() {
+        Command::new("mount")
+    } else {
         let mut c = Command::new("sudo");
         c.arg("mount");
         c

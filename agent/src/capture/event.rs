@@ -3,8 +3,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::Bytes;
 use meshless_common::{
-    ConnAddrs, Direction, EventHeader, EventKind, AF_INET, AF_INET6, FLAG_ACCEPTED,
-    FLAG_CONNECTED, FLAG_LOCAL_ADDR, FLAG_NEW_CONN, FLAG_REMOTE_ADDR, HEADER_SIZE,
+    ConnAddrs, Direction, EventHeader, EventKind, AF_INET, AF_INET6, FLAG_ACCEPTED, FLAG_CONNECTED, FLAG_LOCAL_ADDR,
+    FLAG_NEW_CONN, FLAG_REMOTE_ADDR, HEADER_SIZE,
 };
 
 /// Identity of one connection: a (process, fd) pair and the kernel's
@@ -92,7 +92,11 @@ impl Event {
         };
         Ok(Event {
             ktime_ns: h.ktime_ns,
-            conn: ConnKey { tgid: h.tgid, fd: h.fd, conn_id: h.conn_id },
+            conn: ConnKey {
+                tgid: h.tgid,
+                fd: h.fd,
+                conn_id: h.conn_id,
+            },
             tid: h.tid,
             cgroup_id: h.cgroup_id,
             comm: comm_str(&h.comm),
@@ -117,7 +121,11 @@ fn addr(a: &ConnAddrs, which: u32) -> Option<SocketAddr> {
     if a.valid & which == 0 {
         return None;
     }
-    let (bytes, port) = if which == FLAG_LOCAL_ADDR { (a.local, a.local_port) } else { (a.remote, a.remote_port) };
+    let (bytes, port) = if which == FLAG_LOCAL_ADDR {
+        (a.local, a.local_port)
+    } else {
+        (a.remote, a.remote_port)
+    };
     let ip = match a.family {
         AF_INET => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
         AF_INET6 => {
@@ -177,7 +185,14 @@ mod tests {
         assert_eq!(ev.socket.local, Some("[::1]:4000".parse().expect("addr")));
         assert_eq!(ev.socket.remote, Some("10.0.0.2:80".parse().expect("addr")));
         assert!(ev.new_conn && ev.socket.connected && !ev.socket.accepted);
-        assert_eq!(ev.body, EventBody::Data { direction: Direction::Egress, len: 10, payload: Bytes::from_static(b"GET ") });
+        assert_eq!(
+            ev.body,
+            EventBody::Data {
+                direction: Direction::Egress,
+                len: 10,
+                payload: Bytes::from_static(b"GET ")
+            }
+        );
     }
 
     #[test]
@@ -185,7 +200,10 @@ mod tests {
         assert_eq!(Event::decode(&[0; 8]), Err(DecodeError::Short(8)));
         let mut h = header();
         h.captured = 100;
-        assert!(matches!(Event::decode(&record(h, b"GET ")), Err(DecodeError::Payload { .. })));
+        assert!(matches!(
+            Event::decode(&record(h, b"GET ")),
+            Err(DecodeError::Payload { .. })
+        ));
         let mut h = header();
         h.kind = 77;
         assert_eq!(Event::decode(&record(h, b"GET ")), Err(DecodeError::Kind(77)));

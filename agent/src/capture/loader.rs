@@ -98,7 +98,9 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
             .try_into()
             .map_err(|source| program_error(name, source))?;
         program.load().map_err(|source| program_error(name, source))?;
-        program.attach(category, tracepoint).map_err(|source| program_error(name, source))?;
+        program
+            .attach(category, tracepoint)
+            .map_err(|source| program_error(name, source))?;
     }
     let events = take_map(&mut ebpf, EVENTS_MAP)?;
     let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
@@ -120,17 +122,22 @@ fn program_error(name: &'static str, source: aya::programs::ProgramError) -> Loa
     let text = source.to_string();
     let lines: Vec<&str> = text.lines().collect();
     let detail = if lines.len() > VERIFIER_TAIL {
-        format!("{}\n  [... verifier log cut ...]\n{}", lines[0], lines[lines.len() - VERIFIER_TAIL..].join("\n"))
+        format!(
+            "{}\n  [... verifier log cut ...]\n{}",
+            lines[0],
+            lines[lines.len() - VERIFIER_TAIL..].join("\n")
+        )
     } else {
         text.clone()
     };
-    let hint = if text.contains("EPERM") || text.contains("PermissionDenied") || text.contains("Operation not permitted") {
-        " (permission denied: run as root or grant CAP_BPF and CAP_PERFMON)"
-    } else if text.contains("Verifier output") {
-        "\n(the verifier's last lines above say why; please report it with your kernel version)"
-    } else {
-        ""
-    };
+    let hint =
+        if text.contains("EPERM") || text.contains("PermissionDenied") || text.contains("Operation not permitted") {
+            " (permission denied: run as root or grant CAP_BPF and CAP_PERFMON)"
+        } else if text.contains("Verifier output") {
+            "\n(the verifier's last lines above say why; please report it with your kernel version)"
+        } else {
+            ""
+        };
     LoadError::Program { name, detail, hint }
 }
 

@@ -146,7 +146,11 @@ impl Conn {
             if let Some(Item::End { ktime_ns }) = stream.close() {
                 if is_responses {
                     if let Some((request, response)) = self.responding.take() {
-                        out.exchanges.push(Exchange { request, response, end_ktime_ns: ktime_ns });
+                        out.exchanges.push(Exchange {
+                            request,
+                            response,
+                            end_ktime_ns: ktime_ns,
+                        });
                     }
                 }
             }
@@ -177,12 +181,22 @@ impl Conn {
                     if kind == SpanKind::Client {
                         out.client_requests.push((seq, ctx));
                     }
-                    self.pending.push_back(Request { head, kind, tid, seq, ctx });
+                    self.pending.push_back(Request {
+                        head,
+                        kind,
+                        tid,
+                        seq,
+                        ctx,
+                    });
                 }
                 (Item::Head(head), _) => self.response_head(direction, head, out),
                 (Item::End { ktime_ns }, Some(Flow::Responses)) => {
                     if let Some((request, response)) = self.responding.take() {
-                        out.exchanges.push(Exchange { request, response, end_ktime_ns: ktime_ns });
+                        out.exchanges.push(Exchange {
+                            request,
+                            response,
+                            end_ktime_ns: ktime_ns,
+                        });
                     }
                 }
                 (Item::End { .. }, _) => {}
@@ -208,7 +222,11 @@ impl Conn {
         if status == 101 {
             // Switched protocols: the rest of the connection is not HTTP/1.x.
             let end = head.start_ktime_ns;
-            out.exchanges.push(Exchange { request, response: head, end_ktime_ns: end });
+            out.exchanges.push(Exchange {
+                request,
+                response: head,
+                end_ktime_ns: end,
+            });
             self.ingress.abandon();
             self.egress.abandon();
             self.pending.clear();

@@ -54,8 +54,16 @@ impl Links {
 
     /// Server spans whose wait is over, released as they are.
     pub fn expired(&mut self, now_ns: u64) -> Vec<Span> {
-        let due: Vec<LinkKey> = self.waiting.iter().filter(|(_, (_, d))| *d <= now_ns).map(|(k, _)| *k).collect();
-        due.into_iter().filter_map(|k| self.waiting.remove(&k)).map(|(s, _)| s).collect()
+        let due: Vec<LinkKey> = self
+            .waiting
+            .iter()
+            .filter(|(_, (_, d))| *d <= now_ns)
+            .map(|(k, _)| *k)
+            .collect();
+        due.into_iter()
+            .filter_map(|k| self.waiting.remove(&k))
+            .map(|(s, _)| s)
+            .collect()
     }
 
     /// Forgets client contexts nobody claimed (the server was elsewhere).

@@ -34,7 +34,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_conns: 65_536, idle_timeout_ns: 300 * 1_000_000_000, link_wait_ns: 200_000_000 }
+        Self {
+            max_conns: 65_536,
+            idle_timeout_ns: 300 * 1_000_000_000,
+            link_wait_ns: 200_000_000,
+        }
     }
 }
 
@@ -70,7 +74,11 @@ impl Correlator {
                     self.finish(key, conn, spans);
                 }
             }
-            EventBody::Data { direction, len, payload } => {
+            EventBody::Data {
+                direction,
+                len,
+                payload,
+            } => {
                 self.retire_old_generation(key, spans);
                 if !self.conns.contains_key(&key) {
                     self.make_room(spans);
@@ -94,8 +102,12 @@ impl Correlator {
         self.clock = Clock::sample();
         spans.extend(self.links.expired(now_ktime_ns));
         let idle_before = now_ktime_ns.saturating_sub(self.limits.idle_timeout_ns);
-        let idle: Vec<ConnKey> =
-            self.conns.iter().filter(|(_, c)| c.last_ktime_ns < idle_before).map(|(k, _)| *k).collect();
+        let idle: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.last_ktime_ns < idle_before)
+            .map(|(k, _)| *k)
+            .collect();
         for key in idle {
             if let Some(conn) = self.conns.remove(&key) {
                 Stats::inc(&self.stats.conns_evicted);
@@ -103,7 +115,11 @@ impl Correlator {
             }
         }
         self.generations.retain(|(tgid, fd), id| {
-            let key = ConnKey { tgid: *tgid, fd: *fd, conn_id: *id };
+            let key = ConnKey {
+                tgid: *tgid,
+                fd: *fd,
+                conn_id: *id,
+            };
             self.conns.contains_key(&key)
         });
         self.links.purge(now_ktime_ns);
@@ -189,7 +205,11 @@ fn link_key(conn: &Conn, ex: &Exchange) -> Option<LinkKey> {
         return None;
     }
     match conn.endpoints(SpanKind::Server) {
-        (Some(client), Some(server)) => Some(LinkKey { client, server, seq: ex.request.seq }),
+        (Some(client), Some(server)) => Some(LinkKey {
+            client,
+            server,
+            seq: ex.request.seq,
+        }),
         _ => None,
     }
 }
@@ -204,12 +224,21 @@ fn new_conn(key: &ConnKey, comm: &str, cgroup_id: u64, tid: u32, socket: crate::
             remote = remote.or(Some(r));
         }
     }
-    let process = Process { pid: key.tgid, tid, comm: comm.to_owned(), cgroup_id };
+    let process = Process {
+        pid: key.tgid,
+        tid,
+        comm: comm.to_owned(),
+        cgroup_id,
+    };
     Conn::new(process, local, remote)
 }
 
 fn build_span(conn: &Conn, ex: Exchange, clock: &Clock) -> Span {
-    let Exchange { request, response, end_ktime_ns } = ex;
+    let Exchange {
+        request,
+        response,
+        end_ktime_ns,
+    } = ex;
     let (client, server) = conn.endpoints(request.kind);
     let start = request.head.start_ktime_ns;
     let end = end_ktime_ns.max(response.start_ktime_ns).max(start);
@@ -223,7 +252,11 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock) -> Span {
         span_id: ctx.span_id,
         parent_span_id: ctx.parent,
         sampled: ctx.sampled,
-        trace_state: request.head.header("tracestate").filter(|_| ctx.from_header).map(str::to_owned),
+        trace_state: request
+            .head
+            .header("tracestate")
+            .filter(|_| ctx.from_header)
+            .map(str::to_owned),
         kind: request.kind,
         start_unix_nano: clock.to_unix_nanos(start),
         end_unix_nano: clock.to_unix_nanos(end),
@@ -233,7 +266,10 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock) -> Span {
         protocol_version: if request.head.version == 0 { "1.0" } else { "1.1" },
         client,
         server,
-        process: Process { tid: request.tid, ..conn.process.clone() },
+        process: Process {
+            tid: request.tid,
+            ..conn.process.clone()
+        },
         user_agent: request.head.header("user-agent").map(str::to_owned),
         request_id: request.head.header("x-request-id").map(str::to_owned),
         truncated: request.head.truncated || response.truncated,

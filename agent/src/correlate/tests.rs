@@ -17,8 +17,17 @@ fn data(tgid: u32, fd: u32, dir: Direction, bytes: &'static [u8], t: u64, local:
         cgroup_id: 1,
         comm: format!("p{tgid}"),
         new_conn: false,
-        socket: SocketInfo { local: local.parse().ok(), remote: remote.parse().ok(), accepted: false, connected: false },
-        body: EventBody::Data { direction: dir, len: bytes.len() as u64, payload: Bytes::from_static(bytes) },
+        socket: SocketInfo {
+            local: local.parse().ok(),
+            remote: remote.parse().ok(),
+            accepted: false,
+            connected: false,
+        },
+        body: EventBody::Data {
+            direction: dir,
+            len: bytes.len() as u64,
+            payload: Bytes::from_static(bytes),
+        },
     }
 }
 
@@ -73,7 +82,10 @@ fn incoming_traceparent_makes_the_server_span_its_child() {
     c.handle(data(2, 5, Direction::Egress, RESP, 20, SERVER, CLIENT), &mut spans);
     assert_eq!(spans.len(), 1);
     assert_eq!(spans[0].trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
-    assert_eq!(spans[0].parent_span_id.map(|p| p.to_string()).as_deref(), Some("00f067aa0ba902b7"));
+    assert_eq!(
+        spans[0].parent_span_id.map(|p| p.to_string()).as_deref(),
+        Some("00f067aa0ba902b7")
+    );
     assert_eq!(spans[0].trace_state.as_deref(), Some("k=v"));
 }
 
@@ -81,12 +93,55 @@ fn incoming_traceparent_makes_the_server_span_its_child() {
 fn pipelined_requests_are_answered_in_order() {
     let mut c = correlator();
     let mut spans = Vec::new();
-    c.handle(data(1, 3, Direction::Egress, b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\n\r\n", 1, CLIENT, SERVER), &mut spans);
-    c.handle(data(1, 3, Direction::Ingress, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", 2, CLIENT, SERVER), &mut spans);
-    c.handle(data(1, 3, Direction::Ingress, b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n", 3, CLIENT, SERVER), &mut spans);
+    c.handle(
+        data(
+            1,
+            3,
+            Direction::Egress,
+            b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\n\r\n",
+            1,
+            CLIENT,
+            SERVER,
+        ),
+        &mut spans,
+    );
+    c.handle(
+        data(
+            1,
+            3,
+            Direction::Ingress,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+            2,
+            CLIENT,
+            SERVER,
+        ),
+        &mut spans,
+    );
+    c.handle(
+        data(
+            1,
+            3,
+            Direction::Ingress,
+            b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n",
+            3,
+            CLIENT,
+            SERVER,
+        ),
+        &mut spans,
+    );
     let got: Vec<_> = spans.iter().map(|s| (s.path().to_owned(), s.status_code)).collect();
-    assert_eq!(got, [("/a".into(), Some(200)), ("/b".into(), Some(404)), ("/c".into(), Some(500))]);
-    assert!(spans[1].is_error() && spans[2].is_error(), "4xx and 5xx are errors on client spans");
+    assert_eq!(
+        got,
+        [
+            ("/a".into(), Some(200)),
+            ("/b".into(), Some(404)),
+            ("/c".into(), Some(500))
+        ]
+    );
+    assert!(
+        spans[1].is_error() && spans[2].is_error(),
+        "4xx and 5xx are errors on client spans"
+    );
 }
 
 #[test]
@@ -94,10 +149,35 @@ fn close_ends_a_response_delimited_by_close_and_counts_unanswered() {
     let stats = Arc::new(Stats::default());
     let mut c = Correlator::new(Limits::default(), stats.clone());
     let mut spans = Vec::new();
-    c.handle(data(1, 3, Direction::Egress, b"GET /a HTTP/1.0\r\n\r\nGET /b HTTP/1.0\r\n\r\n", 1, CLIENT, SERVER), &mut spans);
-    c.handle(data(1, 3, Direction::Ingress, b"HTTP/1.0 200 OK\r\n\r\nbody", 2, CLIENT, SERVER), &mut spans);
+    c.handle(
+        data(
+            1,
+            3,
+            Direction::Egress,
+            b"GET /a HTTP/1.0\r\n\r\nGET /b HTTP/1.0\r\n\r\n",
+            1,
+            CLIENT,
+            SERVER,
+        ),
+        &mut spans,
+    );
+    c.handle(
+        data(
+            1,
+            3,
+            Direction::Ingress,
+            b"HTTP/1.0 200 OK\r\n\r\nbody",
+            2,
+            CLIENT,
+            SERVER,
+        ),
+        &mut spans,
+    );
     assert!(spans.is_empty());
-    let close = Event { body: EventBody::Close, ..data(1, 3, Direction::Egress, b"", 3, CLIENT, SERVER) };
+    let close = Event {
+        body: EventBody::Close,
+        ..data(1, 3, Direction::Egress, b"", 3, CLIENT, SERVER)
+    };
     c.handle(close, &mut spans);
     assert_eq!(spans.len(), 1);
     assert_eq!(spans[0].protocol_version, "1.0");

@@ -51,7 +51,9 @@ pub fn attributes(span: &Span) -> Map<String, Value> {
         a.insert("http.request.header.x-request-id".into(), json!(id));
     }
     if span.is_error() {
-        let error = span.status_code.map_or_else(|| "no_response".to_owned(), |c| c.to_string());
+        let error = span
+            .status_code
+            .map_or_else(|| "no_response".to_owned(), |c| c.to_string());
         a.insert("error.type".into(), json!(error));
     }
     if span.truncated {

@@ -17,7 +17,9 @@ enum Phase {
     /// The CRLF after chunk data.
     DataEnd,
     /// Trailer section after the last chunk; `blank` when the line so far is empty.
-    Trailer { blank: bool },
+    Trailer {
+        blank: bool,
+    },
 }
 
 #[derive(Debug, Default)]

@@ -66,9 +66,11 @@ impl Head {
 
     /// Body framing per RFC 9112 section 6.3 (HEAD/1xx/204/304 are decided by the caller).
     pub fn framing(&self) -> Framing {
-        let chunked = self
-            .header("transfer-encoding")
-            .is_some_and(|te| te.rsplit(',').next().is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked")));
+        let chunked = self.header("transfer-encoding").is_some_and(|te| {
+            te.rsplit(',')
+                .next()
+                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+        });
         if chunked {
             return Framing::Chunked;
         }
@@ -81,9 +83,7 @@ impl Head {
         }
         match self.kind {
             HeadKind::Request { .. } => Framing::None,
-            HeadKind::Response { status } if status < 200 || status == 204 || status == 304 => {
-                Framing::None
-            }
+            HeadKind::Response { status } if status < 200 || status == 204 || status == 304 => Framing::None,
             HeadKind::Response { .. } => Framing::UntilClose,
         }
     }
@@ -96,7 +96,11 @@ pub fn starts_message(data: &[u8], flow: Option<Flow>) -> bool {
         let Some(sp) = data.iter().take(16).position(|&b| b == b' ') else {
             return false;
         };
-        sp > 0 && data[..sp].iter().all(|b| b.is_ascii_uppercase()) && data.get(sp + 1).is_some_and(|&b| b == b'/' || b == b'*' || b.is_ascii_alphabetic())
+        sp > 0
+            && data[..sp].iter().all(|b| b.is_ascii_uppercase())
+            && data
+                .get(sp + 1)
+                .is_some_and(|&b| b == b'/' || b == b'*' || b.is_ascii_alphabetic())
     };
     match flow {
         Some(Flow::Responses) => response,
@@ -129,14 +133,23 @@ pub fn parse(block: &[u8], truncated: bool, flow: Option<Flow>) -> Result<Head, 
         let (Some(code), Some(version)) = (resp.code, resp.version) else {
             return Err(status.err().map_or("incomplete status line", error_name));
         };
-        finish(HeadKind::Response { status: code }, version, resp.headers, status, truncated)
+        finish(
+            HeadKind::Response { status: code },
+            version,
+            resp.headers,
+            status,
+            truncated,
+        )
     } else {
         let mut req = httparse::Request::new(&mut headers);
         let status = req.parse(block);
         let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
             return Err(status.err().map_or("incomplete request line", error_name));
         };
-        let kind = HeadKind::Request { method: method.to_owned(), target: path.to_owned() };
+        let kind = HeadKind::Request {
+            method: method.to_owned(),
+            target: path.to_owned(),
+        };
         finish(kind, version, req.headers, status, truncated)
     }
 }
@@ -165,7 +178,14 @@ fn finish(
             (h.name.to_ascii_lowercase(), String::from_utf8_lossy(value).into_owned())
         })
         .collect();
-    Ok(Head { kind, version, headers, headers_dropped, truncated, start_ktime_ns: 0 })
+    Ok(Head {
+        kind,
+        version,
+        headers,
+        headers_dropped,
+        truncated,
+        start_ktime_ns: 0,
+    })
 }
 
 fn error_name(e: httparse::Error) -> &'static str {

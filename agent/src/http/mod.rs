@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 
 pub use head::{Head, HeadKind, MAX_HEADERS};
 
-use chunked::{Chunked, ChunkStep};
+use chunked::{ChunkStep, Chunked};
 
 /// Largest header block buffered while waiting for its end.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -41,7 +41,9 @@ pub enum Flow {
 enum State {
     /// Expecting a start line; `head` accumulates the header block.
     Start,
-    Body { remaining: u64 },
+    Body {
+        remaining: u64,
+    },
     Chunked(Chunked),
     UntilClose,
     /// Framing lost: skip until a segment starts like a message.
@@ -100,7 +102,12 @@ impl HttpStream {
     /// Queues the bytes of one syscall: `data` was captured, `missing` more
     /// bytes were moved but not captured.
     pub fn push(&mut self, data: bytes::Bytes, missing: u64, ktime_ns: u64) {
-        self.segments.push_back(Segment { data, pos: 0, missing, ktime_ns });
+        self.segments.push_back(Segment {
+            data,
+            pos: 0,
+            missing,
+            ktime_ns,
+        });
     }
 
     /// The connection closed: ends a message delimited by close.
@@ -110,7 +117,9 @@ impl HttpStream {
         let was_open = std::mem::replace(&mut self.open, false);
         self.end_due = false;
         self.state = State::Start;
-        was_open.then_some(Item::End { ktime_ns: self.last_ktime })
+        was_open.then_some(Item::End {
+            ktime_ns: self.last_ktime,
+        })
     }
 
     /// Tells the stream that the message whose head was just returned has
@@ -138,7 +147,9 @@ impl HttpStream {
             if self.end_due {
                 self.end_due = false;
                 self.open = false;
-                return Some(Item::End { ktime_ns: self.last_ktime });
+                return Some(Item::End {
+                    ktime_ns: self.last_ktime,
+                });
             }
             let seg = self.segments.front_mut()?;
             if seg.pos >= seg.data.len() && seg.missing == 0 {
@@ -153,9 +164,7 @@ impl HttpStream {
 
     /// Advances the state machine on the front segment; may return an item.
     fn step(&mut self) -> Option<Item> {
-        let Some(seg) = self.segments.front_mut() else {
-            return None;
-        };
+        let seg = self.segments.front_mut()?;
         let ktime = seg.ktime_ns;
         match &mut self.state {
             State::Start => self.step_start(),
@@ -202,13 +211,14 @@ impl HttpStream {
                 None
             }
             State::Desync => {
-                let starts_message = seg.pos == 0
-                    && head::starts_message(&seg.data, self.flow);
+                let starts_message = seg.pos == 0 && head::starts_message(&seg.data, self.flow);
                 if starts_message {
                     self.state = State::Start;
                     if self.open {
                         self.open = false;
-                        return Some(Item::End { ktime_ns: self.last_ktime });
+                        return Some(Item::End {
+                            ktime_ns: self.last_ktime,
+                        });
                     }
                     return None;
                 }
@@ -299,7 +309,9 @@ impl HttpStream {
     fn finish_message(&mut self) -> Item {
         self.state = State::Start;
         self.open = false;
-        Item::End { ktime_ns: self.last_ktime }
+        Item::End {
+            ktime_ns: self.last_ktime,
+        }
     }
 }
 

@@ -15,20 +15,45 @@ fn feed(stream: &mut HttpStream, chunks: &[&[u8]]) -> Vec<Item> {
 }
 
 fn heads(items: &[Item]) -> Vec<&Head> {
-    items.iter().filter_map(|i| if let Item::Head(h) = i { Some(h.as_ref()) } else { None }).collect()
+    items
+        .iter()
+        .filter_map(|i| if let Item::Head(h) = i { Some(h.as_ref()) } else { None })
+        .collect()
 }
 
 fn ends(items: &[Item]) -> Vec<u64> {
-    items.iter().filter_map(|i| if let Item::End { ktime_ns } = i { Some(*ktime_ns) } else { None }).collect()
+    items
+        .iter()
+        .filter_map(|i| {
+            if let Item::End { ktime_ns } = i {
+                Some(*ktime_ns)
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 #[test]
 fn parses_request_split_across_three_reads() {
     let mut s = HttpStream::new();
-    let items = feed(&mut s, &[b"GET /a/b?x=1 HT", b"TP/1.1\r\nHost: h\r\ntraceparent: 00-ab", b"-cd\r\n\r\n"]);
+    let items = feed(
+        &mut s,
+        &[
+            b"GET /a/b?x=1 HT",
+            b"TP/1.1\r\nHost: h\r\ntraceparent: 00-ab",
+            b"-cd\r\n\r\n",
+        ],
+    );
     let h = heads(&items);
     assert_eq!(h.len(), 1);
-    assert_eq!(h[0].kind, HeadKind::Request { method: "GET".into(), target: "/a/b?x=1".into() });
+    assert_eq!(
+        h[0].kind,
+        HeadKind::Request {
+            method: "GET".into(),
+            target: "/a/b?x=1".into()
+        }
+    );
     assert_eq!(h[0].header("traceparent"), Some("00-ab-cd"));
     assert_eq!(h[0].start_ktime_ns, 1);
     assert_eq!(ends(&items), vec![3]);
@@ -38,7 +63,10 @@ fn parses_request_split_across_three_reads() {
 #[test]
 fn parses_three_pipelined_requests_in_one_write() {
     let mut s = HttpStream::new();
-    let items = feed(&mut s, &[b"GET /1 HTTP/1.1\r\n\r\nPOST /2 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /3 HTTP/1.1\r\n\r\n"]);
+    let items = feed(
+        &mut s,
+        &[b"GET /1 HTTP/1.1\r\n\r\nPOST /2 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /3 HTTP/1.1\r\n\r\n"],
+    );
     let targets: Vec<_> = heads(&items)
         .iter()
         .map(|h| match &h.kind {
@@ -53,7 +81,10 @@ fn parses_three_pipelined_requests_in_one_write() {
 #[test]
 fn content_length_body_ends_at_the_last_byte() {
     let mut s = HttpStream::new();
-    let items = feed(&mut s, &[b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345", b"678", b"90"]);
+    let items = feed(
+        &mut s,
+        &[b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345", b"678", b"90"],
+    );
     assert_eq!(heads(&items)[0].status(), Some(200));
     assert_eq!(ends(&items), vec![3]);
 }
@@ -61,7 +92,11 @@ fn content_length_body_ends_at_the_last_byte() {
 #[test]
 fn body_bytes_that_were_not_captured_still_count() {
     let mut s = HttpStream::new();
-    s.push(Bytes::from_static(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\nab"), 4998, 7);
+    s.push(
+        Bytes::from_static(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\nab"),
+        4998,
+        7,
+    );
     assert!(matches!(s.next_item(), Some(Item::Head(_))));
     assert_eq!(s.next_item(), Some(Item::End { ktime_ns: 7 }));
     assert_eq!(s.next_item(), None);
@@ -72,7 +107,12 @@ fn chunked_response_ends_at_the_last_chunk() {
     let mut s = HttpStream::new();
     let items = feed(
         &mut s,
-        &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"5\r\nhello\r\n", b"6;ext=1\r\n world\r\n", b"0\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"],
+        &[
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"5\r\nhello\r\n",
+            b"6;ext=1\r\n world\r\n",
+            b"0\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+        ],
     );
     assert_eq!(heads(&items).len(), 2);
     assert_eq!(ends(&items), vec![4, 4]);
@@ -81,7 +121,11 @@ fn chunked_response_ends_at_the_last_chunk() {
 #[test]
 fn chunked_body_with_uncaptured_chunk_data_keeps_framing() {
     let mut s = HttpStream::new();
-    s.push(Bytes::from_static(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"), 0, 1);
+    s.push(
+        Bytes::from_static(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        0,
+        1,
+    );
     s.push(Bytes::from_static(b"1000\r\nxx"), 4096 - 2 + 2, 2);
     s.push(Bytes::from_static(b"0\r\n\r\n"), 0, 3);
     let mut items = Vec::new();
@@ -97,21 +141,37 @@ fn header_block_larger_than_the_capture_keeps_method_and_path() {
     let mut big = b"GET /big/path HTTP/1.1\r\nHost: x\r\nX-Fill: ".to_vec();
     big.extend(std::iter::repeat_n(b'a', 3000));
     s.push(Bytes::copy_from_slice(&big[..2048]), (big.len() - 2048) as u64 + 4, 1);
-    let Some(Item::Head(h)) = s.next_item() else { panic!("no head") };
+    let Some(Item::Head(h)) = s.next_item() else {
+        panic!("no head")
+    };
     assert!(h.truncated);
     assert_eq!(h.method(), Some("GET"));
     assert_eq!(h.header("host"), Some("x"));
     // The next request resyncs the stream and ends the truncated one.
     s.push(Bytes::from_static(b"GET /next HTTP/1.1\r\n\r\n"), 0, 2);
     assert_eq!(s.next_item(), Some(Item::End { ktime_ns: 1 }));
-    let Some(Item::Head(h)) = s.next_item() else { panic!("no second head") };
-    assert_eq!(h.kind, HeadKind::Request { method: "GET".into(), target: "/next".into() });
+    let Some(Item::Head(h)) = s.next_item() else {
+        panic!("no second head")
+    };
+    assert_eq!(
+        h.kind,
+        HeadKind::Request {
+            method: "GET".into(),
+            target: "/next".into()
+        }
+    );
 }
 
 #[test]
 fn response_to_head_request_has_no_body() {
     let mut s = HttpStream::new();
-    s.push(Bytes::from_static(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), 0, 1);
+    s.push(
+        Bytes::from_static(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        ),
+        0,
+        1,
+    );
     assert!(matches!(s.next_item(), Some(Item::Head(_))));
     s.expect_no_body();
     assert_eq!(s.next_item(), Some(Item::End { ktime_ns: 1 }));
@@ -131,7 +191,14 @@ fn response_without_length_ends_at_close() {
 #[test]
 fn garbage_is_reported_and_skipped_until_a_message_starts() {
     let mut s = HttpStream::new();
-    let items = feed(&mut s, &[b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x02\x00garbage\r\n\r\n", b"GET /ok HTTP/1.1\r\n\r\n"]);
+    let items = feed(
+        &mut s,
+        &[
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"\x16\x03\x01\x02\x00garbage\r\n\r\n",
+            b"GET /ok HTTP/1.1\r\n\r\n",
+        ],
+    );
     assert!(items.iter().any(|i| matches!(i, Item::Malformed(_))));
     assert_eq!(heads(&items).len(), 2);
 }

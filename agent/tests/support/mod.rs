@@ -37,8 +37,12 @@ impl Agent {
 
     pub fn start_with(extra: &[&str]) -> Agent {
         mount_tracefs();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_meshless"))
-            .args(["--console-format", "json", "--poll-interval-ms", "5", "--stats-interval-secs", "0"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshless"));
+        cmd.args(["--console-format", "json", "--stats-interval-secs", "0"]);
+        if !extra.contains(&"--poll-interval-ms") {
+            cmd.args(["--poll-interval-ms", "5"]);
+        }
+        let mut child = cmd
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -50,7 +54,8 @@ impl Agent {
         let sink = spans.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("agent printed non-JSON span line {line:?}: {e}"));
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("agent printed non-JSON span line {line:?}: {e}"));
                 sink.lock().expect("spans lock").push(v);
             }
         });
@@ -73,10 +78,22 @@ impl Agent {
     }
 
     /// Waits until `done` holds for the spans matching `filter`, returning them.
-    pub fn wait_for(&self, filter: impl Fn(&Value) -> bool, done: impl Fn(&[Value]) -> bool, timeout: Duration) -> Vec<Value> {
+    pub fn wait_for(
+        &self,
+        filter: impl Fn(&Value) -> bool,
+        done: impl Fn(&[Value]) -> bool,
+        timeout: Duration,
+    ) -> Vec<Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            let got: Vec<Value> = self.spans.lock().expect("spans lock").iter().filter(|s| filter(s)).cloned().collect();
+            let got: Vec<Value> = self
+                .spans
+                .lock()
+                .expect("spans lock")
+                .iter()
+                .filter(|s| filter(s))
+                .cloned()
+                .collect();
             if done(&got) || Instant::now() > deadline {
                 return got;
             }
@@ -97,7 +114,13 @@ impl Agent {
     /// Spans matching `filter` after waiting `settle` for stragglers.
     pub fn settle(&self, filter: impl Fn(&Value) -> bool, settle: Duration) -> Vec<Value> {
         std::thread::sleep(settle);
-        self.spans.lock().expect("spans lock").iter().filter(|s| filter(s)).cloned().collect()
+        self.spans
+            .lock()
+            .expect("spans lock")
+            .iter()
+            .filter(|s| filter(s))
+            .cloned()
+            .collect()
     }
 
     pub fn stderr(&self) -> Vec<String> {
@@ -123,7 +146,9 @@ impl Drop for Agent {
 
 pub fn mount_tracefs() {
     if !std::path::Path::new("/sys/kernel/tracing/events").is_dir() {
-        let _ = Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]).status();
+        let _ = Command::new("mount")
+            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+            .status();
     }
 }
 
@@ -178,9 +203,29 @@ impl PodPair {
             sh(&["ip", "netns", "add", ns]);
             sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
-        sh(&["ip", "link", "add", &veth_a, "netns", &pair.a, "type", "veth", "peer", "name", &veth_b, "netns", &pair.b]);
-        sh(&["ip", "-n", &pair.a, "addr", "add", &format!("{}/24", pair.ip_a), "dev", &veth_a]);
-        sh(&["ip", "-n", &pair.b, "addr", "add", &format!("{}/24", pair.ip_b), "dev", &veth_b]);
+        sh(&[
+            "ip", "link", "add", &veth_a, "netns", &pair.a, "type", "veth", "peer", "name", &veth_b, "netns", &pair.b,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &pair.a,
+            "addr",
+            "add",
+            &format!("{}/24", pair.ip_a),
+            "dev",
+            &veth_a,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &pair.b,
+            "addr",
+            "add",
+            &format!("{}/24", pair.ip_b),
+            "dev",
+            &veth_b,
+        ]);
         sh(&["ip", "-n", &pair.a, "link", "set", &veth_a, "up"]);
         sh(&["ip", "-n", &pair.b, "link", "set", &veth_b, "up"]);
         pair
@@ -208,7 +253,10 @@ impl Drop for PodPair {
 }
 
 fn sh(args: &[&str]) {
-    let st = Command::new(args[0]).args(&args[1..]).status().unwrap_or_else(|e| panic!("run {args:?}: {e}"));
+    let st = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .unwrap_or_else(|e| panic!("run {args:?}: {e}"));
     assert!(st.success(), "{args:?} failed: {st}");
 }
 
@@ -223,13 +271,23 @@ impl Drop for Proc {
 }
 
 pub fn spawn(mut cmd: Command) -> Proc {
-    Proc(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")))
+    Proc(
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
+    )
 }
 
 /// Runs a command to completion, asserting success; returns stdout.
 pub fn run(mut cmd: Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -238,7 +296,12 @@ pub fn wait_port(ns: &str, ip: &str, port: u16) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let probe = format!("import socket; socket.create_connection(('{ip}', {port}), timeout=1).close()");
     while Instant::now() < deadline {
-        let ok = PodPair::cmd(ns, "python3").args(["-c", &probe]).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+        let ok = PodPair::cmd(ns, "python3")
+            .args(["-c", &probe])
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         if ok {
             return;
         }

@@ -7,17 +7,13 @@
 //! client's address so accept4 can find its local half).
 use aya_ebpf::{helpers::bpf_probe_read_user, macros::tracepoint, programs::TracePointContext};
 use meshless_common::{
-    AF_INET, AF_INET6, ConnAddrs, FLAG_ACCEPTED, FLAG_CONNECTED, FLAG_LOCAL_ADDR,
-    FLAG_REMOTE_ADDR, Syscall,
+    AF_INET, AF_INET6, ConnAddrs, FLAG_ACCEPTED, FLAG_CONNECTED, FLAG_LOCAL_ADDR, FLAG_REMOTE_ADDR, Syscall,
 };
 
 use super::{arg, current, ret};
 use crate::{
     capture::emit_close,
-    maps::{
-        ACTIVE, ADDRS, ARGS, Args, BUF_NONE, CONNECTING, CONNS, KnownAddrs, PASSIVE, PeerKey,
-        conn_key,
-    },
+    maps::{ACTIVE, ADDRS, ARGS, Args, BUF_NONE, CONNECTING, CONNS, KnownAddrs, PASSIVE, PeerKey, conn_key},
 };
 
 const TCP_ESTABLISHED: i32 = 1;
@@ -116,7 +112,12 @@ fn finish_accept(ctx: &TracePointContext) -> u32 {
         addrs: ConnAddrs::default(),
     };
     if let Some((family, addr, port)) = read_sockaddr(args.ptr) {
-        let peer = PeerKey { addr, port, family, _pad: 0 };
+        let peer = PeerKey {
+            addr,
+            port,
+            family,
+            _pad: 0,
+        };
         // SAFETY: copied out at once.
         known.addrs = match unsafe { PASSIVE.get(&peer) } {
             Some(full) => *full,

@@ -75,12 +75,66 @@ macro_rules! data_probe {
     };
 }
 
-data_probe!(sys_enter_read, sys_exit_read, Syscall::Read, Direction::Ingress, BUF_PLAIN);
-data_probe!(sys_enter_write, sys_exit_write, Syscall::Write, Direction::Egress, BUF_PLAIN);
-data_probe!(sys_enter_readv, sys_exit_readv, Syscall::Readv, Direction::Ingress, BUF_IOVEC);
-data_probe!(sys_enter_writev, sys_exit_writev, Syscall::Writev, Direction::Egress, BUF_IOVEC);
-data_probe!(sys_enter_sendto, sys_exit_sendto, Syscall::Sendto, Direction::Egress, BUF_PLAIN);
-data_probe!(sys_enter_recvfrom, sys_exit_recvfrom, Syscall::Recvfrom, Direction::Ingress, BUF_PLAIN);
-data_probe!(sys_enter_sendmsg, sys_exit_sendmsg, Syscall::Sendmsg, Direction::Egress, BUF_MSGHDR);
-data_probe!(sys_enter_recvmsg, sys_exit_recvmsg, Syscall::Recvmsg, Direction::Ingress, BUF_MSGHDR);
-data_probe!(sys_enter_sendfile64, sys_exit_sendfile64, Syscall::Sendfile, Direction::Egress, BUF_NONE);
+data_probe!(
+    sys_enter_read,
+    sys_exit_read,
+    Syscall::Read,
+    Direction::Ingress,
+    BUF_PLAIN
+);
+data_probe!(
+    sys_enter_write,
+    sys_exit_write,
+    Syscall::Write,
+    Direction::Egress,
+    BUF_PLAIN
+);
+data_probe!(
+    sys_enter_readv,
+    sys_exit_readv,
+    Syscall::Readv,
+    Direction::Ingress,
+    BUF_IOVEC
+);
+data_probe!(
+    sys_enter_writev,
+    sys_exit_writev,
+    Syscall::Writev,
+    Direction::Egress,
+    BUF_IOVEC
+);
+data_probe!(
+    sys_enter_sendto,
+    sys_exit_sendto,
+    Syscall::Sendto,
+    Direction::Egress,
+    BUF_PLAIN
+);
+data_probe!(
+    sys_enter_recvfrom,
+    sys_exit_recvfrom,
+    Syscall::Recvfrom,
+    Direction::Ingress,
+    BUF_PLAIN
+);
+data_probe!(
+    sys_enter_sendmsg,
+    sys_exit_sendmsg,
+    Syscall::Sendmsg,
+    Direction::Egress,
+    BUF_MSGHDR
+);
+data_probe!(
+    sys_enter_recvmsg,
+    sys_exit_recvmsg,
+    Syscall::Recvmsg,
+    Direction::Ingress,
+    BUF_MSGHDR
+);
+data_probe!(
+    sys_enter_sendfile64,
+    sys_exit_sendfile64,
+    Syscall::Sendfile,
+    Direction::Egress,
+    BUF_NONE
+);

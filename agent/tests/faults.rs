@@ -1,0 +1,121 @@
+//! The agent's behaviour when it cannot run, and under overload.
+mod support;
+
+use std::{process::Command, time::Duration};
+
+use support::*;
+
+fn meshless() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_meshless"))
+}
+
+#[test]
+fn without_root_the_agent_says_what_privilege_it_needs() {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_meshless"))
+        .output()
+        .expect("run setpriv");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs root") && err.contains("CAP_BPF"), "{err}");
+    assert!(!err.contains("os error"), "no raw errno: {err}");
+}
+
+#[test]
+fn without_tracefs_the_agent_says_how_to_mount_it() {
+    // A private mount namespace where tracefs (and debugfs) are not mounted.
+    let script = format!(
+        "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug 2>/dev/null; exec {}",
+        env!("CARGO_BIN_EXE_meshless")
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("run unshare");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tracefs is not mounted") && err.contains("mount -t tracefs"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bad_flag_value_is_rejected_with_the_setting_named() {
+    let out = meshless().args(["--ringbuf-mib", "3"]).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--ringbuf-mib") && err.contains("power of two"), "{err}");
+}
+
+#[test]
+fn help_explains_what_the_agent_does() {
+    let out = meshless().arg("--help").output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for needle in ["--console-format", "span", "root"] {
+        assert!(text.contains(needle), "--help mentions {needle}: {text}");
+    }
+}
+
+#[test]
+fn ring_buffer_overflow_is_counted_and_the_agent_keeps_tracing() {
+    let _serial = serial();
+    let pods = PodPair::new();
+    let scratch = Scratch::new("overflow");
+    // A 1 MiB ring buffer drained once a second, never woken early: a burst
+    // of large responses must overflow it.
+    let agent = Agent::start_with(&[
+        "--ringbuf-mib",
+        "1",
+        "--poll-interval-ms",
+        "1000",
+        "--wakeup-kib",
+        "1000000",
+    ]);
+    let port = 8201;
+    let _nginx = start_nginx(&pods.b, &pods.ip_b, port, &scratch.0);
+    wait_port(&pods.a, &pods.ip_b, port);
+    let url = format!("http://{}:{port}/file.txt", pods.ip_b);
+    let mut curl = PodPair::cmd(&pods.a, "curl");
+    curl.arg("-s");
+    for _ in 0..1500 {
+        curl.args(["-o", "/dev/null", &url]);
+    }
+    run(curl);
+    std::thread::sleep(Duration::from_millis(1500));
+    // Still alive and tracing after the overflow.
+    let mut after = PodPair::cmd(&pods.a, "curl");
+    after.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        &format!("http://{}:{port}/after-overflow", pods.ip_b),
+    ]);
+    run(after);
+    let later = agent.wait_for(
+        |s| attr_str(s, "url.path") == "/after-overflow",
+        |s| s.len() >= 2,
+        Duration::from_secs(10),
+    );
+    assert_eq!(later.len(), 2, "agent still traces after overflow");
+    let (status, stderr) = agent.stop();
+    assert!(status.success(), "{stderr:?}");
+    let stats = stderr
+        .iter()
+        .find(|l| l.contains("final statistics"))
+        .expect("final statistics line");
+    let dropped: u64 = stats
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("ringbuf_full="))
+        .and_then(|v| v.trim_matches('"').parse().ok())
+        .expect("ringbuf_full counter");
+    assert!(dropped > 0, "overflow counted: {stats}");
+}
