@@ -1,6 +1,12 @@
 //! Wiring: loads the probes and connects the stages with bounded channels
 //! named after their two ends. Closing a stage's input shuts it down and
-//! closes its output, so shutdown cascades from capture to export.
+//! closes its output, so shutdown cascades from capture to the exporters.
+//!
+//! ```text
+//! capture ─capture_to_correlate─▶ correlate ─▶ route (metrics, sampling)
+//!                                               ├─route_to_console─▶ console
+//!                                               └─route_to_otlp────▶ OTLP traces
+//! ```
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
@@ -8,11 +14,17 @@ use tokio::{signal::unix::SignalKind, sync::mpsc, time};
 use tracing::{info, warn};
 
 use crate::{
+    admin,
     capture::{self, loader, Event},
     clock::Clock,
-    config::{Config, LogFormat},
+    config::{otel::ExportSettings, Config, LogFormat},
     correlate::{Correlator, Limits},
-    export::console::Console,
+    export::{
+        console::{Console, Format},
+        otlp::{self, OtlpTraces},
+        resource::{self, Resources},
+    },
+    metrics::{OtlpMetrics, Peers, Prometheus},
     span::Span,
     stats::Stats,
 };
@@ -20,8 +32,8 @@ use crate::{
 /// Batches in flight between stages (each batch holds up to 4096 items).
 const CHANNEL_BATCHES: usize = 256;
 const TICK: Duration = Duration::from_millis(50);
-/// How often kernel-side losses are checked and, if any, reported.
-const LOSS_CHECK: Duration = Duration::from_secs(5);
+/// How often kernel counters are read (and losses reported).
+const KERNEL_CHECK: Duration = Duration::from_secs(2);
 
 pub fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
@@ -37,81 +49,194 @@ pub fn init_logging(config: &Config) {
     }
 }
 
+/// Where routed spans go.
+struct Sinks {
+    console: Option<mpsc::Sender<Vec<Span>>>,
+    otlp: Option<mpsc::Sender<Vec<Span>>>,
+}
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let settings = ExportSettings::from_config(&config)?;
     let stats = Arc::new(Stats::default());
+    let prometheus = Arc::new(Prometheus::new(stats.clone()));
+    // Build exporters before loading probes: bad settings fail fast.
+    let span_exporter = settings
+        .otlp_traces
+        .as_ref()
+        .map(otlp::build_span_exporter)
+        .transpose()?;
+    let otlp_metrics = settings
+        .otlp_metrics
+        .as_ref()
+        .map(|t| {
+            OtlpMetrics::start(
+                t,
+                settings.metric_interval,
+                resource::agent(&settings.agent_service_name, &settings.resource_attributes),
+            )
+        })
+        .transpose()?;
+    let admin = match config.metrics_addr.0 {
+        Some(addr) => Some(admin::bind(addr, prometheus.clone()).await?),
+        None => None,
+    };
+
     let probes = loader::load(&loader::LoadOptions {
         ringbuf_bytes: config.ringbuf_mib * 1024 * 1024,
         wakeup_bytes: config.wakeup_kib * 1024,
     })?;
     let loader::Probes { events, counters, ebpf } = probes;
-    info!(
-        tracepoints = loader::TRACEPOINTS.len(),
-        ringbuf_mib = config.ringbuf_mib,
-        "meshless ready: tracing HTTP/1.x on every socket (Ctrl-C to stop)"
-    );
+    let metrics_at = admin.as_ref().map_or_else(|| "off".to_owned(), |(a, _)| a.to_string());
+    if let Some((_, serve)) = admin {
+        tokio::spawn(serve);
+    }
 
     let (capture_to_correlate, events_rx) = mpsc::channel::<Vec<Event>>(CHANNEL_BATCHES);
-    let (correlate_to_export, spans_rx) = mpsc::channel::<Vec<Span>>(CHANNEL_BATCHES);
-
     let capture = tokio::spawn(capture::run(
         events,
         config.poll_interval(),
         capture_to_correlate,
         stats.clone(),
     ));
+
+    let mut export_threads = Vec::new();
+    let mut export_tasks = Vec::new();
+    let mut sinks = Sinks {
+        console: None,
+        otlp: None,
+    };
+    if settings.console {
+        let (tx, rx) = mpsc::channel::<Vec<Span>>(CHANNEL_BATCHES);
+        sinks.console = Some(tx);
+        let (format, query, st) = (config.console_format, settings.capture_query, stats.clone());
+        export_threads.push(
+            std::thread::Builder::new()
+                .name("export-console".into())
+                .spawn(move || console_stage(format, query, rx, &st))
+                .context("starting the console exporter thread")?,
+        );
+    }
+    if let (Some(exporter), Some(target)) = (span_exporter, &settings.otlp_traces) {
+        let (tx, rx) = mpsc::channel::<Vec<Span>>(CHANNEL_BATCHES);
+        sinks.otlp = Some(tx);
+        let resources = Resources::new(settings.resource_attributes.clone(), settings.service_names.clone());
+        let stage = OtlpTraces::new(
+            exporter,
+            target.endpoint.clone(),
+            resources,
+            settings.capture_query,
+            settings.queue,
+            stats.clone(),
+        );
+        export_tasks.push(tokio::spawn(stage.run(rx)));
+    }
+
     let limits = Limits {
         max_conns: config.max_connections as usize,
         idle_timeout_ns: config.idle_timeout_secs * 1_000_000_000,
         ..Limits::default()
     };
+    let router = Router {
+        sinks,
+        sampler: settings.sampler,
+        prometheus,
+        otlp_metrics,
+        names: Resources::new(Vec::new(), settings.service_names.clone()),
+        stats: stats.clone(),
+    };
     let correlate = tokio::spawn(correlate_stage(
-        Correlator::new(limits, stats.clone()),
+        Correlator::new(limits, settings.headers.clone(), stats.clone()),
         events_rx,
-        correlate_to_export,
-        stats.clone(),
+        router,
     ));
-    let format = config.console_format;
-    let export_stats = stats.clone();
-    let export = std::thread::Builder::new()
-        .name("export-console".into())
-        .spawn(move || console_stage(format, spans_rx, &export_stats))
-        .context("starting the console exporter thread")?;
+    info!(
+        tracepoints = loader::TRACEPOINTS.len(),
+        ringbuf_mib = config.ringbuf_mib,
+        metrics = %metrics_at,
+        console = settings.console,
+        otlp = settings.otlp_traces.as_ref().map_or("off", |t| t.endpoint.as_str()),
+        "meshless ready: tracing HTTP/1.x on every socket (Ctrl-C to stop)"
+    );
 
     let report_every = Duration::from_secs(config.stats_interval_secs);
     let mut terminate =
         tokio::signal::unix::signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut report = time::interval(if report_every.is_zero() {
-        Duration::from_secs(3600 * 24)
+        Duration::from_secs(86_400)
     } else {
         report_every
     });
     report.tick().await;
-    let mut loss_check = time::interval(LOSS_CHECK);
-    let mut lost_before = 0;
+    let mut kernel_check = time::interval(KERNEL_CHECK);
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
-            _ = report.tick(), if !report_every.is_zero() => log_stats(&stats, &counters, "statistics"),
-            _ = loss_check.tick() => lost_before = warn_on_loss(&counters, lost_before),
+            _ = report.tick(), if !report_every.is_zero() => log_stats(&stats, "statistics"),
+            _ = kernel_check.tick() => read_kernel_counters(&counters, &stats),
         }
     }
     info!("stopping: detaching probes and flushing spans");
     capture.abort();
     let _ = capture.await;
     drop(ebpf);
-    let _ = correlate.await;
-    let _ = tokio::task::spawn_blocking(move || export.join()).await;
-    log_stats(&stats, &counters, "final statistics");
+    if let Ok(Some(m)) = correlate.await {
+        m.shutdown();
+    }
+    for task in export_tasks {
+        let _ = task.await;
+    }
+    let _ = tokio::task::spawn_blocking(move || export_threads.into_iter().for_each(|t| drop(t.join()))).await;
+    read_kernel_counters(&counters, &stats);
+    log_stats(&stats, "final statistics");
     Ok(())
+}
+
+/// Records metrics for every span, samples, and fans out to the exporters.
+struct Router {
+    sinks: Sinks,
+    sampler: crate::export::sampler::Sampler,
+    prometheus: Arc<Prometheus>,
+    otlp_metrics: Option<OtlpMetrics>,
+    names: Resources,
+    stats: Arc<Stats>,
+}
+
+impl Router {
+    fn route(&mut self, spans: Vec<Span>) {
+        let mut kept = Vec::with_capacity(spans.len());
+        for span in spans {
+            let service = self.names.service_name(&span.process.comm);
+            let peers = Peers::of(&span, &service, |comm| self.names.service_name(comm));
+            self.prometheus.record(&span, &service, &peers);
+            if let Some(m) = &self.otlp_metrics {
+                m.record(&span, &service);
+            }
+            if self.sampler.sample(&span) {
+                kept.push(span);
+            } else {
+                Stats::inc(&self.stats.spans_sampled_out);
+            }
+        }
+        if kept.is_empty() {
+            return;
+        }
+        match (&self.sinks.console, &self.sinks.otlp) {
+            (Some(c), Some(o)) => {
+                send_spans(kept.clone(), c, &self.stats);
+                send_spans(kept, o, &self.stats);
+            }
+            (Some(only), None) | (None, Some(only)) => send_spans(kept, only, &self.stats),
+            (None, None) => {}
+        }
+    }
 }
 
 async fn correlate_stage(
     mut correlator: Correlator,
     mut events_rx: mpsc::Receiver<Vec<Event>>,
-    spans_tx: mpsc::Sender<Vec<Span>>,
-    stats: Arc<Stats>,
-) {
+    mut router: Router,
+) -> Option<OtlpMetrics> {
     let mut tick = time::interval(TICK);
     tick.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
     let mut spans = Vec::new();
@@ -124,25 +249,24 @@ async fn correlate_stage(
             _ = tick.tick() => correlator.tick(Clock::monotonic_now(), &mut spans),
         }
         if !spans.is_empty() {
-            send_spans(std::mem::take(&mut spans), &spans_tx, &stats);
+            router.route(std::mem::take(&mut spans));
         }
     }
     correlator.flush(&mut spans);
-    if !spans.is_empty() {
-        send_spans(spans, &spans_tx, &stats);
-    }
+    router.route(spans);
+    router.otlp_metrics.take()
 }
 
-fn send_spans(batch: Vec<Span>, spans_tx: &mpsc::Sender<Vec<Span>>, stats: &Stats) {
+fn send_spans(batch: Vec<Span>, tx: &mpsc::Sender<Vec<Span>>, stats: &Stats) {
     let n = batch.len() as u64;
-    if spans_tx.try_send(batch).is_err() {
+    if tx.try_send(batch).is_err() {
         Stats::add(&stats.spans_dropped, n);
     }
 }
 
-fn console_stage(format: crate::export::console::Format, mut spans_rx: mpsc::Receiver<Vec<Span>>, stats: &Stats) {
+fn console_stage(format: Format, capture_query: bool, mut spans_rx: mpsc::Receiver<Vec<Span>>, stats: &Stats) {
     let stdout = std::io::stdout();
-    let mut console = Console::new(format, std::io::BufWriter::new(stdout.lock()));
+    let mut console = Console::new(format, capture_query, std::io::BufWriter::new(stdout.lock()));
     while let Some(batch) = spans_rx.blocking_recv() {
         match console.write(&batch) {
             Ok(()) => Stats::add(&stats.spans_exported, batch.len() as u64),
@@ -158,27 +282,34 @@ fn console_stage(format: crate::export::console::Format, mut spans_rx: mpsc::Rec
     }
 }
 
-/// Warns (at most once per check) when the ring buffer overflowed; returns the new total.
-fn warn_on_loss(counters: &aya::maps::PerCpuArray<aya::maps::MapData, u64>, before: u64) -> u64 {
-    let lost = loader::read_counters(counters)
-        .iter()
-        .find(|(k, _)| *k == "ringbuf_full")
-        .map_or(0, |(_, v)| *v);
-    if lost > before {
-        warn!(
-            lost = lost - before,
-            total = lost,
-            "ring buffer full: events were lost; raise --ringbuf-mib or lower --poll-interval-ms"
-        );
+/// Copies the kernel's per-CPU counters into [`Stats`]; warns on new losses.
+fn read_kernel_counters(counters: &aya::maps::PerCpuArray<aya::maps::MapData, u64>, stats: &Stats) {
+    let mut table_full = 0;
+    for (name, value) in loader::read_counters(counters) {
+        match name {
+            "events_sent" => Stats::set(&stats.kernel_events_sent, value),
+            "truncated" => Stats::set(&stats.kernel_truncated, value),
+            "read_user_failed" => Stats::set(&stats.kernel_read_user_failed, value),
+            "conn_table_full" | "args_table_full" => table_full += value,
+            "ringbuf_full" => {
+                let before = stats
+                    .kernel_ringbuf_full
+                    .swap(value, std::sync::atomic::Ordering::Relaxed);
+                if value > before {
+                    warn!(
+                        lost = value - before,
+                        total = value,
+                        "ring buffer full: events were lost; raise --ringbuf-mib or lower --poll-interval-ms"
+                    );
+                }
+            }
+            _ => {}
+        }
     }
-    lost
+    Stats::set(&stats.kernel_table_full, table_full);
 }
 
-fn log_stats(stats: &Stats, counters: &aya::maps::PerCpuArray<aya::maps::MapData, u64>, what: &str) {
-    let user: Vec<String> = stats.snapshot().iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let kernel: Vec<String> = loader::read_counters(counters)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    info!(kernel = %kernel.join(" "), agent = %user.join(" "), "{what}");
+fn log_stats(stats: &Stats, what: &str) {
+    let all: Vec<String> = stats.snapshot().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    info!(counters = %all.join(" "), "{what}");
 }

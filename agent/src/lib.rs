@@ -3,6 +3,7 @@
 //! Pipeline (see docs/architecture.md):
 //! `capture` (kernel ring buffer) → `http` (parsing) → `correlate` (spans)
 //! → `export` (console). `app` wires the stages together.
+pub mod admin;
 pub mod app;
 pub mod capture;
 pub mod clock;
@@ -10,6 +11,8 @@ pub mod config;
 pub mod correlate;
 pub mod export;
 pub mod http;
+pub mod metrics;
+pub mod privacy;
 pub mod route;
 pub mod sockets;
 pub mod span;

@@ -38,6 +38,8 @@ pub struct Span {
     pub span_id: SpanId,
     pub parent_span_id: Option<SpanId>,
     pub sampled: bool,
+    /// The parent came from an incoming `traceparent` (not from this node).
+    pub parent_is_remote: bool,
     pub trace_state: Option<String>,
     pub kind: SpanKind,
     pub start_unix_nano: u64,
@@ -51,8 +53,14 @@ pub struct Span {
     pub client: Option<SocketAddr>,
     pub server: Option<SocketAddr>,
     pub process: Process,
+    /// Executable name of the process at the other end, when it runs on
+    /// this node and the call was linked.
+    pub peer_comm: Option<String>,
     pub user_agent: Option<String>,
-    pub request_id: Option<String>,
+    /// Allow-listed request headers, credentials already redacted.
+    pub request_headers: Vec<(String, String)>,
+    /// Allow-listed response headers, credentials already redacted.
+    pub response_headers: Vec<(String, String)>,
     /// Some header block was not captured to its end.
     pub truncated: bool,
 }
@@ -66,6 +74,12 @@ impl Span {
     /// Path part of the request target (no query).
     pub fn path(&self) -> &str {
         self.target.split(['?', '#']).next().unwrap_or("")
+    }
+
+    /// Query part of the request target, without `?`.
+    pub fn query(&self) -> Option<&str> {
+        let q = self.target.split_once('?')?.1;
+        Some(q.split('#').next().unwrap_or(""))
     }
 
     /// OTel status: ERROR for 5xx on servers and 4xx/5xx on clients.

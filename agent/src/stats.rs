@@ -14,6 +14,11 @@ macro_rules! counters {
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
             }
+
+            /// (name, help, value) of every counter, for the metrics endpoint.
+            pub fn described(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($name), $doc, self.$name.load(Ordering::Relaxed)),)*]
+            }
         }
     };
 }
@@ -30,6 +35,15 @@ counters! {
     spans_exported: "Spans written by an exporter.",
     spans_dropped: "Spans dropped because an exporter was behind.",
     spans_unanswered: "Requests that ended without a response (closed or idle).",
+    spans_sampled_out: "Spans not exported because the sampler said so.",
+    otlp_spans_exported: "Spans the OTLP collector accepted.",
+    otlp_spans_dropped: "Spans dropped by the OTLP exporter (queue full or export failed).",
+    otlp_export_errors: "Failed OTLP export requests.",
+    kernel_events_sent: "Events the kernel programs submitted.",
+    kernel_ringbuf_full: "Events lost because the ring buffer was full.",
+    kernel_truncated: "Payload captures cut to the capture size.",
+    kernel_read_user_failed: "Payload copies from user memory that failed.",
+    kernel_table_full: "Kernel map insertions that failed (tables full).",
 }
 
 impl Stats {

@@ -114,7 +114,7 @@ fn ring_buffer_overflow_is_counted_and_the_agent_keeps_tracing() {
         .expect("final statistics line");
     let dropped: u64 = stats
         .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("ringbuf_full="))
+        .find_map(|kv| kv.strip_prefix("kernel_ringbuf_full="))
         .and_then(|v| v.trim_matches('"').parse().ok())
         .expect("ringbuf_full counter");
     assert!(dropped > 0, "overflow counted: {stats}");

@@ -20,32 +20,43 @@ pub struct LinkKey {
 
 #[derive(Debug, Default)]
 pub struct Links {
-    clients: HashMap<LinkKey, (SpanContext, u64)>,
+    /// Client requests seen: their context, time and process name.
+    clients: HashMap<LinkKey, (SpanContext, u64, String)>,
     waiting: HashMap<LinkKey, (Span, u64)>,
+    /// Server processes of linked calls, for naming the client span's peer.
+    servers: HashMap<LinkKey, (String, u64)>,
 }
 
-fn adopt(span: &mut Span, client: &SpanContext) {
+fn adopt(span: &mut Span, client: &SpanContext, comm: String) {
     span.trace_id = client.trace_id;
     span.parent_span_id = Some(client.span_id);
     span.sampled = client.sampled;
+    span.peer_comm = Some(comm);
 }
 
 impl Links {
     /// A client request was seen; returns a waiting server span it completes.
-    pub fn client_seen(&mut self, key: LinkKey, ctx: SpanContext, ktime_ns: u64) -> Option<Span> {
+    pub fn client_seen(&mut self, key: LinkKey, ctx: SpanContext, ktime_ns: u64, comm: &str) -> Option<Span> {
         if let Some((mut span, _)) = self.waiting.remove(&key) {
-            adopt(&mut span, &ctx);
+            self.servers.insert(key, (span.process.comm.clone(), ktime_ns));
+            adopt(&mut span, &ctx, comm.to_owned());
             return Some(span);
         }
-        self.clients.insert(key, (ctx, ktime_ns));
+        self.clients.insert(key, (ctx, ktime_ns, comm.to_owned()));
         None
+    }
+
+    /// The server process of a linked call, once (for the client span).
+    pub fn take_server(&mut self, key: &LinkKey) -> Option<String> {
+        self.servers.remove(key).map(|(comm, _)| comm)
     }
 
     /// A server exchange finished; returns it at once if its client is known,
     /// else holds it until `deadline_ns`.
     pub fn server_done(&mut self, key: LinkKey, mut span: Span, deadline_ns: u64) -> Option<Span> {
-        if let Some((ctx, _)) = self.clients.remove(&key) {
-            adopt(&mut span, &ctx);
+        if let Some((ctx, _, comm)) = self.clients.remove(&key) {
+            self.servers.insert(key, (span.process.comm.clone(), deadline_ns));
+            adopt(&mut span, &ctx, comm);
             return Some(span);
         }
         self.waiting.insert(key, (span, deadline_ns));
@@ -69,12 +80,16 @@ impl Links {
     /// Forgets client contexts nobody claimed (the server was elsewhere).
     pub fn purge(&mut self, now_ns: u64) {
         let cutoff = now_ns.saturating_sub(CLIENT_TTL_NS);
-        self.clients.retain(|_, (_, t)| *t >= cutoff);
+        self.clients.retain(|_, (_, t, _)| *t >= cutoff);
+        self.servers.retain(|_, (_, t)| *t >= cutoff);
         if self.clients.len() > MAX_CLIENTS {
-            let mut times: Vec<u64> = self.clients.values().map(|(_, t)| *t).collect();
+            let mut times: Vec<u64> = self.clients.values().map(|(_, t, _)| *t).collect();
             times.sort_unstable();
             let median = times[times.len() / 2];
-            self.clients.retain(|_, (_, t)| *t > median);
+            self.clients.retain(|_, (_, t, _)| *t > median);
+        }
+        if self.servers.len() > MAX_CLIENTS {
+            self.servers.clear();
         }
     }
 }

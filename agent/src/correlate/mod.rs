@@ -17,6 +17,7 @@ use link::{LinkKey, Links};
 use crate::{
     capture::{ConnKey, Event, EventBody},
     clock::Clock,
+    privacy::HeaderPolicy,
     sockets,
     span::{Process, Span, SpanKind},
     stats::Stats,
@@ -50,11 +51,13 @@ pub struct Correlator {
     clock: Clock,
     stats: Arc<Stats>,
     limits: Limits,
+    headers: HeaderPolicy,
 }
 
 impl Correlator {
-    pub fn new(limits: Limits, stats: Arc<Stats>) -> Self {
+    pub fn new(limits: Limits, headers: HeaderPolicy, stats: Arc<Stats>) -> Self {
         Self {
+            headers,
             conns: HashMap::new(),
             generations: HashMap::new(),
             links: Links::default(),
@@ -177,7 +180,7 @@ impl Correlator {
         if let (Some(client), Some(server)) = conn.endpoints(SpanKind::Client) {
             for (seq, ctx) in out.client_requests {
                 let key = LinkKey { client, server, seq };
-                if let Some(span) = self.links.client_seen(key, ctx, conn.last_ktime_ns) {
+                if let Some(span) = self.links.client_seen(key, ctx, conn.last_ktime_ns, &conn.process.comm) {
                     spans.push(span);
                 }
             }
@@ -185,7 +188,11 @@ impl Correlator {
         for ex in out.exchanges {
             Stats::inc(&self.stats.spans_created);
             let link = link_key(conn, &ex);
-            let span = build_span(conn, ex, &self.clock);
+            let client_key = client_link_key(conn, &ex);
+            let mut span = build_span(conn, ex, &self.clock, &self.headers);
+            if let Some(key) = client_key {
+                span.peer_comm = self.links.take_server(&key);
+            }
             match link {
                 Some(key) if span.kind == SpanKind::Server => {
                     let deadline = conn.last_ktime_ns.saturating_add(self.limits.link_wait_ns);
@@ -214,6 +221,21 @@ fn link_key(conn: &Conn, ex: &Exchange) -> Option<LinkKey> {
     }
 }
 
+/// The link key of a client exchange (to learn the server's process).
+fn client_link_key(conn: &Conn, ex: &Exchange) -> Option<LinkKey> {
+    if ex.request.kind != SpanKind::Client {
+        return None;
+    }
+    match conn.endpoints(SpanKind::Client) {
+        (Some(client), Some(server)) => Some(LinkKey {
+            client,
+            server,
+            seq: ex.request.seq,
+        }),
+        _ => None,
+    }
+}
+
 fn new_conn(key: &ConnKey, comm: &str, cgroup_id: u64, tid: u32, socket: crate::capture::SocketInfo) -> Conn {
     let (mut local, mut remote) = (socket.local, socket.remote);
     if local.is_none() || remote.is_none() {
@@ -233,7 +255,7 @@ fn new_conn(key: &ConnKey, comm: &str, cgroup_id: u64, tid: u32, socket: crate::
     Conn::new(process, local, remote)
 }
 
-fn build_span(conn: &Conn, ex: Exchange, clock: &Clock) -> Span {
+fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) -> Span {
     let Exchange {
         request,
         response,
@@ -252,6 +274,7 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock) -> Span {
         span_id: ctx.span_id,
         parent_span_id: ctx.parent,
         sampled: ctx.sampled,
+        parent_is_remote: ctx.from_header && request.kind == SpanKind::Server,
         trace_state: request
             .head
             .header("tracestate")
@@ -270,8 +293,10 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock) -> Span {
             tid: request.tid,
             ..conn.process.clone()
         },
+        peer_comm: None,
         user_agent: request.head.header("user-agent").map(str::to_owned),
-        request_id: request.head.header("x-request-id").map(str::to_owned),
+        request_headers: headers.request(&request.head.headers),
+        response_headers: headers.response(&response.headers),
         truncated: request.head.truncated || response.truncated,
     }
 }

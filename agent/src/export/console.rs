@@ -8,6 +8,7 @@ use std::io::Write;
 
 use serde_json::{json, Map, Value};
 
+use super::attributes;
 use crate::span::Span;
 
 /// How spans are printed.
@@ -19,51 +20,20 @@ pub enum Format {
     Json,
 }
 
-/// OTel semantic-convention attributes of a span.
-pub fn attributes(span: &Span) -> Map<String, Value> {
-    let mut a = Map::new();
-    a.insert("http.request.method".into(), json!(span.method));
-    a.insert("url.path".into(), json!(span.path()));
-    if let Some(code) = span.status_code {
-        a.insert("http.response.status_code".into(), json!(code));
-    }
-    if let Some(server) = span.server {
-        a.insert("server.address".into(), json!(server.ip().to_string()));
-        a.insert("server.port".into(), json!(server.port()));
-    }
-    if let Some(client) = span.client {
-        a.insert("client.address".into(), json!(client.ip().to_string()));
-        a.insert("client.port".into(), json!(client.port()));
-    }
-    if let Some(peer) = span.peer() {
-        a.insert("network.peer.address".into(), json!(peer.ip().to_string()));
-        a.insert("network.peer.port".into(), json!(peer.port()));
-    }
-    a.insert("network.protocol.name".into(), json!("http"));
-    a.insert("network.protocol.version".into(), json!(span.protocol_version));
-    a.insert("process.pid".into(), json!(span.process.pid));
-    a.insert("thread.id".into(), json!(span.process.tid));
-    a.insert("process.executable.name".into(), json!(span.process.comm));
-    if let Some(ua) = &span.user_agent {
-        a.insert("user_agent.original".into(), json!(ua));
-    }
-    if let Some(id) = &span.request_id {
-        a.insert("http.request.header.x-request-id".into(), json!(id));
-    }
-    if span.is_error() {
-        let error = span
-            .status_code
-            .map_or_else(|| "no_response".to_owned(), |c| c.to_string());
-        a.insert("error.type".into(), json!(error));
-    }
-    if span.truncated {
-        a.insert("meshless.capture.truncated".into(), json!(true));
-    }
-    a
-}
-
 /// The JSON object for one span.
-pub fn to_json(span: &Span) -> Value {
+pub fn to_json(span: &Span, opts: attributes::Options) -> Value {
+    let attrs: Map<String, Value> = attributes::of(span, opts)
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                attributes::Value::Str(s) => json!(s),
+                attributes::Value::Int(i) => json!(i),
+                attributes::Value::Bool(b) => json!(b),
+                attributes::Value::StrArray(a) => json!(a),
+            };
+            (k.into_owned(), v)
+        })
+        .collect();
     json!({
         "name": span.name(),
         "kind": span.kind.as_str(),
@@ -74,7 +44,7 @@ pub fn to_json(span: &Span) -> Value {
         "start_time_unix_nano": span.start_unix_nano,
         "end_time_unix_nano": span.end_unix_nano,
         "status": { "code": if span.is_error() { "ERROR" } else { "UNSET" } },
-        "attributes": attributes(span),
+        "attributes": attrs,
     })
 }
 
@@ -104,19 +74,27 @@ pub fn to_human(span: &Span) -> String {
 /// Writes spans to `out`, one line each.
 pub struct Console<W: Write> {
     format: Format,
+    opts: attributes::Options,
     out: W,
 }
 
 impl<W: Write> Console<W> {
-    pub fn new(format: Format, out: W) -> Self {
-        Self { format, out }
+    pub fn new(format: Format, capture_query: bool, out: W) -> Self {
+        Self {
+            format,
+            opts: attributes::Options {
+                capture_query,
+                process: true,
+            },
+            out,
+        }
     }
 
     pub fn write(&mut self, spans: &[Span]) -> std::io::Result<()> {
         for span in spans {
             match self.format {
                 Format::Human => writeln!(self.out, "{}", to_human(span))?,
-                Format::Json => writeln!(self.out, "{}", to_json(span))?,
+                Format::Json => writeln!(self.out, "{}", to_json(span, self.opts))?,
             }
         }
         self.out.flush()

@@ -1,2 +1,6 @@
 //! Stage 5: exporters. Each runs as its own task fed by a bounded channel.
+pub mod attributes;
 pub mod console;
+pub mod otlp;
+pub mod resource;
+pub mod sampler;

@@ -25,6 +25,8 @@ pub fn serial() -> MutexGuard<'static, ()> {
 
 /// A running agent whose stdout (JSON spans) is collected.
 pub struct Agent {
+    /// Where the admin server (/metrics) listens, if enabled.
+    pub metrics_addr: Option<String>,
     child: Child,
     spans: Arc<Mutex<Vec<Value>>>,
     stderr: Arc<Mutex<Vec<String>>>,
@@ -41,6 +43,9 @@ impl Agent {
         cmd.args(["--console-format", "json", "--stats-interval-secs", "0"]);
         if !extra.contains(&"--poll-interval-ms") {
             cmd.args(["--poll-interval-ms", "5"]);
+        }
+        if !extra.contains(&"--metrics-addr") {
+            cmd.args(["--metrics-addr", "127.0.0.1:0"]);
         }
         let mut child = cmd
             .args(extra)
@@ -65,16 +70,26 @@ impl Agent {
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 if line.contains("meshless ready") {
-                    let _ = ready_tx.send(());
+                    let metrics = line
+                        .split_whitespace()
+                        .find_map(|kv| kv.strip_prefix("metrics="))
+                        .filter(|m| *m != "off")
+                        .map(str::to_owned);
+                    let _ = ready_tx.send(metrics);
                 }
                 log.lock().expect("stderr lock").push(line);
             }
         });
-        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        let Ok(metrics_addr) = ready_rx.recv_timeout(Duration::from_secs(30)) else {
             let _ = child.kill();
             panic!("agent did not become ready: {:?}", stderr.lock().expect("stderr lock"));
+        };
+        Agent {
+            metrics_addr,
+            child,
+            spans,
+            stderr,
         }
-        Agent { child, spans, stderr }
     }
 
     /// Waits until `done` holds for the spans matching `filter`, returning them.

@@ -1,0 +1,250 @@
+//! Command-line and environment configuration.
+//!
+//! Every setting is a flag with an environment variable behind it; the
+//! OpenTelemetry ones use the standard `OTEL_*` names. [`otel`] turns the
+//! raw strings into validated export settings, naming the setting at fault.
+pub mod otel;
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+
+use crate::export::console::Format;
+
+/// Environment variable names, each defined once.
+pub mod env {
+    pub const CONSOLE_FORMAT: &str = "MESHLESS_CONSOLE_FORMAT";
+    pub const LOG: &str = "MESHLESS_LOG";
+    pub const LOG_FORMAT: &str = "MESHLESS_LOG_FORMAT";
+    pub const RINGBUF_MIB: &str = "MESHLESS_RINGBUF_MIB";
+    pub const METRICS_ADDR: &str = "MESHLESS_METRICS_ADDR";
+    pub const CAPTURE_REQUEST_HEADERS: &str = "MESHLESS_CAPTURE_REQUEST_HEADERS";
+    pub const CAPTURE_RESPONSE_HEADERS: &str = "MESHLESS_CAPTURE_RESPONSE_HEADERS";
+    pub const REDACT_HEADERS: &str = "MESHLESS_REDACT_HEADERS";
+    pub const CAPTURE_QUERY: &str = "MESHLESS_CAPTURE_QUERY";
+    pub const SERVICE_NAMES: &str = "MESHLESS_SERVICE_NAMES";
+    pub const EXPORT_QUEUE: &str = "MESHLESS_EXPORT_QUEUE";
+    pub const TRACES_EXPORTER: &str = "OTEL_TRACES_EXPORTER";
+    pub const METRICS_EXPORTER: &str = "OTEL_METRICS_EXPORTER";
+    pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+    pub const OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+    pub const OTLP_METRICS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT";
+    pub const OTLP_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
+    pub const OTLP_HEADERS: &str = "OTEL_EXPORTER_OTLP_HEADERS";
+    pub const OTLP_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TIMEOUT";
+    pub const OTLP_INSECURE: &str = "OTEL_EXPORTER_OTLP_INSECURE";
+    pub const OTLP_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_CERTIFICATE";
+    pub const SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
+    pub const RESOURCE_ATTRIBUTES: &str = "OTEL_RESOURCE_ATTRIBUTES";
+    pub const TRACES_SAMPLER: &str = "OTEL_TRACES_SAMPLER";
+    pub const TRACES_SAMPLER_ARG: &str = "OTEL_TRACES_SAMPLER_ARG";
+    pub const METRIC_EXPORT_INTERVAL: &str = "OTEL_METRIC_EXPORT_INTERVAL";
+}
+
+/// meshless: sidecarless HTTP tracing with eBPF.
+///
+/// Follows every HTTP/1.x connection on this machine from the kernel
+/// (syscall tracepoints; no proxy, no restart of your apps) and prints one
+/// span per request on each side of every call: method, path, status,
+/// duration, process and peer. Needs root (or CAP_BPF + CAP_PERFMON) and
+/// tracefs mounted at /sys/kernel/tracing.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "meshless", version, about, long_about)]
+pub struct Config {
+    /// How spans are printed on stdout: `human` (one readable line each) or
+    /// `json` (one OTel-style JSON object per line, stable for tools).
+    #[arg(long, value_enum, default_value = "human", env = env::CONSOLE_FORMAT)]
+    pub console_format: Format,
+
+    /// Ring-buffer size in MiB shared by all CPUs (a power of two). Larger
+    /// absorbs longer bursts; overflow is counted, never fatal.
+    #[arg(long, default_value_t = 8, env = env::RINGBUF_MIB, value_parser = parse_ringbuf_mib)]
+    pub ringbuf_mib: u32,
+
+    /// How often the ring buffer is drained, in milliseconds. The kernel
+    /// only wakes the agent early when the buffer is filling up.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub poll_interval_ms: u64,
+
+    /// Fill level (KiB) past which the kernel wakes the agent at once.
+    #[arg(long, default_value_t = 256)]
+    pub wakeup_kib: u64,
+
+    /// Most connections tracked at once; the least recently active is
+    /// dropped (and counted) beyond it.
+    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(16..))]
+    pub max_connections: u64,
+
+    /// Forget connections idle for this many seconds.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_secs: u64,
+
+    /// Log self-statistics (events, drops, spans) every N seconds; 0 = only at exit.
+    #[arg(long, default_value_t = 60)]
+    pub stats_interval_secs: u64,
+
+    /// Where spans go: comma-separated `console`, `otlp`, `none`. Default:
+    /// `otlp` when an OTLP endpoint is configured, else `console`.
+    #[arg(long, env = env::TRACES_EXPORTER, help_heading = "Export")]
+    pub traces_exporter: Option<String>,
+
+    /// Where RED metrics go besides the Prometheus endpoint: `otlp`, `none`.
+    /// Default: `otlp` when an OTLP endpoint is configured, else `none`.
+    #[arg(long, env = env::METRICS_EXPORTER, help_heading = "Export")]
+    pub metrics_exporter: Option<String>,
+
+    /// OTLP collector endpoint, e.g. `http://collector:4317` (gRPC) or
+    /// `http://collector:4318` (HTTP; `/v1/traces` is appended).
+    #[arg(long, env = env::OTLP_ENDPOINT, help_heading = "Export")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Full OTLP traces URL; overrides --otlp-endpoint for traces.
+    #[arg(long, env = env::OTLP_TRACES_ENDPOINT, help_heading = "Export")]
+    pub otlp_traces_endpoint: Option<String>,
+
+    /// Full OTLP metrics URL; overrides --otlp-endpoint for metrics.
+    #[arg(long, env = env::OTLP_METRICS_ENDPOINT, help_heading = "Export")]
+    pub otlp_metrics_endpoint: Option<String>,
+
+    /// OTLP transport: `grpc` (default, port 4317) or `http/protobuf` (4318).
+    #[arg(long, env = env::OTLP_PROTOCOL, default_value = "grpc", help_heading = "Export")]
+    pub otlp_protocol: String,
+
+    /// Extra OTLP request headers, `key=value,key2=value2` (values URL-encoded),
+    /// e.g. an API key for a hosted backend.
+    #[arg(long, env = env::OTLP_HEADERS, help_heading = "Export")]
+    pub otlp_headers: Option<String>,
+
+    /// OTLP export timeout in milliseconds.
+    #[arg(long, env = env::OTLP_TIMEOUT, default_value_t = 10_000, help_heading = "Export")]
+    pub otlp_timeout_ms: u64,
+
+    /// Use plaintext gRPC even for a non-`http://` endpoint.
+    #[arg(long, env = env::OTLP_INSECURE, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", help_heading = "Export")]
+    pub otlp_insecure: bool,
+
+    /// PEM file with the CA that signed the collector's certificate (gRPC over TLS).
+    #[arg(long, env = env::OTLP_CERTIFICATE, help_heading = "Export")]
+    pub otlp_certificate: Option<std::path::PathBuf>,
+
+    /// Spans held for export at most; beyond it new spans are dropped and
+    /// counted (memory stays bounded while the collector is down).
+    #[arg(long, env = env::EXPORT_QUEUE, default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Export")]
+    pub export_queue: u64,
+
+    /// Sampler: `always_on`, `always_off`, `traceidratio`, `parentbased_always_on`
+    /// (default), `parentbased_always_off`, `parentbased_traceidratio`.
+    /// Metrics always count every request, before sampling.
+    #[arg(long, env = env::TRACES_SAMPLER, default_value = "parentbased_always_on", help_heading = "Export")]
+    pub sampler: String,
+
+    /// Sampler argument: the ratio (0.0 to 1.0) for the ratio samplers.
+    #[arg(long, env = env::TRACES_SAMPLER_ARG, help_heading = "Export")]
+    pub sampler_arg: Option<String>,
+
+    /// The agent's own service name (its self-telemetry resource).
+    #[arg(long, env = env::SERVICE_NAME, default_value = "meshless", help_heading = "Export")]
+    pub service_name: String,
+
+    /// Extra resource attributes on every exported workload, `k=v,k2=v2`.
+    #[arg(long, env = env::RESOURCE_ATTRIBUTES, help_heading = "Export")]
+    pub resource_attributes: Option<String>,
+
+    /// Rename workloads: `exe=service,exe2=service2` sets `service.name` of
+    /// processes by executable name (default: the executable name itself).
+    #[arg(long, env = env::SERVICE_NAMES, help_heading = "Export")]
+    pub service_names: Option<String>,
+
+    /// OTLP metrics export interval in milliseconds.
+    #[arg(long, env = env::METRIC_EXPORT_INTERVAL, default_value_t = 15_000, help_heading = "Export")]
+    pub metric_export_interval_ms: u64,
+
+    /// Address of the admin server: Prometheus `/metrics` (RED metrics,
+    /// Istio-compatible series, agent self-metrics), `/healthz`, `/readyz`.
+    /// `off` disables it.
+    #[arg(long, env = env::METRICS_ADDR, default_value = "0.0.0.0:9464", value_parser = parse_addr, help_heading = "Export")]
+    pub metrics_addr: Listen,
+
+    /// Request headers exported as `http.request.header.<name>`, comma-separated.
+    /// Authorization, Proxy-Authorization, Cookie and Set-Cookie values are
+    /// always replaced by `REDACTED`.
+    #[arg(long, env = env::CAPTURE_REQUEST_HEADERS, value_delimiter = ',', default_value = "x-request-id", help_heading = "Privacy")]
+    pub capture_request_headers: Vec<String>,
+
+    /// Response headers exported as `http.response.header.<name>`, comma-separated.
+    #[arg(long, env = env::CAPTURE_RESPONSE_HEADERS, value_delimiter = ',', help_heading = "Privacy")]
+    pub capture_response_headers: Vec<String>,
+
+    /// More header names whose values are never exported (besides
+    /// Authorization, Proxy-Authorization, Cookie, Set-Cookie).
+    #[arg(long, env = env::REDACT_HEADERS, value_delimiter = ',', help_heading = "Privacy")]
+    pub redact_headers: Vec<String>,
+
+    /// Export the query string (`url.query`); off by default because
+    /// queries often carry tokens and personal data.
+    #[arg(long, env = env::CAPTURE_QUERY, default_value_t = false, help_heading = "Privacy")]
+    pub capture_query: bool,
+
+    /// Log filter for the agent's own logs on stderr (e.g. `info`, `meshless=debug`).
+    #[arg(long, default_value = "info", env = env::LOG)]
+    pub log_level: String,
+
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "text", env = env::LOG_FORMAT)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A listen address, or none (`off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+fn parse_addr(s: &str) -> Result<Listen, String> {
+    if s.eq_ignore_ascii_case("off") || s.eq_ignore_ascii_case("none") {
+        return Ok(Listen(None));
+    }
+    s.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|_| format!("`{s}` is not an address like 0.0.0.0:9464 (or `off`)"))
+}
+
+fn parse_ringbuf_mib(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("`{s}` is not a number of MiB"))?;
+    if n == 0 || !n.is_power_of_two() || n > 1024 {
+        return Err(format!(
+            "ring buffer size must be a power of two between 1 and 1024 MiB, got {n}"
+        ));
+    }
+    Ok(n)
+}
+
+impl Config {
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn defaults_print_human_spans() {
+        let c = Config::try_parse_from(["meshless"]).expect("defaults parse");
+        assert_eq!(c.console_format, Format::Human);
+        assert_eq!(c.ringbuf_mib, 8);
+    }
+
+    #[test]
+    fn rejects_a_ring_buffer_that_is_not_a_power_of_two() {
+        let err = Config::try_parse_from(["meshless", "--ringbuf-mib", "3"]).expect_err("must fail");
+        assert!(err.to_string().contains("power of two"), "{err}");
+    }
+}

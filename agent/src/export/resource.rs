@@ -1,0 +1,90 @@
+//! The OpenTelemetry resource of each traced workload. One agent exports
+//! spans for many services, so each span carries its own process's
+//! resource, never the agent's.
+use std::collections::HashMap;
+
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::Resource;
+
+use crate::span::Process;
+
+/// Resources kept at most; the cache is cleared past it (rebuilt on demand).
+const MAX_CACHED: usize = 4096;
+
+/// Builds and caches per-process resources.
+#[derive(Debug)]
+pub struct Resources {
+    host_name: String,
+    extra: Vec<(String, String)>,
+    service_names: HashMap<String, String>,
+    cache: HashMap<(u32, String), Resource>,
+}
+
+/// Identifies a workload for grouping spans by resource.
+pub type WorkloadKey = (u32, String);
+
+impl Resources {
+    pub fn new(extra: Vec<(String, String)>, service_names: HashMap<String, String>) -> Self {
+        Self {
+            host_name: host_name(),
+            extra,
+            service_names,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// `service.name` of a process: a configured rename, else its executable name.
+    pub fn service_name(&self, comm: &str) -> String {
+        self.service_names.get(comm).cloned().unwrap_or_else(|| comm.to_owned())
+    }
+
+    pub fn get(&mut self, p: &Process) -> Resource {
+        let key = (p.pid, p.comm.clone());
+        if let Some(r) = self.cache.get(&key) {
+            return r.clone();
+        }
+        if self.cache.len() >= MAX_CACHED {
+            self.cache.clear();
+        }
+        let mut attrs = vec![
+            KeyValue::new("service.name", self.service_name(&p.comm)),
+            KeyValue::new("host.name", self.host_name.clone()),
+            KeyValue::new("process.pid", i64::from(p.pid)),
+            KeyValue::new("process.executable.name", p.comm.clone()),
+        ];
+        attrs.extend(sdk_attributes());
+        attrs.extend(self.extra.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())));
+        let r = Resource::builder_empty().with_attributes(attrs).build();
+        self.cache.insert(key, r.clone());
+        r
+    }
+}
+
+/// `telemetry.sdk.*` and the agent that produced the data.
+pub fn sdk_attributes() -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("telemetry.sdk.name", "opentelemetry"),
+        KeyValue::new("telemetry.sdk.language", "rust"),
+        KeyValue::new("telemetry.sdk.version", "0.33"),
+        KeyValue::new("telemetry.distro.name", "meshless"),
+        KeyValue::new("telemetry.distro.version", env!("CARGO_PKG_VERSION")),
+    ]
+}
+
+/// The agent's own resource (self-metrics).
+pub fn agent(service_name: &str, extra: &[(String, String)]) -> Resource {
+    let mut attrs = vec![
+        KeyValue::new("service.name", service_name.to_owned()),
+        KeyValue::new("host.name", host_name()),
+        KeyValue::new("process.pid", i64::from(std::process::id())),
+    ];
+    attrs.extend(sdk_attributes());
+    attrs.extend(extra.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())));
+    Resource::builder_empty().with_attributes(attrs).build()
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}

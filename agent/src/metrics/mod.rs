@@ -1,0 +1,60 @@
+//! RED metrics from every request (before sampling): OTel semantic-
+//! convention histograms, Istio-compatible series for Kiali and the Istio
+//! Grafana dashboards, and the agent's self-metrics. Exposed on the admin
+//! server's `/metrics` (prometheus-client) and optionally pushed over OTLP.
+mod otlp;
+mod prom;
+
+pub use otlp::OtlpMetrics;
+pub use prom::Prometheus;
+
+use crate::span::{Span, SpanKind};
+
+/// Who a span's two ends are, in the terms dashboards use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peers {
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+    pub destination_service: String,
+}
+
+/// Placeholder Istio uses for what it does not know.
+pub const UNKNOWN: &str = "unknown";
+
+impl Peers {
+    /// Outside Kubernetes the workload is the service name of the traced
+    /// process; the other end is named only when the call was linked on
+    /// this node.
+    pub fn of(span: &Span, service_name: &str, service_of: impl Fn(&str) -> String) -> Self {
+        let peer = span.peer_comm.as_deref().map_or_else(|| UNKNOWN.to_owned(), service_of);
+        let destination_service = span.server.map(|s| s.to_string()).unwrap_or_else(|| UNKNOWN.to_owned());
+        let (source, destination) = match span.kind {
+            SpanKind::Server => (peer, service_name.to_owned()),
+            SpanKind::Client => (service_name.to_owned(), peer),
+        };
+        Peers {
+            source_workload: source,
+            source_namespace: UNKNOWN.to_owned(),
+            destination_workload: destination,
+            destination_namespace: UNKNOWN.to_owned(),
+            destination_service,
+        }
+    }
+}
+
+/// Request duration in seconds.
+pub fn duration_secs(span: &Span) -> f64 {
+    span.end_unix_nano.saturating_sub(span.start_unix_nano) as f64 / 1e9
+}
+
+/// OTel semconv histogram boundaries for HTTP durations (seconds).
+pub const SEMCONV_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+/// Istio's default buckets for `istio_request_duration_milliseconds`.
+pub const ISTIO_BUCKETS: [f64; 19] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
+    600000.0, 1800000.0, 3600000.0,
+];
