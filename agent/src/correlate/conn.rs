@@ -76,6 +76,8 @@ pub struct Exchange {
 pub struct Output {
     /// Client requests seen: (seq, context), for linking with server spans.
     pub client_requests: Vec<(u64, SpanContext)>,
+    /// Requests this (server) process read.
+    pub server_requests: usize,
     pub exchanges: Vec<Exchange>,
     pub malformed: u64,
     pub orphans: u64,
@@ -178,8 +180,9 @@ impl Conn {
                     let seq = self.next_seq;
                     self.next_seq += 1;
                     let ctx = SpanContext::for_request(kind, &head);
-                    if kind == SpanKind::Client {
-                        out.client_requests.push((seq, ctx));
+                    match kind {
+                        SpanKind::Client => out.client_requests.push((seq, ctx)),
+                        SpanKind::Server => out.server_requests += 1,
                     }
                     self.pending.push_back(Request {
                         head,

@@ -23,14 +23,18 @@ pub struct Links {
     /// Client requests seen: their context, time and process name.
     clients: HashMap<LinkKey, (SpanContext, u64, String)>,
     waiting: HashMap<LinkKey, (Span, u64)>,
-    /// Server processes of linked calls, for naming the client span's peer.
-    servers: HashMap<LinkKey, (String, u64)>,
+    /// Server processes by (client end, server end), for naming the peer
+    /// of client spans. A server reads a request before the client can
+    /// read the response, so this is always known in time.
+    servers: HashMap<(SocketAddr, SocketAddr), (String, u64)>,
 }
 
-fn adopt(span: &mut Span, client: &SpanContext, comm: String) {
-    span.trace_id = client.trace_id;
-    span.parent_span_id = Some(client.span_id);
-    span.sampled = client.sampled;
+fn adopt(span: &mut Span, client: &SpanContext, comm: String, ids: bool) {
+    if ids {
+        span.trace_id = client.trace_id;
+        span.parent_span_id = Some(client.span_id);
+        span.sampled = client.sampled;
+    }
     span.peer_comm = Some(comm);
 }
 
@@ -38,25 +42,32 @@ impl Links {
     /// A client request was seen; returns a waiting server span it completes.
     pub fn client_seen(&mut self, key: LinkKey, ctx: SpanContext, ktime_ns: u64, comm: &str) -> Option<Span> {
         if let Some((mut span, _)) = self.waiting.remove(&key) {
-            self.servers.insert(key, (span.process.comm.clone(), ktime_ns));
-            adopt(&mut span, &ctx, comm.to_owned());
+            adopt(&mut span, &ctx, comm.to_owned(), true);
             return Some(span);
         }
         self.clients.insert(key, (ctx, ktime_ns, comm.to_owned()));
         None
     }
 
-    /// The server process of a linked call, once (for the client span).
-    pub fn take_server(&mut self, key: &LinkKey) -> Option<String> {
-        self.servers.remove(key).map(|(comm, _)| comm)
+    /// A server process read a request on the connection `client`→`server`.
+    pub fn server_seen(&mut self, client: SocketAddr, server: SocketAddr, comm: &str, ktime_ns: u64) {
+        self.servers.insert((client, server), (comm.to_owned(), ktime_ns));
     }
 
-    /// A server exchange finished; returns it at once if its client is known,
-    /// else holds it until `deadline_ns`.
-    pub fn server_done(&mut self, key: LinkKey, mut span: Span, deadline_ns: u64) -> Option<Span> {
+    /// The server process of the connection `client`→`server`, if on this node.
+    pub fn server_of(&self, client: SocketAddr, server: SocketAddr) -> Option<String> {
+        self.servers.get(&(client, server)).map(|(comm, _)| comm.clone())
+    }
+
+    /// A server exchange finished; returns it at once if its client is known
+    /// (or its ids came from a header, `adopt_ids` false), else holds it
+    /// until `deadline_ns`.
+    pub fn server_done(&mut self, key: LinkKey, mut span: Span, deadline_ns: u64, adopt_ids: bool) -> Option<Span> {
         if let Some((ctx, _, comm)) = self.clients.remove(&key) {
-            self.servers.insert(key, (span.process.comm.clone(), deadline_ns));
-            adopt(&mut span, &ctx, comm);
+            adopt(&mut span, &ctx, comm, adopt_ids);
+            return Some(span);
+        }
+        if !adopt_ids {
             return Some(span);
         }
         self.waiting.insert(key, (span, deadline_ns));

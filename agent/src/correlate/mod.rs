@@ -177,6 +177,12 @@ impl Correlator {
     fn absorb_with(&mut self, conn: &Conn, _key: ConnKey, out: Output, spans: &mut Vec<Span>) {
         Stats::add(&self.stats.http_malformed, out.malformed);
         Stats::add(&self.stats.http_orphan_responses, out.orphans);
+        if out.server_requests > 0 {
+            if let (Some(client), Some(server)) = conn.endpoints(SpanKind::Server) {
+                self.links
+                    .server_seen(client, server, &conn.process.comm, conn.last_ktime_ns);
+            }
+        }
         if let (Some(client), Some(server)) = conn.endpoints(SpanKind::Client) {
             for (seq, ctx) in out.client_requests {
                 let key = LinkKey { client, server, seq };
@@ -188,45 +194,31 @@ impl Correlator {
         for ex in out.exchanges {
             Stats::inc(&self.stats.spans_created);
             let link = link_key(conn, &ex);
-            let client_key = client_link_key(conn, &ex);
+            let adopt_ids = !ex.request.ctx.from_header;
             let mut span = build_span(conn, ex, &self.clock, &self.headers);
-            if let Some(key) = client_key {
-                span.peer_comm = self.links.take_server(&key);
+            if let (SpanKind::Client, Some(client), Some(server)) = (span.kind, span.client, span.server) {
+                span.peer_comm = self.links.server_of(client, server);
             }
             match link {
-                Some(key) if span.kind == SpanKind::Server => {
+                Some(key) => {
                     let deadline = conn.last_ktime_ns.saturating_add(self.limits.link_wait_ns);
-                    if let Some(span) = self.links.server_done(key, span, deadline) {
+                    if let Some(span) = self.links.server_done(key, span, deadline, adopt_ids) {
                         spans.push(span);
                     }
                 }
-                _ => spans.push(span),
+                None => spans.push(span),
             }
         }
     }
 }
 
-/// The link key of a server exchange whose ids may come from a local client.
+/// The link key of a server exchange, whose ids (unless they came from a
+/// header) and peer name may come from a local client.
 fn link_key(conn: &Conn, ex: &Exchange) -> Option<LinkKey> {
-    if ex.request.kind != SpanKind::Server || ex.request.ctx.from_header {
+    if ex.request.kind != SpanKind::Server {
         return None;
     }
     match conn.endpoints(SpanKind::Server) {
-        (Some(client), Some(server)) => Some(LinkKey {
-            client,
-            server,
-            seq: ex.request.seq,
-        }),
-        _ => None,
-    }
-}
-
-/// The link key of a client exchange (to learn the server's process).
-fn client_link_key(conn: &Conn, ex: &Exchange) -> Option<LinkKey> {
-    if ex.request.kind != SpanKind::Client {
-        return None;
-    }
-    match conn.endpoints(SpanKind::Client) {
         (Some(client), Some(server)) => Some(LinkKey {
             client,
             server,

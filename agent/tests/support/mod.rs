@@ -3,6 +3,8 @@
 //! and collects the spans the agent prints as JSON.
 #![allow(dead_code)]
 
+pub mod otlp;
+
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
@@ -380,4 +382,42 @@ http {{
     let mut cmd = PodPair::cmd(ns, "nginx");
     cmd.args(["-c", &path.display().to_string(), "-e", &format!("{d}/error.log")]);
     spawn(cmd)
+}
+
+/// GETs `path` from `addr` with HTTP/1.0 and returns the body.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").expect("send request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read response");
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+/// Scrapes the agent's Prometheus endpoint and parses it with a real
+/// exposition-format parser.
+pub fn scrape(agent: &Agent) -> prometheus_parse::Scrape {
+    let addr = agent.metrics_addr.as_deref().expect("agent serves metrics");
+    let body = http_get(addr, "/metrics");
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines).expect("valid Prometheus exposition")
+}
+
+/// Sum of a counter (or histogram `_count`) over samples whose labels match.
+pub fn metric_sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(buckets) => buckets.iter().map(|b| b.count).fold(0.0, f64::max),
+            prometheus_parse::Value::Summary(_) => 0.0,
+        })
+        .sum()
 }
