@@ -40,7 +40,7 @@ fn export_round_trip(transport: Transport) {
     } else {
         "http/protobuf"
     };
-    let agent = Agent::start_with(&[
+    let _agent = Agent::start_with(&[
         "--otlp-endpoint",
         &receiver.endpoint(),
         "--otlp-protocol",
