@@ -23,6 +23,9 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
 ];
 
+/// PyPI tools the tests use: (module to import, requirement).
+const PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "rotel==0.0.1a15")];
+
 pub fn run() -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if !missing.is_empty() {
@@ -54,6 +57,24 @@ pub fn run() -> Result<()> {
                 ])
                 .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
         )?;
+    }
+    for (module, requirement) in PIP_PACKAGES {
+        let present = Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !present {
+            step(&format!("installing {requirement} from PyPI"));
+            status(Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--root-user-action=ignore",
+                requirement,
+            ]))?;
+        }
     }
     if !Path::new("/usr/bin/rustc").exists() {
         bail!("/usr/bin/rustc is still missing after installing rustc-web");
