@@ -57,13 +57,14 @@ pub fn first_bytes(args: &Args) -> Option<[u8; 8]> {
     unsafe { bpf_probe_read_user(base as *const [u8; 8]) }.ok()
 }
 
-/// True when bytes start like an HTTP/1.x request or response, or the
-/// HTTP/2 preface. Userspace validates fully; this only keeps the kernel
-/// from following sockets that are certainly not HTTP.
+/// True when bytes start like an HTTP/1.x request or response. Userspace
+/// validates fully; this only keeps the kernel from following sockets that
+/// are certainly not HTTP. (The HTTP/2 preface `PRI * HTTP/2.0` is left out
+/// until userspace parses HTTP/2: following it would only cost.)
 pub fn looks_like_http(b: &[u8; 8]) -> bool {
     let head = [b[0], b[1], b[2], b[3]];
     match &head {
-        b"GET " | b"PUT " | b"PRI " => true,
+        b"GET " | b"PUT " => true,
         b"POST" | b"HEAD" => b[4] == b' ',
         b"HTTP" => b[4] == b'/',
         b"DELE" => b[4] == b'T',

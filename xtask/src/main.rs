@@ -8,6 +8,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod setup;
 
 #[derive(Parser)]
@@ -37,6 +38,10 @@ enum Cmd {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+    /// Overhead of meshless vs an Envoy sidecar, side by side: latency
+    /// added at fixed rates, CPU and memory, span completeness. Writes
+    /// docs/bench/results.{json,md} and overhead.svg.
+    Bench(bench::BenchArgs),
     /// rustfmt and clippy with warnings denied.
     Lint,
 }
@@ -48,6 +53,7 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::run(),
         Cmd::Run { debug, agent_args } => run(&root, debug, &agent_args),
         Cmd::Test { cargo_args } => test(&root, &cargo_args),
+        Cmd::Bench(args) => bench::run(&root, args),
         Cmd::Lint => lint(&root),
     }
 }
@@ -116,8 +122,21 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
     cmd.current_dir(root).args(["test", "--workspace", "--release"]);
     if !cargo_args.is_empty() {
         cmd.arg("--").args(cargo_args);
+        return status(&mut cmd);
     }
-    status(&mut cmd)
+    status(&mut cmd)?;
+    step("running the benchmark's quick path (so it cannot rot)");
+    bench::run(
+        root,
+        bench::BenchArgs {
+            quick: true,
+            rates: vec![],
+            duration: 0,
+            rounds: 0,
+            connections: 0,
+            out: None,
+        },
+    )
 }
 
 fn lint(root: &Path) -> Result<()> {

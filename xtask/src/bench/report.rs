@@ -1,0 +1,400 @@
+//! Aggregating runs (median of rounds, spread) and writing JSON, a
+//! markdown table and an SVG plot.
+use std::{fs, path::Path, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use plotters::prelude::*;
+use serde::Serialize;
+
+use super::{BenchArgs, MaxRun, Mode, Run};
+
+/// Median of rounds for one (mode, rate).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub mode: Mode,
+    pub rate: u32,
+    pub rounds_ok: usize,
+    pub errors: Vec<String>,
+    pub achieved_rps: f64,
+    pub latency_ms: [f64; 4],
+    /// max - min over rounds of p50 and p99.
+    pub spread_p50_ms: f64,
+    pub spread_p99_ms: f64,
+    /// Over baseline at p50, p90, p99, p99.9 (ms).
+    pub added_ms: Option<[f64; 4]>,
+    pub proxy_cpu_pct: Option<f64>,
+    pub proxy_rss_mib: Option<f64>,
+    pub collector_cpu_pct: Option<f64>,
+    pub collector_rss_mib: Option<f64>,
+    pub completeness: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MaxSummary {
+    pub mode: Mode,
+    pub error: Option<String>,
+    pub rps: f64,
+    pub lost_vs_baseline_pct: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpu: String,
+    pub cpus: usize,
+    pub memory: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub date: String,
+    pub command: String,
+    pub machine: Machine,
+    pub versions: Vec<(String, String)>,
+    pub rates: Vec<u32>,
+    pub duration_secs: u64,
+    pub rounds: u32,
+    pub connections: u32,
+    pub wall_secs: u64,
+    pub summary: Vec<Summary>,
+    pub closed_loop: Vec<MaxSummary>,
+    pub runs: Vec<Run>,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn spread(v: &[f64]) -> f64 {
+    let finite: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    let max = finite.iter().copied().fold(f64::MIN, f64::max);
+    let min = finite.iter().copied().fold(f64::MAX, f64::min);
+    if finite.is_empty() {
+        0.0
+    } else {
+        max - min
+    }
+}
+
+fn first_line(path: &str) -> String {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_owned()
+}
+
+fn machine() -> Machine {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split(':').nth(1)))
+        .unwrap_or("unknown")
+        .trim()
+        .to_owned();
+    let cpus = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+    let memory = first_line("/proc/meminfo").replace("MemTotal:", "").trim().to_owned();
+    let kernel = first_line("/proc/sys/kernel/osrelease");
+    Machine {
+        kernel,
+        cpu,
+        cpus,
+        memory,
+    }
+}
+
+fn today() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+impl Report {
+    pub fn build(
+        args: &BenchArgs,
+        versions: &[(String, String)],
+        runs: Vec<Run>,
+        max: Vec<MaxRun>,
+        wall: Duration,
+    ) -> Self {
+        let mut summary = Vec::new();
+        for &rate in &args.rates {
+            for mode in Mode::ALL {
+                let all: Vec<&Run> = runs.iter().filter(|r| r.mode == mode && r.rate == rate).collect();
+                let ok: Vec<&Run> = all.iter().copied().filter(|r| r.error.is_none()).collect();
+                let med = |f: &dyn Fn(&Run) -> Option<f64>| median(ok.iter().filter_map(|r| f(r)).collect());
+                let lat = |i: usize| med(&|r| Some(r.latency_ms[i])).unwrap_or(f64::NAN);
+                summary.push(Summary {
+                    mode,
+                    rate,
+                    rounds_ok: ok.len(),
+                    errors: all.iter().filter_map(|r| r.error.clone()).collect(),
+                    achieved_rps: med(&|r| Some(r.achieved_rps)).unwrap_or(0.0),
+                    latency_ms: [lat(0), lat(1), lat(2), lat(3)],
+                    spread_p50_ms: spread(&ok.iter().map(|r| r.latency_ms[0]).collect::<Vec<_>>()),
+                    spread_p99_ms: spread(&ok.iter().map(|r| r.latency_ms[2]).collect::<Vec<_>>()),
+                    added_ms: None,
+                    proxy_cpu_pct: med(&|r| r.proxy_cpu_pct),
+                    proxy_rss_mib: med(&|r| r.proxy_rss_mib),
+                    collector_cpu_pct: med(&|r| r.collector_cpu_pct),
+                    collector_rss_mib: med(&|r| r.collector_rss_mib),
+                    completeness: med(&|r| r.completeness),
+                });
+            }
+        }
+        let baselines: Vec<(u32, [f64; 4])> = summary
+            .iter()
+            .filter(|s| s.mode == Mode::Baseline && s.rounds_ok > 0)
+            .map(|s| (s.rate, s.latency_ms))
+            .collect();
+        for s in summary
+            .iter_mut()
+            .filter(|s| s.mode != Mode::Baseline && s.rounds_ok > 0)
+        {
+            if let Some((_, base)) = baselines.iter().find(|(r, _)| *r == s.rate) {
+                let mut added = [0.0; 4];
+                for i in 0..4 {
+                    added[i] = s.latency_ms[i] - base[i];
+                }
+                s.added_ms = Some(added);
+            }
+        }
+        let base_rps = max
+            .iter()
+            .find(|m| m.mode == Mode::Baseline && m.error.is_none())
+            .map(|m| m.rps);
+        let closed_loop = max
+            .into_iter()
+            .map(|m| MaxSummary {
+                lost_vs_baseline_pct: match (base_rps, m.error.is_none(), m.mode) {
+                    (Some(b), true, mode) if mode != Mode::Baseline && b > 0.0 => Some((1.0 - m.rps / b) * 100.0),
+                    _ => None,
+                },
+                mode: m.mode,
+                error: m.error,
+                rps: m.rps,
+            })
+            .collect();
+        let mut command = "cargo xtask bench".to_owned();
+        if args.quick {
+            command.push_str(" --quick");
+        } else {
+            let rates: Vec<String> = args.rates.iter().map(u32::to_string).collect();
+            command.push_str(&format!(
+                " --rates {} --duration {} --rounds {} --connections {}",
+                rates.join(","),
+                args.duration,
+                args.rounds,
+                args.connections
+            ));
+        }
+        Report {
+            date: today(),
+            command,
+            machine: machine(),
+            versions: versions.to_vec(),
+            rates: args.rates.clone(),
+            duration_secs: args.duration,
+            rounds: args.rounds,
+            connections: args.connections,
+            wall_secs: wall.as_secs(),
+            summary,
+            closed_loop,
+            runs,
+        }
+    }
+
+    pub fn markdown(&self) -> String {
+        let f = |v: f64| if v.is_finite() { format!("{v:.3}") } else { "-".into() };
+        let o = |v: Option<f64>, d: usize| v.map_or("-".to_owned(), |v| format!("{v:.d$}"));
+        let mut md = format!(
+            "Measured {} on {} ({} × {}, kernel {}) with `{}`: {} s per run, {} rounds (median; spread = max − min), {} keep-alive connections, HTTP/1.1 to nginx, latency corrected for coordinated omission (oha).\n\n",
+            self.date, self.machine.cpu, self.machine.cpus, "vCPU", self.machine.kernel, self.command, self.duration_secs, self.rounds, self.connections
+        );
+        md.push_str("| rate | mode | achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | added p50 | added p99 | spread p50/p99 | agent/proxy CPU % | agent/proxy RSS MiB | collector CPU % | completeness |\n");
+        md.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for s in &self.summary {
+            if s.rounds_ok == 0 {
+                md.push_str(&format!(
+                    "| {} | {} | failed: {} | | | | | | | | | | | |\n",
+                    s.rate,
+                    s.mode.name(),
+                    s.errors.first().map_or("", String::as_str).replace('|', "/")
+                ));
+                continue;
+            }
+            let added = |i: usize| s.added_ms.map_or("-".to_owned(), |a| format!("{:+.3}", a[i]));
+            md.push_str(&format!(
+                "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {} | {} |\n",
+                s.rate,
+                s.mode.name(),
+                s.achieved_rps,
+                f(s.latency_ms[0]),
+                f(s.latency_ms[1]),
+                f(s.latency_ms[2]),
+                f(s.latency_ms[3]),
+                added(0),
+                added(2),
+                f(s.spread_p50_ms),
+                f(s.spread_p99_ms),
+                o(s.proxy_cpu_pct, 1),
+                o(s.proxy_rss_mib, 1),
+                o(s.collector_cpu_pct, 1),
+                s.completeness.map_or("-".to_owned(), |c| format!("{:.2}%", c * 100.0)),
+            ));
+        }
+        md.push_str("\nClosed loop (as fast as possible, same connections):\n\n| mode | req/s | lost vs baseline |\n|---|---:|---:|\n");
+        for m in &self.closed_loop {
+            match &m.error {
+                Some(e) => md.push_str(&format!("| {} | failed: {} | |\n", m.mode.name(), e.replace('|', "/"))),
+                None => md.push_str(&format!(
+                    "| {} | {:.0} | {} |\n",
+                    m.mode.name(),
+                    m.rps,
+                    o(m.lost_vs_baseline_pct, 1).replace('-', "-")
+                        + if m.lost_vs_baseline_pct.is_some() { "%" } else { "" }
+                )),
+            }
+        }
+        md.push_str("\nCompleteness = spans the collector received ÷ spans expected (meshless: 2 per request, a client and a server span; sidecar: 1, the inbound span).\n");
+        md
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        fs::write(dir.join("results.json"), serde_json::to_string_pretty(self)?)?;
+        fs::write(dir.join("results.md"), self.markdown())?;
+        self.plot(&dir.join("overhead.svg")).context("drawing the plot")?;
+        Ok(())
+    }
+
+    fn plot(&self, path: &Path) -> Result<()> {
+        let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (left, right) = root.split_horizontally(560);
+        let added: Vec<&Summary> = self.summary.iter().filter(|s| s.added_ms.is_some()).collect();
+        let ymax = added
+            .iter()
+            .flat_map(|s| s.added_ms.unwrap_or_default())
+            .fold(0.1f64, f64::max)
+            * 1.15;
+        let ymin = added
+            .iter()
+            .flat_map(|s| s.added_ms.unwrap_or_default())
+            .fold(0.0f64, f64::min)
+            .min(0.0);
+        let mut chart = ChartBuilder::on(&left)
+            .caption("latency added over baseline (ms)", ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..3f64, ymin..ymax)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let labels = ["p50", "p90", "p99", "p99.9"];
+        chart
+            .configure_mesh()
+            .x_labels(4)
+            .x_label_formatter(&|x| labels.get(x.round() as usize).copied().unwrap_or("").to_owned())
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        for (i, s) in added.iter().enumerate() {
+            let color = if s.mode == Mode::Sidecar {
+                RED.mix(0.4 + 0.2 * (i % 3) as f64)
+            } else {
+                BLUE.mix(0.4 + 0.2 * (i % 3) as f64)
+            };
+            let pts: Vec<(f64, f64)> = s
+                .added_ms
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i as f64, *v))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label(format!("{} @ {} req/s", s.mode.name(), s.rate))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+        let cpu: Vec<&Summary> = self.summary.iter().filter(|s| s.proxy_cpu_pct.is_some()).collect();
+        let cmax = cpu.iter().filter_map(|s| s.proxy_cpu_pct).fold(5.0f64, f64::max) * 1.15;
+        let rmax = self.rates.iter().copied().max().unwrap_or(1) as f64 * 1.1;
+        let mut chart = ChartBuilder::on(&right)
+            .caption("agent / proxy CPU (% of one core)", ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(40)
+            .build_cartesian_2d(0f64..rmax, 0f64..cmax)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("req/s")
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        for mode in [Mode::Sidecar, Mode::Meshless] {
+            let color = if mode == Mode::Sidecar { RED } else { BLUE };
+            let pts: Vec<(f64, f64)> = cpu
+                .iter()
+                .filter(|s| s.mode == mode)
+                .filter_map(|s| Some((f64::from(s.rate), s.proxy_cpu_pct?)))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label(mode.name())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2)));
+            chart
+                .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(())
+    }
+
+    /// The quick run is part of the test suite: every mode must have run
+    /// and both tracers must have delivered spans.
+    pub fn check_quick(&self) -> Result<()> {
+        for s in &self.summary {
+            if s.rounds_ok == 0 {
+                bail!("bench --quick: {} failed: {:?}", s.mode.name(), s.errors);
+            }
+            if s.mode != Mode::Baseline && !s.completeness.is_some_and(|c| c > 0.5) {
+                bail!(
+                    "bench --quick: {} delivered too few spans ({:?})",
+                    s.mode.name(),
+                    s.completeness
+                );
+            }
+            if !(s.latency_ms[0] > 0.0) {
+                bail!("bench --quick: {} has no latency figures", s.mode.name());
+            }
+        }
+        Ok(())
+    }
+}
