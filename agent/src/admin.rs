@@ -15,9 +15,13 @@ pub struct AdminError {
 }
 
 /// Binds the admin server; returns the bound address and the serving future.
+/// Readiness: probes attached and, with Kubernetes, metadata caches synced.
+pub type Ready = Arc<std::sync::atomic::AtomicBool>;
+
 pub async fn bind(
     addr: SocketAddr,
     prometheus: Arc<Prometheus>,
+    ready: Ready,
 ) -> Result<(SocketAddr, impl std::future::Future<Output = ()>), AdminError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -26,7 +30,19 @@ pub async fn bind(
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                if ready.load(std::sync::atomic::Ordering::Relaxed) {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "starting: probes or metadata not ready\n",
+                    )
+                }
+            }),
+        )
         .with_state(prometheus);
     let serve = async move {
         if let Err(error) = axum::serve(listener, app).await {

@@ -7,7 +7,10 @@
 //!                                               ├─route_to_console─▶ console
 //!                                               └─route_to_otlp────▶ OTLP traces
 //! ```
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
 use anyhow::Context;
 use tokio::{signal::unix::SignalKind, sync::mpsc, time};
@@ -23,6 +26,10 @@ use crate::{
         console::{Console, Format},
         otlp::{self, OtlpTraces},
         resource::{self, Resources},
+    },
+    k8s::{
+        self,
+        index::{Index, NamespaceFilter, Verdict},
     },
     metrics::{OtlpMetrics, Peers, Prometheus},
     span::Span,
@@ -57,7 +64,9 @@ struct Sinks {
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let settings = ExportSettings::from_config(&config)?;
+    let node = config.kubernetes_node().map_err(anyhow::Error::msg)?;
     let stats = Arc::new(Stats::default());
+    let ready: admin::Ready = Arc::default();
     let prometheus = Arc::new(Prometheus::new(stats.clone()));
     // Build exporters before loading probes: bad settings fail fast.
     let span_exporter = settings
@@ -77,7 +86,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
         .transpose()?;
     let admin = match config.metrics_addr.0 {
-        Some(addr) => Some(admin::bind(addr, prometheus.clone()).await?),
+        Some(addr) => Some(admin::bind(addr, prometheus.clone(), ready.clone()).await?),
         None => None,
     };
 
@@ -86,6 +95,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         wakeup_bytes: config.wakeup_kib * 1024,
     })?;
     let loader::Probes { events, counters, ebpf } = probes;
+    let k8s = match &node {
+        Some(node) => {
+            let updates = k8s::watch::start(node).await?;
+            let filter = NamespaceFilter {
+                include: config.namespaces.clone(),
+                exclude: config.exclude_namespaces.clone(),
+            };
+            Some(Index::new(updates, filter))
+        }
+        None => {
+            ready.store(true, Ordering::Relaxed);
+            None
+        }
+    };
     let metrics_at = admin.as_ref().map_or_else(|| "off".to_owned(), |(a, _)| a.to_string());
     if let Some((_, serve)) = admin {
         tokio::spawn(serve);
@@ -119,7 +142,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let (Some(exporter), Some(target)) = (span_exporter, &settings.otlp_traces) {
         let (tx, rx) = mpsc::channel::<Vec<Span>>(CHANNEL_BATCHES);
         sinks.otlp = Some(tx);
-        let resources = Resources::new(settings.resource_attributes.clone(), settings.service_names.clone());
+        let resources = Resources::new(
+            settings.resource_attributes.clone(),
+            settings.service_names.clone(),
+            node.clone(),
+        );
         let stage = OtlpTraces::new(
             exporter,
             target.endpoint.clone(),
@@ -141,8 +168,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         sampler: settings.sampler,
         prometheus,
         otlp_metrics,
-        names: Resources::new(Vec::new(), settings.service_names.clone()),
+        names: Resources::new(Vec::new(), settings.service_names.clone(), node.clone()),
         stats: stats.clone(),
+        k8s,
+        ready,
     };
     let correlate = tokio::spawn(correlate_stage(
         Correlator::new(limits, settings.headers.clone(), stats.clone()),
@@ -155,6 +184,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics = %metrics_at,
         console = settings.console,
         otlp = settings.otlp_traces.as_ref().map_or("off", |t| t.endpoint.as_str()),
+        kubernetes = node.as_deref().unwrap_or("off"),
         "meshless ready: tracing HTTP/1.x on every socket (Ctrl-C to stop)"
     );
 
@@ -200,13 +230,34 @@ struct Router {
     otlp_metrics: Option<OtlpMetrics>,
     names: Resources,
     stats: Arc<Stats>,
+    k8s: Option<Index>,
+    ready: admin::Ready,
 }
 
 impl Router {
+    /// Applies pending metadata updates; reports readiness once synced.
+    fn tick(&mut self) {
+        if let Some(ix) = &mut self.k8s {
+            ix.refresh();
+            if ix.synced() {
+                self.ready.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
     fn route(&mut self, spans: Vec<Span>) {
         let mut kept = Vec::with_capacity(spans.len());
-        for span in spans {
-            let service = self.names.service_name(&span.process.comm);
+        if let Some(ix) = &mut self.k8s {
+            ix.refresh();
+        }
+        for mut span in spans {
+            if let Some(ix) = &mut self.k8s {
+                if ix.enrich(&mut span) == Verdict::Drop {
+                    Stats::inc(&self.stats.spans_filtered);
+                    continue;
+                }
+            }
+            let service = self.names.service_of(&span);
             let peers = Peers::of(&span, &service, |comm| self.names.service_name(comm));
             self.prometheus.record(&span, &service, &peers);
             if let Some(m) = &self.otlp_metrics {
@@ -246,7 +297,10 @@ async fn correlate_stage(
                 Some(batch) => batch.into_iter().for_each(|ev| correlator.handle(ev, &mut spans)),
                 None => break,
             },
-            _ = tick.tick() => correlator.tick(Clock::monotonic_now(), &mut spans),
+            _ = tick.tick() => {
+                correlator.tick(Clock::monotonic_now(), &mut spans);
+                router.tick();
+            }
         }
         if !spans.is_empty() {
             router.route(std::mem::take(&mut spans));

@@ -11,6 +11,7 @@ pub mod config;
 pub mod correlate;
 pub mod export;
 pub mod http;
+pub mod k8s;
 pub mod metrics;
 pub mod privacy;
 pub mod route;

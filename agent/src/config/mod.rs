@@ -39,6 +39,10 @@ pub mod env {
     pub const TRACES_SAMPLER: &str = "OTEL_TRACES_SAMPLER";
     pub const TRACES_SAMPLER_ARG: &str = "OTEL_TRACES_SAMPLER_ARG";
     pub const METRIC_EXPORT_INTERVAL: &str = "OTEL_METRIC_EXPORT_INTERVAL";
+    pub const KUBERNETES: &str = "MESHLESS_KUBERNETES";
+    pub const NODE_NAME: &str = "NODE_NAME";
+    pub const NAMESPACES: &str = "MESHLESS_NAMESPACES";
+    pub const EXCLUDE_NAMESPACES: &str = "MESHLESS_EXCLUDE_NAMESPACES";
 }
 
 /// meshless: sidecarless HTTP tracing with eBPF.
@@ -185,6 +189,26 @@ pub struct Config {
     #[arg(long, env = env::CAPTURE_QUERY, default_value_t = false, help_heading = "Privacy")]
     pub capture_query: bool,
 
+    /// Kubernetes metadata (pod, workload, namespace on every span): `auto`
+    /// (on when NODE_NAME is set, as the DaemonSet does), `on` or `off`.
+    /// Uses the in-cluster ServiceAccount, or KUBECONFIG.
+    #[arg(long, value_enum, env = env::KUBERNETES, default_value = "auto", help_heading = "Kubernetes")]
+    pub kubernetes: Toggle,
+
+    /// This node's name (set from the downward API `spec.nodeName`); only
+    /// pods on this node are watched.
+    #[arg(long, env = env::NODE_NAME, help_heading = "Kubernetes")]
+    pub node_name: Option<String>,
+
+    /// Trace only these namespaces (comma-separated; default: all).
+    #[arg(long, env = env::NAMESPACES, value_delimiter = ',', help_heading = "Kubernetes")]
+    pub namespaces: Vec<String>,
+
+    /// Never trace these namespaces (comma-separated). Pods can also opt out
+    /// with the annotation `meshless.io/trace: "false"`.
+    #[arg(long, env = env::EXCLUDE_NAMESPACES, value_delimiter = ',', help_heading = "Kubernetes")]
+    pub exclude_namespaces: Vec<String>,
+
     /// Log filter for the agent's own logs on stderr (e.g. `info`, `meshless=debug`).
     #[arg(long, default_value = "info", env = env::LOG)]
     pub log_level: String,
@@ -192,6 +216,28 @@ pub struct Config {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text", env = env::LOG_FORMAT)]
     pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Toggle {
+    Auto,
+    On,
+    Off,
+}
+
+impl Config {
+    /// The node name when Kubernetes metadata is wanted; an error names
+    /// what is missing.
+    pub fn kubernetes_node(&self) -> Result<Option<String>, String> {
+        let node = self.node_name.clone().filter(|n| !n.is_empty());
+        match (self.kubernetes, node) {
+            (Toggle::Off, _) | (Toggle::Auto, None) => Ok(None),
+            (_, Some(n)) => Ok(Some(n)),
+            (Toggle::On, None) => Err(
+                "--kubernetes on needs the node name: set NODE_NAME (the DaemonSet sets it from spec.nodeName)".into(),
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

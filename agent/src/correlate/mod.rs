@@ -286,6 +286,8 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
             ..conn.process.clone()
         },
         peer_comm: None,
+        k8s: None,
+        peer_k8s: None,
         user_agent: request.head.header("user-agent").map(str::to_owned),
         request_headers: headers.request(&request.head.headers),
         response_headers: headers.response(&response.headers),

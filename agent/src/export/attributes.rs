@@ -43,7 +43,12 @@ pub fn of(span: &Span, opts: Options) -> Attributes {
         put("http.response.status_code", Value::Int(i64::from(code)));
     }
     if let Some(server) = span.server {
-        put("server.address", s(server.ip().to_string()));
+        // A client span names the service it called when the cluster knows it.
+        let name = match (span.kind, span.peer_k8s.as_ref().and_then(|p| p.service_fqdn.clone())) {
+            (crate::span::SpanKind::Client, Some(fqdn)) => fqdn,
+            _ => server.ip().to_string(),
+        };
+        put("server.address", s(name));
         put("server.port", Value::Int(i64::from(server.port())));
     }
     if let Some(client) = span.client {

@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 
 use super::{
     attributes::{self, Value},
-    resource::{Resources, WorkloadKey},
+    resource::{self, Resources, WorkloadKey},
 };
 use crate::{
     config::otel::{OtlpTarget, Protocol},
@@ -173,10 +173,10 @@ impl OtlpTraces {
         let mut groups: HashMap<WorkloadKey, Vec<SpanData>> = HashMap::new();
         let mut resources = HashMap::new();
         for span in batch {
-            let key = (span.process.pid, span.process.comm.clone());
+            let key = resource::key_of(&span);
             resources
                 .entry(key.clone())
-                .or_insert_with(|| self.resources.get(&span.process));
+                .or_insert_with(|| self.resources.get(&span));
             groups.entry(key).or_default().push(span_data(&span, self.opts));
         }
         for (key, spans) in groups {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::Resource;
 
-use crate::span::Process;
+use crate::span::{Process, Span};
 
 /// Resources kept at most; the cache is cleared past it (rebuilt on demand).
 const MAX_CACHED: usize = 4096;
@@ -17,19 +17,31 @@ pub struct Resources {
     host_name: String,
     extra: Vec<(String, String)>,
     service_names: HashMap<String, String>,
-    cache: HashMap<(u32, String), Resource>,
+    cache: HashMap<WorkloadKey, Resource>,
+    node_name: Option<String>,
 }
 
-/// Identifies a workload for grouping spans by resource.
-pub type WorkloadKey = (u32, String);
+/// Identifies a workload for grouping spans by resource: (pid, exe, pod uid).
+pub type WorkloadKey = (u32, String, String);
+
+/// The resource key of a span.
+pub fn key_of(span: &Span) -> WorkloadKey {
+    let uid = span.k8s.as_ref().map(|k| k.pod.uid.clone()).unwrap_or_default();
+    (span.process.pid, span.process.comm.clone(), uid)
+}
 
 impl Resources {
-    pub fn new(extra: Vec<(String, String)>, service_names: HashMap<String, String>) -> Self {
+    pub fn new(
+        extra: Vec<(String, String)>,
+        service_names: HashMap<String, String>,
+        node_name: Option<String>,
+    ) -> Self {
         Self {
             host_name: host_name(),
             extra,
             service_names,
             cache: HashMap::new(),
+            node_name,
         }
     }
 
@@ -38,20 +50,53 @@ impl Resources {
         self.service_names.get(comm).cloned().unwrap_or_else(|| comm.to_owned())
     }
 
-    pub fn get(&mut self, p: &Process) -> Resource {
-        let key = (p.pid, p.comm.clone());
+    /// `service.name` of a span's workload: a configured rename of the
+    /// executable, else the pod's app label / workload, else the executable.
+    pub fn service_of(&self, span: &Span) -> String {
+        if let Some(name) = self.service_names.get(&span.process.comm) {
+            return name.clone();
+        }
+        span.k8s
+            .as_ref()
+            .map_or_else(|| span.process.comm.clone(), |k| k.pod.service_name())
+    }
+
+    pub fn get(&mut self, span: &Span) -> Resource {
+        let key = key_of(span);
         if let Some(r) = self.cache.get(&key) {
             return r.clone();
         }
         if self.cache.len() >= MAX_CACHED {
             self.cache.clear();
         }
+        let p: &Process = &span.process;
         let mut attrs = vec![
-            KeyValue::new("service.name", self.service_name(&p.comm)),
+            KeyValue::new("service.name", self.service_of(span)),
             KeyValue::new("host.name", self.host_name.clone()),
             KeyValue::new("process.pid", i64::from(p.pid)),
             KeyValue::new("process.executable.name", p.comm.clone()),
         ];
+        if let Some(k) = &span.k8s {
+            let pod = &k.pod;
+            attrs.push(KeyValue::new("service.namespace", pod.namespace.clone()));
+            attrs.push(KeyValue::new("k8s.namespace.name", pod.namespace.clone()));
+            attrs.push(KeyValue::new("k8s.pod.name", pod.name.clone()));
+            attrs.push(KeyValue::new("k8s.pod.uid", pod.uid.clone()));
+            if let Some(c) = &k.container {
+                attrs.push(KeyValue::new("k8s.container.name", c.clone()));
+            }
+            if let Some((kind, name)) = &pod.workload {
+                attrs.push(KeyValue::new(kind.attribute(), name.clone()));
+            }
+            let node = if pod.node.is_empty() {
+                self.node_name.clone()
+            } else {
+                Some(pod.node.clone())
+            };
+            if let Some(node) = node {
+                attrs.push(KeyValue::new("k8s.node.name", node));
+            }
+        }
         attrs.extend(sdk_attributes());
         attrs.extend(self.extra.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())));
         let r = Resource::builder_empty().with_attributes(attrs).build();

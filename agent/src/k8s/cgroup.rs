@@ -64,6 +64,56 @@ pub fn status_container_id(raw: &str) -> Option<String> {
     container_segment(id)
 }
 
+/// Where cgroup v2 is mounted, from /proc/self/mounts (hybrid hosts mount
+/// it at /sys/fs/cgroup/unified, unified ones at /sys/fs/cgroup).
+pub fn cgroup2_root() -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| std::path::PathBuf::from(f[1]))
+    })
+}
+
+/// Depth of kubelet's cgroup trees (slice/qos/pod/container), with margin.
+const MAX_DEPTH: usize = 6;
+
+/// Every cgroup under the `kubepods*` trees: inode (= the cgroup id BPF
+/// reports) → path relative to the cgroup2 root. This finds the pod of a
+/// process that already exited, which /proc/<pid>/cgroup cannot.
+pub fn scan(root: &std::path::Path) -> Vec<(u64, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let Ok(top) = std::fs::read_dir(root) else {
+        return out;
+    };
+    let mut stack: Vec<(std::path::PathBuf, String, usize)> = top
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("kubepods"))
+        .map(|e| (e.path(), format!("/{}", e.file_name().to_string_lossy()), 1))
+        .collect();
+    while let Some((dir, rel, depth)) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&dir) else { continue };
+        if !meta.is_dir() {
+            continue;
+        }
+        out.push((meta.ino(), rel.clone()));
+        if depth >= MAX_DEPTH {
+            continue;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push((
+                    e.path(),
+                    format!("{rel}/{}", e.file_name().to_string_lossy()),
+                    depth + 1,
+                ));
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,17 +128,39 @@ mod tests {
                 "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/{prefix}{ID}.scope",
                 UID.replace('-', "_")
             );
-            assert_eq!(parse(&path), Some(PodCgroup { pod_uid: UID.into(), container_id: Some(ID.into()) }), "{path}");
+            assert_eq!(
+                parse(&path),
+                Some(PodCgroup {
+                    pod_uid: UID.into(),
+                    container_id: Some(ID.into())
+                }),
+                "{path}"
+            );
         }
-        let guaranteed = format!("/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{ID}.scope", UID.replace('-', "_"));
+        let guaranteed = format!(
+            "/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{ID}.scope",
+            UID.replace('-', "_")
+        );
         assert_eq!(parse(&guaranteed).map(|p| p.pod_uid), Some(UID.into()));
     }
 
     #[test]
     fn parses_the_cgroupfs_driver_layout() {
         let path = format!("/kubepods/besteffort/pod{UID}/{ID}");
-        assert_eq!(parse(&path), Some(PodCgroup { pod_uid: UID.into(), container_id: Some(ID.into()) }));
-        assert_eq!(parse(&format!("/kubepods/pod{UID}")), Some(PodCgroup { pod_uid: UID.into(), container_id: None }));
+        assert_eq!(
+            parse(&path),
+            Some(PodCgroup {
+                pod_uid: UID.into(),
+                container_id: Some(ID.into())
+            })
+        );
+        assert_eq!(
+            parse(&format!("/kubepods/pod{UID}")),
+            Some(PodCgroup {
+                pod_uid: UID.into(),
+                container_id: None
+            })
+        );
     }
 
     #[test]

@@ -24,22 +24,45 @@ pub struct Peers {
 pub const UNKNOWN: &str = "unknown";
 
 impl Peers {
-    /// Outside Kubernetes the workload is the service name of the traced
-    /// process; the other end is named only when the call was linked on
-    /// this node.
+    /// Both ends of a span in dashboard terms. In Kubernetes the workloads
+    /// and namespaces come from pod metadata; elsewhere a workload is the
+    /// service name of a process, and the other end is named only when the
+    /// call was linked on this node.
     pub fn of(span: &Span, service_name: &str, service_of: impl Fn(&str) -> String) -> Self {
-        let peer = span.peer_comm.as_deref().map_or_else(|| UNKNOWN.to_owned(), service_of);
-        let destination_service = span.server.map(|s| s.to_string()).unwrap_or_else(|| UNKNOWN.to_owned());
-        let (source, destination) = match span.kind {
-            SpanKind::Server => (peer, service_name.to_owned()),
-            SpanKind::Client => (service_name.to_owned(), peer),
+        let unknown = || UNKNOWN.to_owned();
+        let (own_workload, own_ns) = match &span.k8s {
+            Some(k) => (k.pod.workload_name(), k.pod.namespace.clone()),
+            None => (service_name.to_owned(), unknown()),
         };
-        Peers {
-            source_workload: source,
-            source_namespace: UNKNOWN.to_owned(),
-            destination_workload: destination,
-            destination_namespace: UNKNOWN.to_owned(),
-            destination_service,
+        let peer = span.peer_k8s.as_ref();
+        let peer_workload = peer
+            .and_then(|p| p.workload.clone())
+            .or_else(|| span.peer_comm.as_deref().map(&service_of))
+            .unwrap_or_else(unknown);
+        let peer_ns = peer.and_then(|p| p.namespace.clone()).unwrap_or_else(unknown);
+        match span.kind {
+            SpanKind::Server => Peers {
+                source_workload: peer_workload,
+                source_namespace: peer_ns,
+                destination_workload: own_workload,
+                destination_namespace: own_ns,
+                destination_service: span
+                    .k8s
+                    .as_ref()
+                    .and_then(|k| k.service_fqdn.clone())
+                    .or_else(|| span.server.map(|s| s.to_string()))
+                    .unwrap_or_else(unknown),
+            },
+            SpanKind::Client => Peers {
+                source_workload: own_workload,
+                source_namespace: own_ns,
+                destination_workload: peer_workload,
+                destination_namespace: peer_ns,
+                destination_service: peer
+                    .and_then(|p| p.service_fqdn.clone())
+                    .or_else(|| span.server.map(|s| s.to_string()))
+                    .unwrap_or_else(unknown),
+            },
         }
     }
 }

@@ -3,6 +3,7 @@
 //! and collects the spans the agent prints as JSON.
 #![allow(dead_code)]
 
+pub mod fake_k8s;
 pub mod otlp;
 
 use std::{
@@ -40,8 +41,14 @@ impl Agent {
     }
 
     pub fn start_with(extra: &[&str]) -> Agent {
+        Self::start_env(extra, &[])
+    }
+
+    /// Starts the agent with extra flags and environment variables.
+    pub fn start_env(extra: &[&str], envs: &[(&str, &str)]) -> Agent {
         mount_tracefs();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshless"));
+        cmd.envs(envs.iter().copied());
         cmd.args(["--console-format", "json", "--stats-interval-secs", "0"]);
         if !extra.contains(&"--poll-interval-ms") {
             cmd.args(["--poll-interval-ms", "5"]);
@@ -420,4 +427,96 @@ pub fn metric_sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str
             prometheus_parse::Value::Summary(_) => 0.0,
         })
         .sum()
+}
+
+/// Where cgroup v2 is mounted (found in /proc/mounts, not hard-coded).
+pub fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .expect("a cgroup2 mount")
+}
+
+/// A cgroup directory named as kubelet names it; removed on drop.
+pub struct PodCgroup {
+    /// Directories created, outermost first.
+    dirs: Vec<PathBuf>,
+}
+
+/// kubelet's cgroup driver layouts.
+#[derive(Clone, Copy)]
+pub enum Driver {
+    Systemd,
+    Cgroupfs,
+}
+
+impl PodCgroup {
+    pub fn create(driver: Driver, pod_uid: &str, container_id: &str) -> PodCgroup {
+        let root = cgroup2_root();
+        let rel: Vec<String> = match driver {
+            Driver::Systemd => vec![
+                "kubepods.slice".into(),
+                "kubepods-besteffort.slice".into(),
+                format!("kubepods-besteffort-pod{}.slice", pod_uid.replace('-', "_")),
+                format!("cri-containerd-{container_id}.scope"),
+            ],
+            Driver::Cgroupfs => vec![
+                "kubepods".into(),
+                "besteffort".into(),
+                format!("pod{pod_uid}"),
+                container_id.into(),
+            ],
+        };
+        let mut dirs = Vec::new();
+        let mut path = root;
+        for seg in rel {
+            path = path.join(seg);
+            if !path.exists() {
+                std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+            }
+            dirs.push(path.clone());
+        }
+        PodCgroup { dirs }
+    }
+
+    /// The leaf (container) directory.
+    pub fn leaf(&self) -> &std::path::Path {
+        self.dirs.last().expect("leaf")
+    }
+
+    /// A command that joins this cgroup, then runs `program` in namespace `ns`
+    /// (`ip netns exec` remounts /sys, so the cgroup is joined first).
+    pub fn cmd_in(&self, ns: &str, program: &str, args: &[&str]) -> Command {
+        let procs = self.leaf().join("cgroup.procs");
+        let mut script = format!("echo $$ > {} && exec ip netns exec {ns} {program}", procs.display());
+        for a in args {
+            script.push_str(&format!(" '{}'", a.replace('\'', "'\\''")));
+        }
+        let mut c = Command::new("sh");
+        c.args(["-c", &script]);
+        c
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        for dir in self.dirs.iter().rev() {
+            // Move stragglers out, then remove (fails harmlessly if shared/busy).
+            if let Ok(pids) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                for pid in pids.split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            for _ in 0..20 {
+                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
 }

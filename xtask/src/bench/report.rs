@@ -265,8 +265,7 @@ impl Report {
                     "| {} | {:.0} | {} |\n",
                     m.mode.name(),
                     m.rps,
-                    o(m.lost_vs_baseline_pct, 1).replace('-', "-")
-                        + if m.lost_vs_baseline_pct.is_some() { "%" } else { "" }
+                    m.lost_vs_baseline_pct.map_or("-".to_owned(), |p| format!("{p:.1}%"))
                 )),
             }
         }
@@ -391,7 +390,7 @@ impl Report {
                     s.completeness
                 );
             }
-            if !(s.latency_ms[0] > 0.0) {
+            if s.latency_ms[0].is_nan() || s.latency_ms[0] <= 0.0 {
                 bail!("bench --quick: {} has no latency figures", s.mode.name());
             }
         }

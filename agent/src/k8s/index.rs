@@ -1,0 +1,394 @@
+//! The metadata index, owned by one stage and fed by watcher updates.
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use tokio::sync::mpsc;
+
+use super::{cgroup, fqdn, PeerK8s, PodMeta, ServiceMeta, SliceMeta, SpanK8s};
+use crate::span::{Span, SpanKind};
+
+/// Which resource a watcher follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Pods,
+    Services,
+    Slices,
+}
+
+/// A change from a watcher.
+#[derive(Debug, Clone)]
+pub enum Update {
+    Pod(PodMeta),
+    PodGone {
+        uid: String,
+    },
+    Service(ServiceMeta),
+    ServiceGone {
+        namespace: String,
+        name: String,
+    },
+    Slice(SliceMeta),
+    SliceGone {
+        namespace: String,
+        name: String,
+    },
+    /// A full (re)list: these are all the objects of `kind` now.
+    Replace(Kind, Vec<Update>),
+}
+
+/// Which namespaces are traced.
+#[derive(Debug, Clone, Default)]
+pub struct NamespaceFilter {
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+impl NamespaceFilter {
+    pub fn allows(&self, ns: &str) -> bool {
+        (self.include.is_empty() || self.include.iter().any(|n| n == ns)) && !self.exclude.iter().any(|n| n == ns)
+    }
+}
+
+/// Decision for one span.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Keep,
+    /// The pod opted out or its namespace is not traced.
+    Drop,
+}
+
+/// Most cgroup ids remembered (ids of gone containers are not reused soon).
+const MAX_CGROUPS: usize = 16_384;
+
+pub struct Index {
+    updates: mpsc::Receiver<Update>,
+    pods: HashMap<String, Arc<PodMeta>>,
+    pod_by_ip: HashMap<IpAddr, String>,
+    services: HashMap<(String, String), ServiceMeta>,
+    service_by_ip: HashMap<IpAddr, (String, String)>,
+    slices: HashMap<(String, String), SliceMeta>,
+    /// Endpoint address → (namespace, service, target pod name).
+    endpoint_by_ip: HashMap<IpAddr, (String, Option<String>, Option<String>)>,
+    /// cgroup id → pod UID and container id (None: not in a pod).
+    cgroups: HashMap<u64, Option<cgroup::PodCgroup>>,
+    synced: HashSet<Kind>,
+    filter: NamespaceFilter,
+    cgroup_root: Option<std::path::PathBuf>,
+    last_scan: Option<std::time::Instant>,
+}
+
+/// Least time between two scans of the cgroup tree.
+const RESCAN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Index {
+    pub fn new(updates: mpsc::Receiver<Update>, filter: NamespaceFilter) -> Self {
+        Self {
+            updates,
+            pods: HashMap::new(),
+            pod_by_ip: HashMap::new(),
+            services: HashMap::new(),
+            service_by_ip: HashMap::new(),
+            slices: HashMap::new(),
+            endpoint_by_ip: HashMap::new(),
+            cgroups: HashMap::new(),
+            synced: HashSet::new(),
+            filter,
+            cgroup_root: cgroup::cgroup2_root(),
+            last_scan: None,
+        }
+    }
+
+    /// True once every watcher delivered its first full list.
+    pub fn synced(&self) -> bool {
+        self.synced.len() == 3
+    }
+
+    /// Applies every pending update (never waits).
+    pub fn refresh(&mut self) {
+        while let Ok(update) = self.updates.try_recv() {
+            self.apply(update);
+        }
+    }
+
+    pub fn apply(&mut self, update: Update) {
+        match update {
+            Update::Pod(p) => self.put_pod(p),
+            Update::PodGone { uid } => self.remove_pod(&uid),
+            Update::Service(s) => self.put_service(s),
+            Update::ServiceGone { namespace, name } => self.remove_service(&(namespace, name)),
+            Update::Slice(s) => self.put_slice(s),
+            Update::SliceGone { namespace, name } => self.remove_slice(&(namespace, name)),
+            Update::Replace(kind, items) => {
+                match kind {
+                    Kind::Pods => {
+                        self.pods.clear();
+                        self.pod_by_ip.clear();
+                    }
+                    Kind::Services => {
+                        self.services.clear();
+                        self.service_by_ip.clear();
+                    }
+                    Kind::Slices => {
+                        self.slices.clear();
+                        self.endpoint_by_ip.clear();
+                    }
+                }
+                items.into_iter().for_each(|u| self.apply(u));
+                self.synced.insert(kind);
+            }
+        }
+    }
+
+    fn put_pod(&mut self, p: PodMeta) {
+        if let Some(old) = self.pods.get(&p.uid).cloned() {
+            self.unindex_pod(&old);
+        }
+        for ip in &p.ips {
+            // A reused IP now belongs to the newest pod that claims it.
+            self.pod_by_ip.insert(*ip, p.uid.clone());
+        }
+        self.pods.insert(p.uid.clone(), Arc::new(p));
+    }
+
+    fn unindex_pod(&mut self, p: &PodMeta) {
+        for ip in &p.ips {
+            if self.pod_by_ip.get(ip) == Some(&p.uid) {
+                self.pod_by_ip.remove(ip);
+            }
+        }
+    }
+
+    fn remove_pod(&mut self, uid: &str) {
+        if let Some(p) = self.pods.remove(uid) {
+            self.unindex_pod(&p);
+        }
+    }
+
+    fn put_service(&mut self, s: ServiceMeta) {
+        let key = (s.namespace.clone(), s.name.clone());
+        self.remove_service(&key);
+        for ip in &s.cluster_ips {
+            self.service_by_ip.insert(*ip, key.clone());
+        }
+        self.services.insert(key, s);
+    }
+
+    fn remove_service(&mut self, key: &(String, String)) {
+        if let Some(s) = self.services.remove(key) {
+            for ip in &s.cluster_ips {
+                if self.service_by_ip.get(ip) == Some(key) {
+                    self.service_by_ip.remove(ip);
+                }
+            }
+        }
+    }
+
+    fn put_slice(&mut self, s: SliceMeta) {
+        let key = (s.namespace.clone(), s.name.clone());
+        self.remove_slice(&key);
+        for (ip, pod) in &s.endpoints {
+            self.endpoint_by_ip
+                .insert(*ip, (s.namespace.clone(), s.service.clone(), pod.clone()));
+        }
+        self.slices.insert(key, s);
+    }
+
+    fn remove_slice(&mut self, key: &(String, String)) {
+        if let Some(s) = self.slices.remove(key) {
+            for (ip, _) in &s.endpoints {
+                if self
+                    .endpoint_by_ip
+                    .get(ip)
+                    .is_some_and(|(ns, svc, _)| *ns == s.namespace && *svc == s.service)
+                {
+                    self.endpoint_by_ip.remove(ip);
+                }
+            }
+        }
+    }
+
+    /// The pod a process runs in, via its cgroup.
+    pub fn pod_of(&mut self, pid: u32, cgroup_id: u64) -> Option<SpanK8s> {
+        if !self.cgroups.contains_key(&cgroup_id) {
+            if self.cgroups.len() >= MAX_CGROUPS {
+                self.cgroups.clear();
+            }
+            // A cgroup's path never changes, so the answer (pod or not) is
+            // cached. A process that already exited is found by scanning the
+            // pod cgroup trees for the id (an inode), at most once a second.
+            match read_cgroup(pid) {
+                Some(path) => {
+                    self.cgroups.insert(cgroup_id, cgroup::parse(&path));
+                }
+                None => self.scan_cgroups(),
+            }
+        }
+        let cg = self.cgroups.get(&cgroup_id)?.as_ref()?;
+        let pod = self.pods.get(&cg.pod_uid)?.clone();
+        let container = pod.container_name(cg.container_id.as_deref());
+        Some(SpanK8s {
+            pod,
+            container,
+            service_fqdn: None,
+        })
+    }
+
+    fn scan_cgroups(&mut self) {
+        let due = self.last_scan.is_none_or(|t| t.elapsed() >= RESCAN_AFTER);
+        let Some(root) = self.cgroup_root.as_ref().filter(|_| due) else {
+            return;
+        };
+        self.last_scan = Some(std::time::Instant::now());
+        for (id, path) in cgroup::scan(root) {
+            if let Some(found) = cgroup::parse(&path) {
+                self.cgroups.insert(id, Some(found));
+            }
+        }
+    }
+
+    /// What the cluster knows about an address.
+    pub fn peer(&self, ip: IpAddr) -> Option<PeerK8s> {
+        let mut peer = PeerK8s::default();
+        if let Some(pod) = self.pod_by_ip.get(&ip).and_then(|uid| self.pods.get(uid)) {
+            peer.namespace = Some(pod.namespace.clone());
+            peer.workload = Some(pod.workload_name());
+            peer.pod = Some(pod.name.clone());
+        }
+        if let Some((ns, svc, pod)) = self.endpoint_by_ip.get(&ip) {
+            peer.namespace.get_or_insert_with(|| ns.clone());
+            if let Some(svc) = svc {
+                peer.service_fqdn = Some(fqdn(svc, ns));
+            }
+            if peer.pod.is_none() {
+                peer.pod.clone_from(pod);
+            }
+            if peer.workload.is_none() {
+                // A pod on another node: its workload from the pod name.
+                peer.workload = pod.as_deref().map(workload_from_pod_name);
+            }
+        }
+        if let Some((ns, name)) = self.service_by_ip.get(&ip) {
+            peer.namespace.get_or_insert_with(|| ns.clone());
+            peer.service_fqdn = Some(fqdn(name, ns));
+        }
+        (peer != PeerK8s::default()).then_some(peer)
+    }
+
+    /// Adds pod and peer metadata to a span; says whether to keep it.
+    pub fn enrich(&mut self, span: &mut Span) -> Verdict {
+        if let Some(mut k8s) = self.pod_of(span.process.pid, span.process.cgroup_id) {
+            if k8s.pod.opted_out || !self.filter.allows(&k8s.pod.namespace) {
+                return Verdict::Drop;
+            }
+            if span.kind == SpanKind::Server {
+                k8s.service_fqdn = span.server.and_then(|a| self.peer(a.ip())).and_then(|p| p.service_fqdn);
+            }
+            span.k8s = Some(k8s);
+        } else if !self.filter.include.is_empty() {
+            // Only selected namespaces are traced; this process is in none.
+            return Verdict::Drop;
+        }
+        let peer_ip = match span.kind {
+            SpanKind::Server => span.client,
+            SpanKind::Client => span.server,
+        };
+        span.peer_k8s = peer_ip.and_then(|a| self.peer(a.ip()));
+        Verdict::Keep
+    }
+}
+
+/// `web-7d4b9c8f6-x2x9z` → `web`: strips the ReplicaSet hash and pod suffix.
+fn workload_from_pod_name(name: &str) -> String {
+    let parts: Vec<&str> = name.split('-').collect();
+    if parts.len() >= 3 {
+        parts[..parts.len() - 2].join("-")
+    } else if parts.len() == 2 {
+        parts[0].to_owned()
+    } else {
+        name.to_owned()
+    }
+}
+
+/// The cgroup v2 path of a process (`0::<path>` in /proc/<pid>/cgroup).
+fn read_cgroup(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(uid: &str, name: &str, ip: &str) -> PodMeta {
+        PodMeta {
+            uid: uid.into(),
+            name: name.into(),
+            namespace: "shop".into(),
+            node: "n1".into(),
+            ips: vec![ip.parse().expect("ip")],
+            app_label: None,
+            workload: Some((super::super::WorkloadKind::Deployment, "web".into())),
+            containers: vec![],
+            opted_out: false,
+        }
+    }
+
+    fn index() -> Index {
+        let (_tx, rx) = mpsc::channel(1);
+        Index::new(rx, NamespaceFilter::default())
+    }
+
+    #[test]
+    fn a_reused_ip_belongs_to_the_new_pod_even_when_the_old_one_goes_later() {
+        let mut ix = index();
+        ix.apply(Update::Pod(pod("u1", "web-a", "10.0.0.5")));
+        ix.apply(Update::Pod(pod("u2", "web-b", "10.0.0.5")));
+        ix.apply(Update::PodGone { uid: "u1".into() });
+        let peer = ix.peer("10.0.0.5".parse().expect("ip")).expect("known");
+        assert_eq!(peer.pod.as_deref(), Some("web-b"));
+    }
+
+    #[test]
+    fn peers_are_named_by_endpointslice_and_cluster_ip() {
+        let mut ix = index();
+        ix.apply(Update::Service(ServiceMeta {
+            name: "orders".into(),
+            namespace: "shop".into(),
+            cluster_ips: vec!["10.96.0.10".parse().expect("ip")],
+        }));
+        ix.apply(Update::Slice(SliceMeta {
+            name: "orders-abc".into(),
+            namespace: "shop".into(),
+            service: Some("orders".into()),
+            endpoints: vec![("10.1.2.3".parse().expect("ip"), Some("orders-5d4f8b7c9-x7k2p".into()))],
+        }));
+        let by_vip = ix.peer("10.96.0.10".parse().expect("ip")).expect("vip");
+        assert_eq!(by_vip.service_fqdn.as_deref(), Some("orders.shop.svc.cluster.local"));
+        let by_endpoint = ix.peer("10.1.2.3".parse().expect("ip")).expect("endpoint");
+        assert_eq!(by_endpoint.workload.as_deref(), Some("orders"));
+        assert_eq!(
+            by_endpoint.service_fqdn.as_deref(),
+            Some("orders.shop.svc.cluster.local")
+        );
+        assert!(ix.peer("192.0.2.1".parse().expect("ip")).is_none());
+    }
+
+    #[test]
+    fn a_relist_replaces_everything_of_its_kind_and_marks_it_synced() {
+        let mut ix = index();
+        ix.apply(Update::Pod(pod("u1", "web-a", "10.0.0.5")));
+        ix.apply(Update::Replace(
+            Kind::Pods,
+            vec![Update::Pod(pod("u3", "web-c", "10.0.0.7"))],
+        ));
+        assert!(ix.peer("10.0.0.5".parse().expect("ip")).is_none());
+        assert!(ix.peer("10.0.0.7".parse().expect("ip")).is_some());
+        assert!(!ix.synced());
+        ix.apply(Update::Replace(Kind::Services, vec![]));
+        ix.apply(Update::Replace(Kind::Slices, vec![]));
+        assert!(ix.synced());
+    }
+}

@@ -1,0 +1,123 @@
+//! Stage 4 (optional): Kubernetes metadata for every span.
+//!
+//! Watchers (kube-rs, list + watch, never polling) stream pods on this node,
+//! services and endpointslices into [`index::Index`], owned by the export
+//! router. A traced process is mapped to its pod and container through its
+//! cgroup (`/proc/<pid>/cgroup`, kubelet's layouts in [`cgroup`]); a peer IP
+//! to a pod or service through pod IPs, endpointslices and cluster IPs.
+//! If the API server is unreachable the last known metadata stays in use
+//! and the watchers reconnect with backoff; the data path never waits.
+pub mod cgroup;
+pub mod index;
+pub mod watch;
+
+use std::net::IpAddr;
+
+/// The controller that owns a pod, as far as names tell without API calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WorkloadKind {
+    Deployment,
+    ReplicaSet,
+    StatefulSet,
+    DaemonSet,
+    Job,
+    CronJob,
+}
+
+impl WorkloadKind {
+    /// The resource attribute naming a workload of this kind.
+    pub fn attribute(self) -> &'static str {
+        match self {
+            WorkloadKind::Deployment => "k8s.deployment.name",
+            WorkloadKind::ReplicaSet => "k8s.replicaset.name",
+            WorkloadKind::StatefulSet => "k8s.statefulset.name",
+            WorkloadKind::DaemonSet => "k8s.daemonset.name",
+            WorkloadKind::Job => "k8s.job.name",
+            WorkloadKind::CronJob => "k8s.cronjob.name",
+        }
+    }
+}
+
+/// What we keep of a pod (managed fields, spec and most of status dropped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodMeta {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    /// `app.kubernetes.io/name`, else `app` label.
+    pub app_label: Option<String>,
+    pub workload: Option<(WorkloadKind, String)>,
+    /// (container id, container name) from the pod status.
+    pub containers: Vec<(String, String)>,
+    /// Annotated `meshless.io/trace: "false"`.
+    pub opted_out: bool,
+}
+
+impl PodMeta {
+    /// `service.name`: the app label, else the workload, else the pod name.
+    pub fn service_name(&self) -> String {
+        self.app_label
+            .clone()
+            .or_else(|| self.workload.as_ref().map(|(_, n)| n.clone()))
+            .unwrap_or_else(|| self.name.clone())
+    }
+
+    /// The workload name as Istio labels use it.
+    pub fn workload_name(&self) -> String {
+        self.workload
+            .as_ref()
+            .map_or_else(|| self.name.clone(), |(_, n)| n.clone())
+    }
+
+    pub fn container_name(&self, container_id: Option<&str>) -> Option<String> {
+        let id = container_id?;
+        self.containers
+            .iter()
+            .find(|(cid, _)| cid == id)
+            .map(|(_, n)| n.clone())
+    }
+}
+
+/// A service (cluster IPs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceMeta {
+    pub name: String,
+    pub namespace: String,
+    pub cluster_ips: Vec<IpAddr>,
+}
+
+/// One endpointslice: the service it belongs to and its endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceMeta {
+    pub name: String,
+    pub namespace: String,
+    pub service: Option<String>,
+    /// (address, target pod name).
+    pub endpoints: Vec<(IpAddr, Option<String>)>,
+}
+
+/// What a span learned about its own side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpanK8s {
+    pub pod: std::sync::Arc<PodMeta>,
+    pub container: Option<String>,
+    /// The service this pod serves behind, for server spans.
+    pub service_fqdn: Option<String>,
+}
+
+/// What is known about the other end of a span.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerK8s {
+    pub namespace: Option<String>,
+    pub workload: Option<String>,
+    pub pod: Option<String>,
+    /// `<service>.<namespace>.svc.cluster.local` when the peer is behind a service.
+    pub service_fqdn: Option<String>,
+}
+
+/// The cluster-local DNS name of a service.
+pub fn fqdn(service: &str, namespace: &str) -> String {
+    format!("{service}.{namespace}.svc.cluster.local")
+}
