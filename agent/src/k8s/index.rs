@@ -391,4 +391,98 @@ mod tests {
         ix.apply(Update::Replace(Kind::Slices, vec![]));
         assert!(ix.synced());
     }
+
+    fn span_in_cgroup(cgroup_id: u64) -> Span {
+        Span {
+            trace_id: crate::trace_context::TraceId::random(),
+            span_id: crate::trace_context::SpanId::random(),
+            parent_span_id: None,
+            sampled: true,
+            parent_is_remote: false,
+            trace_state: None,
+            kind: SpanKind::Server,
+            start_unix_nano: 1,
+            end_unix_nano: 2,
+            method: "GET".into(),
+            target: "/".into(),
+            status_code: Some(200),
+            protocol_version: "1.1",
+            client: "10.0.0.9:5000".parse().ok(),
+            server: "10.0.0.5:80".parse().ok(),
+            process: crate::span::Process {
+                pid: u32::MAX,
+                tid: 1,
+                comm: "app".into(),
+                cgroup_id,
+            },
+            peer_comm: None,
+            k8s: None,
+            peer_k8s: None,
+            user_agent: None,
+            request_headers: vec![],
+            response_headers: vec![],
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn opted_out_pods_and_excluded_namespaces_are_dropped_others_kept() {
+        let (_tx, rx) = mpsc::channel(1);
+        let mut ix = Index::new(
+            rx,
+            NamespaceFilter {
+                include: vec![],
+                exclude: vec!["kube-system".into()],
+            },
+        );
+        let mut quiet = pod("u1", "quiet-0", "10.0.0.5");
+        quiet.opted_out = true;
+        let mut system = pod("u2", "dns-0", "10.0.0.6");
+        system.namespace = "kube-system".into();
+        ix.apply(Update::Pod(quiet));
+        ix.apply(Update::Pod(system));
+        ix.apply(Update::Pod(pod("u3", "web-0", "10.0.0.7")));
+        for (id, uid) in [(11, "u1"), (12, "u2"), (13, "u3")] {
+            ix.cgroups.insert(
+                id,
+                Some(cgroup::PodCgroup {
+                    pod_uid: uid.into(),
+                    container_id: None,
+                }),
+            );
+        }
+        assert_eq!(ix.enrich(&mut span_in_cgroup(11)), Verdict::Drop, "annotation opt-out");
+        assert_eq!(ix.enrich(&mut span_in_cgroup(12)), Verdict::Drop, "excluded namespace");
+        let mut kept = span_in_cgroup(13);
+        assert_eq!(ix.enrich(&mut kept), Verdict::Keep);
+        assert_eq!(kept.k8s.map(|k| k.pod.name.clone()).as_deref(), Some("web-0"));
+        // A process outside any pod keeps its process metadata.
+        ix.cgroups.insert(14, None);
+        let mut host = span_in_cgroup(14);
+        assert_eq!(ix.enrich(&mut host), Verdict::Keep);
+        assert!(host.k8s.is_none());
+    }
+
+    #[test]
+    fn with_an_include_list_processes_outside_it_are_dropped() {
+        let (_tx, rx) = mpsc::channel(1);
+        let mut ix = Index::new(
+            rx,
+            NamespaceFilter {
+                include: vec!["shop".into()],
+                exclude: vec![],
+            },
+        );
+        ix.apply(Update::Pod(pod("u3", "web-0", "10.0.0.7")));
+        ix.cgroups.insert(
+            13,
+            Some(cgroup::PodCgroup {
+                pod_uid: "u3".into(),
+                container_id: None,
+            }),
+        );
+        ix.cgroups.insert(14, None);
+        assert_eq!(ix.enrich(&mut span_in_cgroup(13)), Verdict::Keep);
+        assert_eq!(ix.enrich(&mut span_in_cgroup(14)), Verdict::Drop);
+    }
 }

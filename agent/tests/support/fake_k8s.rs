@@ -10,7 +10,7 @@ use std::{
     net::SocketAddr,
     path::Path,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use axum::{
@@ -243,16 +243,7 @@ impl FakeApi {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         self.stop = Some(tx);
         let addr = self.addr;
-        let listener = self.runtime.block_on(async {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match tokio::net::TcpListener::bind(addr).await {
-                    Ok(l) => break l,
-                    Err(e) if Instant::now() > deadline => panic!("rebinding {addr}: {e}"),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        });
+        let listener = super::rebind(&self.runtime, addr);
         let route = |kind: Kind| {
             get(move |State(s): State<Shared>, Query(p): Query<Params>| async move { handle(kind, s, p).await })
         };

@@ -520,3 +520,18 @@ impl Drop for PodCgroup {
         }
     }
 }
+
+/// Binds `addr` again after a server on it stopped (retrying while the
+/// old socket goes away).
+pub fn rebind(runtime: &tokio::runtime::Runtime, addr: std::net::SocketAddr) -> tokio::net::TcpListener {
+    runtime.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) if Instant::now() > deadline => panic!("rebinding {addr}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+}

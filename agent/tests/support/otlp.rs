@@ -217,16 +217,7 @@ impl Receiver {
         self.stop = Some(tx);
         let shared = self.shared.clone();
         let addr = self.addr;
-        let listener = self.runtime.block_on(async {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match tokio::net::TcpListener::bind(addr).await {
-                    Ok(l) => break l,
-                    Err(e) if Instant::now() > deadline => panic!("rebinding {addr}: {e}"),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        });
+        let listener = super::rebind(&self.runtime, addr);
         match self.transport {
             Transport::Grpc => {
                 let incoming = tokio_stream_from(listener);
