@@ -44,7 +44,7 @@ pub struct Event {
     pub conn: ConnKey,
     pub tid: u32,
     pub cgroup_id: u64,
-    pub comm: String,
+    pub comm: Comm,
     pub new_conn: bool,
     pub socket: SocketInfo,
     pub body: EventBody,
@@ -99,7 +99,7 @@ impl Event {
             },
             tid: h.tid,
             cgroup_id: h.cgroup_id,
-            comm: comm_str(&h.comm),
+            comm: Comm(h.comm),
             new_conn: h.flags & FLAG_NEW_CONN != 0,
             socket: SocketInfo {
                 local: addr(&h.addrs, FLAG_LOCAL_ADDR),
@@ -112,9 +112,22 @@ impl Event {
     }
 }
 
-fn comm_str(raw: &[u8; 16]) -> String {
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
+/// A thread's `comm` as the kernel gave it (kept inline: no allocation per event).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Comm(pub [u8; 16]);
+
+impl Comm {
+    /// The name up to its NUL; non-UTF-8 bytes are replaced.
+    pub fn to_string_lossy(&self) -> String {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
+        String::from_utf8_lossy(&self.0[..end]).into_owned()
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_string_lossy())
+    }
 }
 
 fn addr(a: &ConnAddrs, which: u32) -> Option<SocketAddr> {
@@ -181,7 +194,7 @@ mod tests {
     #[test]
     fn decodes_a_data_record_with_ipv6_and_mapped_ipv4() {
         let ev = Event::decode(&record(header(), b"GET ")).expect("decodes");
-        assert_eq!(ev.comm, "curl");
+        assert_eq!(ev.comm.to_string_lossy(), "curl");
         assert_eq!(ev.socket.local, Some("[::1]:4000".parse().expect("addr")));
         assert_eq!(ev.socket.remote, Some("10.0.0.2:80".parse().expect("addr")));
         assert!(ev.new_conn && ev.socket.connected && !ev.socket.accepted);

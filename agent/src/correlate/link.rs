@@ -1,6 +1,8 @@
 //! Linking a server span to the client span of the same call when both
 //! ends run on this node (matched by TCP 4-tuple and request index).
-use std::{collections::HashMap, net::SocketAddr};
+use std::net::SocketAddr;
+
+use foldhash::HashMap;
 
 use super::conn::SpanContext;
 use crate::span::Span;

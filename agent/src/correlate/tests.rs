@@ -15,7 +15,7 @@ fn data(tgid: u32, fd: u32, dir: Direction, bytes: &'static [u8], t: u64, local:
         conn: ConnKey { tgid, fd, conn_id: 1 },
         tid: tgid,
         cgroup_id: 1,
-        comm: format!("p{tgid}"),
+        comm: comm(&format!("p{tgid}")),
         new_conn: false,
         socket: SocketInfo {
             local: local.parse().ok(),
@@ -29,6 +29,12 @@ fn data(tgid: u32, fd: u32, dir: Direction, bytes: &'static [u8], t: u64, local:
             payload: Bytes::from_static(bytes),
         },
     }
+}
+
+fn comm(name: &str) -> crate::capture::event::Comm {
+    let mut raw = [0u8; 16];
+    raw[..name.len()].copy_from_slice(name.as_bytes());
+    crate::capture::event::Comm(raw)
 }
 
 fn correlator() -> Correlator {

@@ -59,8 +59,8 @@ pub fn of(span: &Span, opts: Options) -> Attributes {
         put("network.peer.address", s(peer.ip().to_string()));
         put("network.peer.port", Value::Int(i64::from(peer.port())));
     }
-    put("network.transport", s("tcp"));
-    put("network.protocol.name", s("http"));
+    // network.transport (tcp) and network.protocol.name (http) are left
+    // out: semconv requires them only when they differ from these defaults.
     put("network.protocol.version", s(span.protocol_version));
     if let Some(ua) = &span.user_agent {
         put("user_agent.original", s(ua.clone()));
@@ -73,8 +73,8 @@ pub fn of(span: &Span, opts: Options) -> Attributes {
                 .map_or_else(|| "no_response".to_owned(), |c| c.to_string())),
         );
     }
-    put("thread.id", Value::Int(i64::from(span.process.tid)));
     if opts.process {
+        put("thread.id", Value::Int(i64::from(span.process.tid)));
         put("process.pid", Value::Int(i64::from(span.process.pid)));
         put("process.executable.name", s(span.process.comm.clone()));
     }

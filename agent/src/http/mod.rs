@@ -276,8 +276,9 @@ impl HttpStream {
 
     /// Parses the buffered header block; `truncated` means its end was lost.
     fn parse_head(&mut self, truncated: bool, ktime: u64) -> Item {
-        let block = std::mem::take(&mut self.head);
-        let parsed = head::parse(&block, truncated, self.flow);
+        // Parse in place and keep the buffer's capacity for the next message.
+        let parsed = head::parse(&self.head, truncated, self.flow);
+        self.head.clear();
         self.last_ktime = ktime;
         match parsed {
             Ok(mut h) => {

@@ -1,10 +1,7 @@
 //! The metadata index, owned by one stage and fed by watcher updates.
-use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::HashSet, net::IpAddr, sync::Arc};
 
+use foldhash::HashMap;
 use tokio::sync::mpsc;
 
 use super::{cgroup, fqdn, PeerK8s, PodMeta, ServiceMeta, SliceMeta, SpanK8s};
@@ -87,13 +84,13 @@ impl Index {
     pub fn new(updates: mpsc::Receiver<Update>, filter: NamespaceFilter) -> Self {
         Self {
             updates,
-            pods: HashMap::new(),
-            pod_by_ip: HashMap::new(),
-            services: HashMap::new(),
-            service_by_ip: HashMap::new(),
-            slices: HashMap::new(),
-            endpoint_by_ip: HashMap::new(),
-            cgroups: HashMap::new(),
+            pods: HashMap::default(),
+            pod_by_ip: HashMap::default(),
+            services: HashMap::default(),
+            service_by_ip: HashMap::default(),
+            slices: HashMap::default(),
+            endpoint_by_ip: HashMap::default(),
+            cgroups: HashMap::default(),
             synced: HashSet::new(),
             filter,
             cgroup_root: cgroup::cgroup2_root(),
