@@ -94,7 +94,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ringbuf_bytes: config.ringbuf_mib * 1024 * 1024,
         wakeup_bytes: config.wakeup_kib * 1024,
     })?;
-    let loader::Probes { events, counters, ebpf } = probes;
+    let loader::Probes {
+        events,
+        mut counters,
+        ebpf,
+    } = probes;
+    Stats::set(
+        &stats.kernel_ringbuf_size_bytes,
+        u64::from(config.ringbuf_mib) * 1024 * 1024,
+    );
     let k8s = match &node {
         Some(node) => {
             let updates = k8s::watch::start(node).await?;
@@ -207,7 +215,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
             _ = report.tick(), if !report_every.is_zero() => log_stats(&stats, "statistics"),
-            _ = kernel_check.tick() => read_kernel_counters(&counters, &stats),
+            _ = kernel_check.tick() => {
+                read_kernel_counters(&counters, &stats);
+                Stats::set(&stats.kernel_ringbuf_used_bytes, loader::take_ringbuf_high_water(&mut counters));
+            }
         }
     }
     info!("stopping: detaching probes and flushing spans");

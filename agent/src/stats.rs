@@ -45,6 +45,8 @@ counters! {
     kernel_truncated: "Payload captures cut to the capture size.",
     kernel_read_user_failed: "Payload copies from user memory that failed.",
     kernel_table_full: "Kernel map insertions that failed (tables full).",
+    kernel_ringbuf_used_bytes: "Highest ring-buffer fill in bytes over the last 2 s.",
+    kernel_ringbuf_size_bytes: "Ring-buffer size in bytes.",
 }
 
 impl Stats {

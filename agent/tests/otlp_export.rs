@@ -281,6 +281,16 @@ fn metrics_count_every_request_even_when_sampling_drops_the_spans() {
             );
             assert!(metric_sum(&m, "meshless_spans_sampled_out_total", &[]) >= (2 * n) as f64);
             assert!(metric_sum(&m, "meshless_events_read_total", &[]) > 0.0);
+            assert_eq!(
+                metric_sum(&m, "meshless_kernel_ringbuf_size_bytes", &[]),
+                8.0 * 1024.0 * 1024.0
+            );
+            assert!(
+                m.samples
+                    .iter()
+                    .any(|s| s.metric == "meshless_kernel_ringbuf_used_bytes"),
+                "ring-buffer usage exposed"
+            );
             break;
         }
         assert!(

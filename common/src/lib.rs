@@ -143,6 +143,9 @@ pub enum Counter {
     ArgsTableFull = 5,
     /// Copies from user memory that failed.
     ReadUserFailed = 6,
+    /// Not a counter: the highest ring-buffer fill (bytes) seen at a submit
+    /// on this CPU since userspace last reset it.
+    RingbufHighWater = 7,
 }
 
 /// Number of [`Counter`] slots.

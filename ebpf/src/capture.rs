@@ -9,7 +9,8 @@ use meshless_common::{
 };
 
 use crate::maps::{
-    ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, ConnState, EVENTS, SCRATCH, count, wakeup_bytes,
+    ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, COUNTERS, ConnState, EVENTS, SCRATCH, count,
+    wakeup_bytes,
 };
 
 #[repr(C)]
@@ -220,9 +221,24 @@ fn fill_header(ev: &mut crate::maps::EventBuf, tgid: u32, tid: u32, fd: u32, kin
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
 }
 
+/// Records the ring-buffer fill level if it is the highest seen on this CPU.
+#[inline(always)]
+fn high_water(used: u64) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(Counter::RingbufHighWater as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe {
+            if used > *slot {
+                *slot = used;
+            }
+        }
+    }
+}
+
 fn submit(ev: &mut crate::maps::EventBuf, captured: usize) {
     let size = HEADER_SIZE + (captured & (MAX_CAPTURE * 2 - 1));
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > wakeup_bytes() {
+    let used = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    high_water(used);
+    let flags = if used > wakeup_bytes() {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

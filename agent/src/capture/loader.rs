@@ -151,3 +151,19 @@ pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> Vec<(&'static str, u64)
         })
         .collect()
 }
+
+/// The highest ring-buffer fill (bytes) any CPU saw since the last call,
+/// which also resets it.
+pub fn take_ringbuf_high_water(map: &mut PerCpuArray<MapData, u64>) -> u64 {
+    let slot = Counter::RingbufHighWater as u32;
+    let high = map
+        .get(&slot, 0)
+        .map(|v| v.iter().copied().max().unwrap_or(0))
+        .unwrap_or(0);
+    if let Ok(cpus) = aya::util::nr_cpus() {
+        if let Ok(zeros) = aya::maps::PerCpuValues::try_from(vec![0u64; cpus]) {
+            let _ = map.set(slot, zeros, 0);
+        }
+    }
+    high
+}

@@ -148,7 +148,11 @@ impl Prometheus {
 }
 
 /// Self-metrics that are levels, not totals.
-const GAUGES: [&str; 1] = ["conns_tracked"];
+const GAUGES: [&str; 3] = [
+    "conns_tracked",
+    "kernel_ringbuf_used_bytes",
+    "kernel_ringbuf_size_bytes",
+];
 
 /// The agent's own counters, read from [`Stats`] at scrape time.
 #[derive(Debug)]
