@@ -46,11 +46,21 @@ impl Default for Limits {
     }
 }
 
+/// How often idle connections and unclaimed link entries are swept.
+const SWEEP_EVERY_NS: u64 = 1_000_000_000;
+
 pub struct Correlator {
     conns: HashMap<ConnKey, Conn>,
-    /// Current generation (conn_id) of each (tgid, fd).
+    /// Current generation (conn_id) of each tracked (tgid, fd); an entry
+    /// lives exactly as long as its connection.
     generations: HashMap<(u32, u32), u64>,
     links: Links,
+    env: SpanEnv,
+    last_sweep_ns: u64,
+}
+
+/// What turning exchanges into spans needs besides the connection.
+struct SpanEnv {
     clock: Clock,
     stats: Arc<Stats>,
     limits: Limits,
@@ -60,13 +70,16 @@ pub struct Correlator {
 impl Correlator {
     pub fn new(limits: Limits, headers: HeaderPolicy, stats: Arc<Stats>) -> Self {
         Self {
-            headers,
             conns: HashMap::default(),
             generations: HashMap::default(),
             links: Links::default(),
-            clock: Clock::sample(),
-            stats,
-            limits,
+            env: SpanEnv {
+                clock: Clock::sample(),
+                stats,
+                limits,
+                headers,
+            },
+            last_sweep_ns: 0,
         }
     }
 
@@ -74,12 +87,7 @@ impl Correlator {
     pub fn handle(&mut self, ev: Event, spans: &mut Vec<Span>) {
         let key = ev.conn;
         match ev.body {
-            EventBody::Close => {
-                if let Some(conn) = self.conns.remove(&key) {
-                    self.generations.remove(&(key.tgid, key.fd));
-                    self.finish(key, conn, spans);
-                }
-            }
+            EventBody::Close => self.end_conn(key, spans),
             EventBody::Data {
                 direction,
                 len,
@@ -96,18 +104,23 @@ impl Correlator {
                     return;
                 };
                 let out = conn.data(direction, payload, len, ev.ktime_ns, ev.tid);
-                self.absorb(key, out, spans);
+                // Disjoint fields: the connection stays in the table.
+                absorb(&mut self.links, &self.env, conn, out, spans);
             }
         }
-        Stats::set(&self.stats.conns_tracked, self.conns.len() as u64);
+        Stats::set(&self.env.stats.conns_tracked, self.conns.len() as u64);
     }
 
-    /// Periodic work: releases server spans whose client never showed up,
-    /// forgets idle connections and stale link entries.
+    /// Periodic work: releases server spans whose client never showed up;
+    /// once a second also forgets idle connections and stale link entries.
     pub fn tick(&mut self, now_ktime_ns: u64, spans: &mut Vec<Span>) {
-        self.clock = Clock::sample();
+        self.env.clock = Clock::sample();
         spans.extend(self.links.expired(now_ktime_ns));
-        let idle_before = now_ktime_ns.saturating_sub(self.limits.idle_timeout_ns);
+        if now_ktime_ns.saturating_sub(self.last_sweep_ns) < SWEEP_EVERY_NS {
+            return;
+        }
+        self.last_sweep_ns = now_ktime_ns;
+        let idle_before = now_ktime_ns.saturating_sub(self.env.limits.idle_timeout_ns);
         let idle: Vec<ConnKey> = self
             .conns
             .iter()
@@ -115,21 +128,11 @@ impl Correlator {
             .map(|(k, _)| *k)
             .collect();
         for key in idle {
-            if let Some(conn) = self.conns.remove(&key) {
-                Stats::inc(&self.stats.conns_evicted);
-                self.finish(key, conn, spans);
-            }
+            Stats::inc(&self.env.stats.conns_evicted);
+            self.end_conn(key, spans);
         }
-        self.generations.retain(|(tgid, fd), id| {
-            let key = ConnKey {
-                tgid: *tgid,
-                fd: *fd,
-                conn_id: *id,
-            };
-            self.conns.contains_key(&key)
-        });
         self.links.purge(now_ktime_ns);
-        Stats::set(&self.stats.conns_tracked, self.conns.len() as u64);
+        Stats::set(&self.env.stats.conns_tracked, self.conns.len() as u64);
     }
 
     /// Emits everything still held (shutdown).
@@ -137,80 +140,73 @@ impl Correlator {
         spans.extend(self.links.expired(u64::MAX));
     }
 
+    /// A new connection on a reused fd ends the one before it.
     fn retire_old_generation(&mut self, key: ConnKey, spans: &mut Vec<Span>) {
-        let Some(&old_id) = self.generations.get(&(key.tgid, key.fd)) else {
-            return;
-        };
-        if old_id == key.conn_id {
-            return;
-        }
-        let old = ConnKey { conn_id: old_id, ..key };
-        if let Some(conn) = self.conns.remove(&old) {
-            self.finish(old, conn, spans);
+        match self.generations.get(&(key.tgid, key.fd)) {
+            Some(&old_id) if old_id != key.conn_id => self.end_conn(ConnKey { conn_id: old_id, ..key }, spans),
+            _ => {}
         }
     }
 
     fn make_room(&mut self, spans: &mut Vec<Span>) {
-        if self.conns.len() < self.limits.max_conns {
+        if self.conns.len() < self.env.limits.max_conns {
             return;
         }
         let oldest = self.conns.iter().min_by_key(|(_, c)| c.last_ktime_ns).map(|(k, _)| *k);
         if let Some(key) = oldest {
-            if let Some(conn) = self.conns.remove(&key) {
-                Stats::inc(&self.stats.conns_evicted);
-                self.finish(key, conn, spans);
-            }
+            Stats::inc(&self.env.stats.conns_evicted);
+            self.end_conn(key, spans);
         }
     }
 
-    fn finish(&mut self, key: ConnKey, mut conn: Conn, spans: &mut Vec<Span>) {
-        let out = conn.close();
-        Stats::add(&self.stats.spans_unanswered, conn.unanswered() as u64);
-        self.absorb_with(&conn, key, out, spans);
-    }
-
-    fn absorb(&mut self, key: ConnKey, out: Output, spans: &mut Vec<Span>) {
-        let Some(conn) = self.conns.remove(&key) else {
+    /// Forgets a connection, ending what its close delimits.
+    fn end_conn(&mut self, key: ConnKey, spans: &mut Vec<Span>) {
+        let Some(mut conn) = self.conns.remove(&key) else {
             return;
         };
-        self.absorb_with(&conn, key, out, spans);
-        self.conns.insert(key, conn);
+        if self.generations.get(&(key.tgid, key.fd)) == Some(&key.conn_id) {
+            self.generations.remove(&(key.tgid, key.fd));
+        }
+        let out = conn.close();
+        Stats::add(&self.env.stats.spans_unanswered, conn.unanswered() as u64);
+        absorb(&mut self.links, &self.env, &conn, out, spans);
     }
+}
 
-    fn absorb_with(&mut self, conn: &Conn, _key: ConnKey, out: Output, spans: &mut Vec<Span>) {
-        Stats::add(&self.stats.http_malformed, out.malformed);
-        Stats::add(&self.stats.http_orphan_responses, out.orphans);
-        if out.server_requests > 0 {
-            if let (Some(client), Some(server)) = conn.endpoints(SpanKind::Server) {
-                self.links
-                    .server_seen(client, server, &conn.process.comm, conn.last_ktime_ns);
+/// Turns what a connection produced into spans, linking the two sides of
+/// same-node calls.
+fn absorb(links: &mut Links, env: &SpanEnv, conn: &Conn, out: Output, spans: &mut Vec<Span>) {
+    Stats::add(&env.stats.http_malformed, out.malformed);
+    Stats::add(&env.stats.http_orphan_responses, out.orphans);
+    if out.server_requests > 0 {
+        if let (Some(client), Some(server)) = conn.endpoints(SpanKind::Server) {
+            links.server_seen(client, server, &conn.process.comm, conn.last_ktime_ns);
+        }
+    }
+    if let (Some(client), Some(server)) = conn.endpoints(SpanKind::Client) {
+        for (seq, ctx) in out.client_requests {
+            let key = LinkKey { client, server, seq };
+            if let Some(span) = links.client_seen(key, ctx, conn.last_ktime_ns, &conn.process.comm) {
+                spans.push(span);
             }
         }
-        if let (Some(client), Some(server)) = conn.endpoints(SpanKind::Client) {
-            for (seq, ctx) in out.client_requests {
-                let key = LinkKey { client, server, seq };
-                if let Some(span) = self.links.client_seen(key, ctx, conn.last_ktime_ns, &conn.process.comm) {
+    }
+    for ex in out.exchanges {
+        Stats::inc(&env.stats.spans_created);
+        let link = link_key(conn, &ex);
+        let adopt_ids = !ex.request.ctx.from_header;
+        let mut span = build_span(conn, ex, &env.clock, &env.headers);
+        if let (SpanKind::Client, Some(client), Some(server)) = (span.kind, span.client, span.server) {
+            span.peer_comm = links.server_of(client, server);
+        }
+        match link {
+            Some(key) => {
+                let deadline = conn.last_ktime_ns.saturating_add(env.limits.link_wait_ns);
+                if let Some(span) = links.server_done(key, span, deadline, adopt_ids) {
                     spans.push(span);
                 }
             }
-        }
-        for ex in out.exchanges {
-            Stats::inc(&self.stats.spans_created);
-            let link = link_key(conn, &ex);
-            let adopt_ids = !ex.request.ctx.from_header;
-            let mut span = build_span(conn, ex, &self.clock, &self.headers);
-            if let (SpanKind::Client, Some(client), Some(server)) = (span.kind, span.client, span.server) {
-                span.peer_comm = self.links.server_of(client, server);
-            }
-            match link {
-                Some(key) => {
-                    let deadline = conn.last_ktime_ns.saturating_add(self.limits.link_wait_ns);
-                    if let Some(span) = self.links.server_done(key, span, deadline, adopt_ids) {
-                        spans.push(span);
-                    }
-                }
-                None => spans.push(span),
-            }
+            None => spans.push(span),
         }
     }
 }
