@@ -42,34 +42,41 @@ pub enum OtlpError {
 }
 
 pub fn build_span_exporter(t: &OtlpTarget) -> Result<opentelemetry_otlp::SpanExporter, OtlpError> {
-    let err = |reason: String| OtlpError::Build {
+    let built = match t.protocol {
+        Protocol::Grpc => grpc_config(opentelemetry_otlp::SpanExporter::builder().with_tonic(), t)?.build(),
+        Protocol::HttpProtobuf => http_config(opentelemetry_otlp::SpanExporter::builder().with_http(), t).build(),
+    };
+    built.map_err(|e| build_error(t, e.to_string()))
+}
+
+pub fn build_error(t: &OtlpTarget, reason: String) -> OtlpError {
+    OtlpError::Build {
         endpoint: t.endpoint.clone(),
         reason,
-    };
-    match t.protocol {
-        Protocol::Grpc => {
-            let b = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(t.endpoint.clone())
-                .with_timeout(t.timeout)
-                .with_metadata(metadata(&t.headers).map_err(err)?);
-            let b = match tls(t).map_err(err)? {
-                Some(tls) => b.with_tls_config(tls),
-                None => b,
-            };
-            b.build().map_err(|e| err(e.to_string()))
-        }
-        Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_endpoint(t.endpoint.clone())
-            .with_timeout(t.timeout)
-            .with_headers(t.headers.iter().cloned().collect())
-            .build()
-            .map_err(|e| err(e.to_string())),
     }
 }
 
-pub fn metadata(headers: &[(String, String)]) -> Result<tonic::metadata::MetadataMap, String> {
+/// Endpoint, timeout, metadata and TLS of a gRPC exporter builder (traces or metrics).
+pub fn grpc_config<B: WithExportConfig + WithTonicConfig>(b: B, t: &OtlpTarget) -> Result<B, OtlpError> {
+    let meta = metadata(&t.headers).map_err(|e| build_error(t, e))?;
+    let b = b
+        .with_endpoint(t.endpoint.clone())
+        .with_timeout(t.timeout)
+        .with_metadata(meta);
+    Ok(match tls(t).map_err(|e| build_error(t, e))? {
+        Some(tls) => b.with_tls_config(tls),
+        None => b,
+    })
+}
+
+/// Endpoint, timeout and headers of an HTTP/protobuf exporter builder.
+pub fn http_config<B: WithExportConfig + WithHttpConfig>(b: B, t: &OtlpTarget) -> B {
+    b.with_endpoint(t.endpoint.clone())
+        .with_timeout(t.timeout)
+        .with_headers(t.headers.iter().cloned().collect())
+}
+
+fn metadata(headers: &[(String, String)]) -> Result<tonic::metadata::MetadataMap, String> {
     let mut map = tonic::metadata::MetadataMap::new();
     for (k, v) in headers {
         let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
@@ -82,7 +89,7 @@ pub fn metadata(headers: &[(String, String)]) -> Result<tonic::metadata::Metadat
     Ok(map)
 }
 
-pub fn tls(t: &OtlpTarget) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+fn tls(t: &OtlpTarget) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
     if t.insecure || !t.endpoint.starts_with("https://") {
         return Ok(None);
     }

@@ -6,7 +6,6 @@ use opentelemetry::{
     metrics::{Histogram, MeterProvider as _},
     KeyValue,
 };
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::{
     metrics::{periodic_reader_with_async_runtime::PeriodicReader, SdkMeterProvider},
     runtime, Resource,
@@ -15,7 +14,7 @@ use opentelemetry_sdk::{
 use super::{duration_secs, SEMCONV_BUCKETS};
 use crate::{
     config::otel::{OtlpTarget, Protocol},
-    export::otlp::{metadata, tls, OtlpError},
+    export::otlp::{build_error, grpc_config, http_config, OtlpError},
     span::{Span, SpanKind},
 };
 
@@ -28,31 +27,11 @@ pub struct OtlpMetrics {
 impl OtlpMetrics {
     /// Starts periodic export (needs a Tokio runtime).
     pub fn start(t: &OtlpTarget, interval: std::time::Duration, resource: Resource) -> Result<Self, OtlpError> {
-        let err = |reason: String| OtlpError::Build {
-            endpoint: t.endpoint.clone(),
-            reason,
-        };
         let exporter = match t.protocol {
-            Protocol::Grpc => {
-                let b = opentelemetry_otlp::MetricExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(t.endpoint.clone())
-                    .with_timeout(t.timeout)
-                    .with_metadata(metadata(&t.headers).map_err(err)?);
-                let b = match tls(t).map_err(err)? {
-                    Some(tls) => b.with_tls_config(tls),
-                    None => b,
-                };
-                b.build()
-            }
-            Protocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
-                .with_http()
-                .with_endpoint(t.endpoint.clone())
-                .with_timeout(t.timeout)
-                .with_headers(t.headers.iter().cloned().collect())
-                .build(),
+            Protocol::Grpc => grpc_config(opentelemetry_otlp::MetricExporter::builder().with_tonic(), t)?.build(),
+            Protocol::HttpProtobuf => http_config(opentelemetry_otlp::MetricExporter::builder().with_http(), t).build(),
         }
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| build_error(t, e.to_string()))?;
         let reader = PeriodicReader::builder(exporter, runtime::Tokio)
             .with_interval(interval)
             .build();
