@@ -97,6 +97,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let loader::Probes {
         events,
         mut counters,
+        verdicts,
         ebpf,
     } = probes;
     Stats::set(
@@ -128,6 +129,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.poll_interval(),
         capture_to_correlate,
         stats.clone(),
+        capture::Confirmer::spawn(verdicts),
     ));
 
     let mut export_threads = Vec::new();
@@ -379,6 +381,13 @@ fn read_kernel_counters(counters: &aya::maps::PerCpuArray<aya::maps::MapData, u6
             "events_sent" => Stats::set(&stats.kernel_events_sent, value),
             "truncated" => Stats::set(&stats.kernel_truncated, value),
             "read_user_failed" => Stats::set(&stats.kernel_read_user_failed, value),
+            "non_socket_fds" => Stats::set(&stats.kernel_non_socket_fds, value),
+            "unconfirmed_events" => Stats::set(&stats.kernel_unconfirmed_events, value),
+            "peeks_skipped" => Stats::set(&stats.kernel_peeks_skipped, value),
+            "continuation_events" => Stats::set(&stats.kernel_continuation_events, value),
+            "kernel_read_failed" => Stats::set(&stats.kernel_read_failed, value),
+            "lookahead_held" => Stats::set(&stats.kernel_lookahead_held, value),
+            "implicit_closes" => Stats::set(&stats.kernel_implicit_closes, value),
             "conn_table_full" | "args_table_full" => table_full += value,
             "ringbuf_full" => {
                 let before = stats

@@ -45,6 +45,13 @@ counters! {
     kernel_truncated: "Payload captures cut to the capture size.",
     kernel_read_user_failed: "Payload copies from user memory that failed.",
     kernel_table_full: "Kernel map insertions that failed (tables full).",
+    kernel_non_socket_fds: "File descriptors the kernel found not to be sockets (then ignored).",
+    kernel_unconfirmed_events: "Events for fds the kernel could not classify (at most one per fd).",
+    kernel_peeks_skipped: "MSG_PEEK receives ignored by the kernel probes.",
+    kernel_continuation_events: "Continuation events for request heads longer than the capture size.",
+    kernel_read_failed: "Kernel-memory reads (fd to socket) that failed.",
+    kernel_lookahead_held: "Small first writes held in the kernel look-ahead until HTTP was decided.",
+    kernel_implicit_closes: "Connections ended by dup2/dup3, close_range or process exit.",
     kernel_ringbuf_used_bytes: "Highest ring-buffer fill in bytes over the last 2 s.",
     kernel_ringbuf_size_bytes: "Ring-buffer size in bytes.",
 }

@@ -70,6 +70,85 @@ pub const FLAG_LOCAL_ADDR: u32 = 1 << 3;
 pub const FLAG_ACCEPTED: u32 = 1 << 4;
 /// Event flag: the socket came from connect (the process is the client).
 pub const FLAG_CONNECTED: u32 = 1 << 5;
+/// Event flag: the kernel could not tell whether the fd is a socket; this
+/// is the only event the fd gives until userspace writes a verdict to
+/// [`VERDICTS_MAP`].
+pub const FLAG_UNCONFIRMED: u32 = 1 << 6;
+/// Event flag: the payload continues the previous event of the same
+/// syscall (a request head longer than [`MAX_CAPTURE`]).
+pub const FLAG_CONTINUATION: u32 = 1 << 7;
+
+/// Name of the map of per-(tgid, fd) verdicts "socket or not" (value: [`FdVerdict`]).
+pub const VERDICTS_MAP: &str = "VERDICTS";
+/// Name of the global holding the [`KernelOffsets`] computed from BTF at load time.
+pub const KERNEL_OFFSETS_GLOBAL: &str = "KERNEL_OFFSETS";
+/// Bytes of a syscall's payload sent as continuation events after the
+/// first [`MAX_CAPTURE`] (request heads only): the head is seen up to
+/// `MAX_CAPTURE + MAX_CONTINUATION` bytes.
+pub const MAX_CONTINUATION: usize = 3 * MAX_CAPTURE;
+
+/// What is known about whether a (tgid, fd) is a socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FdVerdict {
+    /// One of the `VERDICT_*` values.
+    pub state: u32,
+    pub _pad: u32,
+    /// The connection id the fd's unconfirmed event carried, reused once
+    /// the fd is confirmed to be a socket so userspace sees one connection.
+    pub conn_id: u64,
+}
+
+/// Verdict: not a socket; the fd is ignored until closed.
+pub const VERDICT_NOT_SOCKET: u32 = 1;
+/// Verdict: an unconfirmed event was sent; userspace has not answered yet.
+pub const VERDICT_PENDING: u32 = 2;
+/// Verdict: userspace confirmed a socket.
+pub const VERDICT_SOCKET: u32 = 3;
+
+/// Byte offsets of the kernel struct fields the programs read with
+/// `bpf_probe_read_kernel` to tell sockets from other files and to read a
+/// socket's addresses. Computed in userspace from `/sys/kernel/btf/vmlinux`;
+/// `valid == 0` means "unknown", and the programs fall back to userspace
+/// confirmation (also the case under lockdown=confidentiality).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub valid: u32,
+    /// task_struct.files
+    pub task_files: u32,
+    /// files_struct.fdt
+    pub files_fdt: u32,
+    /// fdtable.max_fds
+    pub fdt_max_fds: u32,
+    /// fdtable.fd
+    pub fdt_fd: u32,
+    /// file.f_inode
+    pub file_inode: u32,
+    /// file.private_data (a `struct socket *` for sockets)
+    pub file_private_data: u32,
+    /// inode.i_mode
+    pub inode_mode: u32,
+    /// inode.i_ino
+    pub inode_ino: u32,
+    /// socket.sk
+    pub socket_sk: u32,
+    /// sock.__sk_common.skc_family
+    pub sk_family: u32,
+    /// sock.__sk_common.skc_daddr
+    pub sk_daddr: u32,
+    /// sock.__sk_common.skc_rcv_saddr
+    pub sk_rcv_saddr: u32,
+    /// sock.__sk_common.skc_dport (network order)
+    pub sk_dport: u32,
+    /// sock.__sk_common.skc_num (host order)
+    pub sk_num: u32,
+    /// sock.__sk_common.skc_v6_daddr
+    pub sk_v6_daddr: u32,
+    /// sock.__sk_common.skc_v6_rcv_saddr
+    pub sk_v6_rcv_saddr: u32,
+    pub _pad: u32,
+}
 
 /// Address family values carried in [`ConnAddrs::family`] (Linux values).
 pub const AF_INET: u16 = 2;
@@ -118,6 +197,9 @@ pub struct EventHeader {
     pub flags: u32,
     pub _pad: u32,
     pub addrs: ConnAddrs,
+    /// Inode number of the socket (`socket:[N]`), 0 when unknown: lets a
+    /// userspace lookup check it found the same socket.
+    pub sock_ino: u64,
     /// `bpf_get_current_comm` of the thread.
     pub comm: [u8; 16],
 }
@@ -146,14 +228,28 @@ pub enum Counter {
     /// Not a counter: the highest ring-buffer fill (bytes) seen at a submit
     /// on this CPU since userspace last reset it.
     RingbufHighWater = 7,
+    /// File descriptors found not to be sockets (each is then ignored).
+    NonSocketFds = 8,
+    /// Events sent for fds the kernel could not classify (at most one per fd).
+    UnconfirmedEvents = 9,
+    /// MSG_PEEK receives ignored.
+    PeeksSkipped = 10,
+    /// Continuation events sent for request heads longer than MAX_CAPTURE.
+    ContinuationEvents = 11,
+    /// Kernel-memory reads (fd -> socket) that failed.
+    KernelReadFailed = 12,
+    /// Small first writes held in the per-fd look-ahead until HTTP was decided.
+    LookaheadHeld = 13,
+    /// Connections cleaned up by dup2/dup3, close_range or process exit.
+    ImplicitCloses = 14,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_SLOTS: u32 = 8;
+pub const COUNTER_SLOTS: u32 = 16;
 
 impl Counter {
     /// Every counter, in index order, with a stable snake_case name.
-    pub const ALL: [(Counter, &'static str); 7] = [
+    pub const ALL: [(Counter, &'static str); 14] = [
         (Counter::EventsSent, "events_sent"),
         (Counter::RingbufFull, "ringbuf_full"),
         (Counter::Truncated, "truncated"),
@@ -161,6 +257,13 @@ impl Counter {
         (Counter::ConnTableFull, "conn_table_full"),
         (Counter::ArgsTableFull, "args_table_full"),
         (Counter::ReadUserFailed, "read_user_failed"),
+        (Counter::NonSocketFds, "non_socket_fds"),
+        (Counter::UnconfirmedEvents, "unconfirmed_events"),
+        (Counter::PeeksSkipped, "peeks_skipped"),
+        (Counter::ContinuationEvents, "continuation_events"),
+        (Counter::KernelReadFailed, "kernel_read_failed"),
+        (Counter::LookaheadHeld, "lookahead_held"),
+        (Counter::ImplicitCloses, "implicit_closes"),
     ];
 }
 
@@ -169,4 +272,6 @@ mod user {
     // SAFETY: plain-old-data structs with explicit padding and no pointers.
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::ConnAddrs {}
+    unsafe impl aya::Pod for super::FdVerdict {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
 }

@@ -1,16 +1,15 @@
-//! Copying payload prefixes into ring-buffer events, HTTP detection, and
-//! the tracking of HTTP connections per (tgid, fd).
+//! Copying payload prefixes of followed connections into ring-buffer events.
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user, generated},
 };
 use meshless_common::{
-    ConnAddrs, Counter, EventKind, FLAG_NEW_CONN, FLAG_TRUNCATED, HEADER_SIZE, MAX_CAPTURE, MAX_IOVECS,
+    Counter, EventKind, FLAG_CONTINUATION, FLAG_TRUNCATED, HEADER_SIZE, MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS,
 };
 
-use crate::maps::{
-    ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, COUNTERS, ConnState, EVENTS, SCRATCH, count,
-    wakeup_bytes,
+use crate::{
+    detect::{Http, WINDOW, classify, read_head},
+    maps::{Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, COUNTERS, ConnState, EVENTS, Held, SCRATCH, count, wakeup_bytes},
 };
 
 #[repr(C)]
@@ -38,79 +37,27 @@ fn iovecs(args: &Args) -> Option<(u64, u64, bool)> {
     }
 }
 
-/// Reads the first eight payload bytes of a syscall buffer.
-pub fn first_bytes(args: &Args) -> Option<[u8; 8]> {
+/// Reads up to WINDOW bytes from the start of a syscall buffer that moved
+/// (or asks to move) `avail` bytes: (bytes, how many are valid).
+#[inline(always)]
+pub fn head(args: &Args, avail: u64) -> Option<([u8; WINDOW], usize)> {
     let (ptr, cnt, plain) = iovecs(args)?;
-    let base = if plain {
-        ptr
+    let (base, len) = if plain {
+        (ptr, avail)
     } else {
         if cnt == 0 {
             return None;
         }
         // SAFETY: user pointer read through the checked helper.
         let iov: IoVec = unsafe { bpf_probe_read_user(ptr as *const IoVec) }.ok()?;
-        if iov.len < 4 {
-            return None;
-        }
-        iov.base
+        (iov.base, if iov.len < avail { iov.len } else { avail })
     };
-    // SAFETY: as above; a short buffer makes the helper fail, not fault.
-    unsafe { bpf_probe_read_user(base as *const [u8; 8]) }.ok()
-}
-
-/// True when bytes start like an HTTP/1.x request or response. Userspace
-/// validates fully; this only keeps the kernel from following sockets that
-/// are certainly not HTTP. (The HTTP/2 preface `PRI * HTTP/2.0` is left out
-/// until userspace parses HTTP/2: following it would only cost.)
-pub fn looks_like_http(b: &[u8; 8]) -> bool {
-    let head = [b[0], b[1], b[2], b[3]];
-    match &head {
-        b"GET " | b"PUT " => true,
-        b"POST" | b"HEAD" => b[4] == b' ',
-        b"HTTP" => b[4] == b'/',
-        b"DELE" => b[4] == b'T',
-        b"PATC" => b[4] == b'H',
-        b"OPTI" => b[4] == b'O',
-        b"CONN" => b[4] == b'E',
-        b"TRAC" => b[4] == b'E',
-        _ => false,
-    }
-}
-
-/// Returns the state of a tracked connection, or starts tracking it when
-/// `detect` says its first bytes look like HTTP.
-pub fn tracked_conn(key: u64, args: &Args, detect: bool) -> Option<(ConnState, u32)> {
-    // SAFETY: the value is copied out at once.
-    if let Some(state) = unsafe { CONNS.get(&key) } {
-        return Some((*state, 0));
-    }
-    if !detect || !looks_like_http(&first_bytes(args)?) {
+    let mut b = [0u8; WINDOW];
+    let n = read_head(&mut b, base, len);
+    if n == 0 {
         return None;
     }
-    // SAFETY: the value is copied out at once.
-    let mut known = unsafe { ADDRS.get(&key) }.copied();
-    if let Some(k) = known.as_mut() {
-        if k.sk != 0 {
-            // A connected socket: its full 4-tuple was recorded at ESTABLISHED.
-            // SAFETY: copied out at once.
-            if let Some(full) = unsafe { ACTIVE.get(&k.sk) } {
-                k.addrs = *full;
-            }
-            let _ = ACTIVE.remove(&k.sk);
-        }
-    }
-    let state = ConnState {
-        conn_id: unsafe { bpf_ktime_get_ns() },
-        flags: known.map_or(0, |k| k.flags),
-        _pad: 0,
-        addrs: known.map_or(ConnAddrs::default(), |k| k.addrs),
-    };
-    if CONNS.insert(&key, &state, 0).is_err() {
-        count(Counter::ConnTableFull);
-        return None;
-    }
-    count(Counter::ConnsTracked);
-    Some((state, FLAG_NEW_CONN))
+    Some((b, n))
 }
 
 /// Copies up to MAX_CAPTURE bytes of what the syscall moved into the
@@ -163,31 +110,102 @@ fn read_user(dst: *mut u8, src: u64, len: usize) -> Result<(), i64> {
     if ret == 0 { Ok(()) } else { Err(ret) }
 }
 
+/// Emits the Data event(s) for a finished syscall on a followed connection:
+/// the first MAX_CAPTURE bytes, and for a plain-buffer request head longer
+/// than that, up to MAX_CONTINUATION more bytes as contiguous events (so a
+/// `traceparent` after a big cookie is seen). The events' `len`s add up to
+/// `ret`, so userspace sees one stream.
 #[inline(always)]
-/// Emits one Data event for a finished syscall on a tracked connection.
 pub fn emit_data(tgid: u32, tid: u32, args: &Args, ret: usize, state: &ConnState, flags: u32) {
     let Some(ev) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: per-CPU scratch, used by one program at a time on this CPU.
     let ev = unsafe { &mut *ev };
+    let more = ret > MAX_CAPTURE && args.layout == BUF_PLAIN && starts_request(args);
     let captured = if ret > 0 {
         copy_payload(ev.data.as_mut_ptr(), args, ret)
     } else {
         0
     };
+    let len = if more && captured == MAX_CAPTURE { MAX_CAPTURE } else { ret };
     let mut flags = flags | state.flags;
-    if captured < ret {
+    if captured < len {
         flags |= FLAG_TRUNCATED;
         count(Counter::Truncated);
     }
     fill_header(ev, tgid, tid, args.fd, EventKind::Data, state);
     ev.header.direction = args.direction;
     ev.header.syscall = args.syscall;
-    ev.header.len = ret as u32;
+    ev.header.len = len as u32;
     ev.header.captured = captured as u32;
     ev.header.flags = flags;
     submit(ev, captured);
+    if len == ret {
+        return;
+    }
+    let mut off = MAX_CAPTURE;
+    for _ in 0..MAX_CONTINUATION / MAX_CAPTURE {
+        if off >= ret {
+            break;
+        }
+        let rest = ret - off;
+        let want = if rest > MAX_CAPTURE { MAX_CAPTURE } else { rest };
+        let last = off + MAX_CAPTURE >= MAX_CAPTURE + MAX_CONTINUATION || rest <= MAX_CAPTURE;
+        let got = if read_user(ev.data.as_mut_ptr(), args.ptr + off as u64, want).is_ok() {
+            want
+        } else {
+            count(Counter::ReadUserFailed);
+            0
+        };
+        let len = if last { rest } else { want };
+        let mut f = (flags & !FLAG_TRUNCATED & !meshless_common::FLAG_NEW_CONN) | FLAG_CONTINUATION;
+        if got < len {
+            f |= FLAG_TRUNCATED;
+        }
+        fill_header(ev, tgid, tid, args.fd, EventKind::Data, state);
+        ev.header.direction = args.direction;
+        ev.header.syscall = args.syscall;
+        ev.header.len = len as u32;
+        ev.header.captured = got as u32;
+        ev.header.flags = f;
+        submit(ev, got);
+        count(Counter::ContinuationEvents);
+        if last || got == 0 {
+            break;
+        }
+        off += MAX_CAPTURE;
+    }
+}
+
+/// True when a plain buffer starts like a request line (worth capturing
+/// its head past MAX_CAPTURE; bodies and responses are not).
+#[inline(always)]
+fn starts_request(args: &Args) -> bool {
+    let mut b = [0u8; WINDOW];
+    let n = read_head(&mut b, args.ptr, WINDOW as u64);
+    classify(&b, n) == Http::Request
+}
+
+/// Emits the look-ahead bytes held for an fd before it was followed, as
+/// the Data event that precedes the current syscall's.
+#[inline(always)]
+pub fn emit_held(tgid: u32, tid: u32, args: &Args, held: &Held, state: &ConnState, flags: u32) {
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: as in emit_data.
+    let ev = unsafe { &mut *ev };
+    let n = (held.len as usize) & (WINDOW * 2 - 1);
+    let n = if n > WINDOW { WINDOW } else { n };
+    ev.data[..WINDOW].copy_from_slice(&held.bytes);
+    fill_header(ev, tgid, tid, args.fd, EventKind::Data, state);
+    ev.header.direction = args.direction;
+    ev.header.syscall = args.syscall;
+    ev.header.len = n as u32;
+    ev.header.captured = n as u32;
+    ev.header.flags = flags | state.flags;
+    submit(ev, n);
 }
 
 /// Emits a header-only event (Close).
@@ -218,6 +236,7 @@ fn fill_header(ev: &mut crate::maps::EventBuf, tgid: u32, tid: u32, fd: u32, kin
     h.kind = kind as u32;
     h._pad = 0;
     h.addrs = state.addrs;
+    h.sock_ino = state.sock_ino;
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
 }
 

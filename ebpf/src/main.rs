@@ -8,8 +8,11 @@
 #![no_main]
 
 mod capture;
+mod detect;
+mod follow;
 mod maps;
 mod probes;
+mod sock;
 
 #[cfg(not(test))]
 #[panic_handler]

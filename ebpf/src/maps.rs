@@ -3,7 +3,9 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use meshless_common::{COUNTER_SLOTS, ConnAddrs, Counter, EventHeader, MAX_CAPTURE};
+use meshless_common::{COUNTER_SLOTS, ConnAddrs, Counter, EventHeader, FdVerdict, MAX_CAPTURE};
+
+use crate::detect::WINDOW;
 
 /// The agent's own tgid; its syscalls are never traced. Set at load time.
 #[unsafe(no_mangle)]
@@ -42,12 +44,24 @@ pub struct Args {
 
 /// State of a tracked (HTTP) connection, keyed by (tgid << 32 | fd).
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct ConnState {
     pub conn_id: u64,
     pub flags: u32,
     pub _pad: u32,
     pub addrs: ConnAddrs,
+    /// Socket inode number, 0 when the kernel could not read it.
+    pub sock_ino: u64,
+}
+
+/// First bytes of an untracked socket's stream, held until they decide
+/// whether it is HTTP (a request written one byte per syscall).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct Held {
+    pub len: u32,
+    pub direction: u32,
+    pub bytes: [u8; WINDOW],
 }
 
 /// Addresses learned from accept4/connect, keyed like `CONNS`.
@@ -106,6 +120,20 @@ pub static PASSIVE: LruHashMap<PeerKey, ConnAddrs> = LruHashMap::with_max_entrie
 #[map(name = "ACTIVE")]
 pub static ACTIVE: LruHashMap<u64, ConnAddrs> = LruHashMap::with_max_entries(16384, 0);
 
+/// Per-(tgid, fd) "socket or not" verdicts: non-sockets are ignored with
+/// one lookup; unconfirmed fds wait for userspace. Cleaned on close.
+#[map(name = "VERDICTS")]
+pub static VERDICTS: LruHashMap<u64, FdVerdict> = LruHashMap::with_max_entries(65536, 0);
+
+/// Look-ahead bytes of untracked sockets, keyed like `CONNS`.
+#[map(name = "HELD")]
+pub static HELD: LruHashMap<u64, Held> = LruHashMap::with_max_entries(8192, 0);
+
+/// Processes with entries in `CONNS` or `VERDICTS`: only their exit,
+/// close_range or dup2 needs a sweep.
+#[map(name = "TGIDS")]
+pub static TGIDS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<EventBuf> = PerCpuArray::with_max_entries(1, 0);
 
@@ -113,6 +141,14 @@ pub fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *slot += 1 };
+    }
+}
+
+/// Notes that `tgid` has per-fd state to clean at exit.
+pub fn note_tgid(tgid: u32) {
+    // SAFETY: presence check only.
+    if unsafe { TGIDS.get(&tgid) }.is_none() {
+        let _ = TGIDS.insert(&tgid, &1, 0);
     }
 }
 

@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use bytes::Bytes;
 use meshless_common::{
     ConnAddrs, Direction, EventHeader, EventKind, AF_INET, AF_INET6, FLAG_ACCEPTED, FLAG_CONNECTED, FLAG_LOCAL_ADDR,
-    FLAG_NEW_CONN, FLAG_REMOTE_ADDR, HEADER_SIZE,
+    FLAG_NEW_CONN, FLAG_REMOTE_ADDR, FLAG_UNCONFIRMED, HEADER_SIZE,
 };
 
 /// Identity of one connection: a (process, fd) pair and the kernel's
@@ -23,6 +23,8 @@ pub struct SocketInfo {
     pub remote: Option<SocketAddr>,
     pub accepted: bool,
     pub connected: bool,
+    /// Socket inode (`socket:[N]`) as the kernel read it; 0 when unknown.
+    pub ino: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,10 +108,22 @@ impl Event {
                 remote: addr(&h.addrs, FLAG_REMOTE_ADDR),
                 accepted: h.flags & FLAG_ACCEPTED != 0,
                 connected: h.flags & FLAG_CONNECTED != 0,
+                ino: h.sock_ino,
             },
             body,
         })
     }
+}
+
+/// (tgid, fd) of a record the kernel sent for an fd it could not classify
+/// as a socket or not (FLAG_UNCONFIRMED): userspace must answer.
+pub fn unconfirmed(record: &[u8]) -> Option<(u32, u32)> {
+    if record.len() < HEADER_SIZE {
+        return None;
+    }
+    // SAFETY: as in Event::decode.
+    let h: EventHeader = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+    (h.flags & FLAG_UNCONFIRMED != 0).then_some((h.tgid, h.fd))
 }
 
 /// A thread's `comm` as the kernel gave it (kept inline: no allocation per event).
@@ -187,6 +201,7 @@ mod tests {
                 remote: Ipv4Addr::new(10, 0, 0, 2).to_ipv6_mapped().octets(),
                 ..ConnAddrs::default()
             },
+            sock_ino: 0,
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
         }
     }

@@ -1,12 +1,19 @@
 //! Loading and attaching the kernel programs.
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
-use meshless_common::{Counter, AGENT_TGID_GLOBAL, COUNTERS_MAP, EVENTS_MAP, WAKEUP_BYTES_GLOBAL};
+use meshless_common::{
+    Counter, FdVerdict, KernelOffsets, AGENT_TGID_GLOBAL, COUNTERS_MAP, EVENTS_MAP, KERNEL_OFFSETS_GLOBAL,
+    VERDICTS_MAP, WAKEUP_BYTES_GLOBAL,
+};
+use tracing::{info, warn};
 
-use super::preflight::{self, PreflightError};
+use super::{
+    btf::Btf,
+    preflight::{self, PreflightError},
+};
 
 /// The eBPF object built by build.rs from `ebpf/`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshless.bpf.o"));
@@ -39,6 +46,10 @@ pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_exit_connect", "syscalls", "sys_exit_connect"),
     ("sys_enter_close", "syscalls", "sys_enter_close"),
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+    ("sys_enter_dup2", "syscalls", "sys_enter_dup2"),
+    ("sys_enter_dup3", "syscalls", "sys_enter_dup3"),
+    ("sys_enter_close_range", "syscalls", "sys_enter_close_range"),
+    ("sched_process_exit", "sched", "sched_process_exit"),
 ];
 
 /// Why loading failed, with what to do about it.
@@ -71,6 +82,9 @@ pub enum LoadError {
 pub struct Probes {
     pub events: RingBuf<MapData>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// "Socket or not" verdicts userspace writes for fds the kernel could
+    /// not classify itself (see `capture::confirm`).
+    pub verdicts: HashMap<MapData, u64, FdVerdict>,
     /// Owns the programs and their links; dropping it detaches everything.
     pub ebpf: Ebpf,
 }
@@ -85,8 +99,10 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     let tps: Vec<(&str, &str)> = TRACEPOINTS.iter().map(|(_, c, n)| (*c, *n)).collect();
     preflight::check(&tps)?;
     let tgid = std::process::id();
+    let offsets = kernel_offsets();
     let mut ebpf = EbpfLoader::new()
         .override_global(AGENT_TGID_GLOBAL, &tgid, true)
+        .override_global(KERNEL_OFFSETS_GLOBAL, &offsets, true)
         .override_global(WAKEUP_BYTES_GLOBAL, &opts.wakeup_bytes, true)
         .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
         .load(OBJECT)
@@ -104,7 +120,28 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     }
     let events = take_map(&mut ebpf, EVENTS_MAP)?;
     let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
-    Ok(Probes { events, counters, ebpf })
+    let verdicts = take_map(&mut ebpf, VERDICTS_MAP)?;
+    Ok(Probes {
+        events,
+        counters,
+        verdicts,
+        ebpf,
+    })
+}
+
+/// Offsets for the kernel-side socket check, or `valid == 0` (the probes
+/// then ask userspace to confirm sockets) when BTF is unavailable.
+fn kernel_offsets() -> KernelOffsets {
+    match Btf::from_sys_fs().and_then(|btf| btf.kernel_offsets()) {
+        Ok(offsets) => {
+            info!("kernel-side socket checks on (struct offsets from BTF)");
+            offsets
+        }
+        Err(error) => {
+            warn!(%error, "kernel-side socket checks off: non-socket fds are confirmed from /proc instead");
+            KernelOffsets::default()
+        }
+    }
 }
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>

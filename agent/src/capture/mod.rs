@@ -3,6 +3,8 @@
 //! The kernel submits without waking us unless the ring buffer fills past a
 //! threshold (wakeups cost ~44 µs per request here, see TOOLCHAIN.md), so
 //! the reader drains on a short timer and on readiness.
+pub mod btf;
+pub mod confirm;
 pub mod event;
 pub mod loader;
 pub mod preflight;
@@ -13,6 +15,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc, time};
 use tracing::warn;
 
+pub use confirm::Confirmer;
 pub use event::{ConnKey, Event, EventBody, SocketInfo};
 
 use crate::stats::Stats;
@@ -26,6 +29,7 @@ pub async fn run(
     poll: Duration,
     events_tx: mpsc::Sender<Vec<Event>>,
     stats: Arc<Stats>,
+    confirmer: Confirmer,
 ) -> std::io::Result<()> {
     #[allow(deprecated)] // AsyncFd::new is deprecated in tokio 1.54 in favour of a builder.
     let mut fd = AsyncFd::new(events)?;
@@ -39,17 +43,25 @@ pub async fn run(
             }
             _ = tick.tick() => {}
         }
-        if !drain(fd.get_mut(), &events_tx, &stats) {
+        if !drain(fd.get_mut(), &events_tx, &stats, &confirmer) {
             return Ok(());
         }
     }
 }
 
 /// Drains every record; false when the pipeline has shut down.
-fn drain(ring: &mut RingBuf<MapData>, events_tx: &mpsc::Sender<Vec<Event>>, stats: &Stats) -> bool {
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    events_tx: &mpsc::Sender<Vec<Event>>,
+    stats: &Stats,
+    confirmer: &Confirmer,
+) -> bool {
     let mut batch = Vec::new();
     while let Some(record) = ring.next() {
         Stats::inc(&stats.events_read);
+        if let Some((tgid, fd)) = event::unconfirmed(&record) {
+            confirmer.ask(tgid, fd);
+        }
         match Event::decode(&record) {
             Ok(ev) => batch.push(ev),
             Err(error) => {

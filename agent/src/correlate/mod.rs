@@ -232,7 +232,7 @@ fn new_conn(key: &ConnKey, comm: &str, cgroup_id: u64, tid: u32, socket: crate::
     if local.is_none() || remote.is_none() {
         // The kernel side could not learn the addresses (e.g. accept4 with a
         // NULL sockaddr, or a socket older than the agent): ask the socket.
-        if let Some((l, r)) = sockets::lookup(key.tgid, key.fd) {
+        if let Some((l, r)) = sockets::lookup(key.tgid, key.fd, socket.ino) {
             local = local.or(Some(l));
             remote = remote.or(Some(r));
         }

@@ -22,6 +22,7 @@ fn data(tgid: u32, fd: u32, dir: Direction, bytes: &'static [u8], t: u64, local:
             remote: remote.parse().ok(),
             accepted: false,
             connected: false,
+            ino: 0,
         },
         body: EventBody::Data {
             direction: dir,

@@ -338,3 +338,22 @@ pub fn rebind(runtime: &tokio::runtime::Runtime, addr: std::net::SocketAddr) -> 
         }
     })
 }
+
+impl Agent {
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The agent's resident set size in KiB (VmRSS), 0 if unreadable.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}

@@ -13,7 +13,9 @@ use meshless_common::{
 use super::{arg, current, ret};
 use crate::{
     capture::emit_close,
-    maps::{ACTIVE, ADDRS, ARGS, Args, BUF_NONE, CONNECTING, CONNS, KnownAddrs, PASSIVE, PeerKey, conn_key},
+    maps::{
+        ACTIVE, ADDRS, ARGS, Args, BUF_NONE, CONNECTING, CONNS, HELD, KnownAddrs, PASSIVE, PeerKey, VERDICTS, conn_key,
+    },
 };
 
 const TCP_ESTABLISHED: i32 = 1;
@@ -105,6 +107,8 @@ fn finish_accept(ctx: &TracePointContext) -> u32 {
     }
     let key = conn_key(tgid, fd as u32);
     let _ = CONNS.remove(&key);
+    let _ = VERDICTS.remove(&key);
+    let _ = HELD.remove(&key);
     let mut known = KnownAddrs {
         flags: FLAG_ACCEPTED,
         fd: fd as u32,
@@ -191,15 +195,27 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     let Some((_, tgid, tid)) = current() else {
         return 0;
     };
-    let fd = arg(&ctx, 0) as u32;
+    forget(tgid, tid, arg(&ctx, 0) as u32);
+    0
+}
+
+/// Ends everything known about (tgid, fd): a Close event if it was
+/// followed; true if it was.
+#[inline(always)]
+pub fn forget(tgid: u32, tid: u32, fd: u32) -> bool {
     let key = conn_key(tgid, fd);
     // SAFETY: copied out before removal.
-    if let Some(state) = (unsafe { CONNS.get(&key) }).copied() {
+    let followed = if let Some(state) = (unsafe { CONNS.get(&key) }).copied() {
         emit_close(tgid, tid, fd, Syscall::Close as u32, &state);
         let _ = CONNS.remove(&key);
-    }
+        true
+    } else {
+        false
+    };
     let _ = ADDRS.remove(&key);
-    0
+    let _ = VERDICTS.remove(&key);
+    let _ = HELD.remove(&key);
+    followed
 }
 
 /// Field offsets of `sock:inet_sock_set_state`, from

@@ -4,10 +4,44 @@ use meshless_common::{Direction, Syscall};
 
 use super::{arg, current, ret};
 use crate::{
-    capture::{emit_data, first_bytes, looks_like_http, tracked_conn},
-    maps::{ARGS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_NONE, BUF_PLAIN, CONNS, conn_key, count},
+    capture::{emit_data, emit_held, head},
+    detect::classify,
+    follow::{Followed, tracked_conn},
+    maps::{ARGS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_NONE, BUF_PLAIN, CONNS, HELD, VERDICTS, conn_key, count},
 };
 use meshless_common::Counter;
+
+/// `MSG_PEEK`: the bytes stay in the socket and will be read again.
+const MSG_PEEK: u64 = 2;
+
+/// The recv flags argument, for the syscalls that have one.
+#[inline(always)]
+fn peeks(ctx: &TracePointContext, syscall: Syscall) -> bool {
+    let flags = match syscall {
+        Syscall::Recvfrom => arg(ctx, 3),
+        Syscall::Recvmsg => arg(ctx, 2),
+        _ => return false,
+    };
+    flags & MSG_PEEK != 0
+}
+
+/// Whether an untracked fd's write may start (or continue) an HTTP stream:
+/// its first bytes could be HTTP, or a look-ahead is held for it, and it is
+/// not known to be something else.
+#[inline(always)]
+fn worth_stashing(key: u64, args: &Args) -> bool {
+    if args.layout == BUF_NONE {
+        return false;
+    }
+    // For iovec layouts `count` is the iovec count, not a byte count.
+    let avail = if args.layout == BUF_PLAIN { args.count } else { u64::MAX };
+    let maybe = head(args, avail).is_some_and(|(b, n)| classify(&b, n).maybe());
+    // SAFETY: presence checks only.
+    if !maybe && unsafe { HELD.get(&key) }.is_none() {
+        return false;
+    }
+    unsafe { VERDICTS.get(&key) }.is_none_or(|v| v.state == meshless_common::VERDICT_SOCKET)
+}
 
 /// Stashes the arguments of a data syscall for its exit probe. Writes on
 /// sockets we do not follow are filtered here already: their bytes are in
@@ -17,6 +51,10 @@ fn stash(ctx: &TracePointContext, syscall: Syscall, direction: Direction, layout
     let Some((id, tgid, _)) = current() else {
         return 0;
     };
+    if peeks(ctx, syscall) {
+        count(Counter::PeeksSkipped);
+        return 0;
+    }
     let fd = arg(ctx, 0) as u32;
     let args = Args {
         ptr: arg(ctx, 1),
@@ -30,7 +68,7 @@ fn stash(ctx: &TracePointContext, syscall: Syscall, direction: Direction, layout
         let key = conn_key(tgid, fd);
         // SAFETY: presence check only.
         let tracked = unsafe { CONNS.get(&key) }.is_some();
-        if !tracked && (layout == BUF_NONE || !first_bytes(&args).is_some_and(|b| looks_like_http(&b))) {
+        if !tracked && !worth_stashing(key, &args) {
             return 0;
         }
     }
@@ -56,8 +94,14 @@ fn finish(ctx: &TracePointContext) -> u32 {
     }
     let key = conn_key(tgid, args.fd);
     let detect = args.layout != BUF_NONE;
-    if let Some((state, flags)) = tracked_conn(key, &args, detect) {
-        emit_data(tgid, tid, &args, n as usize, &state, flags);
+    let mut f = Followed::default();
+    if tracked_conn(key, &args, n as usize, detect, &mut f) {
+        let mut flags = f.flags;
+        if let Some(held) = f.held {
+            emit_held(tgid, tid, &args, &held, &f.state, flags);
+            flags &= !meshless_common::FLAG_NEW_CONN;
+        }
+        emit_data(tgid, tid, &args, n as usize, &f.state, flags);
     }
     0
 }

@@ -1,6 +1,7 @@
 //! One file per hook family.
 pub mod conn;
 pub mod data;
+pub mod lifecycle;
 
 use aya_ebpf::{EbpfContext, helpers::bpf_get_current_pid_tgid};
 
