@@ -37,27 +37,27 @@ fn iovecs(args: &Args) -> Option<(u64, u64, bool)> {
     }
 }
 
-/// Reads up to WINDOW bytes from the start of a syscall buffer that moved
-/// (or asks to move) `avail` bytes: (bytes, how many are valid).
+/// Reads up to `room` (<= WINDOW) bytes from the start of a syscall buffer
+/// that moved (or asks to move) `avail` bytes into `dst` (WINDOW bytes of
+/// room); returns how many (0: none).
 #[inline(always)]
-pub fn head(args: &Args, avail: u64) -> Option<([u8; WINDOW], usize)> {
-    let (ptr, cnt, plain) = iovecs(args)?;
+pub fn head(args: &Args, avail: u64, dst: *mut u8, room: usize) -> usize {
+    let Some((ptr, cnt, plain)) = iovecs(args) else {
+        return 0;
+    };
     let (base, len) = if plain {
         (ptr, avail)
     } else {
         if cnt == 0 {
-            return None;
+            return 0;
         }
         // SAFETY: user pointer read through the checked helper.
-        let iov: IoVec = unsafe { bpf_probe_read_user(ptr as *const IoVec) }.ok()?;
+        let Ok(iov) = (unsafe { bpf_probe_read_user(ptr as *const IoVec) }) else {
+            return 0;
+        };
         (iov.base, if iov.len < avail { iov.len } else { avail })
     };
-    let mut b = [0u8; WINDOW];
-    let n = read_head(&mut b, base, len);
-    if n == 0 {
-        return None;
-    }
-    Some((b, n))
+    read_head(dst, room, base, len)
 }
 
 /// Copies up to MAX_CAPTURE bytes of what the syscall moved into the
@@ -183,7 +183,7 @@ pub fn emit_data(tgid: u32, tid: u32, args: &Args, ret: usize, state: &ConnState
 #[inline(always)]
 fn starts_request(args: &Args) -> bool {
     let mut b = [0u8; WINDOW];
-    let n = read_head(&mut b, args.ptr, WINDOW as u64);
+    let n = read_head(b.as_mut_ptr(), WINDOW, args.ptr, WINDOW as u64);
     classify(&b, n) == Http::Request
 }
 

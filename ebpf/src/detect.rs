@@ -31,32 +31,65 @@ impl Http {
     }
 }
 
+/// Byte classes, looked up in one table: branching on every token
+/// character would multiply the verifier's paths per byte.
+const TOKEN: u8 = 1;
+const SPACE: u8 = 2;
+const CRLF: u8 = 4;
+/// May start a request-target ('/', '*', '[', alphanumeric).
+const TARGET: u8 = 8;
+
+const fn byte_classes() -> [u8; 256] {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        let alnum = b.is_ascii_alphanumeric();
+        if alnum || matches!(b, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~') {
+            t[c] |= TOKEN;
+        }
+        if alnum || matches!(b, b'/' | b'*' | b'[') {
+            t[c] |= TARGET;
+        }
+        if b == b' ' {
+            t[c] |= SPACE;
+        }
+        if b == b'\r' || b == b'\n' {
+            t[c] |= CRLF;
+        }
+        c += 1;
+    }
+    t
+}
+
+static CLASSES: [u8; 256] = byte_classes();
+
+/// `b[i]` without a bounds-check panic path (the verifier rejects those):
+/// every caller already keeps `i < WINDOW`.
 #[inline(always)]
-fn tchar(c: u8) -> bool {
-    c.is_ascii_alphanumeric()
-        || matches!(
-            c,
-            b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~'
-        )
+fn at(b: &[u8; WINDOW], i: usize) -> u8 {
+    b[i & (WINDOW - 1)]
 }
 
 #[inline(always)]
-fn target_start(c: u8) -> bool {
-    c == b'/' || c == b'*' || c == b'[' || c.is_ascii_alphanumeric()
+fn class(c: u8) -> u8 {
+    // SAFETY: u8 indexes a 256-entry table; volatile keeps it a load.
+    unsafe { core::ptr::read_volatile(CLASSES.as_ptr().add(c as usize)) }
 }
 
-/// Classifies the first `n` valid bytes of `b`.
-#[inline(always)]
+/// Classifies the first `n` valid bytes of `b`. (Not inlined: verified
+/// once per caller rather than once per inlined copy.)
+#[inline(never)]
 pub fn classify(b: &[u8; WINDOW], n: usize) -> Http {
+    let n = if n > WINDOW { WINDOW } else { n };
     let mut s = 0;
-    while s < MAX_LEADING_CRLF && s < n && (b[s] == b'\r' || b[s] == b'\n') {
-        s += 1;
+    for _ in 0..MAX_LEADING_CRLF {
+        if s < n && class(at(b, s)) & CRLF != 0 {
+            s += 1;
+        }
     }
     if s >= n {
         return if s < MAX_LEADING_CRLF { Http::NeedMore } else { Http::No };
-    }
-    if b[s] == b'\r' || b[s] == b'\n' {
-        return Http::No;
     }
     match response_prefix(b, s, n) {
         Http::No => {}
@@ -64,23 +97,24 @@ pub fn classify(b: &[u8; WINDOW], n: usize) -> Http {
     }
     // The method token, then one space, then the start of the target.
     let mut i = s;
-    while i < WINDOW {
+    for _ in 0..WINDOW {
         if i >= n {
             return Http::NeedMore;
         }
-        let c = b[i];
-        if c == b' ' {
-            if i == s {
+        let k = class(at(b, i));
+        if k & TOKEN == 0 {
+            if k & SPACE == 0 || i == s {
                 return Http::No;
             }
             let t = i + 1;
-            if t >= n || t >= WINDOW {
+            if t >= n {
                 return if t < WINDOW { Http::NeedMore } else { Http::No };
             }
-            return if target_start(b[t]) { Http::Request } else { Http::No };
-        }
-        if !tchar(c) {
-            return Http::No;
+            return if class(at(b, t)) & TARGET != 0 {
+                Http::Request
+            } else {
+                Http::No
+            };
         }
         i += 1;
     }
@@ -90,49 +124,37 @@ pub fn classify(b: &[u8; WINDOW], n: usize) -> Http {
 /// "HTTP/1." at `s`: Response; a proper prefix of it: NeedMore.
 #[inline(always)]
 fn response_prefix(b: &[u8; WINDOW], s: usize, n: usize) -> Http {
-    const STATUS: &[u8; 7] = b"HTTP/1.";
-    for (j, want) in STATUS.iter().enumerate() {
+    const STATUS: [u8; 7] = *b"HTTP/1.";
+    let mut matched = 0;
+    for j in 0..STATUS.len() {
         let i = s + j;
-        if i >= n || i >= WINDOW {
-            // Every byte seen matched; "HTTP" alone could still be a method.
-            return if j <= 4 { Http::No } else { Http::NeedMore };
+        if i >= n || at(b, i) != STATUS[j] {
+            break;
         }
-        if b[i] != *want {
-            return Http::No;
-        }
+        matched += 1;
     }
-    Http::Response
+    if matched == STATUS.len() {
+        Http::Response
+    } else if matched > 4 && s + matched >= n {
+        // "HTTP/" so far; "HTTP" alone could still be a method.
+        Http::NeedMore
+    } else {
+        Http::No
+    }
 }
 
-/// Reads up to WINDOW bytes at user address `src`; returns how many.
+/// Reads up to `room` (<= WINDOW) bytes at user address `src`, of which
+/// `avail` are valid, to `dst`, which must have WINDOW bytes of room;
+/// returns how many were read.
 #[inline(always)]
-pub fn read_head(dst: &mut [u8; WINDOW], src: u64, avail: u64) -> usize {
-    let n = if avail > WINDOW as u64 {
-        WINDOW
-    } else {
-        avail as usize
-    };
+pub fn read_head(dst: *mut u8, room: usize, src: u64, avail: u64) -> usize {
+    let room = if room > WINDOW { WINDOW } else { room };
+    let n = if avail > room as u64 { room } else { avail as usize };
     let len = (n & (WINDOW * 2 - 1)) as u32;
     if len == 0 || len > WINDOW as u32 {
         return 0;
     }
     // SAFETY: dst has room for WINDOW bytes and len <= WINDOW.
-    let ret = unsafe { generated::bpf_probe_read_user(dst.as_mut_ptr().cast(), len, src as *const _) };
-    if ret == 0 { n } else { 0 }
-}
-
-/// `held` (the look-ahead, `held_len` bytes) followed by `cur` (`cur_len`
-/// bytes), cut to WINDOW; returns the combined length.
-#[inline(always)]
-pub fn join(held: &[u8; WINDOW], held_len: usize, cur: &[u8; WINDOW], cur_len: usize, out: &mut [u8; WINDOW]) -> usize {
-    let held_len = if held_len > WINDOW { WINDOW } else { held_len };
-    for j in 0..WINDOW {
-        out[j] = if j < held_len {
-            held[j]
-        } else {
-            cur[(j - held_len) & (WINDOW - 1)]
-        };
-    }
-    let total = held_len + cur_len;
-    if total > WINDOW { WINDOW } else { total }
+    let ret = unsafe { generated::bpf_probe_read_user(dst.cast(), len, src as *const _) };
+    if ret == 0 { len as usize } else { 0 }
 }

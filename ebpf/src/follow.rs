@@ -14,18 +14,26 @@ use meshless_common::{
 
 use crate::{
     capture::head,
-    detect::{Http, WINDOW, classify, join},
+    detect::{Http, WINDOW, classify},
     maps::{ACTIVE, ADDRS, Args, CONNS, ConnState, HELD, Held, VERDICTS, count, note_tgid},
     sock::{FdKind, fd_kind, sock_addrs},
 };
 
-/// A connection events are emitted for, and what to emit first.
-#[derive(Default)]
+/// A connection events are emitted for, and what to emit first. Lives in
+/// a per-CPU map (`FOLLOW`), not on the 512-byte BPF stack.
+#[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Followed {
     pub state: ConnState,
     pub flags: u32,
-    /// Look-ahead bytes of earlier syscalls to emit before this one's.
-    pub held: Option<Held>,
+    /// 1 when `held` (look-ahead bytes of earlier syscalls) is to be
+    /// emitted before this syscall's bytes.
+    pub has_held: u32,
+    pub held: Held,
+    /// The socket's `struct sock` address, 0 when unknown.
+    sk: u64,
+    /// Held bytes followed by this syscall's first bytes (room for both).
+    joined: [u8; WINDOW * 2],
 }
 
 /// True for syscalls that only succeed on sockets.
@@ -37,56 +45,86 @@ fn socket_syscall(syscall: u32) -> bool {
         || syscall == Syscall::Recvmsg as u32
 }
 
+const NOTHING: u32 = 0;
+const FOLLOW_NEW: u32 = 1;
+const FOLLOW_ONCE: u32 = 2;
+
 /// Fills `out` with the connection state to emit this syscall's `ret`
 /// bytes under, starting to follow the fd when it is a socket whose stream
-/// starts like HTTP; false when nothing is to be emitted. (Not inlined: a
-/// subprogram keeps each BPF stack frame under 512 bytes.)
-#[inline(never)]
+/// starts like HTTP; false when nothing is to be emitted.
+#[inline(always)]
 pub fn tracked_conn(key: u64, args: &Args, ret: usize, detect: bool, out: &mut Followed) -> bool {
+    out.has_held = 0;
+    out.flags = 0;
     // SAFETY: the value is copied out at once.
     if let Some(state) = unsafe { CONNS.get(&key) } {
         out.state = *state;
-        out.flags = 0;
-        out.held = None;
         return true;
     }
     if !detect {
         return false;
     }
-    match start_following(key, args, ret, out) {
-        Some(()) => true,
-        None => false,
+    let what = decide(key, args, ret, out);
+    if what == NOTHING {
+        return false;
     }
+    new_state(key, out);
+    if what == FOLLOW_ONCE {
+        return true;
+    }
+    if CONNS.insert(&key, &out.state, 0).is_err() {
+        count(Counter::ConnTableFull);
+        return false;
+    }
+    note_tgid((key >> 32) as u32);
+    count(Counter::ConnsTracked);
+    true
 }
 
-#[inline(always)]
-fn start_following(key: u64, args: &Args, ret: usize, out: &mut Followed) -> Option<()> {
+/// Whether to start following (tgid, fd): HTTP-looking bytes on a socket.
+/// Sets `out.flags`, the held bytes, `out.sk` and the ids in `out.state`.
+/// (Not inlined: its own stack frame keeps each under the BPF limit.)
+#[inline(never)]
+fn decide(key: u64, args: &Args, ret: usize, out: &mut Followed) -> u32 {
     // SAFETY: copied out at once.
     let verdict = unsafe { VERDICTS.get(&key) }.copied();
     if let Some(v) = verdict {
         if v.state != VERDICT_SOCKET {
-            return None;
+            return NOTHING;
         }
     }
-    let (cur, cur_len) = head(args, ret as u64)?;
     // SAFETY: copied out at once.
-    let held = unsafe { HELD.get(&key) }.copied().filter(|h| h.direction == args.direction);
-    let mut bytes = [0u8; WINDOW];
-    let (verdict_http, n) = match held {
+    let held = unsafe { HELD.get(&key) }.filter(|h| h.direction == args.direction);
+    // Held bytes first, then this syscall's, read straight behind them.
+    let held_len = match held {
         Some(h) => {
-            let n = join(&h.bytes, h.len as usize, &cur, cur_len, &mut bytes);
-            (classify(&bytes, n), n)
+            out.held = *h;
+            let mut first = [0u8; WINDOW];
+            first.copy_from_slice(&h.bytes);
+            out.joined[..WINDOW].copy_from_slice(&first);
+            (h.len as usize) & (WINDOW - 1)
         }
-        None => (classify(&cur, cur_len), cur_len),
+        None => 0,
     };
-    if verdict_http == Http::No {
-        if held.is_some() {
+    let dst = out.joined.as_mut_ptr().wrapping_add(held_len);
+    let cur_len = head(args, ret as u64, dst, WINDOW - held_len);
+    if cur_len == 0 {
+        return NOTHING;
+    }
+    let n = held_len + cur_len;
+    let mut window = [0u8; WINDOW];
+    window.copy_from_slice(&out.joined[..WINDOW]);
+    let http = classify(&window, n);
+    let had_held = held.is_some();
+    if http == Http::No {
+        if had_held {
             let _ = HELD.remove(&key);
         }
-        return None;
+        return NOTHING;
     }
-    let kind = fd_kind(args.fd);
-    let (sk, ino) = match kind {
+    out.sk = 0;
+    out.state.sock_ino = 0;
+    match fd_kind(args.fd) {
         FdKind::Other => {
             let v = FdVerdict {
                 state: VERDICT_NOT_SOCKET,
@@ -95,60 +133,56 @@ fn start_following(key: u64, args: &Args, ret: usize, out: &mut Followed) -> Opt
             let _ = VERDICTS.insert(&key, &v, 0);
             note_tgid((key >> 32) as u32);
             count(Counter::NonSocketFds);
-            return None;
+            return NOTHING;
         }
-        FdKind::Socket { sk, ino } => (sk, ino),
-        FdKind::Unknown => (0, 0),
-    };
-    if verdict_http == Http::NeedMore {
+        FdKind::Socket { sk, ino } => {
+            out.sk = sk;
+            out.state.sock_ino = ino;
+        }
+        FdKind::Unknown => {}
+    }
+    if http == Http::NeedMore {
         let h = Held {
             len: n as u32,
             direction: args.direction,
-            bytes: if held.is_some() { bytes } else { cur },
+            bytes: window,
         };
         let _ = HELD.insert(&key, &h, 0);
         count(Counter::LookaheadHeld);
-        return None;
+        return NOTHING;
     }
-    if held.is_some() {
+    if had_held {
+        out.has_held = 1;
         let _ = HELD.remove(&key);
     }
-    let confirmed = sk != 0 || socket_syscall(args.syscall) || verdict.is_some();
-    let conn_id = match verdict {
+    let confirmed = out.sk != 0 || socket_syscall(args.syscall) || verdict.is_some();
+    out.state.conn_id = match verdict {
         Some(v) if v.conn_id != 0 => v.conn_id,
         // SAFETY: no preconditions.
         _ => unsafe { bpf_ktime_get_ns() },
     };
-    new_state(key, conn_id, sk, ino, &mut out.state);
-    out.held = held;
-    if !confirmed {
-        // Userspace checks /proc/<tgid>/fd/<fd> and answers in VERDICTS;
-        // until then this fd gives nothing more.
-        let v = FdVerdict {
-            state: VERDICT_PENDING,
-            _pad: 0,
-            conn_id,
-        };
-        let _ = VERDICTS.insert(&key, &v, 0);
-        note_tgid((key >> 32) as u32);
-        count(Counter::UnconfirmedEvents);
-        out.flags = FLAG_NEW_CONN | FLAG_UNCONFIRMED;
-        return Some(());
+    if confirmed {
+        out.flags = FLAG_NEW_CONN;
+        return FOLLOW_NEW;
     }
-    if CONNS.insert(&key, &out.state, 0).is_err() {
-        count(Counter::ConnTableFull);
-        return None;
-    }
+    // Userspace checks /proc/<tgid>/fd/<fd> and answers in VERDICTS; until
+    // then this fd gives nothing more.
+    let v = FdVerdict {
+        state: VERDICT_PENDING,
+        _pad: 0,
+        conn_id: out.state.conn_id,
+    };
+    let _ = VERDICTS.insert(&key, &v, 0);
     note_tgid((key >> 32) as u32);
-    count(Counter::ConnsTracked);
-    out.flags = FLAG_NEW_CONN;
-    Some(())
+    count(Counter::UnconfirmedEvents);
+    out.flags = FLAG_NEW_CONN | FLAG_UNCONFIRMED;
+    FOLLOW_ONCE
 }
 
-/// State of a newly followed connection: addresses from the socket itself
-/// when the kernel can read them, else from accept/connect.
+/// Flags and addresses of a newly followed connection: addresses from the
+/// socket itself when the kernel can read them, else from accept/connect.
 #[inline(never)]
-fn new_state(key: u64, conn_id: u64, sk: u64, ino: u64, out: &mut ConnState) {
+fn new_state(key: u64, out: &mut Followed) {
     // SAFETY: the value is copied out at once.
     let mut known = unsafe { ADDRS.get(&key) }.copied();
     if let Some(k) = known.as_mut() {
@@ -161,14 +195,12 @@ fn new_state(key: u64, conn_id: u64, sk: u64, ino: u64, out: &mut ConnState) {
             let _ = ACTIVE.remove(&k.sk);
         }
     }
-    out.conn_id = conn_id;
-    out.flags = known.map_or(0, |k| k.flags);
-    out._pad = 0;
-    out.sock_ino = ino;
-    out.addrs = known.map_or(ConnAddrs::default(), |k| k.addrs);
-    if let Some(read) = sock_addrs(sk) {
+    out.state.flags = known.map_or(0, |k| k.flags);
+    out.state._pad = 0;
+    out.state.addrs = known.map_or(ConnAddrs::default(), |k| k.addrs);
+    if let Some(read) = sock_addrs(out.sk) {
         if read.remote_port != 0 {
-            out.addrs = read;
+            out.state.addrs = read;
         }
     }
 }

@@ -134,6 +134,10 @@ pub static HELD: LruHashMap<u64, Held> = LruHashMap::with_max_entries(8192, 0);
 #[map(name = "TGIDS")]
 pub static TGIDS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
 
+/// Per-CPU working state of `follow::tracked_conn` (too big for the stack).
+#[map(name = "FOLLOW")]
+pub static FOLLOW: PerCpuArray<crate::follow::Followed> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<EventBuf> = PerCpuArray::with_max_entries(1, 0);
 

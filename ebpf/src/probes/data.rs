@@ -5,9 +5,9 @@ use meshless_common::{Direction, Syscall};
 use super::{arg, current, ret};
 use crate::{
     capture::{emit_data, emit_held, head},
-    detect::classify,
-    follow::{Followed, tracked_conn},
-    maps::{ARGS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_NONE, BUF_PLAIN, CONNS, HELD, VERDICTS, conn_key, count},
+    detect::{WINDOW, classify},
+    follow::tracked_conn,
+    maps::{ARGS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_NONE, BUF_PLAIN, CONNS, FOLLOW, HELD, VERDICTS, conn_key, count},
 };
 use meshless_common::Counter;
 
@@ -35,7 +35,9 @@ fn worth_stashing(key: u64, args: &Args) -> bool {
     }
     // For iovec layouts `count` is the iovec count, not a byte count.
     let avail = if args.layout == BUF_PLAIN { args.count } else { u64::MAX };
-    let maybe = head(args, avail).is_some_and(|(b, n)| classify(&b, n).maybe());
+    let mut b = [0u8; WINDOW];
+    let n = head(args, avail, b.as_mut_ptr(), WINDOW);
+    let maybe = n > 0 && classify(&b, n).maybe();
     // SAFETY: presence checks only.
     if !maybe && unsafe { HELD.get(&key) }.is_none() {
         return false;
@@ -94,11 +96,15 @@ fn finish(ctx: &TracePointContext) -> u32 {
     }
     let key = conn_key(tgid, args.fd);
     let detect = args.layout != BUF_NONE;
-    let mut f = Followed::default();
-    if tracked_conn(key, &args, n as usize, detect, &mut f) {
+    let Some(f) = FOLLOW.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch, used by one program at a time on this CPU.
+    let f = unsafe { &mut *f };
+    if tracked_conn(key, &args, n as usize, detect, f) {
         let mut flags = f.flags;
-        if let Some(held) = f.held {
-            emit_held(tgid, tid, &args, &held, &f.state, flags);
+        if f.has_held != 0 {
+            emit_held(tgid, tid, &args, &f.held, &f.state, flags);
             flags &= !meshless_common::FLAG_NEW_CONN;
         }
         emit_data(tgid, tid, &args, n as usize, &f.state, flags);

@@ -2,7 +2,9 @@
 //! process exit. Each cleans the maps keyed by (tgid, fd) and sends a Close
 //! for every followed fd, so neither side keeps a dead connection that a
 //! reused fd would inherit.
-use aya_ebpf::{EbpfContext, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    EbpfContext, cty::c_void, helpers::generated::bpf_loop, macros::tracepoint, programs::TracePointContext,
+};
 use meshless_common::Counter;
 
 use super::{arg, conn::forget, current};
@@ -67,18 +69,40 @@ pub fn sys_enter_close_range(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// What a sweep's bpf_loop callback needs.
+#[repr(C)]
+struct Sweep {
+    tgid: u32,
+    tid: u32,
+    first: u32,
+    last: u32,
+}
+
+/// One fd of a sweep; non-zero stops the loop.
+extern "C" fn sweep_one(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: ctx is the Sweep on sweep()'s stack, alive for the loop.
+    let s = unsafe { &*(ctx as *const Sweep) };
+    let fd = s.first as u64 + index;
+    if fd > s.last as u64 {
+        return 1;
+    }
+    forget_counted(s.tgid, s.tid, fd as u32);
+    0
+}
+
+/// Forgets fds first..=last (at most MAX_SWEEP of them). bpf_loop keeps
+/// the verifier's work to one pass over the body, whatever the count.
 #[inline(always)]
 fn sweep(tgid: u32, tid: u32, first: u32, last: u32) {
-    let mut fd = first;
-    for _ in 0..MAX_SWEEP {
-        if fd > last {
-            break;
-        }
-        forget_counted(tgid, tid, fd);
-        fd = match fd.checked_add(1) {
-            Some(next) => next,
-            None => break,
-        };
+    let mut ctx = Sweep { tgid, tid, first, last };
+    // SAFETY: the callback only reads ctx, which outlives the call.
+    unsafe {
+        bpf_loop(
+            MAX_SWEEP,
+            sweep_one as *mut c_void,
+            (&mut ctx as *mut Sweep).cast(),
+            0,
+        );
     }
 }
 
