@@ -70,7 +70,7 @@ fn header_block_larger_than_the_capture_keeps_method_and_path_and_is_marked_trun
     let agent = Agent::start();
     let port = 8102;
     let _server = python_server(&pods, port);
-    let fill = "a".repeat(6000);
+    let fill = "a".repeat(12_000); // past the 8 KiB head capture (2 KiB + continuations)
     let url = format!("http://{}:{port}/etc/hostname", pods.ip_b);
     let mut curl = PodPair::cmd(&pods.a, "curl");
     curl.args(["-s", "-o", "/dev/null", "-H", &format!("X-Fill: {fill}"), &url]);
