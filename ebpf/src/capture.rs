@@ -128,7 +128,11 @@ pub fn emit_data(tgid: u32, tid: u32, args: &Args, ret: usize, state: &ConnState
     } else {
         0
     };
-    let len = if more && captured == MAX_CAPTURE { MAX_CAPTURE } else { ret };
+    let len = if more && captured == MAX_CAPTURE {
+        MAX_CAPTURE
+    } else {
+        ret
+    };
     let mut flags = flags | state.flags;
     if captured < len {
         flags |= FLAG_TRUNCATED;

@@ -45,7 +45,12 @@ const fn byte_classes() -> [u8; 256] {
     while c < 256 {
         let b = c as u8;
         let alnum = b.is_ascii_alphanumeric();
-        if alnum || matches!(b, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~') {
+        if alnum
+            || matches!(
+                b,
+                b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~'
+            )
+        {
             t[c] |= TOKEN;
         }
         if alnum || matches!(b, b'/' | b'*' | b'[') {

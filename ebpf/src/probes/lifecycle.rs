@@ -97,12 +97,7 @@ fn sweep(tgid: u32, tid: u32, first: u32, last: u32) {
     let mut ctx = Sweep { tgid, tid, first, last };
     // SAFETY: the callback only reads ctx, which outlives the call.
     unsafe {
-        bpf_loop(
-            MAX_SWEEP,
-            sweep_one as *mut c_void,
-            (&mut ctx as *mut Sweep).cast(),
-            0,
-        );
+        bpf_loop(MAX_SWEEP, sweep_one as *mut c_void, (&mut ctx as *mut Sweep).cast(), 0);
     }
 }
 
