@@ -1,7 +1,7 @@
 //! Every map and global of the kernel side, in one place.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use meshless_common::{COUNTER_SLOTS, ConnAddrs, Counter, EventHeader, MAX_CAPTURE, TraceCtx};
 
@@ -206,3 +206,8 @@ pub static READERS: LruHashMap<u64, Reader> = LruHashMap::with_max_entries(65536
 /// Linking policy per process (a `LinkPolicy` value), written by userspace.
 #[map(name = "LINK_POLICY")]
 pub static LINK_POLICY: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Slot 0: the program that decides a read request's context and submits
+/// its event (a tail call, so it is verified once, not in every sys_exit).
+#[map(name = "SERVER_CTX")]
+pub static SERVER_CTX: ProgramArray = ProgramArray::with_max_entries(1, 0);
