@@ -62,6 +62,8 @@ pub struct Correlator {
     last_sweep_ns: u64,
     /// Told about each process seen (it sets the kernel's linking policy).
     new_process: Option<std::sync::mpsc::SyncSender<u32>>,
+    #[cfg(test)]
+    pending: Vec<Span>,
 }
 
 /// What turning exchanges into spans needs besides the connection.
@@ -80,6 +82,8 @@ impl Correlator {
             links: Links::default(),
             aliases: Aliases::default(),
             new_process: None,
+            #[cfg(test)]
+            pending: Vec::new(),
             env: SpanEnv {
                 clock: Clock::sample(),
                 stats,
@@ -311,5 +315,7 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
     }
 }
 
+#[cfg(test)]
+mod context_tests;
 #[cfg(test)]
 mod tests;
