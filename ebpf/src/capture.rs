@@ -4,12 +4,19 @@ use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user, generated},
 };
 use meshless_common::{
-    Counter, EventKind, FLAG_CONTINUATION, FLAG_TRUNCATED, HEADER_SIZE, MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS,
+    ConnAddrs, Counter, Direction, EventKind, FLAG_CONTINUATION, FLAG_NEW_CONN, FLAG_TRUNCATED, HEADER_SIZE,
+    MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS, TraceCtx,
 };
 
+use aya_ebpf::programs::TracePointContext;
+
 use crate::{
+    context,
     detect::{Http, WINDOW, classify, read_head},
-    maps::{Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, COUNTERS, ConnState, EVENTS, Held, SCRATCH, count, wakeup_bytes},
+    maps::{
+        ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONT, COUNTERS, ConnState, EVENTS, Held, SCRATCH,
+        SERVER_CTX, count, wakeup_bytes,
+    },
 };
 
 #[repr(C)]
@@ -58,6 +65,20 @@ pub fn head(args: &Args, avail: u64, dst: *mut u8, room: usize) -> usize {
         (iov.base, if iov.len < avail { iov.len } else { avail })
     };
     read_head(dst, room, base, len)
+}
+
+/// Addresses of a socket that is not tracked yet, as accept/connect and
+/// the ESTABLISHED transition recorded them.
+pub fn known_addrs(key: u64) -> Option<&'static ConnAddrs> {
+    // SAFETY: map values stay valid for the program's run.
+    let known = unsafe { ADDRS.get(&key) }?;
+    if known.sk != 0 {
+        // SAFETY: as above.
+        if let Some(full) = unsafe { ACTIVE.get(&known.sk) } {
+            return Some(full);
+        }
+    }
+    Some(&known.addrs)
 }
 
 /// Copies up to MAX_CAPTURE bytes of what the syscall moved into the
@@ -116,7 +137,8 @@ fn read_user(dst: *mut u8, src: u64, len: usize) -> Result<(), i64> {
 /// `traceparent` after a big cookie is seen). The events' `len`s add up to
 /// `ret`, so userspace sees one stream.
 #[inline(always)]
-pub fn emit_data(tgid: u32, tid: u32, args: &Args, ret: usize, state: &ConnState, flags: u32) {
+pub fn emit_data(tp: &TracePointContext, id: u64, args: &Args, ret: usize, state: &ConnState, flags: u32) {
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
     let Some(ev) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -144,10 +166,66 @@ pub fn emit_data(tgid: u32, tid: u32, args: &Args, ret: usize, state: &ConnState
     ev.header.len = len as u32;
     ev.header.captured = captured as u32;
     ev.header.flags = flags;
+    ev.header.ctx = args.ctx;
+    // The rest of a long request head follows the first event, also when
+    // the first event leaves through the server-context tail call.
+    if let Some(cont) = CONT.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, used by one program at a time on this CPU.
+        let cont = unsafe { &mut *cont };
+        cont.ptr = args.ptr;
+        cont.ret = if len == ret { 0 } else { ret as u64 };
+    }
+    if args.ctx.flags == 0 && captured >= 8 {
+        let first = [
+            ev.data[0], ev.data[1], ev.data[2], ev.data[3], ev.data[4], ev.data[5], ev.data[6], ev.data[7],
+        ];
+        if args.direction == Direction::Ingress as u32 && context::starts_request(&first) {
+            // Does not return when it works; on failure the event goes out
+            // without a context below.
+            // SAFETY: the slot holds a tracepoint program like this one.
+            unsafe { SERVER_CTX.tail_call(tp, 0) };
+        } else if args.direction == Direction::Egress as u32 && &first[..5] == b"HTTP/" {
+            context::response_written(tgid, args.fd);
+        }
+    }
     submit(ev, captured);
-    if len == ret {
+    emit_continuation(ev);
+}
+
+/// The tail of `emit_data` for a request read by a server: decides its
+/// context (see `context::server_request`) and submits the event.
+pub fn finish_server_request() {
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch, filled by the program that tail-called us.
+    let ev = unsafe { &mut *ev };
+    let h = &ev.header;
+    let id = (h.tgid as u64) << 32 | h.tid as u64;
+    let (fd, addrs) = (h.fd, h.addrs);
+    let captured = (h.captured as usize) & (MAX_CAPTURE * 2 - 1);
+    context::server_request(id, fd, &addrs, captured, &mut ev.header.ctx);
+    submit(ev, captured);
+    emit_continuation(ev);
+}
+
+/// Sends the bytes after the first MAX_CAPTURE of a long request head (as
+/// planned in `CONT` by emit_data) as contiguous events that reuse the
+/// first event's header: their `len`s add up to what the syscall moved.
+#[inline(always)]
+fn emit_continuation(ev: &mut crate::maps::EventBuf) {
+    let Some(cont) = CONT.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, used by one program at a time on this CPU.
+    let cont = unsafe { &mut *cont };
+    let (ptr, ret) = (cont.ptr, cont.ret as usize);
+    cont.ret = 0;
+    if ret <= MAX_CAPTURE {
         return;
     }
+    let flags = (ev.header.flags & !FLAG_TRUNCATED & !FLAG_NEW_CONN) | FLAG_CONTINUATION;
+    ev.header.ctx = TraceCtx::default();
     let mut off = MAX_CAPTURE;
     for _ in 0..MAX_CONTINUATION / MAX_CAPTURE {
         if off >= ret {
@@ -156,23 +234,16 @@ pub fn emit_data(tgid: u32, tid: u32, args: &Args, ret: usize, state: &ConnState
         let rest = ret - off;
         let want = if rest > MAX_CAPTURE { MAX_CAPTURE } else { rest };
         let last = off + MAX_CAPTURE >= MAX_CAPTURE + MAX_CONTINUATION || rest <= MAX_CAPTURE;
-        let got = if read_user(ev.data.as_mut_ptr(), args.ptr + off as u64, want).is_ok() {
+        let got = if read_user(ev.data.as_mut_ptr(), ptr + off as u64, want).is_ok() {
             want
         } else {
             count(Counter::ReadUserFailed);
             0
         };
         let len = if last { rest } else { want };
-        let mut f = (flags & !FLAG_TRUNCATED & !meshless_common::FLAG_NEW_CONN) | FLAG_CONTINUATION;
-        if got < len {
-            f |= FLAG_TRUNCATED;
-        }
-        fill_header(ev, tgid, tid, args.fd, EventKind::Data, state);
-        ev.header.direction = args.direction;
-        ev.header.syscall = args.syscall;
         ev.header.len = len as u32;
         ev.header.captured = got as u32;
-        ev.header.flags = f;
+        ev.header.flags = if got < len { flags | FLAG_TRUNCATED } else { flags };
         submit(ev, got);
         count(Counter::ContinuationEvents);
         if last || got == 0 {
@@ -209,6 +280,7 @@ pub fn emit_held(tgid: u32, tid: u32, args: &Args, held: &Held, state: &ConnStat
     ev.header.len = n as u32;
     ev.header.captured = n as u32;
     ev.header.flags = flags | state.flags;
+    ev.header.ctx = TraceCtx::default();
     submit(ev, n);
 }
 
@@ -225,6 +297,7 @@ pub fn emit_close(tgid: u32, tid: u32, fd: u32, syscall: u32, state: &ConnState)
     ev.header.len = 0;
     ev.header.captured = 0;
     ev.header.flags = state.flags;
+    ev.header.ctx = TraceCtx::default();
     submit(ev, 0);
 }
 

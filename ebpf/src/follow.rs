@@ -16,7 +16,7 @@ use crate::{
     capture::head,
     detect::{Http, WINDOW, classify},
     maps::{ACTIVE, ADDRS, Args, CONNS, ConnState, HELD, Held, VERDICTS, count, note_tgid},
-    sock::{FdKind, fd_kind, sock_addrs},
+    sock::{FdKind, fd_kind, read_sock_addrs},
 };
 
 /// A connection events are emitted for, and what to emit first. Lives in
@@ -183,24 +183,21 @@ fn decide(key: u64, args: &Args, ret: usize, out: &mut Followed) -> u32 {
 /// socket itself when the kernel can read them, else from accept/connect.
 #[inline(never)]
 fn new_state(key: u64, out: &mut Followed) {
-    // SAFETY: the value is copied out at once.
-    let mut known = unsafe { ADDRS.get(&key) }.copied();
-    if let Some(k) = known.as_mut() {
+    out.state.flags = 0;
+    out.state._pad = 0;
+    out.state.addrs = ConnAddrs::default();
+    // SAFETY: map values stay valid for the program's run.
+    if let Some(k) = unsafe { ADDRS.get(&key) } {
+        out.state.flags = k.flags;
+        out.state.addrs = k.addrs;
         if k.sk != 0 {
             // A connected socket: its full 4-tuple was recorded at ESTABLISHED.
-            // SAFETY: copied out at once.
+            // SAFETY: as above.
             if let Some(full) = unsafe { ACTIVE.get(&k.sk) } {
-                k.addrs = *full;
+                out.state.addrs = *full;
             }
             let _ = ACTIVE.remove(&k.sk);
         }
     }
-    out.state.flags = known.map_or(0, |k| k.flags);
-    out.state._pad = 0;
-    out.state.addrs = known.map_or(ConnAddrs::default(), |k| k.addrs);
-    if let Some(read) = sock_addrs(out.sk) {
-        if read.remote_port != 0 {
-            out.state.addrs = read;
-        }
-    }
+    read_sock_addrs(out.sk, &mut out.state.addrs);
 }

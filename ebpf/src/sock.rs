@@ -102,35 +102,52 @@ fn read_fd(o: &KernelOffsets, fd: u32) -> Option<FdKind> {
     Some(FdKind::Socket { sk, ino })
 }
 
-/// Both ends of an IPv4/IPv6 socket, read from its `struct sock_common`.
+/// Overwrites `addrs` with both ends of an IPv4/IPv6 socket, read from its
+/// `struct sock_common`; leaves it alone when they cannot be read or the
+/// socket has no peer yet.
 #[inline(always)]
-pub fn sock_addrs(sk: u64) -> Option<ConnAddrs> {
+pub fn read_sock_addrs(sk: u64, addrs: &mut ConnAddrs) {
     let o = offsets();
     if o.valid == 0 || sk == 0 {
-        return None;
+        return;
     }
-    let family: u16 = read(sk + o.sk_family as u64)?;
-    let dport: u16 = read(sk + o.sk_dport as u64)?;
-    let num: u16 = read(sk + o.sk_num as u64)?;
-    let mut addrs = ConnAddrs {
-        family,
-        local_port: num,
-        remote_port: u16::from_be(dport),
-        valid: FLAG_LOCAL_ADDR | FLAG_REMOTE_ADDR,
-        ..ConnAddrs::default()
+    let (Some(family), Some(dport), Some(num)) = (
+        read::<u16>(sk + o.sk_family as u64),
+        read::<u16>(sk + o.sk_dport as u64),
+        read::<u16>(sk + o.sk_num as u64),
+    ) else {
+        return;
     };
+    if dport == 0 {
+        return;
+    }
     match family {
         AF_INET => {
-            let d: [u8; 4] = read(sk + o.sk_daddr as u64)?;
-            let s: [u8; 4] = read(sk + o.sk_rcv_saddr as u64)?;
+            let (Some(d), Some(s)) = (
+                read::<[u8; 4]>(sk + o.sk_daddr as u64),
+                read::<[u8; 4]>(sk + o.sk_rcv_saddr as u64),
+            ) else {
+                return;
+            };
+            addrs.remote = [0; 16];
+            addrs.local = [0; 16];
             addrs.remote[..4].copy_from_slice(&d);
             addrs.local[..4].copy_from_slice(&s);
         }
         AF_INET6 => {
-            addrs.remote = read(sk + o.sk_v6_daddr as u64)?;
-            addrs.local = read(sk + o.sk_v6_rcv_saddr as u64)?;
+            let Some(d) = read::<[u8; 16]>(sk + o.sk_v6_daddr as u64) else {
+                return;
+            };
+            let Some(s) = read::<[u8; 16]>(sk + o.sk_v6_rcv_saddr as u64) else {
+                return;
+            };
+            addrs.remote = d;
+            addrs.local = s;
         }
-        _ => return None,
+        _ => return,
     }
-    Some(addrs)
+    addrs.family = family;
+    addrs.local_port = num;
+    addrs.remote_port = u16::from_be(dport);
+    addrs.valid = FLAG_LOCAL_ADDR | FLAG_REMOTE_ADDR;
 }

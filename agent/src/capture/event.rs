@@ -49,6 +49,8 @@ pub struct Event {
     pub comm: Comm,
     pub new_conn: bool,
     pub socket: SocketInfo,
+    /// Ids the kernel chose for the request this payload starts, if any.
+    pub ctx: Option<crate::trace_context::KernelCtx>,
     pub body: EventBody,
 }
 
@@ -110,6 +112,7 @@ impl Event {
                 connected: h.flags & FLAG_CONNECTED != 0,
                 ino: h.sock_ino,
             },
+            ctx: crate::trace_context::KernelCtx::from_wire(&h.ctx),
             body,
         })
     }
@@ -203,6 +206,7 @@ mod tests {
             },
             sock_ino: 0,
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            ctx: meshless_common::TraceCtx::default(),
         }
     }
 

@@ -87,6 +87,7 @@ fn stash_accept(ctx: &TracePointContext, syscall: Syscall) -> u32 {
         layout: BUF_NONE,
         syscall: syscall as u32,
         direction: 0,
+        ctx: meshless_common::TraceCtx::default(),
     };
     let _ = ARGS.insert(&id, &args, 0);
     0
@@ -215,6 +216,7 @@ pub fn forget(tgid: u32, tid: u32, fd: u32) -> bool {
     let _ = ADDRS.remove(&key);
     let _ = VERDICTS.remove(&key);
     let _ = HELD.remove(&key);
+    crate::context::conn_closed(tgid, fd);
     followed
 }
 

@@ -4,12 +4,13 @@ use meshless_common::{Direction, Syscall};
 
 use super::{arg, current, ret};
 use crate::{
-    capture::{emit_data, emit_held, head},
+    capture::{emit_data, emit_held, head, known_addrs},
+    context::{client_request, starts_request},
     detect::{WINDOW, classify},
     follow::tracked_conn,
     maps::{ARGS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_NONE, BUF_PLAIN, CONNS, FOLLOW, HELD, VERDICTS, conn_key, count},
 };
-use meshless_common::Counter;
+use meshless_common::{Counter, TraceCtx};
 
 /// `MSG_PEEK`: the bytes stay in the socket and will be read again.
 const MSG_PEEK: u64 = 2;
@@ -29,15 +30,8 @@ fn peeks(ctx: &TracePointContext, syscall: Syscall) -> bool {
 /// its first bytes could be HTTP, or a look-ahead is held for it, and it is
 /// not known to be something else.
 #[inline(always)]
-fn worth_stashing(key: u64, args: &Args) -> bool {
-    if args.layout == BUF_NONE {
-        return false;
-    }
-    // For iovec layouts `count` is the iovec count, not a byte count.
-    let avail = if args.layout == BUF_PLAIN { args.count } else { u64::MAX };
-    let mut b = [0u8; WINDOW];
-    let n = head(args, avail, b.as_mut_ptr(), WINDOW);
-    let maybe = n > 0 && classify(&b, n).maybe();
+fn worth_stashing(key: u64, b: &[u8; WINDOW], n: usize) -> bool {
+    let maybe = n > 0 && classify(b, n).maybe();
     // SAFETY: presence checks only.
     if !maybe && unsafe { HELD.get(&key) }.is_none() {
         return false;
@@ -58,20 +52,34 @@ fn stash(ctx: &TracePointContext, syscall: Syscall, direction: Direction, layout
         return 0;
     }
     let fd = arg(ctx, 0) as u32;
-    let args = Args {
+    let mut args = Args {
         ptr: arg(ctx, 1),
         count: arg(ctx, 2),
         fd,
         layout,
         syscall: syscall as u32,
         direction: direction as u32,
+        ctx: TraceCtx::default(),
     };
     if direction == Direction::Egress {
         let key = conn_key(tgid, fd);
-        // SAFETY: presence check only.
-        let tracked = unsafe { CONNS.get(&key) }.is_some();
-        if !tracked && !worth_stashing(key, &args) {
+        // SAFETY: map values stay valid for the program's run.
+        let state = unsafe { CONNS.get(&key) };
+        let mut b = [0u8; WINDOW];
+        // For iovec layouts `count` is the iovec count, not a byte count.
+        let avail = if layout == BUF_PLAIN { args.count } else { u64::MAX };
+        let n = if layout == BUF_NONE {
+            0
+        } else {
+            head(&args, avail, b.as_mut_ptr(), WINDOW)
+        };
+        if state.is_none() && !worth_stashing(key, &b, n) {
             return 0;
+        }
+        let first = [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]];
+        if n >= 8 && starts_request(&first) {
+            let addrs = state.map(|s| &s.addrs).or_else(|| known_addrs(key));
+            client_request(id, addrs, &mut args.ctx);
         }
     }
     if ARGS.insert(&id, &args, 0).is_err() {
@@ -82,7 +90,7 @@ fn stash(ctx: &TracePointContext, syscall: Syscall, direction: Direction, layout
 
 #[inline(always)]
 fn finish(ctx: &TracePointContext) -> u32 {
-    let Some((id, tgid, tid)) = current() else {
+    let Some((id, tgid, _)) = current() else {
         return 0;
     };
     // SAFETY: the value is copied out before the entry is removed.
@@ -104,11 +112,18 @@ fn finish(ctx: &TracePointContext) -> u32 {
     if tracked_conn(key, &args, n as usize, detect, f) {
         let mut flags = f.flags;
         if f.has_held != 0 {
-            emit_held(tgid, tid, &args, &f.held, &f.state, flags);
+            emit_held(tgid, id as u32, &args, &f.held, &f.state, flags);
             flags &= !meshless_common::FLAG_NEW_CONN;
         }
-        emit_data(tgid, tid, &args, n as usize, &f.state, flags);
+        emit_data(ctx, id, &args, n as usize, &f.state, flags);
     }
+    0
+}
+
+/// Tail-called by the sys_exit programs for a request a server read.
+#[tracepoint]
+pub fn meshless_server_ctx(_ctx: TracePointContext) -> u32 {
+    crate::capture::finish_server_request();
     0
 }
 
