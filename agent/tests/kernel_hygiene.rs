@@ -304,7 +304,13 @@ fn traceparent_after_a_3_kb_cookie_is_honoured() {
     let server = servers(&spans);
     assert_eq!(server.len(), 1, "{spans:#?}");
     assert_eq!(server[0]["trace_id"], trace, "{:#?}", server[0]);
-    assert_eq!(server[0]["parent_span_id"], parent);
+    // The server's parent is the header's span, or curl's client span
+    // when that is the header's child (trace context in TCP options).
+    let client = spans.iter().find(|s| kind(s) == "CLIENT");
+    let via_client = client.is_some_and(|c| {
+        c["parent_span_id"] == parent && server[0]["parent_span_id"] == c["span_id"] && c["trace_id"] == trace
+    });
+    assert!(server[0]["parent_span_id"] == parent || via_client, "{spans:#?}");
 }
 
 #[test]
