@@ -44,6 +44,7 @@ fn event(e: Ev<'_>) -> Event {
             remote: e.remote.parse().ok(),
             accepted: false,
             connected: false,
+            ino: 0,
         },
         body: EventBody::Data {
             direction: e.dir,
