@@ -111,6 +111,12 @@ print(n)
     let after = scrape(&agent);
     let delta = |name: &str| metric_sum(&after, name, &[]) - metric_sum(&before, name, &[]);
     let rss = agent.rss_kib();
+    eprintln!(
+        "flood: {writes} writes, events_sent +{}, non_socket_fds +{}, unconfirmed +{}, RSS {rss_before} -> {rss} KiB",
+        delta("meshless_kernel_events_sent_total"),
+        delta("meshless_kernel_non_socket_fds_total"),
+        delta("meshless_kernel_unconfirmed_events_total"),
+    );
     assert!(
         delta("meshless_kernel_non_socket_fds_total") >= 3.0,
         "the three fds were found not to be sockets"
@@ -210,6 +216,7 @@ print(" ".join(map(str, ports)))
         .iter()
         .filter(|s| attr_str(s, "client.address") == pods.ip_a && ports.contains(&attr_u64(s, "client.port")))
         .count();
+    eprintln!("node: {right} of {n} server spans with the right client ip:port");
     assert!(
         right >= n - 1,
         "{right} of {n} server spans have the right client ip:port ({} server spans)",
