@@ -148,6 +148,15 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// What the correlator tells the classifier.
+#[derive(Debug, Clone, Copy)]
+pub enum Seen {
+    /// A connection of this process (classified once).
+    Conn(u32),
+    /// The process started a new program (classified again).
+    Exec(u32),
+}
+
 /// Decides each new process's linking policy, off the event path.
 pub struct Classifier {
     policies: BpfHashMap<MapData, u32, u32>,
@@ -167,27 +176,23 @@ impl Classifier {
         })
     }
 
-    /// Looks at a process the first time it is seen.
-    pub fn observe(&mut self, tgid: u32) {
+    /// Looks at a process the first time it is seen, and after each exec.
+    pub fn observe(&mut self, seen: Seen) {
         if self.seen.len() >= MAX_SEEN {
             self.seen.clear();
         }
-        if !self.seen.insert(tgid) {
-            return;
-        }
-        let policy = policy_of(tgid);
-        if policy != LinkPolicy::Thread {
-            debug!(pid = tgid, ?policy, "linking policy");
-            if let Err(error) = self.policies.insert(tgid, policy as u32, 0) {
-                warn!(%error, pid = tgid, "cannot set the linking policy");
+        let tgid = match seen {
+            Seen::Conn(tgid) if !self.seen.insert(tgid) => return,
+            Seen::Conn(tgid) => tgid,
+            Seen::Exec(tgid) => {
+                self.seen.insert(tgid);
+                tgid
             }
-        }
-    }
-
-    /// Forgets an exited process.
-    pub fn forget(&mut self, tgid: u32) {
-        if self.seen.remove(&tgid) {
-            let _ = self.policies.remove(&tgid);
+        };
+        let policy = policy_of(tgid);
+        debug!(pid = tgid, ?policy, "linking policy");
+        if let Err(error) = self.policies.insert(tgid, policy as u32, 0) {
+            warn!(%error, pid = tgid, "cannot set the linking policy");
         }
     }
 }

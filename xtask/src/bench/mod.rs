@@ -56,7 +56,12 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::Baseline, Mode::Sidecar, Mode::Meshless, Mode::MeshlessNoPropagation];
+    pub const ALL: [Mode; 4] = [
+        Mode::Baseline,
+        Mode::Sidecar,
+        Mode::Meshless,
+        Mode::MeshlessNoPropagation,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
