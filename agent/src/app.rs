@@ -105,7 +105,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         mut ebpf,
     } = probes;
     if propagate {
-        propagation::attach(&mut ebpf, &scope)?;
+        propagation::attach(&mut ebpf, &propagation::option_cgroups(&scope, node.is_some()))?;
     }
     let classify = propagation::Classifier::new(&mut ebpf)
         .map(spawn_classifier)
