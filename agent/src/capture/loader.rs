@@ -50,6 +50,7 @@ pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_enter_dup3", "syscalls", "sys_enter_dup3"),
     ("sys_enter_close_range", "syscalls", "sys_enter_close_range"),
     ("sched_process_exit", "sched", "sched_process_exit"),
+    ("sched_process_exec", "sched", "sched_process_exec"),
 ];
 
 /// Why loading failed, with what to do about it.
