@@ -291,12 +291,7 @@ pub fn emit_exec(tgid: u32, tid: u32) {
     };
     // SAFETY: as in emit_data.
     let ev = unsafe { &mut *ev };
-    let none = ConnState {
-        conn_id: 0,
-        flags: 0,
-        _pad: 0,
-        addrs: ConnAddrs::default(),
-    };
+    let none = ConnState::default();
     fill_header(ev, tgid, tid, 0, EventKind::Exec, &none);
     ev.header.direction = 0;
     ev.header.syscall = 0;
