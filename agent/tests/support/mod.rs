@@ -3,8 +3,12 @@
 //! and collects the spans the agent prints as JSON.
 #![allow(dead_code)]
 
+pub mod chain;
 pub mod fake_k8s;
+pub mod nodes;
 pub mod otlp;
+pub mod safety;
+pub mod spans;
 mod pods;
 
 pub use pods::*;

@@ -1,0 +1,388 @@
+//! Issue 9, connected traces: every hop and every service of a request in
+//! one trace — in-process (a service's outbound call is a child of the
+//! request it serves), across simulated nodes with one agent each, and
+//! through DNATed Service IPs — without the apps forwarding anything.
+//! Ground truth comes from the request ids the fixtures carry along.
+mod support;
+
+use std::time::Duration;
+
+use support::{chain::*, nodes::*, otlp, spans::*, *};
+
+const REQUESTS: usize = 20;
+
+/// Runs the chain with `placement` under one agent per node (scoped with
+/// `--cgroup` when there are several) and checks the trace shape.
+fn chain_gives_one_trace_of_six_linked_spans_per_request(nodes: usize, placement: Placement) {
+    let _serial = serial();
+    let mut cluster = Cluster::new(nodes);
+    let receiver;
+    let agents: Vec<Agent>;
+    let source: &dyn SpanSource;
+    if nodes == 1 {
+        agents = vec![Agent::start()];
+        source = &agents[0];
+    } else {
+        receiver = otlp::Receiver::start(otlp::Transport::Grpc);
+        agents = (0..nodes)
+            .map(|n| {
+                let cgroup = cluster.node_cgroup(n).display().to_string();
+                Agent::start_with(&[
+                    "--cgroup",
+                    &cgroup,
+                    "--traces-exporter",
+                    "otlp",
+                    "--otlp-endpoint",
+                    &receiver.endpoint(),
+                    "--metrics-exporter",
+                    "none",
+                ])
+            })
+            .collect();
+        source = &receiver;
+    }
+    let chain = Chain::start(&mut cluster, &placement);
+    chain.send(REQUESTS, &[]);
+    let spans = gather(source, chain.filter(), 6 * REQUESTS, Duration::from_secs(20));
+    assert_unique_span_ids(&spans);
+    if let Err(report) = chain.check(&spans, REQUESTS) {
+        let logs: Vec<String> = agents.iter().flat_map(|a| a.stderr()).filter(|l| !l.contains(" INFO ")).collect();
+        panic!("curl → python → go → java, {REQUESTS} requests:\n{report}\nagent warnings: {logs:#?}");
+    }
+    if placement.service_ips {
+        let dialled: Vec<&SpanView> = spans
+            .iter()
+            .filter(|s| s.is_client() && !chain.hops.iter().any(|h| s.server() == h.dialled))
+            .collect();
+        assert!(
+            dialled.is_empty(),
+            "CLIENT spans keep server.address = the Service IP the client dialled: {dialled:#?}"
+        );
+    }
+}
+
+#[test]
+fn chain_on_one_node_gives_twenty_traces_of_six_linked_spans() {
+    chain_gives_one_trace_of_six_linked_spans_per_request(
+        1,
+        Placement {
+            nodes: [0; 4],
+            service_ips: false,
+        },
+    );
+}
+
+#[test]
+fn chain_through_dnated_service_ips_gives_twenty_traces_of_six_linked_spans() {
+    chain_gives_one_trace_of_six_linked_spans_per_request(
+        1,
+        Placement {
+            nodes: [0; 4],
+            service_ips: true,
+        },
+    );
+}
+
+#[test]
+fn chain_across_two_nodes_with_one_scoped_agent_each_gives_twenty_traces_of_six_linked_spans() {
+    // python (node a) → go (node b) → java (node a): both directions cross.
+    chain_gives_one_trace_of_six_linked_spans_per_request(
+        2,
+        Placement {
+            nodes: [0, 0, 1, 0],
+            service_ips: false,
+        },
+    );
+}
+
+#[test]
+fn chain_across_two_nodes_through_service_ips_gives_twenty_traces_of_six_linked_spans() {
+    chain_gives_one_trace_of_six_linked_spans_per_request(
+        2,
+        Placement {
+            nodes: [0, 0, 1, 0],
+            service_ips: true,
+        },
+    );
+}
+
+/// Node.js keep-alive service: `concurrency` clients send `/r/<id>`, each
+/// answered after a keep-alive call to `/d/<id>` downstream. Returns
+/// (requests, linked, wrong parent) for the downstream CLIENT spans.
+fn node_keepalive_linking(concurrency: usize, per_client: usize) -> (usize, usize, usize) {
+    let _serial = serial();
+    let mut cluster = Cluster::new(1);
+    let agent = Agent::start();
+    let (client, svc, leaf) = (
+        cluster.pod(0, "load"),
+        cluster.pod(0, "node"),
+        cluster.pod(0, "leaf"),
+    );
+    let go = go_service();
+    let _leaf = go_service_on(&go, &leaf, 8090, None);
+    svc.wait_port(&leaf.ip, 8090);
+    let _svc = node_keepalive_service(&svc, 8091, &leaf.ip, 8090);
+    client.wait_port(&svc.ip, 8091);
+    let script = format!(
+        r#"
+import http.client, threading
+errors = []
+def worker(t):
+    try:
+        c = http.client.HTTPConnection("{ip}", 8091, timeout=30)
+        for j in range({per_client}):
+            c.request("GET", f"/r/k{concurrency}-{{t}}-{{j}}")
+            r = c.getresponse()
+            r.read()
+            assert r.status == 200, r.status
+        c.close()
+    except Exception as e:
+        errors.append(repr(e))
+ts = [threading.Thread(target=worker, args=(t,)) for t in range({concurrency})]
+[t.start() for t in ts]
+[t.join() for t in ts]
+assert not errors, errors
+"#,
+        ip = svc.ip
+    );
+    run(client.cmd("python3", &["-c", &script]));
+    let n = concurrency * per_client;
+    let (svc_addr, leaf_addr) = (format!("{}:8091", svc.ip), format!("{}:8090", leaf.ip));
+    let mine = |s: &SpanView| {
+        (s.server() == svc_addr && s.path().starts_with("/r/")) || (s.server() == leaf_addr && s.path().starts_with("/d/"))
+    };
+    let spans = gather(&agent, mine, 4 * n, Duration::from_secs(20));
+    assert_unique_span_ids(&spans);
+    let find = |kind: &str, addr: &str, path: &str| {
+        spans
+            .iter()
+            .find(|s| s.kind == kind && s.server() == addr && s.path() == path)
+    };
+    let (mut linked, mut wrong, mut missing, mut hop_unlinked) = (0, 0, Vec::new(), 0);
+    for t in 0..concurrency {
+        for j in 0..per_client {
+            let id = format!("k{concurrency}-{t}-{j}");
+            let inbound = find("SERVER", &svc_addr, &format!("/r/{id}"));
+            let outbound = find("CLIENT", &leaf_addr, &format!("/d/{id}"));
+            let downstream = find("SERVER", &leaf_addr, &format!("/d/{id}"));
+            let (Some(inbound), Some(outbound), Some(downstream)) = (inbound, outbound, downstream) else {
+                missing.push(id);
+                continue;
+            };
+            match &outbound.parent {
+                None => {}
+                Some(_) if outbound.is_child_of(inbound) => linked += 1,
+                Some(_) => wrong += 1,
+            }
+            if !downstream.is_child_of(outbound) {
+                hop_unlinked += 1;
+            }
+        }
+    }
+    let pct = |x: usize| 100.0 * x as f64 / n as f64;
+    println!(
+        "node keep-alive, concurrency {concurrency}: {n} requests, linked {linked} ({:.1}%), wrong parent {wrong} ({:.1}%), unlinked {}",
+        pct(linked),
+        pct(wrong),
+        n - linked - wrong - missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "requests without their node SERVER, node CLIENT and go SERVER spans: {missing:?}\n{}",
+        dump(&spans)
+    );
+    assert_eq!(
+        hop_unlinked,
+        0,
+        "go SERVER /d/<id> is the child of node's CLIENT /d/<id> (same-node hop)\n{}",
+        dump(&spans)
+    );
+    (n, linked, wrong)
+}
+
+#[test]
+fn node_keepalive_service_never_links_a_downstream_call_to_the_wrong_request_at_concurrency_1() {
+    let (n, linked, wrong) = node_keepalive_linking(1, 30);
+    assert_eq!(wrong, 0, "{wrong} of {n} downstream calls under the wrong request ({linked} linked right)");
+}
+
+#[test]
+fn node_keepalive_service_never_links_a_downstream_call_to_the_wrong_request_at_concurrency_16() {
+    let (n, linked, wrong) = node_keepalive_linking(16, 10);
+    assert_eq!(
+        wrong, 0,
+        "no link is better than a wrong link: {wrong} of {n} downstream calls under the wrong request ({linked} linked right)"
+    );
+}
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+#[test]
+fn app_sent_traceparent_is_the_parent_of_the_server_span_and_no_span_id_repeats() {
+    let _serial = serial();
+    let mut cluster = Cluster::new(1);
+    let agent = Agent::start();
+    let (client, py, leaf) = (cluster.pod(0, "app"), cluster.pod(0, "python"), cluster.pod(0, "leaf"));
+    let go = go_service();
+    let _leaf = go_service_on(&go, &leaf, 8090, None);
+    py.wait_port(&leaf.ip, 8090);
+    let _py = python_service(&py, 8091, Some(&format!("http://{}:8090", leaf.ip)));
+    client.wait_port(&py.ip, 8091);
+    let parents = ["00f067aa0ba902b7", "b7ad6b7169203331", "0123456789abcdef"];
+    for (i, parent) in parents.iter().enumerate() {
+        let header = format!("traceparent: 00-{TRACE}-{parent}-01");
+        let url = format!("http://{}:8091/r/tp{i}", py.ip);
+        let code = run(client.cmd("curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", &header, &url]));
+        assert_eq!(code, "200", "python → go works");
+    }
+    let (py_addr, leaf_addr) = (format!("{}:8091", py.ip), format!("{}:8090", leaf.ip));
+    let mine = |s: &SpanView| s.path().starts_with("/r/tp") && (s.server() == py_addr || s.server() == leaf_addr);
+    let spans = gather(&agent, mine, 4 * parents.len(), Duration::from_secs(20));
+    assert_unique_span_ids(&spans);
+    let report = dump(&spans);
+    for (i, parent) in parents.iter().enumerate() {
+        let path = format!("/r/tp{i}");
+        let one = |kind: &str, addr: &str| -> &SpanView {
+            let found: Vec<&SpanView> = spans
+                .iter()
+                .filter(|s| s.kind == kind && s.server() == addr && s.path() == path)
+                .collect();
+            assert_eq!(found.len(), 1, "one {kind} span for {path} at {addr}\n{report}");
+            found[0]
+        };
+        let (app, server) = (one("CLIENT", &py_addr), one("SERVER", &py_addr));
+        let (outbound, downstream) = (one("CLIENT", &leaf_addr), one("SERVER", &leaf_addr));
+        assert_eq!(
+            (server.trace_id.as_str(), server.parent.as_deref()),
+            (TRACE, Some(*parent)),
+            "python SERVER continues the app's trace as the child of the header's span\n{report}"
+        );
+        assert!(
+            app.trace_id == TRACE && app.parent.as_deref() == Some(*parent) && app.span_id != *parent,
+            "the app's CLIENT span has its own id, parent = the header's span, in that trace\n{report}"
+        );
+        assert!(outbound.is_child_of(server), "python CLIENT under python SERVER\n{report}");
+        assert!(downstream.is_child_of(outbound), "go SERVER under python CLIENT\n{report}");
+    }
+}
+
+#[test]
+fn proxy_forwarding_a_traceparent_unchanged_does_not_make_two_spans_share_an_id() {
+    let _serial = serial();
+    let mut cluster = Cluster::new(1);
+    let scratch = Scratch::new("chain-proxy");
+    let agent = Agent::start();
+    let (client, proxy, leaf) = (cluster.pod(0, "app"), cluster.pod(0, "nginx"), cluster.pod(0, "leaf"));
+    let go = go_service();
+    let _leaf = go_service_on(&go, &leaf, 8090, None);
+    proxy.wait_port(&leaf.ip, 8090);
+    let upstream = format!("http://{}:8090", leaf.ip);
+    let _nginx = safety::nginx(&proxy, 8092, &scratch.0, &upstream);
+    client.wait_port(&proxy.ip, 8092);
+    let parent = "00f067aa0ba902b7";
+    let header = format!("traceparent: 00-{TRACE}-{parent}-01");
+    for i in 0..3 {
+        let url = format!("http://{}:8092/proxy/r/px{i}", proxy.ip);
+        let code = run(client.cmd("curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", &header, &url]));
+        assert_eq!(code, "200", "nginx → go works");
+    }
+    let (proxy_addr, leaf_addr) = (format!("{}:8092", proxy.ip), format!("{}:8090", leaf.ip));
+    let mine = |s: &SpanView| s.path().contains("/r/px") && (s.server() == proxy_addr || s.server() == leaf_addr);
+    let spans = gather(&agent, mine, 12, Duration::from_secs(20));
+    let report = dump(&spans);
+    assert_eq!(spans.len(), 12, "client, nginx SERVER, nginx CLIENT, go SERVER per request\n{report}");
+    assert_unique_span_ids(&spans);
+    assert!(
+        spans.iter().all(|s| s.trace_id == TRACE),
+        "everything stays in the app's trace\n{report}"
+    );
+    let nginx_servers = spans.iter().filter(|s| s.is_server() && s.server() == proxy_addr);
+    assert!(
+        nginx_servers.clone().count() == 3 && nginx_servers.clone().all(|s| s.parent.as_deref() == Some(parent)),
+        "nginx SERVER is the child of the header's span\n{report}"
+    );
+}
+
+/// Every case of fixtures/chain/rawbytes.py reaches the server exactly as
+/// sent, and the agent did trace them (so the check is not vacuous).
+fn request_bytes_arrive_unchanged(agent_args: &[&str]) {
+    let _serial = serial();
+    let mut cluster = Cluster::new(1);
+    let scratch = Scratch::new("chain-rawbytes");
+    let agent = Agent::start_with(agent_args);
+    let (client, server) = (cluster.pod(0, "client"), cluster.pod(0, "server"));
+    let (names, pairs) = safety::raw_bytes(&server, &client, 8093, &scratch.0);
+    assert_eq!(names.len(), 8, "all rawbytes.py cases ran: {names:?}");
+    for (name, (sent, got)) in names.iter().zip(&pairs) {
+        assert!(
+            sent == got,
+            "{name}: the server received other bytes than the client sent (agent {agent_args:?})\nsent:     {:?}\nreceived: {:?}",
+            String::from_utf8_lossy(sent),
+            String::from_utf8_lossy(got)
+        );
+    }
+    let addr = format!("{}:8093", server.ip);
+    let spans = gather(
+        &agent,
+        |s| s.server() == addr && s.path() == "/plain",
+        2,
+        Duration::from_secs(10),
+    );
+    assert_eq!(spans.len(), 2, "the agent traced the traffic it must not change\n{}", dump(&spans));
+}
+
+#[test]
+fn requests_reach_the_server_byte_for_byte_with_default_propagation() {
+    request_bytes_arrive_unchanged(&[]);
+}
+
+#[test]
+fn requests_reach_the_server_byte_for_byte_with_propagation_off() {
+    request_bytes_arrive_unchanged(&["--propagation", "off"]);
+}
+
+#[test]
+fn large_nginx_responses_arrive_complete_to_curl_node_and_a_fionread_client_with_default_propagation() {
+    let _serial = serial();
+    let mut cluster = Cluster::new(1);
+    let scratch = Scratch::new("chain-big");
+    let agent = Agent::start();
+    let (client, server) = (cluster.pod(0, "client"), cluster.pod(0, "nginx"));
+    std::fs::create_dir_all(scratch.0.join("www")).expect("www");
+    let mut want = std::collections::BTreeMap::new();
+    for (name, size) in [("big1m", 1 << 20), ("big10m", 10 << 20)] {
+        let sha = safety::big_file(&scratch.0, name, size);
+        want.insert(format!("/{name}"), (size, sha.clone()));
+        want.insert(format!("/proxy/{name}"), (size, sha));
+    }
+    let upstream = format!("http://{}:8094", server.ip);
+    let _nginx = safety::nginx(&server, 8094, &scratch.0, &upstream);
+    client.wait_port(&server.ip, 8094);
+    let paths: Vec<&str> = want.keys().map(String::as_str).collect();
+    let ip = server.ip.clone();
+    let results = [
+        ("curl", safety::curl_client(&client, &ip, 8094, &paths, &scratch.0), 1),
+        ("node", safety::node_client(&client, &ip, 8094, &paths), 2),
+        ("python FIONREAD", safety::fionread_client(&client, &ip, 8094, &paths), 2),
+    ];
+    for (who, out, times) in &results {
+        let got = safety::received(out);
+        for (path, (size, sha)) in &want {
+            let expected = vec![(*size, sha.clone()); *times];
+            assert_eq!(
+                got.get(path),
+                Some(&expected),
+                "{who} got {path} incomplete or changed (length, sha256); full output:\n{out}"
+            );
+        }
+    }
+    let addr = format!("{}:8094", server.ip);
+    let spans = gather(
+        &agent,
+        |s| s.is_server() && s.server() == addr && s.path() == "/big10m",
+        10,
+        Duration::from_secs(10),
+    );
+    // 5 fetches of /big10m, and 5 more through /proxy/ (nginx proxies to itself).
+    assert_eq!(spans.len(), 10, "the agent traced the transfers\n{}", dump(&spans));
+}

@@ -1,0 +1,137 @@
+//! Helpers for the "propagation harms nothing" tests: nginx in a simulated
+//! pod serving large files (and proxying), clients that report what they
+//! received, and the raw-bytes recorder.
+use std::{collections::BTreeMap, path::Path, process::Command};
+
+use super::{nodes::Pod, run, spawn, Proc};
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/chain/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// nginx in `pod` on `port` (sendfile on, keep-alive): files under
+/// `dir/www`, `/proxy/…` forwarded (headers included) to `upstream/…`.
+pub fn nginx(pod: &Pod, port: u16, dir: &Path, upstream: &str) -> Proc {
+    std::fs::create_dir_all(dir.join("www")).expect("www dir");
+    let d = dir.display();
+    let ip = &pod.ip;
+    let conf = format!(
+        r#"daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  sendfile on;
+  keepalive_requests 100000;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  server {{
+    listen {ip}:{port};
+    root {d}/www;
+    location /proxy/ {{ proxy_pass {upstream}/; proxy_http_version 1.1; }}
+  }}
+}}
+"#
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).expect("nginx.conf");
+    let (conf, log) = (path.display().to_string(), format!("{d}/error.log"));
+    spawn(pod.cmd("nginx", &["-c", &conf, "-e", &log]))
+}
+
+/// Writes `size` pseudo-random bytes to `dir/www/name`; returns their sha256.
+pub fn big_file(dir: &Path, name: &str, size: usize) -> String {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ size as u64;
+    let bytes: Vec<u8> = (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let path = dir.join("www").join(name);
+    std::fs::write(&path, bytes).expect("write big file");
+    sha256(&path)
+}
+
+pub fn sha256(path: &Path) -> String {
+    let mut cmd = Command::new("sha256sum");
+    cmd.arg(path);
+    run(cmd).split_whitespace().next().unwrap_or("").to_owned()
+}
+
+/// Parses "PATH LENGTH SHA256" lines into path → [(length, sha256)].
+pub fn received(out: &str) -> BTreeMap<String, Vec<(usize, String)>> {
+    let mut map: BTreeMap<String, Vec<(usize, String)>> = BTreeMap::new();
+    for line in out.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if let [path, len, sha] = f[..] {
+            map.entry(path.to_owned())
+                .or_default()
+                .push((len.parse().unwrap_or(0), sha.to_owned()));
+        }
+    }
+    map
+}
+
+/// The FIONREAD-sized client: pipelined, then sequential, one connection.
+pub fn fionread_client(pod: &Pod, ip: &str, port: u16, paths: &[&str]) -> String {
+    let port = port.to_string();
+    let script = fixture("fionread_client.py");
+    let mut args = vec![script.as_str(), ip, port.as_str()];
+    args.extend_from_slice(paths);
+    run(pod.cmd("python3", &args))
+}
+
+/// The Node client: each path twice over one keep-alive connection.
+pub fn node_client(pod: &Pod, ip: &str, port: u16, paths: &[&str]) -> String {
+    let port = port.to_string();
+    let script = fixture("keepalive_client.js");
+    let mut args = vec![script.as_str(), ip, port.as_str()];
+    args.extend_from_slice(paths);
+    run(pod.cmd("node", &args))
+}
+
+/// curl fetching each path once on one keep-alive connection into `dir`.
+pub fn curl_client(pod: &Pod, ip: &str, port: u16, paths: &[&str], dir: &Path) -> String {
+    let mut args: Vec<String> = vec!["-s".into(), "--fail".into()];
+    let mut files = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        let file = dir.join(format!("curl-{i}.out"));
+        args.extend(["-o".into(), file.display().to_string(), format!("http://{ip}:{port}{p}")]);
+        files.push((p, file));
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(pod.cmd("curl", &refs));
+    files
+        .iter()
+        .map(|(p, f)| {
+            let len = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+            format!("{p} {len} {}\n", sha256(f))
+        })
+        .collect()
+}
+
+/// The raw-bytes recorder: server in `server`, client cases from `client`;
+/// returns (case names, [(sent, received)] per case).
+pub fn raw_bytes(server: &Pod, client: &Pod, port: u16, dir: &Path) -> (Vec<String>, Vec<(Vec<u8>, Vec<u8>)>) {
+    let script = fixture("rawbytes.py");
+    let (port_s, out) = (port.to_string(), dir.display().to_string());
+    let _server = spawn(server.cmd("python3", &[&script, "server", &server.ip, &port_s, &out]));
+    client.wait_port(&server.ip, port);
+    let names: Vec<String> = run(client.cmd("python3", &[&script, "client", &server.ip, &port_s, &out]))
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let read = |name: String| std::fs::read(dir.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let pairs = (0..names.len())
+        .map(|k| (read(format!("sent-{k}.bin")), read(format!("recv-{k}.bin"))))
+        .collect();
+    (names, pairs)
+}
