@@ -46,7 +46,11 @@ fn chain_gives_one_trace_of_six_linked_spans_per_request(nodes: usize, placement
     let spans = gather(source, chain.filter(), 6 * REQUESTS, Duration::from_secs(20));
     assert_unique_span_ids(&spans);
     if let Err(report) = chain.check(&spans, REQUESTS) {
-        let logs: Vec<String> = agents.iter().flat_map(|a| a.stderr()).filter(|l| !l.contains(" INFO ")).collect();
+        let logs: Vec<String> = agents
+            .iter()
+            .flat_map(|a| a.stderr())
+            .filter(|l| !l.contains(" INFO "))
+            .collect();
         panic!("curl → python → go → java, {REQUESTS} requests:\n{report}\nagent warnings: {logs:#?}");
     }
     if placement.service_ips {
@@ -106,22 +110,57 @@ fn chain_across_two_nodes_through_service_ips_gives_twenty_traces_of_six_linked_
     );
 }
 
-/// Node.js keep-alive service: `concurrency` clients send `/r/<id>`, each
-/// answered after a keep-alive call to `/d/<id>` downstream. Returns
-/// (requests, linked, wrong parent) for the downstream CLIENT spans.
-fn node_keepalive_linking(concurrency: usize, per_client: usize) -> (usize, usize, usize) {
+/// The runtimes whose in-process linking is measured: each serves
+/// `/r/<id>` and calls the leaf once while serving it.
+#[derive(Debug, Clone, Copy)]
+enum Runtime {
+    /// ThreadingHTTPServer + urllib (thread per request).
+    Python,
+    /// net/http + http.Get (goroutines moving between threads).
+    Go,
+    /// com.sun.net.httpserver on a pool + HttpURLConnection.
+    Java,
+    /// One event loop, downstream calls on shared keep-alive sockets.
+    Node,
+}
+
+impl Runtime {
+    fn start(self, svc: &Pod, port: u16, leaf: &Pod, leaf_port: u16) -> Proc {
+        let downstream = format!("http://{}:{leaf_port}", leaf.ip);
+        match self {
+            Runtime::Python => python_service(svc, port, Some(&downstream)),
+            Runtime::Go => go_service_on(&go_service(), svc, port, Some(&downstream)),
+            Runtime::Java => java_service(&java_classes(), svc, port, Some(&downstream)),
+            Runtime::Node => node_keepalive_service(svc, port, &leaf.ip, leaf_port),
+        }
+    }
+
+    /// The path of the downstream call made for inbound `/r/<id>`.
+    fn outbound_path(self, id: &str) -> String {
+        match self {
+            Runtime::Node => format!("/d/{id}"),
+            _ => format!("/r/{id}"),
+        }
+    }
+}
+
+/// `concurrency` keep-alive clients send `/r/<id>` to a `runtime` service
+/// that calls a Go leaf for each. Returns (requests, linked, wrong parent)
+/// for the service's outbound CLIENT spans, judged against the SERVER span
+/// of the same id, and prints the rates.
+fn linking_rates(runtime: Runtime, concurrency: usize, per_client: usize) -> (usize, usize, usize) {
     let _serial = serial();
     let mut cluster = Cluster::new(1);
     let agent = Agent::start();
     let (client, svc, leaf) = (
         cluster.pod(0, "load"),
-        cluster.pod(0, "node"),
+        cluster.pod(0, "service"),
         cluster.pod(0, "leaf"),
     );
     let go = go_service();
     let _leaf = go_service_on(&go, &leaf, 8090, None);
     svc.wait_port(&leaf.ip, 8090);
-    let _svc = node_keepalive_service(&svc, 8091, &leaf.ip, 8090);
+    let _svc = runtime.start(&svc, 8091, &leaf, 8090);
     client.wait_port(&svc.ip, 8091);
     let script = format!(
         r#"
@@ -148,9 +187,7 @@ assert not errors, errors
     run(client.cmd("python3", &["-c", &script]));
     let n = concurrency * per_client;
     let (svc_addr, leaf_addr) = (format!("{}:8091", svc.ip), format!("{}:8090", leaf.ip));
-    let mine = |s: &SpanView| {
-        (s.server() == svc_addr && s.path().starts_with("/r/")) || (s.server() == leaf_addr && s.path().starts_with("/d/"))
-    };
+    let mine = |s: &SpanView| s.server() == svc_addr || s.server() == leaf_addr;
     let spans = gather(&agent, mine, 4 * n, Duration::from_secs(20));
     assert_unique_span_ids(&spans);
     let find = |kind: &str, addr: &str, path: &str| {
@@ -163,8 +200,8 @@ assert not errors, errors
         for j in 0..per_client {
             let id = format!("k{concurrency}-{t}-{j}");
             let inbound = find("SERVER", &svc_addr, &format!("/r/{id}"));
-            let outbound = find("CLIENT", &leaf_addr, &format!("/d/{id}"));
-            let downstream = find("SERVER", &leaf_addr, &format!("/d/{id}"));
+            let outbound = find("CLIENT", &leaf_addr, &runtime.outbound_path(&id));
+            let downstream = find("SERVER", &leaf_addr, &runtime.outbound_path(&id));
             let (Some(inbound), Some(outbound), Some(downstream)) = (inbound, outbound, downstream) else {
                 missing.push(id);
                 continue;
@@ -181,20 +218,20 @@ assert not errors, errors
     }
     let pct = |x: usize| 100.0 * x as f64 / n as f64;
     println!(
-        "node keep-alive, concurrency {concurrency}: {n} requests, linked {linked} ({:.1}%), wrong parent {wrong} ({:.1}%), unlinked {}",
+        "{runtime:?} service, concurrency {concurrency}: {n} requests, linked {linked} ({:.1}%), wrong parent {wrong} ({:.1}%), unlinked {}",
         pct(linked),
         pct(wrong),
         n - linked - wrong - missing.len()
     );
     assert!(
         missing.is_empty(),
-        "requests without their node SERVER, node CLIENT and go SERVER spans: {missing:?}\n{}",
+        "requests without their {runtime:?} SERVER, {runtime:?} CLIENT and go SERVER spans: {missing:?}\n{}",
         dump(&spans)
     );
     assert_eq!(
         hop_unlinked,
         0,
-        "go SERVER /d/<id> is the child of node's CLIENT /d/<id> (same-node hop)\n{}",
+        "the leaf's SERVER span is the child of the {runtime:?} CLIENT span of the same id (same-node hop)\n{}",
         dump(&spans)
     );
     (n, linked, wrong)
@@ -202,17 +239,45 @@ assert not errors, errors
 
 #[test]
 fn node_keepalive_service_never_links_a_downstream_call_to_the_wrong_request_at_concurrency_1() {
-    let (n, linked, wrong) = node_keepalive_linking(1, 30);
-    assert_eq!(wrong, 0, "{wrong} of {n} downstream calls under the wrong request ({linked} linked right)");
+    let (n, linked, wrong) = linking_rates(Runtime::Node, 1, 30);
+    assert_eq!(
+        wrong, 0,
+        "{wrong} of {n} downstream calls under the wrong request ({linked} linked right)"
+    );
 }
 
 #[test]
 fn node_keepalive_service_never_links_a_downstream_call_to_the_wrong_request_at_concurrency_16() {
-    let (n, linked, wrong) = node_keepalive_linking(16, 10);
+    let (n, linked, wrong) = linking_rates(Runtime::Node, 16, 10);
     assert_eq!(
         wrong, 0,
         "no link is better than a wrong link: {wrong} of {n} downstream calls under the wrong request ({linked} linked right)"
     );
+}
+
+/// Thread-per-request runtimes (and Go) link every outbound call to the
+/// request it serves, also with several requests in flight.
+fn links_every_call_under_concurrency(runtime: Runtime) {
+    let (n, linked, wrong) = linking_rates(runtime, 8, 10);
+    assert!(
+        (linked, wrong) == (n, 0),
+        "{runtime:?}: {linked} of {n} outbound calls linked to their request, {wrong} to a wrong one"
+    );
+}
+
+#[test]
+fn python_threaded_service_links_every_downstream_call_to_its_request_at_concurrency_8() {
+    links_every_call_under_concurrency(Runtime::Python);
+}
+
+#[test]
+fn go_service_links_every_downstream_call_to_its_request_at_concurrency_8() {
+    links_every_call_under_concurrency(Runtime::Go);
+}
+
+#[test]
+fn java_service_links_every_downstream_call_to_its_request_at_concurrency_8() {
+    links_every_call_under_concurrency(Runtime::Java);
 }
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -232,7 +297,10 @@ fn app_sent_traceparent_is_the_parent_of_the_server_span_and_no_span_id_repeats(
     for (i, parent) in parents.iter().enumerate() {
         let header = format!("traceparent: 00-{TRACE}-{parent}-01");
         let url = format!("http://{}:8091/r/tp{i}", py.ip);
-        let code = run(client.cmd("curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", &header, &url]));
+        let code = run(client.cmd(
+            "curl",
+            &["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", &header, &url],
+        ));
         assert_eq!(code, "200", "python → go works");
     }
     let (py_addr, leaf_addr) = (format!("{}:8091", py.ip), format!("{}:8090", leaf.ip));
@@ -261,8 +329,14 @@ fn app_sent_traceparent_is_the_parent_of_the_server_span_and_no_span_id_repeats(
             app.trace_id == TRACE && app.parent.as_deref() == Some(*parent) && app.span_id != *parent,
             "the app's CLIENT span has its own id, parent = the header's span, in that trace\n{report}"
         );
-        assert!(outbound.is_child_of(server), "python CLIENT under python SERVER\n{report}");
-        assert!(downstream.is_child_of(outbound), "go SERVER under python CLIENT\n{report}");
+        assert!(
+            outbound.is_child_of(server),
+            "python CLIENT under python SERVER\n{report}"
+        );
+        assert!(
+            downstream.is_child_of(outbound),
+            "go SERVER under python CLIENT\n{report}"
+        );
     }
 }
 
@@ -283,14 +357,21 @@ fn proxy_forwarding_a_traceparent_unchanged_does_not_make_two_spans_share_an_id(
     let header = format!("traceparent: 00-{TRACE}-{parent}-01");
     for i in 0..3 {
         let url = format!("http://{}:8092/proxy/r/px{i}", proxy.ip);
-        let code = run(client.cmd("curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", &header, &url]));
+        let code = run(client.cmd(
+            "curl",
+            &["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", &header, &url],
+        ));
         assert_eq!(code, "200", "nginx → go works");
     }
     let (proxy_addr, leaf_addr) = (format!("{}:8092", proxy.ip), format!("{}:8090", leaf.ip));
     let mine = |s: &SpanView| s.path().contains("/r/px") && (s.server() == proxy_addr || s.server() == leaf_addr);
     let spans = gather(&agent, mine, 12, Duration::from_secs(20));
     let report = dump(&spans);
-    assert_eq!(spans.len(), 12, "client, nginx SERVER, nginx CLIENT, go SERVER per request\n{report}");
+    assert_eq!(
+        spans.len(),
+        12,
+        "client, nginx SERVER, nginx CLIENT, go SERVER per request\n{report}"
+    );
     assert_unique_span_ids(&spans);
     assert!(
         spans.iter().all(|s| s.trace_id == TRACE),
@@ -328,7 +409,13 @@ fn request_bytes_arrive_unchanged(agent_args: &[&str]) {
         2,
         Duration::from_secs(10),
     );
-    assert_eq!(spans.len(), 2, "the agent traced the traffic it must not change\n{}", dump(&spans));
+    assert_eq!(
+        spans.len(),
+        2,
+        "the agent traced the traffic it must not change\n{}",
+        dump(&spans)
+    );
+    assert_unique_span_ids(&spans);
 }
 
 #[test]
@@ -363,7 +450,11 @@ fn large_nginx_responses_arrive_complete_to_curl_node_and_a_fionread_client_with
     let results = [
         ("curl", safety::curl_client(&client, &ip, 8094, &paths, &scratch.0), 1),
         ("node", safety::node_client(&client, &ip, 8094, &paths), 2),
-        ("python FIONREAD", safety::fionread_client(&client, &ip, 8094, &paths), 2),
+        (
+            "python FIONREAD",
+            safety::fionread_client(&client, &ip, 8094, &paths),
+            2,
+        ),
     ];
     for (who, out, times) in &results {
         let got = safety::received(out);
@@ -385,4 +476,5 @@ fn large_nginx_responses_arrive_complete_to_curl_node_and_a_fionread_client_with
     );
     // 5 fetches of /big10m, and 5 more through /proxy/ (nginx proxies to itself).
     assert_eq!(spans.len(), 10, "the agent traced the transfers\n{}", dump(&spans));
+    assert_unique_span_ids(&spans);
 }

@@ -10,7 +10,9 @@ use std::{
 use super::{nodes::*, run, spans::*, spawn, Proc};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chain").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/chain")
+        .join(name)
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -168,7 +170,9 @@ impl Chain {
     /// Sends `n` requests `/r/c<i>` with curl from the client pod, one
     /// connection each; asserts every one came back 200 (the chain works).
     pub fn send(&self, n: usize, extra_curl_args: &[&str]) {
-        let urls: Vec<String> = (0..n).map(|i| format!("http://{}/r/c{i}", self.hops[0].dialled)).collect();
+        let urls: Vec<String> = (0..n)
+            .map(|i| format!("http://{}/r/c{i}", self.hops[0].dialled))
+            .collect();
         let mut args: Vec<&str> = vec!["-s", "-w", "%{http_code}\\n"];
         args.extend_from_slice(extra_curl_args);
         for u in &urls {

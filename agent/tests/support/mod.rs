@@ -7,9 +7,9 @@ pub mod chain;
 pub mod fake_k8s;
 pub mod nodes;
 pub mod otlp;
+mod pods;
 pub mod safety;
 pub mod spans;
-mod pods;
 
 pub use pods::*;
 

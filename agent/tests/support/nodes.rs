@@ -73,7 +73,10 @@ impl Cluster {
             nsh(&netns, &["ip", "link", "set", "lo", "up"]);
             nsh(&netns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
             nsh(&netns, &["ip", "link", "add", "br0", "type", "bridge"]);
-            nsh(&netns, &["ip", "addr", "add", &format!("10.{x}.{subnet}.254/24"), "dev", "br0"]);
+            nsh(
+                &netns,
+                &["ip", "addr", "add", &format!("10.{x}.{subnet}.254/24"), "dev", "br0"],
+            );
             nsh(&netns, &["ip", "link", "set", "br0", "up"]);
             cluster.nodes.push(Node {
                 name,
@@ -90,14 +93,25 @@ impl Cluster {
                 let (a, b) = (&cluster.nodes[i], &cluster.nodes[j]);
                 let (va, vb) = (format!("t{tag}{i}{j}a"), format!("t{tag}{i}{j}b"));
                 let transit = base + 7;
-                let (ia, ib) = (format!("10.{x}.{transit}.{}", 4 * link + 1), format!("10.{x}.{transit}.{}", 4 * link + 2));
-                sh(&["ip", "link", "add", &va, "netns", &a.netns, "type", "veth", "peer", "name", &vb, "netns", &b.netns]);
+                let (ia, ib) = (
+                    format!("10.{x}.{transit}.{}", 4 * link + 1),
+                    format!("10.{x}.{transit}.{}", 4 * link + 2),
+                );
+                sh(&[
+                    "ip", "link", "add", &va, "netns", &a.netns, "type", "veth", "peer", "name", &vb, "netns", &b.netns,
+                ]);
                 nsh(&a.netns, &["ip", "addr", "add", &format!("{ia}/30"), "dev", &va]);
                 nsh(&b.netns, &["ip", "addr", "add", &format!("{ib}/30"), "dev", &vb]);
                 nsh(&a.netns, &["ip", "link", "set", &va, "up"]);
                 nsh(&b.netns, &["ip", "link", "set", &vb, "up"]);
-                nsh(&a.netns, &["ip", "route", "add", &format!("10.{x}.{}.0/24", b.subnet), "via", &ib]);
-                nsh(&b.netns, &["ip", "route", "add", &format!("10.{x}.{}.0/24", a.subnet), "via", &ia]);
+                nsh(
+                    &a.netns,
+                    &["ip", "route", "add", &format!("10.{x}.{}.0/24", b.subnet), "via", &ib],
+                );
+                nsh(
+                    &b.netns,
+                    &["ip", "route", "add", &format!("10.{x}.{}.0/24", a.subnet), "via", &ia],
+                );
                 link += 1;
             }
         }
@@ -114,10 +128,22 @@ impl Cluster {
         sh(&["ip", "netns", "add", &netns]);
         nsh(&netns, &["ip", "link", "set", "lo", "up"]);
         let (inner, outer) = (format!("e{tag}{k}"), format!("h{tag}{k}"));
-        sh(&["ip", "link", "add", &inner, "netns", &netns, "type", "veth", "peer", "name", &outer, "netns", &n.netns]);
+        sh(&[
+            "ip", "link", "add", &inner, "netns", &netns, "type", "veth", "peer", "name", &outer, "netns", &n.netns,
+        ]);
         nsh(&netns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", &inner]);
         nsh(&netns, &["ip", "link", "set", &inner, "up"]);
-        nsh(&netns, &["ip", "route", "add", "default", "via", &format!("10.{x}.{}.254", n.subnet)]);
+        nsh(
+            &netns,
+            &[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.{x}.{}.254", n.subnet),
+            ],
+        );
         nsh(&n.netns, &["ip", "link", "set", &outer, "master", "br0"]);
         nsh(&n.netns, &["ip", "link", "set", &outer, "up"]);
         let cgroup = n.cgroup.join(format!("pod-{name}"));
@@ -212,7 +238,12 @@ fn kill_all(netns: &str, cgroup: &Path) {
     let mut pids: Vec<String> = Command::new("ip")
         .args(["netns", "pids", netns])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().map(str::to_owned).collect())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default();
     if let Ok(procs) = std::fs::read_to_string(cgroup.join("cgroup.procs")) {
         pids.extend(procs.split_whitespace().map(str::to_owned));

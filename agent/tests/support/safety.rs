@@ -104,7 +104,11 @@ pub fn curl_client(pod: &Pod, ip: &str, port: u16, paths: &[&str], dir: &Path) -
     let mut files = Vec::new();
     for (i, p) in paths.iter().enumerate() {
         let file = dir.join(format!("curl-{i}.out"));
-        args.extend(["-o".into(), file.display().to_string(), format!("http://{ip}:{port}{p}")]);
+        args.extend([
+            "-o".into(),
+            file.display().to_string(),
+            format!("http://{ip}:{port}{p}"),
+        ]);
         files.push((p, file));
     }
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -121,7 +121,10 @@ pub trait SpanSource {
 
 impl SpanSource for Agent {
     fn views(&self) -> Vec<SpanView> {
-        self.settle(|_| true, Duration::ZERO).iter().map(SpanView::from).collect()
+        self.settle(|_| true, Duration::ZERO)
+            .iter()
+            .map(SpanView::from)
+            .collect()
     }
 }
 
@@ -133,7 +136,12 @@ impl SpanSource for super::otlp::Receiver {
 
 /// Waits until at least `n` spans match `filter` (or `timeout`), then
 /// 700 ms more so that extra, unexpected spans show up too.
-pub fn gather(source: &dyn SpanSource, filter: impl Fn(&SpanView) -> bool, n: usize, timeout: Duration) -> Vec<SpanView> {
+pub fn gather(
+    source: &dyn SpanSource,
+    filter: impl Fn(&SpanView) -> bool,
+    n: usize,
+    timeout: Duration,
+) -> Vec<SpanView> {
     let deadline = Instant::now() + timeout;
     let pick = || -> Vec<SpanView> { source.views().into_iter().filter(|s| filter(s)).collect() };
     loop {
