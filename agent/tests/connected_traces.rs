@@ -478,3 +478,48 @@ fn large_nginx_responses_arrive_complete_to_curl_node_and_a_fionread_client_with
     assert_eq!(spans.len(), 10, "the agent traced the transfers\n{}", dump(&spans));
     assert_unique_span_ids(&spans);
 }
+
+/// The chain check itself: it accepts a correct set of traces and names
+/// the hop whose parent is wrong (no kernel needed).
+#[test]
+fn chain_check_accepts_correct_traces_and_reports_a_wrong_parent_by_runtime() {
+    let chain = Chain::described([
+        ("10.1.0.2:8081", "10.96.0.1:80"),
+        ("10.1.0.3:8082", "10.96.0.2:80"),
+        ("10.1.0.4:8083", "10.96.0.3:80"),
+    ]);
+    let span = |role: usize, req: usize, parent: Option<usize>| {
+        let (addr, port) = chain.hops[role / 2].dialled.split_once(':').expect("ip:port");
+        let attrs = [("server.address", addr), ("server.port", port)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .chain([("url.path".to_owned(), format!("/r/c{req}"))])
+            .collect();
+        SpanView {
+            kind: if role % 2 == 0 { "CLIENT" } else { "SERVER" }.to_owned(),
+            trace_id: format!("{req:032x}"),
+            span_id: format!("{:016x}", req * 10 + role + 1),
+            parent: parent.map(|p| format!("{:016x}", req * 10 + p + 1)),
+            attrs,
+        }
+    };
+    let correct: Vec<SpanView> = (0..2)
+        .flat_map(|req| (0..6).map(move |role| (req, role)))
+        .map(|(req, role)| span(role, req, role.checked_sub(1)))
+        .collect();
+    assert_eq!(chain.check(&correct, 2), Ok(()));
+    assert_unique_span_ids(&correct);
+
+    let mut wrong = correct.clone();
+    wrong[3] = span(3, 0, Some(0)); // go SERVER under curl CLIENT
+    let report = chain.check(&wrong, 2).expect_err("a wrong parent fails");
+    assert!(
+        report.contains("go SERVER      spans   2/2  linked   1  wrong parent   1"),
+        "{report}"
+    );
+
+    let mut split = correct.clone();
+    split[5].trace_id = "f".repeat(32); // java SERVER in a trace of its own
+    let report = chain.check(&split, 2).expect_err("a split trace fails");
+    assert!(report.contains("request /r/c0 is split over 2 traces"), "{report}");
+}

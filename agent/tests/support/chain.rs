@@ -167,6 +167,26 @@ impl Chain {
         }
     }
 
+    /// A chain known only by its addresses (no processes), to check
+    /// span sets against; `hops` are (server pod ip:port, dialled ip:port).
+    pub fn described(hops: [(&str, &str); 3]) -> Chain {
+        let hop = |(pod_addr, dialled): (&str, &str)| Hop {
+            pod_addr: pod_addr.to_owned(),
+            dialled: dialled.to_owned(),
+        };
+        Chain {
+            client: Pod {
+                name: "curl".into(),
+                netns: String::new(),
+                ip: String::new(),
+                cgroup: PathBuf::new(),
+                node: 0,
+            },
+            hops: hops.map(hop),
+            _procs: Vec::new(),
+        }
+    }
+
     /// Sends `n` requests `/r/c<i>` with curl from the client pod, one
     /// connection each; asserts every one came back 200 (the chain works).
     pub fn send(&self, n: usize, extra_curl_args: &[&str]) {
