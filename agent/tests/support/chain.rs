@@ -39,16 +39,22 @@ pub fn go_service() -> PathBuf {
     out
 }
 
-/// Compiles the Java service unless its class is newer than the source;
-/// returns the classpath directory.
+/// Compiles the Java fixtures unless their classes are newer than the
+/// sources; returns the classpath directory.
 pub fn java_classes() -> PathBuf {
     let dir = tmp("chain-java");
-    let src = fixture("Service.java");
-    let class = dir.join("Service.class");
     let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    if modified(&class).is_none() || modified(&class) < modified(&src) {
+    let sources = ["Service", "BigClient"];
+    let stale = sources.iter().any(|name| {
+        let class = modified(&dir.join(format!("{name}.class")));
+        class.is_none() || class < modified(&fixture(&format!("{name}.java")))
+    });
+    if stale {
         let mut cmd = Command::new("javac");
-        cmd.arg("-d").arg(&dir).arg(&src);
+        cmd.arg("-d").arg(&dir);
+        for name in sources {
+            cmd.arg(fixture(&format!("{name}.java")));
+        }
         run(cmd);
     }
     dir

@@ -98,6 +98,21 @@ pub fn node_client(pod: &Pod, ip: &str, port: u16, paths: &[&str]) -> String {
     run(pod.cmd("node", &args))
 }
 
+/// Java's HttpClient: each path twice, pooled keep-alive connections.
+pub fn java_client(pod: &Pod, ip: &str, port: u16, paths: &[&str]) -> String {
+    let classes = super::chain::java_classes();
+    let port = port.to_string();
+    let mut args = vec![
+        "-cp",
+        classes.to_str().expect("utf-8 path"),
+        "BigClient",
+        ip,
+        port.as_str(),
+    ];
+    args.extend_from_slice(paths);
+    run(pod.cmd("java", &args))
+}
+
 /// curl fetching each path once on one keep-alive connection into `dir`.
 pub fn curl_client(pod: &Pod, ip: &str, port: u16, paths: &[&str], dir: &Path) -> String {
     let mut args: Vec<String> = vec!["-s".into(), "--fail".into()];
