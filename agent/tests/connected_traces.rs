@@ -455,6 +455,7 @@ fn large_nginx_responses_arrive_complete_to_curl_node_java_and_a_fionread_client
             safety::fionread_client(&client, &ip, 8094, &paths),
             2,
         ),
+        ("java HttpClient", safety::java_client(&client, &ip, 8094, &paths), 2),
     ];
     for (who, out, times) in &results {
         let got = safety::received(out);
