@@ -392,14 +392,16 @@ fn request_bytes_arrive_unchanged(agent_args: &[&str]) {
     let scratch = Scratch::new("chain-rawbytes");
     let agent = Agent::start_with(agent_args);
     let (client, server) = (cluster.pod(0, "client"), cluster.pod(0, "server"));
-    let (names, pairs) = safety::raw_bytes(&server, &client, 8093, &scratch.0);
+    let cases = safety::raw_bytes(&server, &client, 8093, &scratch.0);
+    let names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names.len(), 8, "all rawbytes.py cases ran: {names:?}");
-    for (name, (sent, got)) in names.iter().zip(&pairs) {
+    for case in &cases {
         assert!(
-            sent == got,
-            "{name}: the server received other bytes than the client sent (agent {agent_args:?})\nsent:     {:?}\nreceived: {:?}",
-            String::from_utf8_lossy(sent),
-            String::from_utf8_lossy(got)
+            case.sent == case.received,
+            "{}: the server received other bytes than the client sent (agent {agent_args:?})\nsent:     {:?}\nreceived: {:?}",
+            case.name,
+            String::from_utf8_lossy(&case.sent),
+            String::from_utf8_lossy(&case.received)
         );
     }
     let addr = format!("{}:8093", server.ip);
@@ -497,7 +499,7 @@ fn chain_check_accepts_correct_traces_and_reports_a_wrong_parent_by_runtime() {
             .chain([("url.path".to_owned(), format!("/r/c{req}"))])
             .collect();
         SpanView {
-            kind: if role % 2 == 0 { "CLIENT" } else { "SERVER" }.to_owned(),
+            kind: if role.is_multiple_of(2) { "CLIENT" } else { "SERVER" }.to_owned(),
             trace_id: format!("{req:032x}"),
             span_id: format!("{:016x}", req * 10 + role + 1),
             parent: parent.map(|p| format!("{:016x}", req * 10 + p + 1)),

@@ -243,7 +243,7 @@ impl Chain {
             }
         }
         let mut problems = Vec::new();
-        let mut table = vec![[0usize; 4]; 6]; // [count, linked, wrong parent, no parent]
+        let mut table = [[0usize; 4]; 6]; // [count, linked, wrong parent, no parent]
         for roles in by_id.values() {
             for (r, got) in roles.iter().enumerate() {
                 table[r][0] += got.len();

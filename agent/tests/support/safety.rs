@@ -137,20 +137,28 @@ pub fn curl_client(pod: &Pod, ip: &str, port: u16, paths: &[&str], dir: &Path) -
         .collect()
 }
 
-/// The raw-bytes recorder: server in `server`, client cases from `client`;
-/// returns (case names, [(sent, received)] per case).
-pub fn raw_bytes(server: &Pod, client: &Pod, port: u16, dir: &Path) -> (Vec<String>, Vec<(Vec<u8>, Vec<u8>)>) {
+/// One case of rawbytes.py: what the client sent, what the server got.
+pub struct RawCase {
+    pub name: String,
+    pub sent: Vec<u8>,
+    pub received: Vec<u8>,
+}
+
+/// The raw-bytes recorder: server in `server`, client cases from `client`.
+pub fn raw_bytes(server: &Pod, client: &Pod, port: u16, dir: &Path) -> Vec<RawCase> {
     let script = fixture("rawbytes.py");
     let (port_s, out) = (port.to_string(), dir.display().to_string());
     let _server = spawn(server.cmd("python3", &[&script, "server", &server.ip, &port_s, &out]));
     client.wait_port(&server.ip, port);
-    let names: Vec<String> = run(client.cmd("python3", &[&script, "client", &server.ip, &port_s, &out]))
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let names = run(client.cmd("python3", &[&script, "client", &server.ip, &port_s, &out]));
     let read = |name: String| std::fs::read(dir.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let pairs = (0..names.len())
-        .map(|k| (read(format!("sent-{k}.bin")), read(format!("recv-{k}.bin"))))
-        .collect();
-    (names, pairs)
+    names
+        .lines()
+        .enumerate()
+        .map(|(k, name)| RawCase {
+            name: name.to_owned(),
+            sent: read(format!("sent-{k}.bin")),
+            received: read(format!("recv-{k}.bin")),
+        })
+        .collect()
 }
