@@ -26,7 +26,13 @@ fn chain_gives_one_trace_of_six_linked_spans_per_request(nodes: usize, placement
         receiver = otlp::Receiver::start(otlp::Transport::Grpc);
         agents = (0..nodes)
             .map(|n| {
-                let cgroup = cluster.node_cgroup(n).display().to_string();
+                // Node a names its cgroup absolutely, node b relative to the
+                // cgroup2 mount: `--cgroup` takes both.
+                let cgroup = if n == 0 {
+                    cluster.node_cgroup(n).display().to_string()
+                } else {
+                    cluster.node_cgroup_relative(n)
+                };
                 Agent::start_with(&[
                     "--cgroup",
                     &cgroup,
@@ -384,14 +390,25 @@ fn proxy_forwarding_a_traceparent_unchanged_does_not_make_two_spans_share_an_id(
     );
 }
 
+/// What the wire and the agent looked like while rawbytes.py ran.
+struct WireReport {
+    /// TCP segments seen, and option kind → segments carrying it.
+    segments: usize,
+    option_kinds: std::collections::BTreeMap<u8, usize>,
+    /// BPF program and map types the agent held.
+    prog_types: Vec<u32>,
+    map_types: Vec<u32>,
+}
+
 /// Every case of fixtures/chain/rawbytes.py reaches the server exactly as
 /// sent, and the agent did trace them (so the check is not vacuous).
-fn request_bytes_arrive_unchanged(agent_args: &[&str]) {
+fn request_bytes_arrive_unchanged(agent_args: &[&str]) -> WireReport {
     let _serial = serial();
     let mut cluster = Cluster::new(1);
     let scratch = Scratch::new("chain-rawbytes");
     let agent = Agent::start_with(agent_args);
     let (client, server) = (cluster.pod(0, "client"), cluster.pod(0, "server"));
+    let sniffer = safety::OptionSniffer::start(&server, 8093, &scratch.0);
     let cases = safety::raw_bytes(&server, &client, 8093, &scratch.0);
     let names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names.len(), 8, "all rawbytes.py cases ran: {names:?}");
@@ -418,16 +435,51 @@ fn request_bytes_arrive_unchanged(agent_args: &[&str]) {
         dump(&spans)
     );
     assert_unique_span_ids(&spans);
+    let (segments, option_kinds) = sniffer.kinds();
+    let (prog_types, map_types) = safety::bpf_objects(agent.pid());
+    println!("agent {agent_args:?}: {segments} TCP segments, option kind -> segments {option_kinds:?}; agent holds prog types {prog_types:?}, map types {map_types:?}");
+    WireReport {
+        segments,
+        option_kinds,
+        prog_types,
+        map_types,
+    }
 }
 
 #[test]
 fn requests_reach_the_server_byte_for_byte_with_default_propagation() {
-    request_bytes_arrive_unchanged(&[]);
+    let wire = request_bytes_arrive_unchanged(&[]);
+    assert!(wire.segments > 0, "the sniffer saw the traffic");
 }
 
 #[test]
 fn requests_reach_the_server_byte_for_byte_with_propagation_off() {
     request_bytes_arrive_unchanged(&["--propagation", "off"]);
+}
+
+#[test]
+fn propagation_off_adds_no_tcp_option_and_puts_no_socket_in_a_sockmap() {
+    let wire = request_bytes_arrive_unchanged(&["--propagation", "off"]);
+    assert!(wire.segments > 0, "the sniffer saw the traffic");
+    let foreign: Vec<&u8> = wire
+        .option_kinds
+        .keys()
+        .filter(|k| !safety::STANDARD_TCP_OPTIONS.contains(k))
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "with --propagation off only the stack's own TCP options cross the wire; also seen: {foreign:?} ({:?})",
+        wire.option_kinds
+    );
+    let socket_progs = [safety::BPF_PROG_TYPE_SK_MSG, safety::BPF_PROG_TYPE_SK_SKB];
+    let socket_maps = [safety::BPF_MAP_TYPE_SOCKMAP, safety::BPF_MAP_TYPE_SOCKHASH];
+    assert!(
+        !wire.prog_types.iter().any(|t| socket_progs.contains(t))
+            && !wire.map_types.iter().any(|t| socket_maps.contains(t)),
+        "with --propagation off the agent holds no sk_msg/sk_skb program and no sockmap/sockhash (they break FIONREAD): progs {:?}, maps {:?}",
+        wire.prog_types,
+        wire.map_types
+    );
 }
 
 #[test]

@@ -342,3 +342,10 @@ pub fn rebind(runtime: &tokio::runtime::Runtime, addr: std::net::SocketAddr) -> 
         }
     })
 }
+
+impl Agent {
+    /// The agent process id (to look at what it holds in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}

@@ -164,9 +164,16 @@ impl Cluster {
         format!("10.96.{}.{}", self.x, n)
     }
 
-    /// The node cgroup path as `--cgroup` takes it.
+    /// The node's cgroup, absolute (one form `--cgroup` takes).
     pub fn node_cgroup(&self, node: usize) -> &Path {
         &self.nodes[node].cgroup
+    }
+
+    /// The node's cgroup relative to the cgroup2 mount (the other form).
+    pub fn node_cgroup_relative(&self, node: usize) -> String {
+        let root = meshless::k8s::cgroup::cgroup2_root().expect("a cgroup2 mount");
+        let cgroup = &self.nodes[node].cgroup;
+        cgroup.strip_prefix(&root).unwrap_or(cgroup).display().to_string()
     }
 }
 

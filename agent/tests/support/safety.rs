@@ -162,3 +162,71 @@ pub fn raw_bytes(server: &Pod, client: &Pod, port: u16, dir: &Path) -> Vec<RawCa
         })
         .collect()
 }
+
+/// TCP options seen on the wire by fixtures/chain/tcp_options.py.
+pub struct OptionSniffer {
+    out: std::path::PathBuf,
+    _proc: Proc,
+}
+
+impl OptionSniffer {
+    /// Starts sniffing segments to or from `port` in `pod`'s namespace.
+    pub fn start(pod: &Pod, port: u16, dir: &Path) -> OptionSniffer {
+        let out = dir.join(format!("tcp-options-{port}.txt"));
+        let file = std::fs::File::create(&out).expect("sniffer output file");
+        let script = fixture("tcp_options.py");
+        let mut cmd = pod.cmd("python3", &[&script, &port.to_string()]);
+        cmd.stdout(file).stderr(std::process::Stdio::null());
+        let proc = Proc(cmd.spawn().expect("start tcp_options.py"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(&out).unwrap_or_default().starts_with("ready") {
+            assert!(std::time::Instant::now() < deadline, "tcp_options.py never got ready");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        OptionSniffer { out, _proc: proc }
+    }
+
+    /// (segments seen, option kind → segments carrying it).
+    pub fn kinds(&self) -> (usize, BTreeMap<u8, usize>) {
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let mut kinds = BTreeMap::new();
+        let mut segments = 0;
+        for line in text.lines().skip(1) {
+            segments += 1;
+            let list = line.split_whitespace().nth(3).unwrap_or("");
+            for k in list.split(',').filter_map(|k| k.parse::<u8>().ok()) {
+                *kinds.entry(k).or_default() += 1;
+            }
+        }
+        (segments, kinds)
+    }
+}
+
+/// Kinds every TCP stack uses: end, nop, mss, window scale, sack-permitted,
+/// sack, timestamps.
+pub const STANDARD_TCP_OPTIONS: [u8; 7] = [0, 1, 2, 3, 4, 5, 8];
+
+/// BPF program and map types the process `pid` holds open, from
+/// /proc/PID/fdinfo (prog_type / map_type numbers of the kernel UAPI).
+pub fn bpf_objects(pid: u32) -> (Vec<u32>, Vec<u32>) {
+    let (mut progs, mut maps) = (Vec::new(), Vec::new());
+    let dir = format!("/proc/{pid}/fdinfo");
+    for entry in std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .flatten()
+    {
+        let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for line in info.lines() {
+            let num = |prefix: &str| line.strip_prefix(prefix).and_then(|v| v.trim().parse::<u32>().ok());
+            progs.extend(num("prog_type:"));
+            maps.extend(num("map_type:"));
+        }
+    }
+    (progs, maps)
+}
+
+/// bpf_prog_type / bpf_map_type values that touch socket data paths.
+pub const BPF_PROG_TYPE_SK_SKB: u32 = 14;
+pub const BPF_PROG_TYPE_SK_MSG: u32 = 16;
+pub const BPF_MAP_TYPE_SOCKMAP: u32 = 15;
+pub const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
