@@ -453,12 +453,7 @@ fn requests_reach_the_server_byte_for_byte_with_default_propagation() {
 }
 
 #[test]
-fn requests_reach_the_server_byte_for_byte_with_propagation_off() {
-    request_bytes_arrive_unchanged(&["--propagation", "off"]);
-}
-
-#[test]
-fn propagation_off_adds_no_tcp_option_and_puts_no_socket_in_a_sockmap() {
+fn propagation_off_leaves_request_bytes_tcp_options_and_sockets_untouched() {
     let wire = request_bytes_arrive_unchanged(&["--propagation", "off"]);
     assert!(wire.segments > 0, "the sniffer saw the traffic");
     let foreign: Vec<&u8> = wire
