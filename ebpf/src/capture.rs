@@ -5,9 +5,11 @@ use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user, generated},
 };
 use meshless_common::{
-    ConnAddrs, Counter, EventKind, FLAG_NEW_CONN, FLAG_TRUNCATED, HEADER_SIZE, MAX_CAPTURE, MAX_IOVECS,
+    ConnAddrs, Counter, Direction, EventKind, FLAG_NEW_CONN, FLAG_TRUNCATED, HEADER_SIZE, MAX_CAPTURE, MAX_IOVECS,
+    TraceCtx,
 };
 
+use crate::context;
 use crate::maps::{
     ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, COUNTERS, ConnState, EVENTS, SCRATCH, count,
     wakeup_bytes,
@@ -75,6 +77,20 @@ pub fn looks_like_http(b: &[u8; 8]) -> bool {
         b"TRAC" => b[4] == b'E',
         _ => false,
     }
+}
+
+/// Addresses of a socket that is not tracked yet, as accept/connect and
+/// the ESTABLISHED transition recorded them.
+pub fn known_addrs(key: u64) -> Option<&'static ConnAddrs> {
+    // SAFETY: map values stay valid for the program's run.
+    let known = unsafe { ADDRS.get(&key) }?;
+    if known.sk != 0 {
+        // SAFETY: as above.
+        if let Some(full) = unsafe { ACTIVE.get(&known.sk) } {
+            return Some(full);
+        }
+    }
+    Some(&known.addrs)
 }
 
 /// Returns the state of a tracked connection, or starts tracking it when
@@ -165,7 +181,8 @@ fn read_user(dst: *mut u8, src: u64, len: usize) -> Result<(), i64> {
 
 #[inline(always)]
 /// Emits one Data event for a finished syscall on a tracked connection.
-pub fn emit_data(tgid: u32, tid: u32, args: &Args, ret: usize, state: &ConnState, flags: u32) {
+pub fn emit_data(id: u64, args: &Args, ret: usize, state: &ConnState, flags: u32) {
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
     let Some(ev) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -176,6 +193,7 @@ pub fn emit_data(tgid: u32, tid: u32, args: &Args, ret: usize, state: &ConnState
     } else {
         0
     };
+    request_context(id, args, state, ev, captured);
     let mut flags = flags | state.flags;
     if captured < ret {
         flags |= FLAG_TRUNCATED;
@@ -188,6 +206,29 @@ pub fn emit_data(tgid: u32, tid: u32, args: &Args, ret: usize, state: &ConnState
     ev.header.captured = captured as u32;
     ev.header.flags = flags;
     submit(ev, captured);
+}
+
+/// The trace context of the request this payload starts, if it starts one:
+/// decided now for a request read (server side), at sys_enter for a
+/// request written (client side). A response written ends one request the
+/// process was serving.
+#[inline(always)]
+fn request_context(id: u64, args: &Args, state: &ConnState, ev: &mut crate::maps::EventBuf, captured: usize) {
+    let ctx = &mut ev.header.ctx;
+    *ctx = args.ctx;
+    if args.ctx.flags != 0 || captured < 8 {
+        return;
+    }
+    let first = [
+        ev.data[0], ev.data[1], ev.data[2], ev.data[3], ev.data[4], ev.data[5], ev.data[6], ev.data[7],
+    ];
+    if args.direction == Direction::Ingress as u32 {
+        if context::starts_request(&first) {
+            context::server_request(id, args.fd, &state.addrs, captured, &mut ev.header.ctx);
+        }
+    } else if &first[..5] == b"HTTP/" {
+        context::response_written((id >> 32) as u32, args.fd);
+    }
 }
 
 /// Emits a header-only event (Close).
@@ -203,6 +244,7 @@ pub fn emit_close(tgid: u32, tid: u32, fd: u32, syscall: u32, state: &ConnState)
     ev.header.len = 0;
     ev.header.captured = 0;
     ev.header.flags = state.flags;
+    ev.header.ctx = TraceCtx::default();
     submit(ev, 0);
 }
 

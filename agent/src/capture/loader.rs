@@ -4,7 +4,10 @@ use aya::{
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
-use meshless_common::{Counter, AGENT_TGID_GLOBAL, COUNTERS_MAP, EVENTS_MAP, WAKEUP_BYTES_GLOBAL};
+use meshless_common::{
+    Counter, AGENT_TGID_GLOBAL, COUNTERS_MAP, EVENTS_MAP, PROPAGATION_GLOBAL, SCOPE_CGROUP_GLOBAL, SCOPE_LEVEL_GLOBAL,
+    WAKEUP_BYTES_GLOBAL,
+};
 
 use super::preflight::{self, PreflightError};
 
@@ -79,15 +82,23 @@ pub struct Probes {
 pub struct LoadOptions {
     pub ringbuf_bytes: u32,
     pub wakeup_bytes: u64,
+    /// Trace context goes into TCP options (the sock_ops program is attached).
+    pub propagation: bool,
+    /// (cgroup id, level) of the capture scope; id 0 traces everything.
+    pub scope: (u64, u32),
 }
 
 pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     let tps: Vec<(&str, &str)> = TRACEPOINTS.iter().map(|(_, c, n)| (*c, *n)).collect();
     preflight::check(&tps)?;
     let tgid = std::process::id();
+    let propagation = u32::from(opts.propagation);
     let mut ebpf = EbpfLoader::new()
         .override_global(AGENT_TGID_GLOBAL, &tgid, true)
         .override_global(WAKEUP_BYTES_GLOBAL, &opts.wakeup_bytes, true)
+        .override_global(PROPAGATION_GLOBAL, &propagation, true)
+        .override_global(SCOPE_CGROUP_GLOBAL, &opts.scope.0, true)
+        .override_global(SCOPE_LEVEL_GLOBAL, &opts.scope.1, true)
         .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
         .load(OBJECT)
         .map_err(LoadError::Object)?;
