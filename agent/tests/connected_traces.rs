@@ -24,7 +24,8 @@ fn chain_gives_one_trace_of_six_linked_spans_per_request(nodes: usize, placement
         source = &agents[0];
     } else {
         receiver = otlp::Receiver::start(otlp::Transport::Grpc);
-        agents = (0..nodes)
+        // One agent per node, started side by side (loading takes a while).
+        let args: Vec<Vec<String>> = (0..nodes)
             .map(|n| {
                 // Node a names its cgroup absolutely, node b relative to the
                 // cgroup2 mount: `--cgroup` takes both.
@@ -33,18 +34,24 @@ fn chain_gives_one_trace_of_six_linked_spans_per_request(nodes: usize, placement
                 } else {
                     cluster.node_cgroup_relative(n)
                 };
-                Agent::start_with(&[
-                    "--cgroup",
-                    &cgroup,
-                    "--traces-exporter",
-                    "otlp",
-                    "--otlp-endpoint",
-                    &receiver.endpoint(),
-                    "--metrics-exporter",
-                    "none",
-                ])
+                ["--cgroup", &cgroup, "--traces-exporter", "otlp"]
+                    .into_iter()
+                    .map(str::to_owned)
+                    .chain(["--otlp-endpoint".to_owned(), receiver.endpoint()])
+                    .chain(["--metrics-exporter".to_owned(), "none".to_owned()])
+                    .collect()
             })
             .collect();
+        agents = std::thread::scope(|scope| {
+            let started: Vec<_> = args
+                .iter()
+                .map(|a| scope.spawn(move || Agent::start_with(&a.iter().map(String::as_str).collect::<Vec<_>>())))
+                .collect();
+            started
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
         source = &receiver;
     }
     let chain = Chain::start(&mut cluster, &placement);

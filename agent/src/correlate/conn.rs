@@ -44,7 +44,11 @@ fn header_parent(head: &Head) -> Option<(TraceId, SpanId, bool)> {
         return Some((tp.trace_id, tp.parent_id, tp.sampled));
     }
     let b3 = head.header("b3").and_then(B3::parse_single).or_else(|| {
-        B3::parse_multi(head.header("x-b3-traceid")?, head.header("x-b3-spanid")?, head.header("x-b3-sampled"))
+        B3::parse_multi(
+            head.header("x-b3-traceid")?,
+            head.header("x-b3-spanid")?,
+            head.header("x-b3-sampled"),
+        )
     })?;
     Some((b3.trace_id, b3.span_id, b3.sampled))
 }
