@@ -161,7 +161,7 @@ impl Runtime {
 /// that calls a Go leaf for each. Returns (requests, linked, wrong parent)
 /// for the service's outbound CLIENT spans, judged against the SERVER span
 /// of the same id, and prints the rates.
-fn linking_rates(runtime: Runtime, concurrency: usize, per_client: usize) -> (usize, usize, usize) {
+fn linking_rates(runtime: Runtime, concurrency: usize, per_client: usize) -> Rates {
     let _serial = serial();
     let mut cluster = Cluster::new(1);
     let agent = Agent::start();
@@ -209,6 +209,7 @@ assert not errors, errors
             .find(|s| s.kind == kind && s.server() == addr && s.path() == path)
     };
     let (mut linked, mut wrong, mut missing, mut hop_unlinked) = (0, 0, Vec::new(), 0);
+    let mut wrong_kinds = std::collections::BTreeMap::new();
     for t in 0..concurrency {
         for j in 0..per_client {
             let id = format!("k{concurrency}-{t}-{j}");
@@ -219,10 +220,13 @@ assert not errors, errors
                 missing.push(id);
                 continue;
             };
-            match &outbound.parent {
-                None => {}
-                Some(_) if outbound.is_child_of(inbound) => linked += 1,
-                Some(_) => wrong += 1,
+            match Parentage::of(outbound, Some(inbound), &spans) {
+                Parentage::Linked => linked += 1,
+                Parentage::Root => {}
+                p => {
+                    wrong += 1;
+                    *wrong_kinds.entry(format!("{p:?}")).or_insert(0) += 1;
+                }
             }
             if !downstream.is_child_of(outbound) {
                 hop_unlinked += 1;
@@ -231,7 +235,7 @@ assert not errors, errors
     }
     let pct = |x: usize| 100.0 * x as f64 / n as f64;
     println!(
-        "{runtime:?} service, concurrency {concurrency}: {n} requests, linked {linked} ({:.1}%), wrong parent {wrong} ({:.1}%), unlinked {}",
+        "{runtime:?} service, concurrency {concurrency}: {n} requests, linked {linked} ({:.1}%), wrong parent {wrong} ({:.1}%) {wrong_kinds:?}, unlinked {}, leaf SERVER not under its CLIENT {hop_unlinked}",
         pct(linked),
         pct(wrong),
         n - linked - wrong - missing.len()
@@ -241,41 +245,71 @@ assert not errors, errors
         "requests without their {runtime:?} SERVER, {runtime:?} CLIENT and go SERVER spans: {missing:?}\n{}",
         dump(&spans)
     );
-    assert_eq!(
+    Rates {
+        n,
+        linked,
+        wrong,
         hop_unlinked,
-        0,
-        "the leaf's SERVER span is the child of the {runtime:?} CLIENT span of the same id (same-node hop)\n{}",
-        dump(&spans)
-    );
-    (n, linked, wrong)
+        report: dump(&spans),
+    }
+}
+
+/// What [`linking_rates`] measured.
+struct Rates {
+    n: usize,
+    linked: usize,
+    wrong: usize,
+    /// Leaf SERVER spans not the child of the service's CLIENT span of the same id.
+    hop_unlinked: usize,
+    report: String,
+}
+
+impl Rates {
+    /// The hop to the leaf (same node, keep-alive) links every call.
+    fn assert_hop_linked(&self, runtime: Runtime) {
+        assert_eq!(
+            self.hop_unlinked, 0,
+            "the leaf's SERVER span is the child of the {runtime:?} CLIENT span of the same id (same-node hop)\n{}",
+            self.report
+        );
+    }
 }
 
 #[test]
 fn node_keepalive_service_never_links_a_downstream_call_to_the_wrong_request_at_concurrency_1() {
-    let (n, linked, wrong) = linking_rates(Runtime::Node, 1, 30);
+    let r = linking_rates(Runtime::Node, 1, 30);
     assert_eq!(
-        wrong, 0,
-        "{wrong} of {n} downstream calls under the wrong request ({linked} linked right)"
+        r.wrong, 0,
+        "{} of {} downstream calls under the wrong request ({} linked right)\n{}",
+        r.wrong, r.n, r.linked, r.report
     );
+    r.assert_hop_linked(Runtime::Node);
 }
 
 #[test]
 fn node_keepalive_service_never_links_a_downstream_call_to_the_wrong_request_at_concurrency_16() {
-    let (n, linked, wrong) = linking_rates(Runtime::Node, 16, 10);
+    let r = linking_rates(Runtime::Node, 16, 10);
     assert_eq!(
-        wrong, 0,
-        "no link is better than a wrong link: {wrong} of {n} downstream calls under the wrong request ({linked} linked right)"
+        r.wrong, 0,
+        "no link is better than a wrong link: {} of {} downstream calls under the wrong request ({} linked right)\n{}",
+        r.wrong, r.n, r.linked, r.report
     );
+    r.assert_hop_linked(Runtime::Node);
 }
 
 /// Thread-per-request runtimes (and Go) link every outbound call to the
 /// request it serves, also with several requests in flight.
 fn links_every_call_under_concurrency(runtime: Runtime) {
-    let (n, linked, wrong) = linking_rates(runtime, 8, 10);
+    let r = linking_rates(runtime, 8, 10);
     assert!(
-        (linked, wrong) == (n, 0),
-        "{runtime:?}: {linked} of {n} outbound calls linked to their request, {wrong} to a wrong one"
+        (r.linked, r.wrong) == (r.n, 0),
+        "{runtime:?}: {} of {} outbound calls linked to their request, {} to a wrong one\n{}",
+        r.linked,
+        r.n,
+        r.wrong,
+        r.report
     );
+    r.assert_hop_linked(runtime);
 }
 
 #[test]
@@ -405,6 +439,8 @@ struct WireReport {
     /// BPF program and map types the agent held.
     prog_types: Vec<u32>,
     map_types: Vec<u32>,
+    /// Other meshless agents that were running (their programs touch our pods too).
+    other_agents: Vec<u32>,
 }
 
 /// Every case of fixtures/chain/rawbytes.py reaches the server exactly as
@@ -444,12 +480,14 @@ fn request_bytes_arrive_unchanged(agent_args: &[&str]) -> WireReport {
     assert_unique_span_ids(&spans);
     let (segments, option_kinds) = sniffer.kinds();
     let (prog_types, map_types) = safety::bpf_objects(agent.pid());
-    println!("agent {agent_args:?}: {segments} TCP segments, option kind -> segments {option_kinds:?}; agent holds prog types {prog_types:?}, map types {map_types:?}");
+    let other_agents = safety::other_agents(agent.pid());
+    println!("agent {agent_args:?}: {segments} TCP segments, option kind -> segments {option_kinds:?}; agent holds prog types {prog_types:?}, map types {map_types:?}; other agents running: {other_agents:?}");
     WireReport {
         segments,
         option_kinds,
         prog_types,
         map_types,
+        other_agents,
     }
 }
 
@@ -463,25 +501,38 @@ fn requests_reach_the_server_byte_for_byte_with_default_propagation() {
 fn propagation_off_leaves_request_bytes_tcp_options_and_sockets_untouched() {
     let wire = request_bytes_arrive_unchanged(&["--propagation", "off"]);
     assert!(wire.segments > 0, "the sniffer saw the traffic");
+    let socket_progs = [
+        safety::BPF_PROG_TYPE_SK_MSG,
+        safety::BPF_PROG_TYPE_SK_SKB,
+        safety::BPF_PROG_TYPE_SOCK_OPS,
+    ];
+    let socket_maps = [safety::BPF_MAP_TYPE_SOCKMAP, safety::BPF_MAP_TYPE_SOCKHASH];
+    assert!(
+        !wire.prog_types.iter().any(|t| socket_progs.contains(t))
+            && !wire.map_types.iter().any(|t| socket_maps.contains(t)),
+        "with --propagation off the agent holds no sk_msg/sk_skb/sock_ops program and no sockmap/sockhash (sockmaps break FIONREAD): progs {:?}, maps {:?}",
+        wire.prog_types,
+        wire.map_types
+    );
     let foreign: Vec<&u8> = wire
         .option_kinds
         .keys()
         .filter(|k| !safety::STANDARD_TCP_OPTIONS.contains(k))
         .collect();
-    assert!(
-        foreign.is_empty(),
-        "with --propagation off only the stack's own TCP options cross the wire; also seen: {foreign:?} ({:?})",
-        wire.option_kinds
-    );
-    let socket_progs = [safety::BPF_PROG_TYPE_SK_MSG, safety::BPF_PROG_TYPE_SK_SKB];
-    let socket_maps = [safety::BPF_MAP_TYPE_SOCKMAP, safety::BPF_MAP_TYPE_SOCKHASH];
-    assert!(
-        !wire.prog_types.iter().any(|t| socket_progs.contains(t))
-            && !wire.map_types.iter().any(|t| socket_maps.contains(t)),
-        "with --propagation off the agent holds no sk_msg/sk_skb program and no sockmap/sockhash (they break FIONREAD): progs {:?}, maps {:?}",
-        wire.prog_types,
-        wire.map_types
-    );
+    // Another agent's programs on the cgroup2 root would write options on
+    // our pods' segments too; the wire is only ours to judge when alone.
+    if wire.other_agents.is_empty() {
+        assert!(
+            foreign.is_empty(),
+            "with --propagation off only the stack's own TCP options cross the wire; also seen: {foreign:?} ({:?})",
+            wire.option_kinds
+        );
+    } else {
+        println!(
+            "wire check not judged: other meshless agents {:?} were running; non-standard options seen: {foreign:?}",
+            wire.other_agents
+        );
+    }
 }
 
 #[test]

@@ -243,18 +243,24 @@ impl Chain {
             }
         }
         let mut problems = Vec::new();
-        let mut table = [[0usize; 4]; 6]; // [count, linked, wrong parent, no parent]
+        // [count, linked, wrong parent, no parent, of the wrong: another
+        // span, an id nobody exported, the right id in another trace]
+        let mut table = [[0usize; 7]; 6];
         for roles in by_id.values() {
             for (r, got) in roles.iter().enumerate() {
                 table[r][0] += got.len();
                 for s in got {
-                    let parent = if r == 0 { None } else { roles[r - 1].first() };
-                    match (r, &s.parent, parent) {
-                        (0, None, _) => table[r][1] += 1,
-                        (0, Some(_), _) => table[r][2] += 1,
-                        (_, None, _) => table[r][3] += 1,
-                        (_, Some(_), Some(p)) if s.is_child_of(p) => table[r][1] += 1,
-                        _ => table[r][2] += 1,
+                    let expected = if r == 0 { None } else { roles[r - 1].first().copied() };
+                    let col = match (r, Parentage::of(s, expected, spans)) {
+                        (0, Parentage::Root) | (_, Parentage::Linked) => 1,
+                        (_, Parentage::Root) => 3,
+                        (_, Parentage::WrongSpan) => 4,
+                        (_, Parentage::Dangling) => 5,
+                        (_, Parentage::OtherTrace) => 6,
+                    };
+                    table[r][col] += 1;
+                    if col >= 4 {
+                        table[r][2] += 1;
                     }
                 }
             }
@@ -262,13 +268,16 @@ impl Chain {
         for (r, row) in table.iter().enumerate() {
             if row[0] != n || row[1] != n {
                 problems.push(format!(
-                    "{:<14} spans {:>3}/{n}  linked {:>3}  wrong parent {:>3}  no parent {:>3}  (parent should be {})",
+                    "{:<14} spans {:>3}/{n}  linked {:>3}  wrong parent {:>3}  no parent {:>3}  (parent should be {}; wrong = {} another span, {} an unexported id, {} the right id in another trace)",
                     ROLES[r],
                     row[0],
                     row[1],
                     row[2],
                     row[3],
-                    if r == 0 { "none: root" } else { ROLES[r - 1] }
+                    if r == 0 { "none: root" } else { ROLES[r - 1] },
+                    row[4],
+                    row[5],
+                    row[6],
                 ));
             }
         }

@@ -230,3 +230,19 @@ pub const BPF_PROG_TYPE_SK_SKB: u32 = 14;
 pub const BPF_PROG_TYPE_SK_MSG: u32 = 16;
 pub const BPF_MAP_TYPE_SOCKMAP: u32 = 15;
 pub const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
+
+/// The sock_ops program type (TCP header options are written from it).
+pub const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
+
+/// Pids of meshless agents running besides `mine` (other tests on this
+/// machine): their cgroup-root programs act on our pods' sockets too.
+pub fn other_agents(mine: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != mine)
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "meshless"))
+        .collect()
+}

@@ -194,3 +194,38 @@ pub fn assert_unique_span_ids(spans: &[SpanView]) {
         dump(spans)
     );
 }
+
+/// How a span's parent relates to the span it should be the child of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parentage {
+    /// Child of the expected span, in its trace.
+    Linked,
+    /// No parent at all (not linked: allowed where linking is ambiguous).
+    Root,
+    /// The expected span's id as parent, but another trace id.
+    OtherTrace,
+    /// Another exported span as parent.
+    WrongSpan,
+    /// A parent id that no exported span has.
+    Dangling,
+}
+
+impl Parentage {
+    /// Of `s`, which should be the child of `expected` (`None`: should be a root).
+    pub fn of(s: &SpanView, expected: Option<&SpanView>, all: &[SpanView]) -> Parentage {
+        let Some(parent) = s.parent.as_deref() else {
+            return Parentage::Root;
+        };
+        match expected {
+            Some(e) if s.is_child_of(e) => Parentage::Linked,
+            Some(e) if e.span_id == parent => Parentage::OtherTrace,
+            _ if all.iter().any(|o| o.span_id == parent) => Parentage::WrongSpan,
+            _ => Parentage::Dangling,
+        }
+    }
+
+    /// Linked to something other than what it should be.
+    pub fn is_wrong(self) -> bool {
+        matches!(self, Parentage::OtherTrace | Parentage::WrongSpan | Parentage::Dangling)
+    }
+}
