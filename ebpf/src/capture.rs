@@ -10,8 +10,10 @@ use meshless_common::{
 };
 
 use crate::context;
+use aya_ebpf::programs::TracePointContext;
+
 use crate::maps::{
-    ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, COUNTERS, ConnState, EVENTS, SCRATCH, count,
+    ACTIVE, ADDRS, SERVER_CTX, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, COUNTERS, ConnState, EVENTS, SCRATCH, count,
     wakeup_bytes,
 };
 
@@ -95,38 +97,40 @@ pub fn known_addrs(key: u64) -> Option<&'static ConnAddrs> {
 
 /// Returns the state of a tracked connection, or starts tracking it when
 /// `detect` says its first bytes look like HTTP.
-pub fn tracked_conn(key: u64, args: &Args, detect: bool) -> Option<(ConnState, u32)> {
-    // SAFETY: the value is copied out at once.
+pub fn tracked_conn(key: u64, args: &Args, detect: bool) -> Option<(&'static ConnState, u32)> {
+    // SAFETY: map values stay valid for the program's run.
     if let Some(state) = unsafe { CONNS.get(&key) } {
-        return Some((*state, 0));
+        return Some((state, 0));
     }
     if !detect || !looks_like_http(&first_bytes(args)?) {
         return None;
     }
-    // SAFETY: the value is copied out at once.
-    let mut known = unsafe { ADDRS.get(&key) }.copied();
-    if let Some(k) = known.as_mut() {
+    let mut state = ConnState {
+        conn_id: unsafe { bpf_ktime_get_ns() },
+        flags: 0,
+        _pad: 0,
+        addrs: ConnAddrs::default(),
+    };
+    // SAFETY: map values stay valid for the program's run.
+    if let Some(k) = unsafe { ADDRS.get(&key) } {
+        state.flags = k.flags;
+        state.addrs = k.addrs;
         if k.sk != 0 {
             // A connected socket: its full 4-tuple was recorded at ESTABLISHED.
-            // SAFETY: copied out at once.
+            // SAFETY: as above.
             if let Some(full) = unsafe { ACTIVE.get(&k.sk) } {
-                k.addrs = *full;
+                state.addrs = *full;
             }
             let _ = ACTIVE.remove(&k.sk);
         }
     }
-    let state = ConnState {
-        conn_id: unsafe { bpf_ktime_get_ns() },
-        flags: known.map_or(0, |k| k.flags),
-        _pad: 0,
-        addrs: known.map_or(ConnAddrs::default(), |k| k.addrs),
-    };
     if CONNS.insert(&key, &state, 0).is_err() {
         count(Counter::ConnTableFull);
         return None;
     }
     count(Counter::ConnsTracked);
-    Some((state, FLAG_NEW_CONN))
+    // SAFETY: as above (just inserted; an LRU eviction in between only loses this event).
+    unsafe { CONNS.get(&key) }.map(|s| (s, FLAG_NEW_CONN))
 }
 
 /// Copies up to MAX_CAPTURE bytes of what the syscall moved into the
@@ -181,7 +185,7 @@ fn read_user(dst: *mut u8, src: u64, len: usize) -> Result<(), i64> {
 
 #[inline(always)]
 /// Emits one Data event for a finished syscall on a tracked connection.
-pub fn emit_data(id: u64, args: &Args, ret: usize, state: &ConnState, flags: u32) {
+pub fn emit_data(tp: &TracePointContext, id: u64, args: &Args, ret: usize, state: &ConnState, flags: u32) {
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
     let Some(ev) = SCRATCH.get_ptr_mut(0) else {
         return;
@@ -193,7 +197,7 @@ pub fn emit_data(id: u64, args: &Args, ret: usize, state: &ConnState, flags: u32
     } else {
         0
     };
-    request_context(id, args, state, ev, captured);
+
     let mut flags = flags | state.flags;
     if captured < ret {
         flags |= FLAG_TRUNCATED;
@@ -205,30 +209,60 @@ pub fn emit_data(id: u64, args: &Args, ret: usize, state: &ConnState, flags: u32
     ev.header.len = ret as u32;
     ev.header.captured = captured as u32;
     ev.header.flags = flags;
+    ev.header.ctx = args.ctx;
+    if args.ctx.flags == 0 && captured >= 8 {
+        let first = [
+            ev.data[0], ev.data[1], ev.data[2], ev.data[3], ev.data[4], ev.data[5], ev.data[6], ev.data[7],
+        ];
+        if args.direction == Direction::Ingress as u32 && context::starts_request(&first) {
+            // Does not return when it works; on failure the event goes out
+            // without a context below.
+            // SAFETY: the slot holds a tracepoint program like this one.
+            unsafe { SERVER_CTX.tail_call(tp, 0) };
+        } else if args.direction == Direction::Egress as u32 && &first[..5] == b"HTTP/" {
+            context::response_written(tgid, args.fd);
+        }
+    }
     submit(ev, captured);
 }
 
-/// The trace context of the request this payload starts, if it starts one:
-/// decided now for a request read (server side), at sys_enter for a
-/// request written (client side). A response written ends one request the
-/// process was serving.
-#[inline(always)]
-fn request_context(id: u64, args: &Args, state: &ConnState, ev: &mut crate::maps::EventBuf, captured: usize) {
-    let ctx = &mut ev.header.ctx;
-    *ctx = args.ctx;
-    if args.ctx.flags != 0 || captured < 8 {
+/// The tail of `emit_data` for a request read by a server: decides its
+/// context (see `context::server_request`) and submits the event.
+pub fn finish_server_request() {
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
         return;
-    }
-    let first = [
-        ev.data[0], ev.data[1], ev.data[2], ev.data[3], ev.data[4], ev.data[5], ev.data[6], ev.data[7],
-    ];
-    if args.direction == Direction::Ingress as u32 {
-        if context::starts_request(&first) {
-            context::server_request(id, args.fd, &state.addrs, captured, &mut ev.header.ctx);
-        }
-    } else if &first[..5] == b"HTTP/" {
-        context::response_written((id >> 32) as u32, args.fd);
-    }
+    };
+    // SAFETY: per-CPU scratch, filled by the program that tail-called us.
+    let ev = unsafe { &mut *ev };
+    let h = &ev.header;
+    let id = (h.tgid as u64) << 32 | h.tid as u64;
+    let (fd, addrs) = (h.fd, h.addrs);
+    let captured = (h.captured as usize) & (MAX_CAPTURE * 2 - 1);
+    context::server_request(id, fd, &addrs, captured, &mut ev.header.ctx);
+    submit(ev, captured);
+}
+
+/// Emits a header-only Exec event for the current process.
+pub fn emit_exec(tgid: u32, tid: u32) {
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: as in emit_data.
+    let ev = unsafe { &mut *ev };
+    let none = ConnState {
+        conn_id: 0,
+        flags: 0,
+        _pad: 0,
+        addrs: ConnAddrs::default(),
+    };
+    fill_header(ev, tgid, tid, 0, EventKind::Exec, &none);
+    ev.header.direction = 0;
+    ev.header.syscall = 0;
+    ev.header.len = 0;
+    ev.header.captured = 0;
+    ev.header.flags = 0;
+    ev.header.ctx = TraceCtx::default();
+    submit(ev, 0);
 }
 
 /// Emits a header-only event (Close).

@@ -1,7 +1,7 @@
 //! Every map and global of the kernel side, in one place.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use meshless_common::{COUNTER_SLOTS, ConnAddrs, Counter, EventHeader, MAX_CAPTURE, TraceCtx};
 
@@ -166,7 +166,7 @@ pub struct OptCtx {
     pub _pad: u32,
 }
 
-/// What a thread (or, under `LinkPolicy::Process`, a process) is serving:
+/// What a thread (key pid_tgid) or a process (key tgid << 32) is serving:
 /// the context of its one outstanding inbound request, if exactly one.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -178,7 +178,8 @@ pub struct Serving {
     pub ktime_ns: u64,
 }
 
-/// Who read the requests of a server connection, and how many await a response.
+/// Which thread last read requests of a server connection, and how many
+/// of them await a response.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Reader {
@@ -206,3 +207,8 @@ pub static READERS: LruHashMap<u64, Reader> = LruHashMap::with_max_entries(65536
 /// Linking policy per process (a `LinkPolicy` value), written by userspace.
 #[map(name = "LINK_POLICY")]
 pub static LINK_POLICY: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Slot 0: the program that decides a read request's context and submits
+/// its event (a tail call, so it is verified once, not in every sys_exit).
+#[map(name = "SERVER_CTX")]
+pub static SERVER_CTX: ProgramArray = ProgramArray::with_max_entries(1, 0);

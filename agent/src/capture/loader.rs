@@ -1,6 +1,6 @@
 //! Loading and attaching the kernel programs.
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
@@ -42,6 +42,7 @@ pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_exit_connect", "syscalls", "sys_exit_connect"),
     ("sys_enter_close", "syscalls", "sys_enter_close"),
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+    ("sched_process_exec", "sched", "sched_process_exec"),
 ];
 
 /// Why loading failed, with what to do about it.
@@ -102,13 +103,16 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
         .load(OBJECT)
         .map_err(LoadError::Object)?;
+    load_tail_calls(&mut ebpf)?;
     for (name, category, tracepoint) in TRACEPOINTS {
         let program: &mut TracePoint = ebpf
             .program_mut(name)
             .ok_or(LoadError::MissingProgram(name))?
             .try_into()
             .map_err(|source| program_error(name, source))?;
+        let started = std::time::Instant::now();
         program.load().map_err(|source| program_error(name, source))?;
+        tracing::debug!(program = name, ms = started.elapsed().as_millis() as u64, "verified");
         program
             .attach(category, tracepoint)
             .map_err(|source| program_error(name, source))?;
@@ -116,6 +120,36 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     let events = take_map(&mut ebpf, EVENTS_MAP)?;
     let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
     Ok(Probes { events, counters, ebpf })
+}
+
+/// Tail-called programs: (program, program array, slot).
+const TAIL_CALLS: &[(&str, &str, u32)] = &[("meshless_server_ctx", "SERVER_CTX", 0)];
+
+/// Loads the programs the tracepoints tail-call and puts them in their slots.
+fn load_tail_calls(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    for (name, array, slot) in TAIL_CALLS {
+        let program: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| program_error(name, source))?;
+        program.load().map_err(|source| program_error(name, source))?;
+        let fd = program
+            .fd()
+            .map_err(|source| program_error(name, source))?
+            .try_clone()
+            .map_err(|e| LoadError::Program {
+                name,
+                detail: e.to_string(),
+                hint: "",
+            })?;
+        let map = ebpf.map_mut(array).ok_or(LoadError::MissingMap(array))?;
+        let mut programs = ProgramArray::try_from(map).map_err(|source| LoadError::Map { name: array, source })?;
+        programs
+            .set(*slot, &fd, 0)
+            .map_err(|source| LoadError::Map { name: array, source })?;
+    }
+    Ok(())
 }
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>

@@ -61,7 +61,9 @@ pub struct Correlator {
     env: SpanEnv,
     last_sweep_ns: u64,
     /// Told about each process seen (it sets the kernel's linking policy).
-    new_process: Option<std::sync::mpsc::SyncSender<u32>>,
+    new_process: Option<std::sync::mpsc::SyncSender<crate::propagation::Seen>>,
+    #[cfg(test)]
+    pending: Vec<Span>,
 }
 
 /// What turning exchanges into spans needs besides the connection.
@@ -80,6 +82,8 @@ impl Correlator {
             links: Links::default(),
             aliases: Aliases::default(),
             new_process: None,
+            #[cfg(test)]
+            pending: Vec::new(),
             env: SpanEnv {
                 clock: Clock::sample(),
                 stats,
@@ -91,7 +95,7 @@ impl Correlator {
     }
 
     /// Reports every new connection's process to `tx` (dropped when full).
-    pub fn notify_new_processes(&mut self, tx: std::sync::mpsc::SyncSender<u32>) {
+    pub fn notify_new_processes(&mut self, tx: std::sync::mpsc::SyncSender<crate::propagation::Seen>) {
         self.new_process = Some(tx);
     }
 
@@ -100,6 +104,11 @@ impl Correlator {
         let key = ev.conn;
         match ev.body {
             EventBody::Close => self.end_conn(key, spans),
+            EventBody::Exec => {
+                if let Some(tx) = &self.new_process {
+                    let _ = tx.try_send(crate::propagation::Seen::Exec(key.tgid));
+                }
+            }
             EventBody::Data {
                 direction,
                 len,
@@ -112,7 +121,7 @@ impl Correlator {
                     self.conns.insert(key, conn);
                     self.generations.insert((key.tgid, key.fd), key.conn_id);
                     if let Some(tx) = &self.new_process {
-                        let _ = tx.try_send(key.tgid);
+                        let _ = tx.try_send(crate::propagation::Seen::Conn(key.tgid));
                     }
                 }
                 let Some(conn) = self.conns.get_mut(&key) else {
@@ -311,5 +320,7 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
     }
 }
 
+#[cfg(test)]
+mod context_tests;
 #[cfg(test)]
 mod tests;

@@ -64,8 +64,15 @@ fn finish(ctx: &TracePointContext) -> u32 {
     let key = conn_key(tgid, args.fd);
     let detect = args.layout != BUF_NONE;
     if let Some((state, flags)) = tracked_conn(key, &args, detect) {
-        emit_data(id, &args, n as usize, &state, flags);
+        emit_data(ctx, id, &args, n as usize, state, flags);
     }
+    0
+}
+
+/// Tail-called by the sys_exit programs for a request a server read.
+#[tracepoint]
+pub fn meshless_server_ctx(_ctx: TracePointContext) -> u32 {
+    crate::capture::finish_server_request();
     0
 }
 
