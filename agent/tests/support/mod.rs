@@ -93,8 +93,7 @@ impl Agent {
                 log.lock().expect("stderr lock").push(line);
             }
         });
-        // Loading and verifying the kernel programs took 85-180 s on a loaded 2-core machine.
-        let Ok(metrics_addr) = ready_rx.recv_timeout(Duration::from_secs(300)) else {
+        let Ok(metrics_addr) = ready_rx.recv_timeout(Duration::from_secs(30)) else {
             let _ = child.kill();
             panic!("agent did not become ready: {:?}", stderr.lock().expect("stderr lock"));
         };
