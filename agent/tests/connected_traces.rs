@@ -297,8 +297,8 @@ fn node_keepalive_service_never_links_a_downstream_call_to_the_wrong_request_at_
     r.assert_hop_linked(Runtime::Node);
 }
 
-/// Thread-per-request runtimes (and Go) link every outbound call to the
-/// request it serves, also with several requests in flight.
+/// Thread-per-request runtimes link every outbound call to the request it
+/// serves, also with several requests in flight.
 fn links_every_call_under_concurrency(runtime: Runtime) {
     let r = linking_rates(runtime, 8, 10);
     assert!(
@@ -317,9 +317,28 @@ fn python_threaded_service_links_every_downstream_call_to_its_request_at_concurr
     links_every_call_under_concurrency(Runtime::Python);
 }
 
+/// Go moves goroutines between threads; meshless counts Go per process
+/// (README, "How traces connect"): every call links while one request is
+/// in flight, and none links wrongly with several.
 #[test]
-fn go_service_links_every_downstream_call_to_its_request_at_concurrency_8() {
-    links_every_call_under_concurrency(Runtime::Go);
+fn go_service_links_every_downstream_call_at_concurrency_1_and_none_wrongly_at_8() {
+    let one = linking_rates(Runtime::Go, 1, 20);
+    assert!(
+        (one.linked, one.wrong) == (one.n, 0),
+        "Go, one request at a time: {} of {} outbound calls linked, {} wrongly\n{}",
+        one.linked,
+        one.n,
+        one.wrong,
+        one.report
+    );
+    one.assert_hop_linked(Runtime::Go);
+    let eight = linking_rates(Runtime::Go, 8, 10);
+    assert_eq!(
+        eight.wrong, 0,
+        "Go, 8 in flight: {} of {} outbound calls under the wrong request\n{}",
+        eight.wrong, eight.n, eight.report
+    );
+    eight.assert_hop_linked(Runtime::Go);
 }
 
 #[test]
