@@ -68,6 +68,14 @@ impl SpanContext {
     }
 }
 
+/// Index of a direction in per-direction arrays.
+fn way(direction: Direction) -> usize {
+    match direction {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
+}
+
 /// What a request got back.
 #[derive(Debug)]
 pub enum Response {
@@ -135,6 +143,10 @@ pub struct Conn {
     poisoned: bool,
     /// Time of the last syscall that carried bytes of a finished request.
     last_request_end_ns: u64,
+    /// Latest start of any response head seen (answered or orphaned).
+    last_response_start_ns: u64,
+    /// Latest time bytes were seen each way (ingress, egress).
+    last_bytes_ns: [u64; 2],
     /// (direction, ktime, len) of the last event, to drop exact duplicates.
     last_event: Option<(Direction, u64, u64)>,
 }
@@ -145,7 +157,9 @@ pub struct Conn {
 ///   request means every older one was answered: requests still queued had
 ///   their responses lost (ring-buffer loss, a mid-stream start, bytes not
 ///   captured) and are dropped, and a response still being read is ended.
-/// - A response cannot answer a request seen after the response started.
+/// - A response cannot answer a request seen after the response started,
+///   and a request delivered after a later response went by (events
+///   reordered) may have been answered by it: it is dropped.
 /// - Where responses may have been in bytes that were not captured, the
 ///   requests sent before them end without a status rather than take the
 ///   next response seen.
@@ -165,6 +179,8 @@ impl Conn {
             pipelined: false,
             poisoned: false,
             last_request_end_ns: 0,
+            last_response_start_ns: 0,
+            last_bytes_ns: [0; 2],
             last_event: None,
         }
     }
@@ -175,11 +191,6 @@ impl Conn {
             SpanKind::Server => (self.remote, self.local),
             SpanKind::Client => (self.local, self.remote),
         }
-    }
-
-    /// Requests still waiting for a response.
-    pub fn unanswered(&self) -> usize {
-        self.pending.len() + usize::from(self.responding.is_some())
     }
 
     /// Approximate heap bytes this connection holds.
@@ -209,6 +220,8 @@ impl Conn {
             return out;
         }
         self.last_ktime_ns = self.last_ktime_ns.max(ktime);
+        let seen = &mut self.last_bytes_ns[way(direction)];
+        *seen = (*seen).max(ktime);
         self.process.tid = tid;
         let missing = len.saturating_sub(payload.len() as u64);
         self.stream(direction).push(payload, missing, ktime);
@@ -220,7 +233,8 @@ impl Conn {
     /// (Timeout when idle; None when shed): ends close-delimited responses
     /// and turns requests still waiting into unanswered exchanges (or
     /// drops them when `why` is None).
-    pub fn close(&mut self, why: Option<Unanswered>) -> Output {
+    pub fn close(&mut self, why: Option<Unanswered>, at_ktime_ns: u64) -> Output {
+        self.last_ktime_ns = self.last_ktime_ns.max(at_ktime_ns);
         let mut out = Output::default();
         for direction in [Direction::Ingress, Direction::Egress] {
             let stream = self.stream(direction);
@@ -260,8 +274,17 @@ impl Conn {
     }
 
     fn drain(&mut self, direction: Direction, tid: u32, ktime: u64, out: &mut Output) {
+        let other = match direction {
+            Direction::Ingress => Direction::Egress,
+            Direction::Egress => Direction::Ingress,
+        };
         while let Some(item) = self.stream(direction).next_item() {
-            let flow = self.stream(direction).flow();
+            let mut flow = self.stream(direction).flow();
+            if flow.is_none() && self.stream(other).flow() == Some(Flow::Requests) {
+                // Nothing readable came this way yet, but it is where the
+                // responses come from.
+                flow = Some(Flow::Responses);
+            }
             match (item, flow) {
                 (Item::Malformed(_), Some(Flow::Responses)) => {
                     out.malformed += 1;
@@ -361,7 +384,18 @@ impl Conn {
             SpanKind::Client => out.client_requests.push((seq, ctx)),
             SpanKind::Server => out.server_requests += 1,
         }
-        if self.poisoned {
+        let response_direction = match direction {
+            Direction::Ingress => Direction::Egress,
+            Direction::Egress => Direction::Ingress,
+        };
+        // Bytes came back while this head was being written: a peer that
+        // does not pipeline never does that, so the head is glued together
+        // from two requests around lost bytes.
+        let glued = self.last_bytes_ns[way(response_direction)] > head.start_ktime_ns;
+        if glued && self.pipelined {
+            self.poison(out);
+        }
+        if self.poisoned || glued || head.start_ktime_ns < self.last_response_start_ns {
             out.resyncs += 1;
             return;
         }
@@ -374,10 +408,6 @@ impl Conn {
             // request was answered: what is still waiting lost its response.
             out.resyncs += self.pending.len() as u64;
             self.pending.clear();
-            let response_direction = match direction {
-                Direction::Ingress => Direction::Egress,
-                Direction::Egress => Direction::Ingress,
-            };
             if let Some(Item::End { ktime_ns }) = self.stream(response_direction).force_end() {
                 self.finish_response(ktime_ns, out);
             }
@@ -401,6 +431,7 @@ impl Conn {
 
     fn response_head(&mut self, direction: Direction, head: Box<Head>, out: &mut Output) {
         let status = head.status().unwrap_or(0);
+        self.last_response_start_ns = self.last_response_start_ns.max(head.start_ktime_ns);
         // A response cannot answer a request seen after it started.
         let answerable = self
             .pending

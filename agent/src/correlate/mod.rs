@@ -101,7 +101,7 @@ impl Correlator {
     pub fn handle(&mut self, ev: Event, spans: &mut Vec<Span>) {
         let key = ev.conn;
         match ev.body {
-            EventBody::Close => self.end_conn(key, Some(Unanswered::ConnectionClosed), spans),
+            EventBody::Close => self.end_conn(key, Some(Unanswered::ConnectionClosed), ev.ktime_ns, spans),
             EventBody::Data {
                 direction,
                 len,
@@ -143,7 +143,7 @@ impl Correlator {
             .collect();
         for key in idle {
             Stats::inc(&self.env.stats.conns_evicted);
-            self.end_conn(key, Some(Unanswered::Timeout), spans);
+            self.end_conn(key, Some(Unanswered::Timeout), now_ktime_ns, spans);
         }
         self.shed(spans);
         self.links.purge(now_ktime_ns);
@@ -161,6 +161,7 @@ impl Correlator {
             Some(&old_id) if old_id != key.conn_id => self.end_conn(
                 ConnKey { conn_id: old_id, ..key },
                 Some(Unanswered::ConnectionClosed),
+                0,
                 spans,
             ),
             _ => {}
@@ -174,7 +175,7 @@ impl Correlator {
         let oldest = self.conns.iter().min_by_key(|(_, c)| c.last_ktime_ns).map(|(k, _)| *k);
         if let Some(key) = oldest {
             Stats::inc(&self.env.stats.conns_evicted);
-            self.end_conn(key, None, spans);
+            self.end_conn(key, None, 0, spans);
         }
     }
 
@@ -198,7 +199,7 @@ impl Correlator {
                 }
                 self.state_bytes -= bytes;
                 Stats::inc(&self.env.stats.correlator_shed_conns);
-                self.end_conn(key, None, spans);
+                self.end_conn(key, None, 0, spans);
             }
         }
         Stats::set(&self.env.stats.correlator_state_bytes, self.state_bytes as u64);
@@ -206,14 +207,14 @@ impl Correlator {
 
     /// Forgets a connection, ending what its close delimits; requests
     /// still waiting become spans that say `why` (or are dropped if None).
-    fn end_conn(&mut self, key: ConnKey, why: Option<Unanswered>, spans: &mut Vec<Span>) {
+    fn end_conn(&mut self, key: ConnKey, why: Option<Unanswered>, at_ktime_ns: u64, spans: &mut Vec<Span>) {
         let Some(mut conn) = self.conns.remove(&key) else {
             return;
         };
         if self.generations.get(&(key.tgid, key.fd)) == Some(&key.conn_id) {
             self.generations.remove(&(key.tgid, key.fd));
         }
-        let out = conn.close(why);
+        let out = conn.close(why, at_ktime_ns);
         let unanswered = out
             .exchanges
             .iter()
