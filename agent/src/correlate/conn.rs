@@ -255,6 +255,23 @@ impl Conn {
         out
     }
 
+    /// Events of this connection were lost (the kernel's per-connection
+    /// event sequence jumped): whatever is pending may have been answered
+    /// in them, and both streams restart at the next message start.
+    pub fn events_lost(&mut self) -> Output {
+        let mut out = Output::default();
+        out.resyncs += self.pending.len() as u64 + u64::from(self.responding.is_some());
+        self.pending.clear();
+        self.responding = None;
+        self.ingress.force_end();
+        self.egress.force_end();
+        if self.pipelined {
+            // Responses to requests sent before the loss may still come.
+            self.poisoned = true;
+        }
+        out
+    }
+
     /// Every waiting request becomes an exchange without a response.
     fn give_up(&mut self, why: Unanswered, end_ktime_ns: u64, out: &mut Output) {
         for request in self.pending.drain(..) {
@@ -295,12 +312,12 @@ impl Conn {
                 }
                 (Item::Malformed(_), _) => {
                     out.malformed += 1;
-                    self.lose_requests(out);
+                    self.lose_requests(ktime, out);
                 }
                 (Item::Gap { ktime_ns }, Some(Flow::Responses)) => self.lose_responses(ktime_ns, true, out),
-                (Item::Gap { .. }, _) => self.lose_requests(out),
+                (Item::Gap { ktime_ns }, _) => self.lose_requests(ktime_ns, out),
                 (Item::Head(head), Some(Flow::Requests)) => self.request_head(direction, head, tid, out),
-                (Item::Head(head), _) => self.response_head(direction, head, out),
+                (Item::Head(head), _) => self.response_head(direction, head, ktime, out),
                 (Item::End { ktime_ns }, Some(Flow::Responses)) => self.finish_response(ktime_ns, out),
                 (Item::End { ktime_ns }, _) => self.last_request_end_ns = ktime_ns,
             }
@@ -317,12 +334,18 @@ impl Conn {
         }
     }
 
-    /// Requests may have been in bytes we could not follow: on a pipelining
-    /// connection their responses would shift everything after them.
-    fn lose_requests(&mut self, out: &mut Output) {
+    /// Requests may have been in bytes (sent at `at`) we could not follow:
+    /// on a pipelining connection their responses would shift everything
+    /// after them; a peer that does not pipeline sent them only after the
+    /// requests before were answered, so those lost their responses.
+    fn lose_requests(&mut self, at: u64, out: &mut Output) {
         if self.pipelined {
             self.poison(out);
+            return;
         }
+        let before = self.pending.len();
+        self.pending.retain(|r| r.head.start_ktime_ns >= at);
+        out.resyncs += (before - self.pending.len()) as u64;
     }
 
     /// Responses may have been lost at time `at`: requests seen before it
@@ -388,6 +411,24 @@ impl Conn {
             Direction::Ingress => Direction::Egress,
             Direction::Egress => Direction::Ingress,
         };
+        if self.poisoned {
+            out.resyncs += 1;
+            return;
+        }
+        let waiting = !self.pending.is_empty() || self.responding.is_some();
+        if waiting && head.start_ktime_ns == self.last_request_end_ns {
+            // It began in the syscall that ended the request before it.
+            self.pipelined = true;
+        } else if waiting && !self.pipelined {
+            // The peer does not pipeline, so everything sent before this
+            // request was answered: what still waits lost its response.
+            let before = self.pending.len();
+            self.pending.retain(|r| r.head.start_ktime_ns >= head.start_ktime_ns);
+            out.resyncs += (before - self.pending.len()) as u64;
+            if let Some(Item::End { ktime_ns }) = self.stream(response_direction).force_end() {
+                self.finish_response(ktime_ns, out);
+            }
+        }
         // Bytes came back while this head was being written: a peer that
         // does not pipeline never does that, so the head is glued together
         // from two requests around lost bytes.
@@ -398,19 +439,6 @@ impl Conn {
         if self.poisoned || glued || head.start_ktime_ns < self.last_response_start_ns {
             out.resyncs += 1;
             return;
-        }
-        let waiting = !self.pending.is_empty() || self.responding.is_some();
-        if waiting && head.start_ktime_ns == self.last_request_end_ns {
-            // It began in the syscall that ended the request before it.
-            self.pipelined = true;
-        } else if waiting && !self.pipelined {
-            // The peer does not pipeline, so everything before this
-            // request was answered: what is still waiting lost its response.
-            out.resyncs += self.pending.len() as u64;
-            self.pending.clear();
-            if let Some(Item::End { ktime_ns }) = self.stream(response_direction).force_end() {
-                self.finish_response(ktime_ns, out);
-            }
         }
         if self.pending.len() >= MAX_PENDING {
             out.overflows += 1;
@@ -429,9 +457,23 @@ impl Conn {
         });
     }
 
-    fn response_head(&mut self, direction: Direction, head: Box<Head>, out: &mut Output) {
+    fn response_head(&mut self, direction: Direction, head: Box<Head>, ktime: u64, out: &mut Output) {
         let status = head.status().unwrap_or(0);
         self.last_response_start_ns = self.last_response_start_ns.max(head.start_ktime_ns);
+        let request_direction = match direction {
+            Direction::Ingress => Direction::Egress,
+            Direction::Egress => Direction::Ingress,
+        };
+        if !self.pipelined && self.last_bytes_ns[way(request_direction)] > head.start_ktime_ns {
+            // Request bytes went out while this head was arriving: a peer
+            // that does not pipeline never does that, so the head is glued
+            // from two responses around lost bytes. Whatever it answers is
+            // unknowable.
+            out.orphans += 1;
+            self.lose_responses(ktime, false, out);
+            self.stream(direction).force_end();
+            return;
+        }
         // A response cannot answer a request seen after it started.
         let answerable = self
             .pending
