@@ -254,7 +254,7 @@ for req in [b"GET http://shop.test:8080/cart?id=1 HTTP/1.1\r\nHost: shop.test:80
 "#,
     );
     // server.address is the target's host here, so select by the client pod.
-    let ip_a = pods.ip_a.clone();
+    let ip_a: &str = &pods.ip_a;
     let spans = agent.collect(
         move |s| attr_str(s, "client.address") == ip_a,
         4,

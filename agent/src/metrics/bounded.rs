@@ -115,7 +115,8 @@ impl<M: prometheus_client::metrics::TypedMetric> Bounded<M> {
     }
 
     /// Series currently kept (overflow series included).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.tracker.lock().unwrap_or_else(|e| e.into_inner()).last_write.len()
     }
 
