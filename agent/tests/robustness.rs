@@ -194,7 +194,10 @@ s.close()
         "istio_requests_total",
         &[("reporter", "source"), ("response_code", "0"), ("response_flags", "DC")],
     );
-    assert!(istio >= 2.0, "istio_requests_total with response_code 0 and DC: {istio}");
+    assert!(
+        istio >= 2.0,
+        "istio_requests_total with response_code 0 and DC: {istio}"
+    );
 }
 
 #[test]

@@ -198,7 +198,11 @@ impl Conn {
         let request_bytes = |r: &Request| {
             std::mem::size_of::<Request>()
                 + std::mem::size_of::<Head>()
-                + r.head.headers.iter().map(|(n, v)| n.len() + v.len() + 48).sum::<usize>()
+                + r.head
+                    .headers
+                    .iter()
+                    .map(|(n, v)| n.len() + v.len() + 48)
+                    .sum::<usize>()
                 + match &r.head.kind {
                     crate::http::HeadKind::Request { method, target } => method.len() + target.len(),
                     crate::http::HeadKind::Response { .. } => 0,

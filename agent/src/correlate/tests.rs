@@ -232,7 +232,11 @@ fn response(i: u64, body: usize) -> Vec<u8> {
 fn assert_paired_right(spans: &[Span]) {
     for s in spans {
         if let Some(status) = s.status_code {
-            assert_eq!(s.path(), format!("/r{}", status - 210), "span paired with another request's response");
+            assert_eq!(
+                s.path(),
+                format!("/r{}", status - 210),
+                "span paired with another request's response"
+            );
         }
     }
 }
@@ -317,9 +321,18 @@ fn unreadable_bytes_where_a_response_should_start_drop_the_request() {
     let mut c = correlator();
     let mut spans = Vec::new();
     send(&mut c, &mut spans, Direction::Egress, &request(0), 1);
-    send(&mut c, &mut spans, Direction::Ingress, b"\x16\x03\x01garbage\r\n\r\n", 5);
+    send(
+        &mut c,
+        &mut spans,
+        Direction::Ingress,
+        b"\x16\x03\x01garbage\r\n\r\n",
+        5,
+    );
     close_client(&mut c, &mut spans, 9);
-    assert!(spans.is_empty(), "no error span for a request that was probably answered");
+    assert!(
+        spans.is_empty(),
+        "no error span for a request that was probably answered"
+    );
     assert_eq!(counter(&c, |s| &s.http_pairing_resyncs), 1);
 }
 
@@ -360,7 +373,9 @@ fn pending_queue_overflow_gives_up_pairing_with_overflow_spans() {
     let pipelined: Vec<u8> = (0..conn::MAX_PENDING as u64 + 1).flat_map(request).collect();
     send(&mut c, &mut spans, Direction::Egress, &pipelined, 1);
     assert_eq!(spans.len(), conn::MAX_PENDING);
-    assert!(spans.iter().all(|s| s.error_type().as_deref() == Some("queue_overflow")));
+    assert!(spans
+        .iter()
+        .all(|s| s.error_type().as_deref() == Some("queue_overflow")));
     send(&mut c, &mut spans, Direction::Ingress, &response(0, 0), 5);
     assert_eq!(spans.len(), conn::MAX_PENDING, "nothing is paired after an overflow");
     assert_eq!(counter(&c, |s| &s.http_pending_overflows), 1);
@@ -375,14 +390,19 @@ fn pipelined_responses_beyond_the_capture_still_give_every_client_span() {
     // One read returns all four 3000-byte responses; 2048 bytes are captured.
     let all: Vec<u8> = (0..4).flat_map(|i| response(i, 3000)).collect();
     let captured = all[..2048].to_vec();
-    c.handle(client_event(Direction::Ingress, captured, all.len() as u64, 5), &mut spans);
+    c.handle(
+        client_event(Direction::Ingress, captured, all.len() as u64, 5),
+        &mut spans,
+    );
     close_client(&mut c, &mut spans, 9);
     assert_paired_right(&spans);
     let paths: Vec<_> = spans.iter().map(|s| s.path().to_owned()).collect();
     assert_eq!(paths, ["/r0", "/r1", "/r2", "/r3"]);
     assert_eq!(spans[0].status_code, Some(210));
     assert!(
-        spans[1..].iter().all(|s| s.status_code.is_none() && !s.is_error() && s.truncated),
+        spans[1..]
+            .iter()
+            .all(|s| s.status_code.is_none() && !s.is_error() && s.truncated),
         "responses not captured: no status, not errors, marked truncated"
     );
 }
@@ -427,7 +447,10 @@ fn correlator_state_is_measured_and_shed_over_its_limit() {
     c.tick(2_000_000_000, &mut spans);
     assert!(c.state_bytes() <= 64 * 1024, "{} bytes kept", c.state_bytes());
     assert!(stats.correlator_shed_conns.load(std::sync::atomic::Ordering::Relaxed) > 0);
-    assert!(spans.is_empty(), "shed requests are dropped (counted), not reported as errors");
+    assert!(
+        spans.is_empty(),
+        "shed requests are dropped (counted), not reported as errors"
+    );
 }
 
 // ---- Random loss, duplication and reordering ----------------------------
@@ -460,7 +483,6 @@ fn conversation(n: u64, pipelined: bool, splits: &[usize], sizes: &[usize]) -> V
     events
 }
 
-
 type Faults = [(u8, u8, u8)];
 
 /// Delivers a conversation with faults: per event, lose (< 8), deliver
@@ -470,7 +492,14 @@ type Faults = [(u8, u8, u8)];
 /// whole response lost together with the next requests, or a connection's
 /// events reordered, cannot be told from a slow server: the rules in
 /// conn.rs catch the common cases only.)
-fn faulty_run(n: u64, pipelined: bool, sequenced: bool, splits: &[usize], sizes: &[usize], faults: &Faults) -> Vec<Span> {
+fn faulty_run(
+    n: u64,
+    pipelined: bool,
+    sequenced: bool,
+    splits: &[usize],
+    sizes: &[usize],
+    faults: &Faults,
+) -> Vec<Span> {
     let events = conversation(n, pipelined, splits, sizes);
     // Timestamps follow the true order; faults change delivery only.
     let mut timed: Vec<_> = events
@@ -505,7 +534,14 @@ fn faulty_run(n: u64, pipelined: bool, sequenced: bool, splits: &[usize], sizes:
     let mut expected = 0;
     for (seq, dir, bytes, len, t) in delivered {
         if sequenced && seq != expected && seq + 1 != expected {
-            c.events_lost(ConnKey { tgid: 1, fd: 3, conn_id: 1 }, &mut spans);
+            c.events_lost(
+                ConnKey {
+                    tgid: 1,
+                    fd: 3,
+                    conn_id: 1,
+                },
+                &mut spans,
+            );
         }
         expected = seq + 1;
         c.handle(client_event(dir, bytes, len, t), &mut spans);
@@ -547,9 +583,3 @@ fn clean_traffic_pairs_every_exchange() {
         assert_eq!(spans.iter().filter(|s| s.status_code.is_some()).count() as u64, n);
     }
 }
-
-
-
-
-
-

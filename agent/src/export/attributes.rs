@@ -48,7 +48,10 @@ pub fn of(span: &Span, opts: Options) -> Attributes {
     let mut put = |k: &'static str, v: Value| a.push((Cow::Borrowed(k), v));
     put("http.request.method", s(span.method_label()));
     if !span.method_is_known() {
-        put("http.request.method_original", capped(&span.method, MAX_VALUE, &mut cut));
+        put(
+            "http.request.method_original",
+            capped(&span.method, MAX_VALUE, &mut cut),
+        );
     }
     let target = crate::span::Target::parse(&span.target);
     if let Some(path) = target.path {

@@ -177,9 +177,11 @@ pub fn parse(block: &[u8], truncated: bool, flow: Option<Flow>) -> Result<Head, 
         if method.len() > MAX_METHOD {
             return Err("method token too long");
         }
-        let glued = req.headers.iter().take_while(|h| !h.name.is_empty()).any(|h| {
-            h.value.ends_with(b" HTTP/1.1") || h.value.ends_with(b" HTTP/1.0")
-        });
+        let glued = req
+            .headers
+            .iter()
+            .take_while(|h| !h.name.is_empty())
+            .any(|h| h.value.ends_with(b" HTTP/1.1") || h.value.ends_with(b" HTTP/1.0"));
         if glued {
             // A request line inside the header block: the bytes between two
             // requests were lost and the second was appended to the first.

@@ -279,9 +279,7 @@ impl HttpStream {
                     // A message boundary fell in bytes we never saw.
                     seg.missing = 0;
                     self.state = State::Desync;
-                    return Some(Item::Gap {
-                        ktime_ns: seg.ktime_ns,
-                    });
+                    return Some(Item::Gap { ktime_ns: seg.ktime_ns });
                 }
                 return None;
             }

@@ -164,7 +164,10 @@ mod tests {
         }
         assert_eq!(b.len(), 11);
         assert_eq!(b.family.get_or_create(&overflow_labels()).get(), 2990);
-        assert_eq!(stats.metric_series_overflow.load(std::sync::atomic::Ordering::Relaxed), 2990);
+        assert_eq!(
+            stats.metric_series_overflow.load(std::sync::atomic::Ordering::Relaxed),
+            2990
+        );
         // Existing series keep counting.
         b.with_at(labels(3), 1, |c| {
             c.inc();
@@ -185,6 +188,9 @@ mod tests {
             c.inc();
         });
         assert_eq!(b.len(), 1, "series 1 expired, series 2 is fresh");
-        assert_eq!(stats.metric_series_expired.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(
+            stats.metric_series_expired.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
     }
 }

@@ -60,9 +60,7 @@ impl Peers {
                 source_namespace: own_ns,
                 destination_workload: peer_workload,
                 destination_namespace: peer_ns,
-                destination_service: peer
-                    .and_then(|p| p.service_fqdn.clone())
-                    .unwrap_or_else(unknown),
+                destination_service: peer.and_then(|p| p.service_fqdn.clone()).unwrap_or_else(unknown),
             },
         }
     }

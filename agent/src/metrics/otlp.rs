@@ -73,7 +73,10 @@ impl OtlpMetrics {
             SpanKind::Server => self.server.record(duration_secs(span), &attrs),
             SpanKind::Client => {
                 if let Some(s) = span.server {
-                    attrs.push(KeyValue::new("server.address", super::prom::client_server_address(span)));
+                    attrs.push(KeyValue::new(
+                        "server.address",
+                        super::prom::client_server_address(span),
+                    ));
                     attrs.push(KeyValue::new("server.port", i64::from(s.port())));
                 }
                 self.client.record(duration_secs(span), &attrs)
