@@ -68,7 +68,7 @@ pub struct Correlator {
     /// Sum of the connections' `state_bytes`, refreshed at each sweep.
     state_bytes: usize,
     /// Told about each process seen (it sets the kernel's linking policy).
-    new_process: Option<std::sync::mpsc::SyncSender<u32>>,
+    new_process: Option<std::sync::mpsc::SyncSender<crate::propagation::Seen>>,
     #[cfg(test)]
     pending: Vec<Span>,
 }
@@ -109,7 +109,7 @@ impl Correlator {
     }
 
     /// Reports every new connection's process to `tx` (dropped when full).
-    pub fn notify_new_processes(&mut self, tx: std::sync::mpsc::SyncSender<u32>) {
+    pub fn notify_new_processes(&mut self, tx: std::sync::mpsc::SyncSender<crate::propagation::Seen>) {
         self.new_process = Some(tx);
     }
 
@@ -118,6 +118,11 @@ impl Correlator {
         let key = ev.conn;
         match ev.body {
             EventBody::Close => self.end_conn(key, Some(Unanswered::ConnectionClosed), ev.ktime_ns, spans),
+            EventBody::Exec => {
+                if let Some(tx) = &self.new_process {
+                    let _ = tx.try_send(crate::propagation::Seen::Exec(key.tgid));
+                }
+            }
             EventBody::Data {
                 direction,
                 len,
@@ -130,7 +135,7 @@ impl Correlator {
                     self.conns.insert(key, conn);
                     self.generations.insert((key.tgid, key.fd), key.conn_id);
                     if let Some(tx) = &self.new_process {
-                        let _ = tx.try_send(key.tgid);
+                        let _ = tx.try_send(crate::propagation::Seen::Conn(key.tgid));
                     }
                 }
                 let Some(conn) = self.conns.get_mut(&key) else {
