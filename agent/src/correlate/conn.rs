@@ -146,7 +146,7 @@ pub struct Output {
     /// Client requests seen: (seq, context), for linking with server spans.
     pub client_requests: Vec<(u64, SpanContext)>,
     /// Requests this (server) process read.
-    pub server_requests: usize,
+    pub server_requests: Vec<(u64, SpanContext)>,
     pub exchanges: Vec<Exchange>,
     pub malformed: u64,
     pub orphans: u64,
@@ -483,7 +483,7 @@ impl Conn {
         // request itself is not kept.
         match kind {
             SpanKind::Client => out.client_requests.push((seq, ctx)),
-            SpanKind::Server => out.server_requests += 1,
+            SpanKind::Server => out.server_requests.push((seq, ctx)),
         }
         let response_direction = match direction {
             Direction::Ingress => Direction::Egress,

@@ -270,15 +270,28 @@ fn absorb(links: &mut Links, aliases: &mut Aliases, env: &SpanEnv, conn: &Conn, 
     for (from, to) in out.aliases {
         aliases.insert(from, to, conn.last_ktime_ns);
     }
-    if out.server_requests > 0 {
+    let now = conn.last_ktime_ns;
+    if !out.server_requests.is_empty() {
         if let (Some(client), Some(server)) = conn.endpoints(SpanKind::Server) {
-            links.server_seen(client, server, &conn.process.comm, conn.last_ktime_ns);
+            links.server_seen(client, server, &conn.process.comm, now);
+            // A server request that will adopt a local client's ids moves
+            // to the client's trace now, before the calls it makes are seen:
+            // they inherit the kernel's trace id for it.
+            for (seq, ctx) in out.server_requests.iter().filter(|(_, c)| !c.fixed) {
+                if let Some(to) = links.server_started(LinkKey::new(client, server, *seq), ctx.trace_id, now) {
+                    aliases.insert(ctx.trace_id, to, now);
+                }
+            }
         }
     }
     if let (Some(client), Some(server)) = conn.endpoints(SpanKind::Client) {
         for (seq, ctx) in out.client_requests {
             let key = LinkKey::new(client, server, seq);
-            if let Some(mut span) = links.client_seen(key, ctx, conn.last_ktime_ns, &conn.process.comm) {
+            let (done, alias) = links.client_seen(key, ctx, now, &conn.process.comm);
+            if let Some(from) = alias {
+                aliases.insert(from, ctx.trace_id, now);
+            }
+            if let Some(mut span) = done {
                 aliases.apply(&mut span);
                 spans.push(span);
             }
