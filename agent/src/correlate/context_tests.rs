@@ -291,3 +291,47 @@ fn loopback_calls_in_two_namespaces_with_the_same_ports_do_not_link_across() {
     let server = spans.iter().find(|s| s.kind == SpanKind::Server).expect("server");
     assert_eq!(server.parent_span_id, None);
 }
+
+#[test]
+fn with_propagation_off_a_servers_own_calls_follow_it_into_its_local_clients_trace() {
+    let mut c = correlator();
+    let mut spans = Vec::new();
+    let (cli, srv, down) = ("10.0.0.1:5000", "10.0.0.2:80", "10.0.0.3:90");
+    let k_client = kctx(1, 2, None, ParentOrigin::None);
+    let k_server = kctx(3, 4, None, ParentOrigin::None);
+    let k_child = kctx(3, 5, Some(4), ParentOrigin::InProcess);
+    let ev = |tgid, dir, bytes, t, local, remote, ctx| {
+        event(Ev {
+            tgid,
+            dir,
+            bytes,
+            t,
+            local,
+            remote,
+            ctx,
+        })
+    };
+    c.handle(ev(1, Direction::Egress, GET, 10, cli, srv, Some(k_client)), &mut spans);
+    c.handle(ev(2, Direction::Ingress, GET, 11, srv, cli, Some(k_server)), &mut spans);
+    // The server calls downstream while serving, then answers.
+    for mut e in [
+        ev(2, Direction::Egress, GET, 12, "10.0.0.2:6000", down, Some(k_child)),
+        ev(2, Direction::Ingress, RESP, 13, "10.0.0.2:6000", down, None),
+    ] {
+        e.conn.fd = 4;
+        c.handle(e, &mut spans);
+    }
+    c.handle(ev(2, Direction::Egress, RESP, 14, srv, cli, None), &mut spans);
+    c.handle(ev(1, Direction::Ingress, RESP, 15, cli, srv, None), &mut spans);
+    c.flush(&mut spans);
+    assert_eq!(spans.len(), 3, "{spans:#?}");
+    assert!(
+        spans.iter().all(|s| s.trace_id == k_client.trace_id),
+        "one trace: {spans:#?}"
+    );
+    let server = spans.iter().find(|s| s.kind == SpanKind::Server).expect("server");
+    assert_eq!(server.parent_span_id, Some(k_client.span_id));
+    assert!(spans
+        .iter()
+        .any(|s| s.span_id == k_child.span_id && s.parent_span_id == Some(k_server.span_id)));
+}

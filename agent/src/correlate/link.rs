@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use foldhash::HashMap;
 
 use super::conn::SpanContext;
-use crate::span::Span;
+use crate::{span::Span, trace_context::TraceId};
 
 /// How long a client context waits for its server side.
 const CLIENT_TTL_NS: u64 = 30 * 1_000_000_000;
@@ -46,6 +46,9 @@ pub struct Links {
     /// Client requests seen: their context, time and process name.
     clients: HashMap<LinkKey, (SpanContext, u64, String)>,
     waiting: HashMap<LinkKey, (Span, u64)>,
+    /// Server requests that may still adopt a local client's ids: their
+    /// kernel trace id and time.
+    started: HashMap<LinkKey, (TraceId, u64)>,
     /// Server processes by (client end, server end), for naming the peer
     /// of client spans. A server reads a request before the client can
     /// read the response, so this is always known in time.
@@ -62,13 +65,34 @@ fn adopt(span: &mut Span, client: &SpanContext, comm: String, ids: bool) {
 }
 
 impl Links {
-    /// A client request was seen; returns a waiting server span it completes.
-    pub fn client_seen(&mut self, key: LinkKey, ctx: SpanContext, ktime_ns: u64, comm: &str) -> Option<Span> {
+    /// A client request was seen; returns a waiting server span it
+    /// completes, and the kernel trace id of a started server request that
+    /// moves to the client's trace.
+    pub fn client_seen(
+        &mut self,
+        key: LinkKey,
+        ctx: SpanContext,
+        ktime_ns: u64,
+        comm: &str,
+    ) -> (Option<Span>, Option<TraceId>) {
+        let alias = self.started.remove(&key).map(|(t, _)| t);
         if let Some((mut span, _)) = self.waiting.remove(&key) {
             adopt(&mut span, &ctx, comm.to_owned(), true);
-            return Some(span);
+            return (Some(span), alias);
         }
         self.clients.insert(key, (ctx, ktime_ns, comm.to_owned()));
+        (None, alias)
+    }
+
+    /// A server request that may adopt a local client's ids was seen: the
+    /// client's trace id if that client is already known.
+    pub fn server_started(&mut self, key: LinkKey, kernel_trace: TraceId, ktime_ns: u64) -> Option<TraceId> {
+        if let Some((ctx, _, _)) = self.clients.get(&key) {
+            return Some(ctx.trace_id);
+        }
+        if self.started.len() < MAX_CLIENTS {
+            self.started.insert(key, (kernel_trace, ktime_ns));
+        }
         None
     }
 
@@ -89,6 +113,7 @@ impl Links {
     /// (or its ids came from a header, `adopt_ids` false), else holds it
     /// until `deadline_ns`.
     pub fn server_done(&mut self, key: LinkKey, mut span: Span, deadline_ns: u64, adopt_ids: bool) -> Option<Span> {
+        self.started.remove(&key);
         if let Some((ctx, _, comm)) = self.clients.remove(&key) {
             adopt(&mut span, &ctx, comm, adopt_ids);
             return Some(span);
@@ -119,6 +144,7 @@ impl Links {
         let cutoff = now_ns.saturating_sub(CLIENT_TTL_NS);
         self.clients.retain(|_, (_, t, _)| *t >= cutoff);
         self.servers.retain(|_, (_, t)| *t >= cutoff);
+        self.started.retain(|_, (_, t)| *t >= cutoff);
         if self.clients.len() > MAX_CLIENTS {
             let mut times: Vec<u64> = self.clients.values().map(|(_, t, _)| *t).collect();
             times.sort_unstable();

@@ -3,9 +3,13 @@
 //! and collects the spans the agent prints as JSON.
 #![allow(dead_code)]
 
+pub mod chain;
 pub mod fake_k8s;
+pub mod nodes;
 pub mod otlp;
 mod pods;
+pub mod safety;
+pub mod spans;
 
 pub use pods::*;
 
