@@ -67,14 +67,20 @@ fn healthz(health: &Health) -> (StatusCode, String) {
     if problems.is_empty() {
         (StatusCode::OK, "ok\n".to_owned())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {}\n", problems.join("; ")))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {}\n", problems.join("; ")),
+        )
     }
 }
 
 fn readyz(ready: &Ready, health: &Health) -> (StatusCode, String) {
     let problems = health.problems();
     if !problems.is_empty() {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("; ")))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", problems.join("; ")),
+        )
     } else if ready.load(std::sync::atomic::Ordering::Relaxed) {
         (StatusCode::OK, "ready\n".to_owned())
     } else {

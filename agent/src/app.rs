@@ -28,11 +28,11 @@ use crate::{
         otlp::{self, OtlpTraces, SpanBatch},
         resource::{self, Resources},
     },
+    health::{Health, Heartbeat},
     k8s::{
         self,
         index::{Index, NamespaceFilter, Verdict},
     },
-    health::{Health, Heartbeat},
     metrics::{OtlpMetrics, Peers, Prometheus},
     span::Span,
     stats::Stats,

@@ -163,9 +163,8 @@ impl Budget {
 
     /// Gives back bytes reserved with [`Budget::try_reserve`].
     pub fn release(&self, share: Share, bytes: u64) {
-        let _ = self.used[share as usize].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
-            Some(u.saturating_sub(bytes))
-        });
+        let _ = self.used[share as usize]
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(bytes)));
     }
 
     /// Reports the whole size of a share that a stage measures itself (the

@@ -210,7 +210,9 @@ mod tests {
         drop(dropped);
         let problems = h.problems();
         assert!(problems.contains(&"export-otlp stage stopped: runtime could not start".to_owned()));
-        assert!(problems.iter().any(|p| p.starts_with("capture stage stopped: ended unexpectedly")));
+        assert!(problems
+            .iter()
+            .any(|p| p.starts_with("capture stage stopped: ended unexpectedly")));
     }
 
     #[test]

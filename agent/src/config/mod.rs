@@ -297,9 +297,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "Gi" => 1 << 30,
         _ => return Err(format!("`{s}`: unknown unit; use Ki, Mi, Gi (or k, M, G)")),
     };
-    let bytes = n
-        .checked_mul(mult)
-        .ok_or_else(|| format!("`{s}` is too large"))?;
+    let bytes = n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))?;
     if bytes < 1 << 20 {
         return Err(format!("`{s}` is below the 1Mi minimum the agent needs to work"));
     }

@@ -254,7 +254,12 @@ impl OtlpTraces {
     /// Sends one request (the exporter retries retryable failures with
     /// backoff, see [`retry_policy`]) while still taking in new spans;
     /// false when `spans_rx` closed meanwhile.
-    async fn export(&mut self, request: Request, spans_rx: &mut mpsc::Receiver<SpanBatch>, heartbeat: &Heartbeat) -> bool {
+    async fn export(
+        &mut self,
+        request: Request,
+        spans_rx: &mut mpsc::Receiver<SpanBatch>,
+        heartbeat: &Heartbeat,
+    ) -> bool {
         let count = request.spans.len() as u64;
         self.exporter.set_resource(&request.resource);
         let (exporter, queue) = (&self.exporter, &mut self.queue);
