@@ -123,3 +123,80 @@ fn ring_buffer_overflow_is_counted_and_the_agent_keeps_tracing() {
     let (status, stderr) = agent.stop();
     assert!(status.success(), "{stderr:?}");
 }
+
+/// Status code and body of a GET (HTTP/1.0, so the server closes).
+fn get_status(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").expect("send request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read response");
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+#[test]
+fn healthz_fails_naming_the_stage_when_the_console_exporter_dies() {
+    use std::{
+        io::{BufRead, BufReader},
+        process::Stdio,
+        sync::{Arc, Mutex},
+    };
+    let _serial = serial();
+    mount_tracefs();
+    let mut child = meshless()
+        .args([
+            "--console-format",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--stats-interval-secs",
+            "0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start agent");
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let err = child.stderr.take().expect("stderr");
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split_whitespace().find_map(|kv| kv.strip_prefix("metrics=")) {
+                let _ = ready_tx.send(addr.to_owned());
+            }
+            sink.lock().expect("log").push(line);
+        }
+    });
+    let addr = ready_rx.recv_timeout(Duration::from_secs(30)).expect("agent ready");
+    assert_eq!(get_status(&addr, "/healthz").0, 200);
+    // Nobody reads the spans any more: the console's next write fails.
+    drop(child.stdout.take());
+    // Each health check is itself traced HTTP (the client side is this
+    // process), so polling produces the spans whose write fails.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (code, body) = loop {
+        let (code, body) = get_status(&addr, "/healthz");
+        if code != 200 || std::time::Instant::now() > deadline {
+            break (code, body);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("export-console stage stopped: stdout closed"), "{body}");
+    let (ready_code, ready_body) = get_status(&addr, "/readyz");
+    assert_eq!(ready_code, 503, "{ready_body}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let logged = log.lock().expect("log").join("\n");
+    assert!(
+        logged.contains("a pipeline stage failed") && logged.contains("stdout closed"),
+        "{logged}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

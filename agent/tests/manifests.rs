@@ -51,7 +51,10 @@ fn the_daemonset_is_least_privileged_probed_limited_and_runs_everywhere() {
         .clone()
         .or_else(|| pod.security_context.clone().and_then(|p| p.seccomp_profile))
         .expect("a seccomp profile");
-    assert_eq!(seccomp.type_, "RuntimeDefault", "confined by the runtime's default profile");
+    assert_eq!(
+        seccomp.type_, "RuntimeDefault",
+        "confined by the runtime's default profile"
+    );
     let caps = sc.capabilities.expect("capabilities");
     assert_eq!(caps.drop, Some(vec!["ALL".to_owned()]));
     let mut added = caps.add.expect("added capabilities");
