@@ -112,6 +112,7 @@ fn event(tgid: u32, direction: Direction, payload: &str, t: u64, local: &str, re
             accepted: false,
             connected: false,
         },
+        ctx: None,
         body: EventBody::Data {
             direction,
             len: payload.len() as u64,

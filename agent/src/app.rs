@@ -34,6 +34,7 @@ use crate::{
         index::{Index, NamespaceFilter, Verdict},
     },
     metrics::{OtlpMetrics, Peers, Prometheus},
+    propagation,
     span::Span,
     stats::Stats,
 };
@@ -94,15 +95,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
 
+    let propagate = propagation::check(config.propagation)?;
+    let scope = propagation::Scope::resolve(config.cgroup.as_deref())?;
     let probes = loader::load(&loader::LoadOptions {
         ringbuf_bytes: config.ringbuf_mib * 1024 * 1024,
         wakeup_bytes: config.wakeup_kib * 1024,
+        propagation: propagate,
+        scope: scope.kernel_filter(),
     })?;
     let loader::Probes {
         events,
         mut counters,
-        ebpf,
+        mut ebpf,
     } = probes;
+    if propagate {
+        propagation::attach(&mut ebpf, &scope)?;
+    }
+    let classify = propagation::Classifier::new(&mut ebpf).map(spawn_classifier).transpose()?;
     Stats::set(
         &stats.kernel_ringbuf_size_bytes,
         u64::from(config.ringbuf_mib) * 1024 * 1024,
@@ -192,12 +201,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         k8s,
         ready,
     };
-    let correlate = tokio::spawn(correlate_stage(
-        Correlator::new(limits, settings.headers.clone(), stats.clone()),
-        events_rx,
-        router,
-        health.stage("correlate"),
-    ));
+    let mut correlator = Correlator::new(limits, settings.headers.clone(), stats.clone());
+    if let Some(tx) = classify {
+        correlator.notify_new_processes(tx);
+    }
+    let correlate = tokio::spawn(correlate_stage(correlator, events_rx, router, health.stage("correlate")));
     info!(
         tracepoints = loader::TRACEPOINTS.len(),
         ringbuf_mib = config.ringbuf_mib,
@@ -205,6 +213,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         console = settings.console,
         otlp = settings.otlp_traces.as_ref().map_or("off", |t| t.endpoint.as_str()),
         kubernetes = node.as_deref().unwrap_or("off"),
+        propagation = if propagate { "tcp-options" } else { "off" },
+        scope = %scope.path.display(),
         "meshless ready: tracing HTTP/1.x on every socket (Ctrl-C to stop)"
     );
 
@@ -243,6 +253,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     read_kernel_counters(&counters, &stats);
     log_stats(&stats, "final statistics");
     Ok(())
+}
+
+/// Queue of processes waiting for their linking policy.
+const CLASSIFY_QUEUE: usize = 4096;
+
+/// Decides new processes' linking policies on a thread of their own (it
+/// reads executables, which must not stall correlation).
+fn spawn_classifier(mut classifier: crate::propagation::Classifier) -> anyhow::Result<std::sync::mpsc::SyncSender<u32>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<u32>(CLASSIFY_QUEUE);
+    std::thread::Builder::new()
+        .name("classify".into())
+        .spawn(move || {
+            lower_priority();
+            for tgid in rx {
+                classifier.observe(tgid);
+            }
+        })
+        .context("starting the process classifier thread")?;
+    Ok(tx)
 }
 
 /// Records metrics for every span, samples, and fans out to the exporters.
@@ -412,6 +441,12 @@ fn read_kernel_counters(counters: &aya::maps::PerCpuArray<aya::maps::MapData, u6
         match name {
             "events_sent" => Stats::set(&stats.kernel_events_sent, value),
             "truncated" => Stats::set(&stats.kernel_truncated, value),
+            "trace_opt_written" => Stats::set(&stats.trace_opt_written, value),
+            "trace_opt_no_room" => Stats::set(&stats.trace_opt_no_room, value),
+            "trace_opt_parsed" => Stats::set(&stats.trace_opt_parsed, value),
+            "ctx_from_option" => Stats::set(&stats.ctx_from_option, value),
+            "ctx_from_header" => Stats::set(&stats.ctx_from_header, value),
+            "ctx_in_process" => Stats::set(&stats.ctx_in_process, value),
             "read_user_failed" => Stats::set(&stats.kernel_read_user_failed, value),
             "conn_table_full" | "args_table_full" => table_full += value,
             "ringbuf_full" => {

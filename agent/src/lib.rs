@@ -16,6 +16,7 @@ pub mod http;
 pub mod k8s;
 pub mod metrics;
 pub mod privacy;
+pub mod propagation;
 pub mod route;
 pub mod sockets;
 pub mod span;

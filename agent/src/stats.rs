@@ -49,6 +49,12 @@ counters! {
     kernel_table_full: "Kernel map insertions that failed (tables full).",
     kernel_ringbuf_used_bytes: "Highest ring-buffer fill in bytes over the last 2 s.",
     kernel_ringbuf_size_bytes: "Ring-buffer size in bytes.",
+    trace_opt_written: "Trace contexts written into TCP options of outgoing requests.",
+    trace_opt_no_room: "Trace contexts that found no room in a TCP header.",
+    trace_opt_parsed: "Trace contexts received in TCP options.",
+    ctx_from_option: "Inbound requests whose parent came from the caller's TCP option.",
+    ctx_from_header: "Inbound requests whose parent came from a traceparent header.",
+    ctx_in_process: "Outbound requests linked to the inbound request their process was serving.",
 }
 
 impl Stats {

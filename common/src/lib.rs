@@ -13,6 +13,40 @@ pub const AGENT_TGID_GLOBAL: &str = "AGENT_TGID";
 /// Name of the global with the ring-buffer fill level (bytes) above which a
 /// submit wakes the reader; below it the reader polls on a timer.
 pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
+/// Name of the global that turns trace-context propagation in TCP header
+/// options on (1) or off (0).
+pub const PROPAGATION_GLOBAL: &str = "PROPAGATION";
+/// Names of the globals that scope capture to one cgroup2 subtree: the
+/// subtree root's cgroup id (0: everything) and its depth below the root.
+pub const SCOPE_CGROUP_GLOBAL: &str = "SCOPE_CGROUP";
+pub const SCOPE_LEVEL_GLOBAL: &str = "SCOPE_LEVEL";
+/// Name of the map of per-process linking policies ([`LinkPolicy`]), keyed by tgid.
+pub const LINK_POLICY_MAP: &str = "LINK_POLICY";
+/// Name of the sock_ops program that writes and parses the trace option.
+pub const SOCKOPS_PROGRAM: &str = "meshless_sockops";
+
+/// How the kernel links a process's outbound requests to the inbound
+/// request it is serving (a [`LINK_POLICY_MAP`] value; absent = `Thread`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkPolicy {
+    /// A thread with exactly one inbound request outstanding is serving it
+    /// (thread-per-request servers and single-threaded event loops).
+    Thread = 1,
+    /// Threads are not tied to requests (Go moves goroutines between
+    /// threads): link only while the whole process has exactly one inbound
+    /// request outstanding.
+    Process = 2,
+    /// Never link in-process.
+    Off = 3,
+}
+
+/// TCP option kind used for the trace context (RFC 6994 shared experimental).
+pub const TRACE_OPT_KIND: u8 = 254;
+/// Experiment id ("ml") that marks meshless's option.
+pub const TRACE_OPT_MAGIC: u16 = 0x6d6c;
+/// Option length: kind, length, magic, trace id, span id.
+pub const TRACE_OPT_LEN: usize = 28;
 
 /// Largest number of payload bytes copied per syscall. A power of two so the
 /// kernel side can bound lengths with a mask the verifier understands.
@@ -71,6 +105,36 @@ pub const FLAG_ACCEPTED: u32 = 1 << 4;
 /// Event flag: the socket came from connect (the process is the client).
 pub const FLAG_CONNECTED: u32 = 1 << 5;
 
+/// [`TraceCtx::flags`]: the context is set (the payload starts a request).
+pub const CTX_VALID: u32 = 1 << 0;
+/// The trace is sampled.
+pub const CTX_SAMPLED: u32 = 1 << 1;
+/// `parent_id` is set.
+pub const CTX_PARENT: u32 = 1 << 2;
+/// The parent came from a `traceparent` header in the request.
+pub const CTX_FROM_HEADER: u32 = 1 << 3;
+/// The parent came from the caller's TCP option (another meshless kernel).
+pub const CTX_FROM_OPTION: u32 = 1 << 4;
+/// The parent is the inbound request this process is serving.
+pub const CTX_IN_PROCESS: u32 = 1 << 5;
+/// The context was sent to the peer in a TCP option.
+pub const CTX_SENT: u32 = 1 << 6;
+
+/// Trace context the kernel decided for the request that starts at the
+/// first byte of an event's payload: a server span's ids when a request is
+/// read, a client span's ids when one is written. Userspace uses these ids
+/// and never makes up others for the same request.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceCtx {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_id: [u8; 8],
+    /// `CTX_*` bits; 0 when the event starts no request.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
 /// Address family values carried in [`ConnAddrs::family`] (Linux values).
 pub const AF_INET: u16 = 2;
 /// IPv6 address family.
@@ -120,6 +184,8 @@ pub struct EventHeader {
     pub addrs: ConnAddrs,
     /// `bpf_get_current_comm` of the thread.
     pub comm: [u8; 16],
+    /// Trace context of the request starting in this payload, if any.
+    pub ctx: TraceCtx,
 }
 
 /// Size of the header on the wire.
@@ -146,14 +212,26 @@ pub enum Counter {
     /// Not a counter: the highest ring-buffer fill (bytes) seen at a submit
     /// on this CPU since userspace last reset it.
     RingbufHighWater = 7,
+    /// Trace options written into outgoing TCP segments.
+    OptWritten = 16,
+    /// Trace options that did not fit into a segment (no header room).
+    OptNoRoom = 17,
+    /// Trace options parsed from incoming TCP segments.
+    OptParsed = 18,
+    /// Inbound requests whose parent came from a TCP option.
+    CtxFromOption = 19,
+    /// Inbound requests whose parent came from a traceparent header.
+    CtxFromHeader = 20,
+    /// Outbound requests linked to the inbound request being served.
+    CtxInProcess = 21,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_SLOTS: u32 = 8;
+pub const COUNTER_SLOTS: u32 = 24;
 
 impl Counter {
     /// Every counter, in index order, with a stable snake_case name.
-    pub const ALL: [(Counter, &'static str); 7] = [
+    pub const ALL: [(Counter, &'static str); 13] = [
         (Counter::EventsSent, "events_sent"),
         (Counter::RingbufFull, "ringbuf_full"),
         (Counter::Truncated, "truncated"),
@@ -161,6 +239,12 @@ impl Counter {
         (Counter::ConnTableFull, "conn_table_full"),
         (Counter::ArgsTableFull, "args_table_full"),
         (Counter::ReadUserFailed, "read_user_failed"),
+        (Counter::OptWritten, "trace_opt_written"),
+        (Counter::OptNoRoom, "trace_opt_no_room"),
+        (Counter::OptParsed, "trace_opt_parsed"),
+        (Counter::CtxFromOption, "ctx_from_option"),
+        (Counter::CtxFromHeader, "ctx_from_header"),
+        (Counter::CtxInProcess, "ctx_in_process"),
     ];
 }
 
@@ -169,4 +253,5 @@ mod user {
     // SAFETY: plain-old-data structs with explicit padding and no pointers.
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::ConnAddrs {}
+    unsafe impl aya::Pod for super::TraceCtx {}
 }

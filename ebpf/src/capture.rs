@@ -5,11 +5,15 @@ use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user, generated},
 };
 use meshless_common::{
-    ConnAddrs, Counter, EventKind, FLAG_NEW_CONN, FLAG_TRUNCATED, HEADER_SIZE, MAX_CAPTURE, MAX_IOVECS,
+    ConnAddrs, Counter, Direction, EventKind, FLAG_NEW_CONN, FLAG_TRUNCATED, HEADER_SIZE, MAX_CAPTURE, MAX_IOVECS,
+    TraceCtx,
 };
 
+use crate::context;
+use aya_ebpf::programs::TracePointContext;
+
 use crate::maps::{
-    ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, COUNTERS, ConnState, EVENTS, SCRATCH, count,
+    ACTIVE, ADDRS, SERVER_CTX, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, COUNTERS, ConnState, EVENTS, SCRATCH, count,
     wakeup_bytes,
 };
 
@@ -77,40 +81,56 @@ pub fn looks_like_http(b: &[u8; 8]) -> bool {
     }
 }
 
+/// Addresses of a socket that is not tracked yet, as accept/connect and
+/// the ESTABLISHED transition recorded them.
+pub fn known_addrs(key: u64) -> Option<&'static ConnAddrs> {
+    // SAFETY: map values stay valid for the program's run.
+    let known = unsafe { ADDRS.get(&key) }?;
+    if known.sk != 0 {
+        // SAFETY: as above.
+        if let Some(full) = unsafe { ACTIVE.get(&known.sk) } {
+            return Some(full);
+        }
+    }
+    Some(&known.addrs)
+}
+
 /// Returns the state of a tracked connection, or starts tracking it when
 /// `detect` says its first bytes look like HTTP.
-pub fn tracked_conn(key: u64, args: &Args, detect: bool) -> Option<(ConnState, u32)> {
-    // SAFETY: the value is copied out at once.
+pub fn tracked_conn(key: u64, args: &Args, detect: bool) -> Option<(&'static ConnState, u32)> {
+    // SAFETY: map values stay valid for the program's run.
     if let Some(state) = unsafe { CONNS.get(&key) } {
-        return Some((*state, 0));
+        return Some((state, 0));
     }
     if !detect || !looks_like_http(&first_bytes(args)?) {
         return None;
     }
-    // SAFETY: the value is copied out at once.
-    let mut known = unsafe { ADDRS.get(&key) }.copied();
-    if let Some(k) = known.as_mut() {
+    let mut state = ConnState {
+        conn_id: unsafe { bpf_ktime_get_ns() },
+        flags: 0,
+        _pad: 0,
+        addrs: ConnAddrs::default(),
+    };
+    // SAFETY: map values stay valid for the program's run.
+    if let Some(k) = unsafe { ADDRS.get(&key) } {
+        state.flags = k.flags;
+        state.addrs = k.addrs;
         if k.sk != 0 {
             // A connected socket: its full 4-tuple was recorded at ESTABLISHED.
-            // SAFETY: copied out at once.
+            // SAFETY: as above.
             if let Some(full) = unsafe { ACTIVE.get(&k.sk) } {
-                k.addrs = *full;
+                state.addrs = *full;
             }
             let _ = ACTIVE.remove(&k.sk);
         }
     }
-    let state = ConnState {
-        conn_id: unsafe { bpf_ktime_get_ns() },
-        flags: known.map_or(0, |k| k.flags),
-        _pad: 0,
-        addrs: known.map_or(ConnAddrs::default(), |k| k.addrs),
-    };
     if CONNS.insert(&key, &state, 0).is_err() {
         count(Counter::ConnTableFull);
         return None;
     }
     count(Counter::ConnsTracked);
-    Some((state, FLAG_NEW_CONN))
+    // SAFETY: as above (just inserted; an LRU eviction in between only loses this event).
+    unsafe { CONNS.get(&key) }.map(|s| (s, FLAG_NEW_CONN))
 }
 
 /// Copies up to MAX_CAPTURE bytes of what the syscall moved into the
@@ -165,7 +185,8 @@ fn read_user(dst: *mut u8, src: u64, len: usize) -> Result<(), i64> {
 
 #[inline(always)]
 /// Emits one Data event for a finished syscall on a tracked connection.
-pub fn emit_data(tgid: u32, tid: u32, args: &Args, ret: usize, state: &ConnState, flags: u32) {
+pub fn emit_data(tp: &TracePointContext, id: u64, args: &Args, ret: usize, state: &ConnState, flags: u32) {
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
     let Some(ev) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -176,6 +197,7 @@ pub fn emit_data(tgid: u32, tid: u32, args: &Args, ret: usize, state: &ConnState
     } else {
         0
     };
+
     let mut flags = flags | state.flags;
     if captured < ret {
         flags |= FLAG_TRUNCATED;
@@ -187,6 +209,36 @@ pub fn emit_data(tgid: u32, tid: u32, args: &Args, ret: usize, state: &ConnState
     ev.header.len = ret as u32;
     ev.header.captured = captured as u32;
     ev.header.flags = flags;
+    ev.header.ctx = args.ctx;
+    if args.ctx.flags == 0 && captured >= 8 {
+        let first = [
+            ev.data[0], ev.data[1], ev.data[2], ev.data[3], ev.data[4], ev.data[5], ev.data[6], ev.data[7],
+        ];
+        if args.direction == Direction::Ingress as u32 && context::starts_request(&first) {
+            // Does not return when it works; on failure the event goes out
+            // without a context below.
+            // SAFETY: the slot holds a tracepoint program like this one.
+            unsafe { SERVER_CTX.tail_call(tp, 0) };
+        } else if args.direction == Direction::Egress as u32 && &first[..5] == b"HTTP/" {
+            context::response_written(tgid, args.fd);
+        }
+    }
+    submit(ev, captured);
+}
+
+/// The tail of `emit_data` for a request read by a server: decides its
+/// context (see `context::server_request`) and submits the event.
+pub fn finish_server_request() {
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch, filled by the program that tail-called us.
+    let ev = unsafe { &mut *ev };
+    let h = &ev.header;
+    let id = (h.tgid as u64) << 32 | h.tid as u64;
+    let (fd, addrs) = (h.fd, h.addrs);
+    let captured = (h.captured as usize) & (MAX_CAPTURE * 2 - 1);
+    context::server_request(id, fd, &addrs, captured, &mut ev.header.ctx);
     submit(ev, captured);
 }
 
@@ -203,6 +255,7 @@ pub fn emit_close(tgid: u32, tid: u32, fd: u32, syscall: u32, state: &ConnState)
     ev.header.len = 0;
     ev.header.captured = 0;
     ev.header.flags = state.flags;
+    ev.header.ctx = TraceCtx::default();
     submit(ev, 0);
 }
 

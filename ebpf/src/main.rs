@@ -8,6 +8,7 @@
 #![no_main]
 
 mod capture;
+mod context;
 mod maps;
 mod probes;
 

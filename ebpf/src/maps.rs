@@ -1,9 +1,9 @@
 //! Every map and global of the kernel side, in one place.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
-use meshless_common::{COUNTER_SLOTS, ConnAddrs, Counter, EventHeader, MAX_CAPTURE};
+use meshless_common::{COUNTER_SLOTS, ConnAddrs, Counter, EventHeader, MAX_CAPTURE, TraceCtx};
 
 /// The agent's own tgid; its syscalls are never traced. Set at load time.
 #[unsafe(no_mangle)]
@@ -22,6 +22,26 @@ pub fn wakeup_bytes() -> u64 {
     unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) }
 }
 
+/// 1 when trace context travels in TCP options (the sock_ops program is attached).
+#[unsafe(no_mangle)]
+static PROPAGATION: u32 = 0;
+/// Capture scope: cgroup id of the subtree root (0 = everything) and its level.
+#[unsafe(no_mangle)]
+static SCOPE_CGROUP: u64 = 0;
+#[unsafe(no_mangle)]
+static SCOPE_LEVEL: u32 = 0;
+
+pub fn propagation() -> bool {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&PROPAGATION) != 0 }
+}
+
+/// (cgroup id, level) of the capture scope; id 0 means no scope.
+pub fn scope() -> (u64, u32) {
+    // SAFETY: as above.
+    unsafe { (core::ptr::read_volatile(&SCOPE_CGROUP), core::ptr::read_volatile(&SCOPE_LEVEL)) }
+}
+
 /// How a stashed syscall's buffer argument is laid out.
 pub const BUF_PLAIN: u32 = 1;
 pub const BUF_IOVEC: u32 = 2;
@@ -38,6 +58,9 @@ pub struct Args {
     pub layout: u32,
     pub syscall: u32,
     pub direction: u32,
+    /// Context of the request an egress call starts (decided at sys_enter,
+    /// before the bytes can leave, so the TCP option can carry it).
+    pub ctx: TraceCtx,
 }
 
 /// State of a tracked (HTTP) connection, keyed by (tgid << 32 | fd).
@@ -120,3 +143,71 @@ pub fn count(counter: Counter) {
 pub fn conn_key(tgid: u32, fd: u32) -> u64 {
     ((tgid as u64) << 32) | fd as u64
 }
+
+/// Both ends of a TCP socket as that socket sees them (local first); the
+/// key under which the tracepoints and the sock_ops program meet.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct SockKey {
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
+    /// local port << 16 | remote port (host order).
+    pub ports: u32,
+}
+
+/// A trace context on its way into, or out of, a TCP option.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct OptCtx {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// Receiving side: 1 once a request read took it.
+    pub used: u32,
+    pub _pad: u32,
+}
+
+/// What a thread (or, under `LinkPolicy::Process`, a process) is serving:
+/// the context of its one outstanding inbound request, if exactly one.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Serving {
+    pub ctx: TraceCtx,
+    /// Inbound requests read and not yet answered.
+    pub outstanding: u32,
+    pub _pad: u32,
+    pub ktime_ns: u64,
+}
+
+/// Who read the requests of a server connection, and how many await a response.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Reader {
+    pub serving_key: u64,
+    pub outstanding: u32,
+    pub _pad: u32,
+}
+
+/// Context to write into the next data segment of a client socket.
+#[map(name = "OUT_OPT")]
+pub static OUT_OPT: LruHashMap<SockKey, OptCtx> = LruHashMap::with_max_entries(16384, 0);
+
+/// Context received in a TCP option, for the server's next request read.
+#[map(name = "IN_OPT")]
+pub static IN_OPT: LruHashMap<SockKey, OptCtx> = LruHashMap::with_max_entries(16384, 0);
+
+/// Serving state per thread (pid_tgid) or per process (tgid << 32).
+#[map(name = "SERVING")]
+pub static SERVING: LruHashMap<u64, Serving> = LruHashMap::with_max_entries(32768, 0);
+
+/// Readers of server connections, keyed like `CONNS`.
+#[map(name = "READERS")]
+pub static READERS: LruHashMap<u64, Reader> = LruHashMap::with_max_entries(65536, 0);
+
+/// Linking policy per process (a `LinkPolicy` value), written by userspace.
+#[map(name = "LINK_POLICY")]
+pub static LINK_POLICY: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Slot 0: the program that decides a read request's context and submits
+/// its event (a tail call, so it is verified once, not in every sys_exit).
+#[map(name = "SERVER_CTX")]
+pub static SERVER_CTX: ProgramArray = ProgramArray::with_max_entries(1, 0);

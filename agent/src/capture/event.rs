@@ -47,6 +47,8 @@ pub struct Event {
     pub comm: Comm,
     pub new_conn: bool,
     pub socket: SocketInfo,
+    /// Ids the kernel chose for the request this payload starts, if any.
+    pub ctx: Option<crate::trace_context::KernelCtx>,
     pub body: EventBody,
 }
 
@@ -107,6 +109,7 @@ impl Event {
                 accepted: h.flags & FLAG_ACCEPTED != 0,
                 connected: h.flags & FLAG_CONNECTED != 0,
             },
+            ctx: crate::trace_context::KernelCtx::from_wire(&h.ctx),
             body,
         })
     }
@@ -188,6 +191,7 @@ mod tests {
                 ..ConnAddrs::default()
             },
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            ctx: meshless_common::TraceCtx::default(),
         }
     }
 

@@ -1,10 +1,13 @@
 //! Loading and attaching the kernel programs.
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
-use meshless_common::{Counter, AGENT_TGID_GLOBAL, COUNTERS_MAP, EVENTS_MAP, WAKEUP_BYTES_GLOBAL};
+use meshless_common::{
+    Counter, AGENT_TGID_GLOBAL, COUNTERS_MAP, EVENTS_MAP, PROPAGATION_GLOBAL, SCOPE_CGROUP_GLOBAL, SCOPE_LEVEL_GLOBAL,
+    WAKEUP_BYTES_GLOBAL,
+};
 
 use super::preflight::{self, PreflightError};
 
@@ -79,25 +82,36 @@ pub struct Probes {
 pub struct LoadOptions {
     pub ringbuf_bytes: u32,
     pub wakeup_bytes: u64,
+    /// Trace context goes into TCP options (the sock_ops program is attached).
+    pub propagation: bool,
+    /// (cgroup id, level) of the capture scope; id 0 traces everything.
+    pub scope: (u64, u32),
 }
 
 pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     let tps: Vec<(&str, &str)> = TRACEPOINTS.iter().map(|(_, c, n)| (*c, *n)).collect();
     preflight::check(&tps)?;
     let tgid = std::process::id();
+    let propagation = u32::from(opts.propagation);
     let mut ebpf = EbpfLoader::new()
         .override_global(AGENT_TGID_GLOBAL, &tgid, true)
         .override_global(WAKEUP_BYTES_GLOBAL, &opts.wakeup_bytes, true)
+        .override_global(PROPAGATION_GLOBAL, &propagation, true)
+        .override_global(SCOPE_CGROUP_GLOBAL, &opts.scope.0, true)
+        .override_global(SCOPE_LEVEL_GLOBAL, &opts.scope.1, true)
         .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
         .load(OBJECT)
         .map_err(LoadError::Object)?;
+    load_tail_calls(&mut ebpf)?;
     for (name, category, tracepoint) in TRACEPOINTS {
         let program: &mut TracePoint = ebpf
             .program_mut(name)
             .ok_or(LoadError::MissingProgram(name))?
             .try_into()
             .map_err(|source| program_error(name, source))?;
+        let started = std::time::Instant::now();
         program.load().map_err(|source| program_error(name, source))?;
+        tracing::debug!(program = name, ms = started.elapsed().as_millis() as u64, "verified");
         program
             .attach(category, tracepoint)
             .map_err(|source| program_error(name, source))?;
@@ -105,6 +119,36 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     let events = take_map(&mut ebpf, EVENTS_MAP)?;
     let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
     Ok(Probes { events, counters, ebpf })
+}
+
+/// Tail-called programs: (program, program array, slot).
+const TAIL_CALLS: &[(&str, &str, u32)] = &[("meshless_server_ctx", "SERVER_CTX", 0)];
+
+/// Loads the programs the tracepoints tail-call and puts them in their slots.
+fn load_tail_calls(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    for (name, array, slot) in TAIL_CALLS {
+        let program: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| program_error(name, source))?;
+        program.load().map_err(|source| program_error(name, source))?;
+        let fd = program
+            .fd()
+            .map_err(|source| program_error(name, source))?
+            .try_clone()
+            .map_err(|e| LoadError::Program {
+                name,
+                detail: e.to_string(),
+                hint: "",
+            })?;
+        let map = ebpf.map_mut(array).ok_or(LoadError::MissingMap(array))?;
+        let mut programs = ProgramArray::try_from(map).map_err(|source| LoadError::Map { name: array, source })?;
+        programs
+            .set(*slot, &fd, 0)
+            .map_err(|source| LoadError::Map { name: array, source })?;
+    }
+    Ok(())
 }
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>

@@ -44,6 +44,8 @@ pub mod env {
     pub const NODE_NAME: &str = "NODE_NAME";
     pub const NAMESPACES: &str = "MESHLESS_NAMESPACES";
     pub const EXCLUDE_NAMESPACES: &str = "MESHLESS_EXCLUDE_NAMESPACES";
+    pub const PROPAGATION: &str = "MESHLESS_PROPAGATION";
+    pub const CGROUP: &str = "MESHLESS_CGROUP";
 }
 
 /// meshless: sidecarless HTTP tracing with eBPF.
@@ -219,6 +221,22 @@ pub struct Config {
     #[arg(long, env = env::EXCLUDE_NAMESPACES, value_delimiter = ',', help_heading = "Kubernetes")]
     pub exclude_namespaces: Vec<String>,
 
+    /// How a call's trace context reaches the server's node: `tcp-options`
+    /// (default: the client span's ids ride in a TCP header option of the
+    /// request's first segment; no payload byte changes; both ends need
+    /// meshless, as a DaemonSet gives), `headers` (inject `traceparent`;
+    /// refused: it needs sockmap, which breaks FIONREAD on current
+    /// kernels), or `off` (nothing touches traffic; same-node calls still
+    /// link by their TCP connection).
+    #[arg(long, value_enum, env = env::PROPAGATION, default_value = "tcp-options", help_heading = "Trace context")]
+    pub propagation: Propagation,
+
+    /// Trace only processes in this cgroup2 subtree (absolute path, e.g.
+    /// /sys/fs/cgroup/kubepods.slice, or relative to the cgroup2 mount).
+    /// The TCP-option program is attached there too. Default: everything.
+    #[arg(long, env = env::CGROUP, help_heading = "Trace context")]
+    pub cgroup: Option<std::path::PathBuf>,
+
     /// Log filter for the agent's own logs on stderr (e.g. `info`, `meshless=debug`).
     #[arg(long, default_value = "info", env = env::LOG)]
     pub log_level: String,
@@ -248,6 +266,14 @@ impl Config {
             ),
         }
     }
+}
+
+/// Trace-context propagation between nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Propagation {
+    TcpOptions,
+    Headers,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

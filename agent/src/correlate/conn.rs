@@ -6,7 +6,7 @@ use meshless_common::Direction;
 use crate::{
     http::{Flow, Head, HttpStream, Item},
     span::{Process, SpanKind},
-    trace_context::{SpanId, TraceId, TraceParent},
+    trace_context::{KernelCtx, ParentOrigin, SpanId, TraceId, TraceParent, B3},
 };
 
 /// A request waiting for (or receiving) its response.
@@ -27,39 +27,70 @@ pub struct SpanContext {
     pub span_id: SpanId,
     pub parent: Option<SpanId>,
     pub sampled: bool,
-    /// The ids came from a `traceparent` header (they are authoritative).
-    pub from_header: bool,
+    /// The ids are authoritative (a header, the caller's TCP option, or the
+    /// in-process parent): a same-node link must not replace them.
+    pub fixed: bool,
+    /// The parent lives in another process (header or TCP option).
+    pub remote_parent: bool,
+    /// The kernel's trace id for this request when a header we honour here
+    /// (but the kernel could not) names another trace: spans that inherited
+    /// the kernel's id are moved to the header's trace.
+    pub alias: Option<(TraceId, TraceId)>,
+}
+
+/// The trace a request's headers name: `traceparent`, else B3.
+fn header_parent(head: &Head) -> Option<(TraceId, SpanId, bool)> {
+    if let Some(tp) = head.header("traceparent").and_then(TraceParent::parse) {
+        return Some((tp.trace_id, tp.parent_id, tp.sampled));
+    }
+    let b3 = head.header("b3").and_then(B3::parse_single).or_else(|| {
+        B3::parse_multi(head.header("x-b3-traceid")?, head.header("x-b3-spanid")?, head.header("x-b3-sampled"))
+    })?;
+    Some((b3.trace_id, b3.span_id, b3.sampled))
 }
 
 impl SpanContext {
-    /// Server spans join an incoming trace as a child; client spans carry
-    /// the id the caller put in its outgoing `traceparent` (that id names
-    /// this very call, so the server side links to it).
-    fn for_request(kind: SpanKind, head: &Head) -> Self {
-        let incoming = head.header("traceparent").and_then(TraceParent::parse);
-        match (incoming, kind) {
-            (Some(tp), SpanKind::Server) => Self {
-                trace_id: tp.trace_id,
-                span_id: SpanId::random(),
-                parent: Some(tp.parent_id),
-                sampled: tp.sampled,
-                from_header: true,
-            },
-            (Some(tp), SpanKind::Client) => Self {
-                trace_id: tp.trace_id,
-                span_id: tp.parent_id,
-                parent: None,
-                sampled: tp.sampled,
-                from_header: true,
-            },
-            (None, _) => Self {
-                trace_id: TraceId::random(),
-                span_id: SpanId::random(),
-                parent: None,
-                sampled: true,
-                from_header: false,
-            },
+    /// Decides a span's ids. The kernel's ids (`kernel`) are used whenever
+    /// it saw the request start; a header the kernel did not see (B3, or a
+    /// `traceparent` past the capture) only changes the trace and parent.
+    /// Client spans always get an id of their own: a `traceparent` the app
+    /// wrote names the app's span, which becomes the parent.
+    pub fn for_request(kind: SpanKind, head: &Head, kernel: Option<KernelCtx>) -> Self {
+        let header = header_parent(head);
+        let own_id = kernel.map_or_else(SpanId::random, |k| k.span_id);
+        let mut ctx = Self {
+            trace_id: kernel.map_or_else(TraceId::random, |k| k.trace_id),
+            span_id: own_id,
+            parent: kernel.and_then(|k| k.parent),
+            sampled: kernel.is_none_or(|k| k.sampled),
+            fixed: kernel.is_some_and(|k| k.parent.is_some()),
+            remote_parent: kernel.is_some_and(|k| matches!(k.origin, ParentOrigin::Header | ParentOrigin::TcpOption)),
+            alias: None,
+        };
+        let Some((trace, parent, sampled)) = header else {
+            return ctx;
+        };
+        let kernel_decided = kernel.is_some_and(|k| match kind {
+            // The kernel already weighed header against option.
+            SpanKind::Server => k.origin != ParentOrigin::None,
+            // A proxy forwarding the header it received: the in-process
+            // parent is nearer and in the same trace.
+            SpanKind::Client => k.origin == ParentOrigin::InProcess && k.trace_id == trace,
+        });
+        if kernel_decided {
+            return ctx;
         }
+        if let Some(k) = kernel {
+            if k.trace_id != trace {
+                ctx.alias = Some((k.trace_id, trace));
+            }
+        }
+        ctx.trace_id = trace;
+        ctx.parent = Some(parent);
+        ctx.sampled = sampled;
+        ctx.fixed = true;
+        ctx.remote_parent = kind == SpanKind::Server;
+        ctx
     }
 }
 
@@ -81,6 +112,8 @@ pub struct Output {
     pub exchanges: Vec<Exchange>,
     pub malformed: u64,
     pub orphans: u64,
+    /// (kernel trace id, trace id a header names instead), see `SpanContext::alias`.
+    pub aliases: Vec<(TraceId, TraceId)>,
 }
 
 #[derive(Debug)]
@@ -94,7 +127,13 @@ pub struct Conn {
     pending: VecDeque<Request>,
     responding: Option<(Request, Box<Head>)>,
     next_seq: u64,
+    /// Kernel contexts of recent events, by (direction, ktime): a request
+    /// head takes the one of the syscall whose payload it starts.
+    kernel_ctx: VecDeque<(Direction, u64, KernelCtx)>,
 }
+
+/// Kernel contexts remembered per connection while their heads complete.
+const KERNEL_CTX_KEPT: usize = 8;
 
 impl Conn {
     pub fn new(process: Process, local: Option<SocketAddr>, remote: Option<SocketAddr>) -> Self {
@@ -108,6 +147,7 @@ impl Conn {
             pending: VecDeque::new(),
             responding: None,
             next_seq: 0,
+            kernel_ctx: VecDeque::new(),
         }
     }
 
@@ -124,9 +164,24 @@ impl Conn {
         self.pending.len() + usize::from(self.responding.is_some())
     }
 
-    /// Feeds one syscall's bytes.
-    pub fn data(&mut self, direction: Direction, payload: bytes::Bytes, len: u64, ktime: u64, tid: u32) -> Output {
+    /// Feeds one syscall's bytes, with the context the kernel chose if they
+    /// start a request.
+    pub fn data(
+        &mut self,
+        direction: Direction,
+        payload: bytes::Bytes,
+        len: u64,
+        ktime: u64,
+        tid: u32,
+        ctx: Option<KernelCtx>,
+    ) -> Output {
         self.last_ktime_ns = ktime;
+        if let Some(ctx) = ctx {
+            if self.kernel_ctx.len() >= KERNEL_CTX_KEPT {
+                self.kernel_ctx.pop_front();
+            }
+            self.kernel_ctx.push_back((direction, ktime, ctx));
+        }
         self.process.tid = tid;
         let missing = len.saturating_sub(payload.len() as u64);
         let stream = match direction {
@@ -179,7 +234,9 @@ impl Conn {
                     };
                     let seq = self.next_seq;
                     self.next_seq += 1;
-                    let ctx = SpanContext::for_request(kind, &head);
+                    let kernel = self.take_kernel_ctx(direction, &head);
+                    let ctx = SpanContext::for_request(kind, &head, kernel);
+                    out.aliases.extend(ctx.alias);
                     match kind {
                         SpanKind::Client => out.client_requests.push((seq, ctx)),
                         SpanKind::Server => out.server_requests += 1,
@@ -205,6 +262,19 @@ impl Conn {
                 (Item::End { .. }, _) => {}
             }
         }
+    }
+
+    /// The kernel context of the syscall this head starts, if it starts one.
+    fn take_kernel_ctx(&mut self, direction: Direction, head: &Head) -> Option<KernelCtx> {
+        let at = self
+            .kernel_ctx
+            .iter()
+            .position(|(d, t, _)| *d == direction && *t == head.start_ktime_ns)?;
+        let (_, _, ctx) = self.kernel_ctx.remove(at)?;
+        // Older entries of this direction can no longer start a head.
+        self.kernel_ctx
+            .retain(|(d, t, _)| *d != direction || *t > head.start_ktime_ns);
+        head.at_segment_start.then_some(ctx)
     }
 
     fn response_head(&mut self, direction: Direction, head: Box<Head>, out: &mut Output) {

@@ -1,5 +1,8 @@
 //! Linking a server span to the client span of the same call when both
-//! ends run on this node (matched by TCP 4-tuple and request index).
+//! ends run on this node and no TCP option carried the context (propagation
+//! off, or a connection older than the agent): matched by the client's
+//! ip:port and the request index, which both ends agree on even when the
+//! client dialled a Service IP that was DNATed to the server.
 use std::net::SocketAddr;
 
 use foldhash::HashMap;
@@ -12,12 +15,30 @@ const CLIENT_TTL_NS: u64 = 30 * 1_000_000_000;
 /// Most client contexts kept; beyond it the oldest half is dropped.
 const MAX_CLIENTS: usize = 200_000;
 
-/// (client end, server end, request index on the connection).
+/// (client end, server end if loopback, request index on the connection).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LinkKey {
     pub client: SocketAddr,
-    pub server: SocketAddr,
+    pub server: Option<SocketAddr>,
     pub seq: u64,
+}
+
+impl LinkKey {
+    /// The server end differs on the two sides under DNAT, so only the
+    /// client end keys a call; loopback client ends repeat in every network
+    /// namespace, and loopback is never DNATed, so there the server end
+    /// keys too.
+    pub fn new(client: SocketAddr, server: SocketAddr, seq: u64) -> Self {
+        Self {
+            client,
+            server: server_part(client, server),
+            seq,
+        }
+    }
+}
+
+fn server_part(client: SocketAddr, server: SocketAddr) -> Option<SocketAddr> {
+    client.ip().is_loopback().then_some(server)
 }
 
 #[derive(Debug, Default)]
@@ -28,7 +49,7 @@ pub struct Links {
     /// Server processes by (client end, server end), for naming the peer
     /// of client spans. A server reads a request before the client can
     /// read the response, so this is always known in time.
-    servers: HashMap<(SocketAddr, SocketAddr), (String, u64)>,
+    servers: HashMap<(SocketAddr, Option<SocketAddr>), (String, u64)>,
 }
 
 fn adopt(span: &mut Span, client: &SpanContext, comm: String, ids: bool) {
@@ -53,12 +74,15 @@ impl Links {
 
     /// A server process read a request on the connection `client`→`server`.
     pub fn server_seen(&mut self, client: SocketAddr, server: SocketAddr, comm: &str, ktime_ns: u64) {
-        self.servers.insert((client, server), (comm.to_owned(), ktime_ns));
+        self.servers
+            .insert((client, server_part(client, server)), (comm.to_owned(), ktime_ns));
     }
 
     /// The server process of the connection `client`→`server`, if on this node.
     pub fn server_of(&self, client: SocketAddr, server: SocketAddr) -> Option<String> {
-        self.servers.get(&(client, server)).map(|(comm, _)| comm.clone())
+        self.servers
+            .get(&(client, server_part(client, server)))
+            .map(|(comm, _)| comm.clone())
     }
 
     /// A server exchange finished; returns it at once if its client is known

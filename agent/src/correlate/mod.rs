@@ -6,6 +6,7 @@
 //! a TCP connection is the server's k-th request on the mirrored connection,
 //! so the server span becomes the client span's child without any header
 //! being injected.
+mod alias;
 mod conn;
 mod link;
 
@@ -14,6 +15,7 @@ use std::sync::Arc;
 // foldhash: much faster than SipHash on the per-event path, still seeded.
 use foldhash::HashMap;
 
+use alias::Aliases;
 use conn::{Conn, Exchange, Output};
 use link::{LinkKey, Links};
 
@@ -55,8 +57,11 @@ pub struct Correlator {
     /// lives exactly as long as its connection.
     generations: HashMap<(u32, u32), u64>,
     links: Links,
+    aliases: Aliases,
     env: SpanEnv,
     last_sweep_ns: u64,
+    /// Told about each process seen (it sets the kernel's linking policy).
+    new_process: Option<std::sync::mpsc::SyncSender<u32>>,
 }
 
 /// What turning exchanges into spans needs besides the connection.
@@ -73,6 +78,8 @@ impl Correlator {
             conns: HashMap::default(),
             generations: HashMap::default(),
             links: Links::default(),
+            aliases: Aliases::default(),
+            new_process: None,
             env: SpanEnv {
                 clock: Clock::sample(),
                 stats,
@@ -81,6 +88,11 @@ impl Correlator {
             },
             last_sweep_ns: 0,
         }
+    }
+
+    /// Reports every new connection's process to `tx` (dropped when full).
+    pub fn notify_new_processes(&mut self, tx: std::sync::mpsc::SyncSender<u32>) {
+        self.new_process = Some(tx);
     }
 
     /// Handles one event; finished spans are appended to `spans`.
@@ -99,13 +111,16 @@ impl Correlator {
                     let conn = new_conn(&ev.conn, &ev.comm.to_string_lossy(), ev.cgroup_id, ev.tid, ev.socket);
                     self.conns.insert(key, conn);
                     self.generations.insert((key.tgid, key.fd), key.conn_id);
+                    if let Some(tx) = &self.new_process {
+                        let _ = tx.try_send(key.tgid);
+                    }
                 }
                 let Some(conn) = self.conns.get_mut(&key) else {
                     return;
                 };
-                let out = conn.data(direction, payload, len, ev.ktime_ns, ev.tid);
+                let out = conn.data(direction, payload, len, ev.ktime_ns, ev.tid, ev.ctx);
                 // Disjoint fields: the connection stays in the table.
-                absorb(&mut self.links, &self.env, conn, out, spans);
+                absorb(&mut self.links, &mut self.aliases, &self.env, conn, out, spans);
             }
         }
         Stats::set(&self.env.stats.conns_tracked, self.conns.len() as u64);
@@ -132,6 +147,7 @@ impl Correlator {
             self.end_conn(key, spans);
         }
         self.links.purge(now_ktime_ns);
+        self.aliases.purge(now_ktime_ns);
         Stats::set(&self.env.stats.conns_tracked, self.conns.len() as u64);
     }
 
@@ -169,15 +185,18 @@ impl Correlator {
         }
         let out = conn.close();
         Stats::add(&self.env.stats.spans_unanswered, conn.unanswered() as u64);
-        absorb(&mut self.links, &self.env, &conn, out, spans);
+        absorb(&mut self.links, &mut self.aliases, &self.env, &conn, out, spans);
     }
 }
 
 /// Turns what a connection produced into spans, linking the two sides of
 /// same-node calls.
-fn absorb(links: &mut Links, env: &SpanEnv, conn: &Conn, out: Output, spans: &mut Vec<Span>) {
+fn absorb(links: &mut Links, aliases: &mut Aliases, env: &SpanEnv, conn: &Conn, out: Output, spans: &mut Vec<Span>) {
     Stats::add(&env.stats.http_malformed, out.malformed);
     Stats::add(&env.stats.http_orphan_responses, out.orphans);
+    for (from, to) in out.aliases {
+        aliases.insert(from, to, conn.last_ktime_ns);
+    }
     if out.server_requests > 0 {
         if let (Some(client), Some(server)) = conn.endpoints(SpanKind::Server) {
             links.server_seen(client, server, &conn.process.comm, conn.last_ktime_ns);
@@ -185,8 +204,9 @@ fn absorb(links: &mut Links, env: &SpanEnv, conn: &Conn, out: Output, spans: &mu
     }
     if let (Some(client), Some(server)) = conn.endpoints(SpanKind::Client) {
         for (seq, ctx) in out.client_requests {
-            let key = LinkKey { client, server, seq };
-            if let Some(span) = links.client_seen(key, ctx, conn.last_ktime_ns, &conn.process.comm) {
+            let key = LinkKey::new(client, server, seq);
+            if let Some(mut span) = links.client_seen(key, ctx, conn.last_ktime_ns, &conn.process.comm) {
+                aliases.apply(&mut span);
                 spans.push(span);
             }
         }
@@ -194,8 +214,9 @@ fn absorb(links: &mut Links, env: &SpanEnv, conn: &Conn, out: Output, spans: &mu
     for ex in out.exchanges {
         Stats::inc(&env.stats.spans_created);
         let link = link_key(conn, &ex);
-        let adopt_ids = !ex.request.ctx.from_header;
+        let adopt_ids = !ex.request.ctx.fixed;
         let mut span = build_span(conn, ex, &env.clock, &env.headers);
+        aliases.apply(&mut span);
         if let (SpanKind::Client, Some(client), Some(server)) = (span.kind, span.client, span.server) {
             span.peer_comm = links.server_of(client, server);
         }
@@ -218,11 +239,7 @@ fn link_key(conn: &Conn, ex: &Exchange) -> Option<LinkKey> {
         return None;
     }
     match conn.endpoints(SpanKind::Server) {
-        (Some(client), Some(server)) => Some(LinkKey {
-            client,
-            server,
-            seq: ex.request.seq,
-        }),
+        (Some(client), Some(server)) => Some(LinkKey::new(client, server, ex.request.seq)),
         _ => None,
     }
 }
@@ -265,11 +282,11 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
         span_id: ctx.span_id,
         parent_span_id: ctx.parent,
         sampled: ctx.sampled,
-        parent_is_remote: ctx.from_header && request.kind == SpanKind::Server,
+        parent_is_remote: ctx.remote_parent,
         trace_state: request
             .head
             .header("tracestate")
-            .filter(|_| ctx.from_header)
+            .filter(|_| ctx.remote_parent)
             .map(str::to_owned),
         kind: request.kind,
         start_unix_nano: clock.to_unix_nanos(start),

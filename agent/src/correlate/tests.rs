@@ -17,6 +17,7 @@ fn data(tgid: u32, fd: u32, dir: Direction, bytes: &'static [u8], t: u64, local:
         cgroup_id: 1,
         comm: comm(&format!("p{tgid}")),
         new_conn: false,
+        ctx: None,
         socket: SocketInfo {
             local: local.parse().ok(),
             remote: remote.parse().ok(),

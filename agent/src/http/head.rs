@@ -26,6 +26,9 @@ pub struct Head {
     pub truncated: bool,
     /// Time of the syscall that carried the first byte.
     pub start_ktime_ns: u64,
+    /// The head began at the first byte of a syscall's payload (where the
+    /// kernel decides a request's trace context).
+    pub at_segment_start: bool,
 }
 
 /// How the end of a message's body is found.
@@ -185,6 +188,7 @@ fn finish(
         headers_dropped,
         truncated,
         start_ktime_ns: 0,
+        at_segment_start: false,
     })
 }
 

@@ -66,6 +66,8 @@ pub struct HttpStream {
     state: State,
     head: Vec<u8>,
     head_ktime: u64,
+    /// The head being buffered began at a segment's first byte.
+    head_at_start: bool,
     /// A message is open (head returned, end not yet).
     open: bool,
     last_ktime: u64,
@@ -87,6 +89,7 @@ impl HttpStream {
             state: State::Start,
             head: Vec::new(),
             head_ktime: 0,
+            head_at_start: false,
             open: false,
             last_ktime: 0,
             end_due: false,
@@ -235,6 +238,7 @@ impl HttpStream {
     fn step_start(&mut self) -> Option<Item> {
         let seg = self.segments.front_mut()?;
         if self.head.is_empty() {
+            self.head_at_start = seg.pos == 0;
             // Tolerate stray CRLFs between messages (RFC 9112 section 2.2).
             while seg.pos < seg.data.len() && matches!(seg.data[seg.pos], b'\r' | b'\n') {
                 seg.pos += 1;
@@ -283,6 +287,7 @@ impl HttpStream {
         match parsed {
             Ok(mut h) => {
                 h.start_ktime_ns = self.head_ktime;
+                h.at_segment_start = self.head_at_start;
                 self.flow = Some(h.flow());
                 self.open = true;
                 self.state = if truncated {

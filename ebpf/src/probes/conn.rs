@@ -85,6 +85,7 @@ fn stash_accept(ctx: &TracePointContext, syscall: Syscall) -> u32 {
         layout: BUF_NONE,
         syscall: syscall as u32,
         direction: 0,
+        ctx: meshless_common::TraceCtx::default(),
     };
     let _ = ARGS.insert(&id, &args, 0);
     0
@@ -199,6 +200,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         let _ = CONNS.remove(&key);
     }
     let _ = ADDRS.remove(&key);
+    crate::context::conn_closed(tgid, fd);
     0
 }
 

@@ -4,10 +4,11 @@ use meshless_common::{Direction, Syscall};
 
 use super::{arg, current, ret};
 use crate::{
-    capture::{emit_data, first_bytes, looks_like_http, tracked_conn},
+    capture::{emit_data, first_bytes, known_addrs, looks_like_http, tracked_conn},
+    context::{client_request, starts_request},
     maps::{ARGS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_NONE, BUF_PLAIN, CONNS, conn_key, count},
 };
-use meshless_common::Counter;
+use meshless_common::{Counter, TraceCtx};
 
 /// Stashes the arguments of a data syscall for its exit probe. Writes on
 /// sockets we do not follow are filtered here already: their bytes are in
@@ -18,20 +19,26 @@ fn stash(ctx: &TracePointContext, syscall: Syscall, direction: Direction, layout
         return 0;
     };
     let fd = arg(ctx, 0) as u32;
-    let args = Args {
+    let mut args = Args {
         ptr: arg(ctx, 1),
         count: arg(ctx, 2),
         fd,
         layout,
         syscall: syscall as u32,
         direction: direction as u32,
+        ctx: TraceCtx::default(),
     };
     if direction == Direction::Egress {
         let key = conn_key(tgid, fd);
-        // SAFETY: presence check only.
-        let tracked = unsafe { CONNS.get(&key) }.is_some();
-        if !tracked && (layout == BUF_NONE || !first_bytes(&args).is_some_and(|b| looks_like_http(&b))) {
+        // SAFETY: map values stay valid for the program's run.
+        let state = unsafe { CONNS.get(&key) };
+        let first = if layout == BUF_NONE { None } else { first_bytes(&args) };
+        if state.is_none() && !first.is_some_and(|b| looks_like_http(&b)) {
             return 0;
+        }
+        if first.is_some_and(|b| starts_request(&b)) {
+            let addrs = state.map(|s| &s.addrs).or_else(|| known_addrs(key));
+            client_request(id, addrs, &mut args.ctx);
         }
     }
     if ARGS.insert(&id, &args, 0).is_err() {
@@ -42,7 +49,7 @@ fn stash(ctx: &TracePointContext, syscall: Syscall, direction: Direction, layout
 
 #[inline(always)]
 fn finish(ctx: &TracePointContext) -> u32 {
-    let Some((id, tgid, tid)) = current() else {
+    let Some((id, tgid, _)) = current() else {
         return 0;
     };
     // SAFETY: the value is copied out before the entry is removed.
@@ -57,8 +64,15 @@ fn finish(ctx: &TracePointContext) -> u32 {
     let key = conn_key(tgid, args.fd);
     let detect = args.layout != BUF_NONE;
     if let Some((state, flags)) = tracked_conn(key, &args, detect) {
-        emit_data(tgid, tid, &args, n as usize, &state, flags);
+        emit_data(ctx, id, &args, n as usize, state, flags);
     }
+    0
+}
+
+/// Tail-called by the sys_exit programs for a request a server read.
+#[tracepoint]
+pub fn meshless_server_ctx(_ctx: TracePointContext) -> u32 {
+    crate::capture::finish_server_request();
     0
 }
 

@@ -1,10 +1,14 @@
 //! One file per hook family.
 pub mod conn;
 pub mod data;
+pub mod sockops;
 
-use aya_ebpf::{EbpfContext, helpers::bpf_get_current_pid_tgid};
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_ancestor_cgroup_id},
+};
 
-use crate::maps::agent_tgid;
+use crate::maps::{agent_tgid, scope};
 
 /// Syscall argument `n` of a `sys_enter_*` tracepoint, read by dereferencing
 /// the context (arguments start at byte 16, 8 bytes each).
@@ -28,6 +32,11 @@ pub fn current() -> Option<(u64, u32, u32)> {
     let id = bpf_get_current_pid_tgid();
     let tgid = (id >> 32) as u32;
     if tgid == agent_tgid() {
+        return None;
+    }
+    let (scope_id, level) = scope();
+    // SAFETY: helper with a plain integer argument.
+    if scope_id != 0 && unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) } != scope_id {
         return None;
     }
     Some((id, tgid, id as u32))

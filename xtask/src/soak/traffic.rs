@@ -79,8 +79,10 @@ fn serve(listener: TcpListener, stop: &Arc<AtomicBool>) {
 fn answer(conn: TcpStream, stop: &AtomicBool) {
     let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
     let _ = conn.set_nodelay(true);
-    let Ok(mut out) = conn.try_clone() else { return };
-    let mut reader = BufReader::new(conn);
+    // Read and write through the same fd, as servers do (a dup'd fd is a
+    // different connection key to the agent).
+    let mut out = &conn;
+    let mut reader = BufReader::new(&conn);
     let mut line = String::new();
     while !stop.load(Ordering::Relaxed) {
         line.clear();

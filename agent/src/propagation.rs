@@ -1,0 +1,299 @@
+//! Trace context across the wire and the capture scope.
+//!
+//! - `--cgroup` scopes capture to one cgroup2 subtree: the kernel compares
+//!   each task's ancestor at the subtree's level with the subtree's id.
+//! - `--propagation tcp-options` attaches the sock_ops program there: it
+//!   writes the client span's ids into a TCP option of the request's first
+//!   segment and parses it on the server's node (see ebpf/src/probes/sockops.rs).
+//! - The kernel links a process's outbound requests to the one inbound
+//!   request it is serving per thread; for runtimes whose threads are not
+//!   tied to requests (Go) [`Classifier`] tells it to count per process.
+use std::{
+    fs::File,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData},
+    programs::{links::CgroupAttachMode, SockOps},
+    Ebpf,
+};
+use meshless_common::{LinkPolicy, LINK_POLICY_MAP, SOCKOPS_PROGRAM};
+use tracing::{debug, warn};
+
+use crate::{config::Propagation, k8s::cgroup::cgroup2_root};
+
+/// Why the trace-context set-up failed, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum PropagationError {
+    #[error("no cgroup2 file system is mounted (see /proc/mounts); --cgroup and --propagation tcp-options need one")]
+    NoCgroup2,
+    #[error("--cgroup {path}: {source}; give a cgroup2 directory (absolute, or relative to {root})")]
+    Cgroup {
+        path: PathBuf,
+        root: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--cgroup {0} is not inside the cgroup2 mount {1}")]
+    OutsideMount(PathBuf, PathBuf),
+    #[error(
+        "--propagation headers is refused: injecting traceparent needs sockets in a sockmap, which \
+         makes ioctl(FIONREAD) return 0 on Linux 6.6.128+/6.12.75+/6.18.14+ and stalls nginx, Java and \
+         .NET; use --propagation tcp-options (default) or off"
+    )]
+    HeadersRefused,
+    #[error("attaching the TCP-option program to {path}: {detail}")]
+    Attach { path: PathBuf, detail: String },
+}
+
+/// The cgroup2 subtree that capture (and propagation) is limited to.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub path: PathBuf,
+    /// The directory's inode: the id `bpf_get_current_cgroup_id` reports.
+    pub id: u64,
+    /// Depth below the cgroup2 root (the root is level 0).
+    pub level: u32,
+    /// True when no `--cgroup` was given (the whole machine).
+    pub everything: bool,
+}
+
+impl Scope {
+    /// Resolves `--cgroup` (or the whole cgroup2 tree).
+    pub fn resolve(cgroup: Option<&Path>) -> Result<Scope, PropagationError> {
+        let root = cgroup2_root().ok_or(PropagationError::NoCgroup2)?;
+        let Some(given) = cgroup else {
+            return Ok(Scope {
+                path: root,
+                id: 0,
+                level: 0,
+                everything: true,
+            });
+        };
+        let joined = if given.is_absolute() {
+            given.to_path_buf()
+        } else {
+            root.join(given)
+        };
+        let err = |source| PropagationError::Cgroup {
+            path: given.to_path_buf(),
+            root: root.clone(),
+            source,
+        };
+        let path = joined.canonicalize().map_err(err)?;
+        let meta = std::fs::metadata(&path).map_err(err)?;
+        let rel = path
+            .strip_prefix(&root)
+            .map_err(|_| PropagationError::OutsideMount(path.clone(), root.clone()))?;
+        Ok(Scope {
+            level: rel.components().count() as u32,
+            id: meta.ino(),
+            path,
+            everything: false,
+        })
+    }
+
+    /// (cgroup id, level) for the kernel's filter; id 0 traces everything.
+    pub fn kernel_filter(&self) -> (u64, u32) {
+        if self.everything {
+            (0, 0)
+        } else {
+            (self.id, self.level)
+        }
+    }
+}
+
+/// Checks the mode before anything is loaded.
+pub fn check(mode: Propagation) -> Result<bool, PropagationError> {
+    match mode {
+        Propagation::TcpOptions => Ok(true),
+        Propagation::Off => Ok(false),
+        Propagation::Headers => Err(PropagationError::HeadersRefused),
+    }
+}
+
+/// Attaches the sock_ops program to the scope's cgroup; the link lives in
+/// `ebpf` and is detached when it is dropped.
+pub fn attach(ebpf: &mut Ebpf, scope: &Scope) -> Result<(), PropagationError> {
+    let fail = |detail: String| PropagationError::Attach {
+        path: scope.path.clone(),
+        detail,
+    };
+    let program: &mut SockOps = ebpf
+        .program_mut(SOCKOPS_PROGRAM)
+        .ok_or_else(|| fail("program missing from the eBPF object (rebuild)".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| fail(e.to_string()))?;
+    program.load().map_err(|e| fail(e.to_string()))?;
+    let dir = File::open(&scope.path).map_err(|e| fail(e.to_string()))?;
+    // aya passes the mode as bpf_link_create flags, which must be 0 for
+    // cgroups: links there always coexist with other programs.
+    program
+        .attach(dir, CgroupAttachMode::Single)
+        .map_err(|e| fail(chain(&e)))?;
+    Ok(())
+}
+
+/// An error with its causes, for messages that must say the errno.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Decides each new process's linking policy, off the event path.
+pub struct Classifier {
+    policies: BpfHashMap<MapData, u32, u32>,
+    seen: foldhash::HashSet<u32>,
+}
+
+/// Processes remembered as classified; beyond it the set starts over.
+const MAX_SEEN: usize = 65_536;
+
+impl Classifier {
+    pub fn new(ebpf: &mut Ebpf) -> Option<Classifier> {
+        let map = ebpf.take_map(LINK_POLICY_MAP)?;
+        let policies = BpfHashMap::try_from(map).ok()?;
+        Some(Classifier {
+            policies,
+            seen: foldhash::HashSet::default(),
+        })
+    }
+
+    /// Looks at a process the first time it is seen.
+    pub fn observe(&mut self, tgid: u32) {
+        if self.seen.len() >= MAX_SEEN {
+            self.seen.clear();
+        }
+        if !self.seen.insert(tgid) {
+            return;
+        }
+        let policy = policy_of(tgid);
+        if policy != LinkPolicy::Thread {
+            debug!(pid = tgid, ?policy, "linking policy");
+            if let Err(error) = self.policies.insert(tgid, policy as u32, 0) {
+                warn!(%error, pid = tgid, "cannot set the linking policy");
+            }
+        }
+    }
+
+    /// Forgets an exited process.
+    pub fn forget(&mut self, tgid: u32) {
+        if self.seen.remove(&tgid) {
+            let _ = self.policies.remove(&tgid);
+        }
+    }
+}
+
+/// Go schedules goroutines on any thread: a thread's last request says
+/// nothing about what a goroutine on it serves.
+fn policy_of(tgid: u32) -> LinkPolicy {
+    if is_go_binary(Path::new(&format!("/proc/{tgid}/exe"))) {
+        LinkPolicy::Process
+    } else {
+        LinkPolicy::Thread
+    }
+}
+
+/// True for Go executables: they carry a `.go.buildinfo` section. Only the
+/// ELF section headers are read (memory-mapped), not the whole file.
+pub fn is_go_binary(exe: &Path) -> bool {
+    use object::Object;
+    let Ok(file) = File::open(exe) else {
+        return false;
+    };
+    // SAFETY: a read-only private mapping; a binary replaced underneath
+    // (not done by running programs) would at worst misparse.
+    let Ok(map) = (unsafe { memmap_file(&file) }) else {
+        return false;
+    };
+    let Ok(elf) = object::File::parse(&*map) else {
+        return false;
+    };
+    let go = elf.section_by_name(".go.buildinfo").is_some();
+    drop(elf);
+    go
+}
+
+/// Maps a file read-only.
+///
+/// # Safety
+/// The caller must not rely on the contents if the file changes.
+unsafe fn memmap_file(file: &File) -> std::io::Result<Mapped> {
+    use std::os::fd::AsRawFd;
+    let len = file.metadata()?.len() as usize;
+    if len == 0 {
+        return Err(std::io::Error::other("empty file"));
+    }
+    // SAFETY: a fresh private read-only mapping of a whole open file.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Mapped { ptr, len })
+}
+
+/// A read-only file mapping, unmapped on drop.
+struct Mapped {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` readable bytes for the value's life.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast(), self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what mmap returned.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_mode_is_refused_with_the_reason() {
+        let err = check(Propagation::Headers).expect_err("refused");
+        assert!(err.to_string().contains("FIONREAD"), "{err}");
+        assert!(check(Propagation::TcpOptions).expect("ok"));
+        assert!(!check(Propagation::Off).expect("ok"));
+    }
+
+    #[test]
+    fn this_test_binary_is_not_a_go_binary() {
+        let exe = std::env::current_exe().expect("exe");
+        assert!(!is_go_binary(&exe));
+    }
+
+    #[test]
+    fn a_cgroup_outside_the_mount_is_rejected() {
+        if cgroup2_root().is_none() {
+            return;
+        }
+        let err = Scope::resolve(Some(Path::new("/tmp"))).expect_err("outside");
+        assert!(matches!(err, PropagationError::OutsideMount(..)), "{err}");
+    }
+}

@@ -1,0 +1,473 @@
+//! Trace context decided in the kernel, where requests are seen.
+//!
+//! - A request read by a server gets its span ids at once: the parent comes
+//!   from a `traceparent` header in the captured head, or from the caller's
+//!   TCP option (written by meshless on the caller's node), else a new trace
+//!   starts.
+//! - The thread (or process, see `LinkPolicy`) that read it is now serving
+//!   it. While exactly one inbound request is outstanding there, a request
+//!   it writes is that request's child. With more than one outstanding the
+//!   serving context is forgotten until the count falls back to zero: no
+//!   link is better than a wrong link.
+//! - A request written by a client gets its span ids before its bytes can
+//!   leave (at sys_enter), so the sock_ops program can put them into the
+//!   first TCP segment that carries them.
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, generated::bpf_loop};
+use meshless_common::{
+    AF_INET, CTX_FROM_HEADER, CTX_FROM_OPTION, CTX_IN_PROCESS, CTX_PARENT, CTX_SAMPLED, CTX_SENT, CTX_VALID, ConnAddrs,
+    Counter, FLAG_LOCAL_ADDR, FLAG_REMOTE_ADDR, LinkPolicy, MAX_CAPTURE, TraceCtx,
+};
+
+use crate::maps::{
+    IN_OPT, LINK_POLICY, OUT_OPT, OptCtx, READERS, Reader, SCRATCH, SERVING, Serving, SockKey, conn_key, count,
+    propagation,
+};
+
+/// A serving context untouched for this long is not trusted any more.
+const STALE_NS: u64 = 30 * 1_000_000_000;
+/// How far into a captured request head `traceparent` is looked for.
+const SCAN_LIMIT: usize = MAX_CAPTURE;
+/// Bytes of `traceparent: ` value we parse: version-traceid-spanid-flags.
+const TP_VALUE: usize = 55;
+/// Mask that keeps indexes inside the scratch payload (2 * MAX_CAPTURE).
+const DATA_MASK: usize = MAX_CAPTURE * 2 - 1;
+
+#[inline(always)]
+fn random_u64() -> u64 {
+    // SAFETY: helper without arguments.
+    let (a, b) = unsafe { (bpf_get_prandom_u32(), bpf_get_prandom_u32()) };
+    ((a as u64) << 32) | b as u64
+}
+
+/// A new span id; its lowest bit carries the sampled flag across the wire
+/// (the TCP option has no room for a flags byte).
+#[inline(never)]
+fn span_id(sampled: bool, out: &mut [u8; 8]) -> u32 {
+    *out = random_u64().to_be_bytes();
+    out[7] = (out[7] & !1) | u8::from(sampled);
+    0
+}
+
+#[inline(never)]
+fn trace_id(out: &mut [u8; 16]) -> u32 {
+    out[..8].copy_from_slice(&random_u64().to_be_bytes());
+    out[8..].copy_from_slice(&random_u64().to_be_bytes());
+    0
+}
+
+#[inline(always)]
+fn words(addr: &[u8; 16], family: u16) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    if family == AF_INET {
+        return [w(0), 0, 0, 0];
+    }
+    canonical([w(0), w(4), w(8), w(12)])
+}
+
+/// IPv4-mapped IPv6 addresses are keyed as plain IPv4 on both sides.
+#[inline(always)]
+pub fn canonical(a: [u32; 4]) -> [u32; 4] {
+    if a[0] == 0 && a[1] == 0 && a[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) {
+        [a[3], 0, 0, 0]
+    } else {
+        a
+    }
+}
+
+/// The socket key of a connection whose both ends are known.
+#[inline(never)]
+pub fn sock_key(addrs: &ConnAddrs, key: &mut SockKey) -> u32 {
+    let both = FLAG_LOCAL_ADDR | FLAG_REMOTE_ADDR;
+    if addrs.valid & both != both {
+        return 0;
+    }
+    key.local = words(&addrs.local, addrs.family);
+    key.remote = words(&addrs.remote, addrs.family);
+    key.ports = (addrs.local_port as u32) << 16 | addrs.remote_port as u32;
+    1
+}
+
+/// Where the serving state of the current thread lives under its
+/// process's policy, or None when the process must not be linked.
+#[inline(always)]
+fn serving_key(id: u64, tgid: u32) -> Option<u64> {
+    // SAFETY: copied out at once.
+    let policy = unsafe { LINK_POLICY.get(&tgid) }.copied().unwrap_or(LinkPolicy::Thread as u32);
+    match policy {
+        p if p == LinkPolicy::Thread as u32 => Some(id),
+        p if p == LinkPolicy::Process as u32 => Some((tgid as u64) << 32),
+        _ => None,
+    }
+}
+
+/// True when bytes start like an HTTP/1.x request line (a token and a space).
+#[inline(always)]
+pub fn starts_request(b: &[u8; 8]) -> bool {
+    let mut i = 0;
+    while i < 8 {
+        let c = b[i];
+        if c == b' ' {
+            return i >= 3;
+        }
+        if !(c.is_ascii_uppercase() || c == b'-' || c == b'_') {
+            return false;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Decides the context of a request this thread is about to write (client
+/// side) into `ctx`.
+#[inline(never)]
+pub fn client_request(id: u64, addrs: Option<&ConnAddrs>, ctx: &mut TraceCtx) -> u32 {
+    let tgid = (id >> 32) as u32;
+    let now = unsafe { bpf_ktime_get_ns() };
+    ctx.flags = CTX_VALID | CTX_SAMPLED;
+    let serving = serving_key(id, tgid).and_then(|k| unsafe { SERVING.get(&k) });
+    match serving {
+        Some(s)
+            if s.outstanding == 1 && s.ctx.flags & CTX_VALID != 0 && now.saturating_sub(s.ktime_ns) < STALE_NS =>
+        {
+            ctx.trace_id = s.ctx.trace_id;
+            ctx.parent_id = s.ctx.span_id;
+            ctx.flags = CTX_VALID | CTX_PARENT | CTX_IN_PROCESS | (s.ctx.flags & CTX_SAMPLED);
+            count(Counter::CtxInProcess);
+        }
+        _ => {
+            trace_id(&mut ctx.trace_id);
+        }
+    }
+    span_id(ctx.flags & CTX_SAMPLED != 0, &mut ctx.span_id);
+    let mut key = SockKey::default();
+    if propagation() && addrs.is_some_and(|a| sock_key(a, &mut key) != 0) {
+        let opt = OptCtx {
+            trace_id: ctx.trace_id,
+            span_id: ctx.span_id,
+            used: 0,
+            _pad: 0,
+        };
+        if OUT_OPT.insert(&key, &opt, 0).is_ok() {
+            ctx.flags |= CTX_SENT;
+        }
+    }
+    0
+}
+
+/// Decides the context of a request just read into the scratch event
+/// (server side; `captured` bytes of it are there) into `ctx`.
+#[inline(never)]
+pub fn server_request(id: u64, fd: u32, addrs: &ConnAddrs, captured: usize, ctx: &mut TraceCtx) -> u32 {
+    ctx.flags = CTX_VALID | CTX_SAMPLED;
+    let mut header = Found::default();
+    traceparent(captured, &mut header);
+    let mut key = SockKey::default();
+    let have_key = sock_key(addrs, &mut key) != 0;
+    let option = have_key.then_some(()).and_then(|()| {
+        let slot = IN_OPT.get_ptr_mut(&key)?;
+        // SAFETY: an entry of this map; racing writers only store whole values.
+        let opt = unsafe { &mut *slot };
+        if opt.used != 0 {
+            return None;
+        }
+        opt.used = 1;
+        Some(opt)
+    });
+    let has_header = header.ok != 0;
+    match option {
+        // A proxy forwarding the caller's header: the option names the
+        // nearer parent (the proxy's own client span) in the same trace.
+        Some(o) if !has_header || header.trace == o.trace_id => {
+            set_parent(ctx, &o.trace_id, &o.span_id, o.span_id[7] & 1 != 0, CTX_FROM_OPTION)
+        }
+        _ if has_header => set_parent(ctx, &header.trace, &header.parent, header.sampled != 0, CTX_FROM_HEADER),
+        _ => {
+            trace_id(&mut ctx.trace_id);
+        }
+    }
+    span_id(ctx.flags & CTX_SAMPLED != 0, &mut ctx.span_id);
+    request_read(id, fd, ctx)
+}
+
+#[inline(always)]
+fn set_parent(ctx: &mut TraceCtx, trace: &[u8; 16], parent: &[u8; 8], sampled: bool, from: u32) {
+    ctx.trace_id = *trace;
+    ctx.parent_id = *parent;
+    ctx.flags = CTX_VALID | CTX_PARENT | from | if sampled { CTX_SAMPLED } else { 0 };
+    count(if from == CTX_FROM_OPTION {
+        Counter::CtxFromOption
+    } else {
+        Counter::CtxFromHeader
+    });
+}
+
+/// The current thread read a request on `fd`: it is serving one more.
+#[inline(never)]
+fn request_read(id: u64, fd: u32, ctx: &TraceCtx) -> u32 {
+    let tgid = (id >> 32) as u32;
+    let Some(skey) = serving_key(id, tgid) else {
+        return 0;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let ckey = conn_key(tgid, fd);
+    if let Some(old) = READERS.get_ptr_mut(&ckey) {
+        // SAFETY: entry of this map.
+        let (old_key, old_n) = unsafe { ((*old).serving_key, (*old).outstanding) };
+        if old_key != skey {
+            // Another thread took the connection over: its count moves too.
+            release(old_key, old_n);
+            let _ = READERS.remove(&ckey);
+        }
+    }
+    let fresh = match SERVING.get_ptr_mut(&skey) {
+        // SAFETY: entry of this map, updated in place.
+        Some(s) => unsafe {
+            if (*s).outstanding > 0 && now.saturating_sub((*s).ktime_ns) < STALE_NS {
+                (*s).outstanding += 1;
+                (*s).ctx.flags = 0;
+                (*s).ktime_ns = now;
+                false
+            } else {
+                true
+            }
+        },
+        None => true,
+    };
+    if fresh {
+        let s = Serving {
+            ctx: *ctx,
+            outstanding: 1,
+            _pad: 0,
+            ktime_ns: now,
+        };
+        let _ = SERVING.insert(&skey, &s, 0);
+    }
+    match READERS.get_ptr_mut(&ckey) {
+        // SAFETY: as above.
+        Some(r) => unsafe { (*r).outstanding += 1 },
+        None => {
+            let r = Reader {
+                serving_key: skey,
+                outstanding: 1,
+                _pad: 0,
+            };
+            let _ = READERS.insert(&ckey, &r, 0);
+        }
+    }
+    0
+}
+
+#[inline(never)]
+fn release(skey: u64, n: u32) -> u32 {
+    if let Some(s) = SERVING.get_ptr_mut(&skey) {
+        // SAFETY: entry of this map.
+        let left = unsafe { (*s).outstanding }.saturating_sub(n);
+        if left == 0 {
+            let _ = SERVING.remove(&skey);
+        } else {
+            unsafe { (*s).outstanding = left };
+        }
+    }
+    0
+}
+
+/// A response started on server connection `fd`: one request less outstanding.
+#[inline(never)]
+pub fn response_written(tgid: u32, fd: u32) -> u32 {
+    let ckey = conn_key(tgid, fd);
+    let Some(r) = READERS.get_ptr_mut(&ckey) else {
+        return 0;
+    };
+    // SAFETY: entry of this map.
+    let (skey, outstanding) = unsafe { ((*r).serving_key, (*r).outstanding) };
+    if outstanding == 0 {
+        return 0;
+    }
+    unsafe { (*r).outstanding = outstanding - 1 };
+    release(skey, 1)
+}
+
+/// Server connection `fd` closed: its unanswered requests are not served any more.
+#[inline(never)]
+pub fn conn_closed(tgid: u32, fd: u32) -> u32 {
+    let ckey = conn_key(tgid, fd);
+    // SAFETY: copied out at once.
+    if let Some(r) = unsafe { READERS.get(&ckey) }.copied() {
+        release(r.serving_key, r.outstanding);
+        let _ = READERS.remove(&ckey);
+    }
+    0
+}
+
+/// Reads one payload byte of the scratch event (index masked in bounds).
+#[inline(always)]
+fn byte(data: *const u8, i: usize) -> u8 {
+    // SAFETY: the mask keeps the read inside the 2 * MAX_CAPTURE payload.
+    unsafe { core::ptr::read_volatile(data.add(i & DATA_MASK)) }
+}
+
+/// A `traceparent` found in a request head.
+#[derive(Clone, Copy, Default)]
+pub struct Found {
+    pub trace: [u8; 16],
+    pub parent: [u8; 8],
+    pub sampled: u32,
+    pub ok: u32,
+}
+
+/// State shared with the bpf_loop callback (lives on the caller's stack).
+#[repr(C)]
+struct Scan {
+    end: u64,
+    found: u64,
+}
+
+/// Finds `traceparent: 00-<32 hex>-<16 hex>-<2 hex>` in the captured head.
+/// The search runs in a bpf_loop callback, 8 bytes per call, so the
+/// verifier checks it once instead of once per position.
+#[inline(never)]
+fn traceparent(captured: usize, out: &mut Found) -> u32 {
+    let end = if captured > SCAN_LIMIT { SCAN_LIMIT } else { captured };
+    if end < 14 + TP_VALUE {
+        return 0;
+    }
+    let mut scan = Scan {
+        end: end as u64,
+        found: 0,
+    };
+    let words = (end / 8 + 1) as u32;
+    // SAFETY: the callback is a static BPF function; the context is this
+    // stack slot, valid for the whole call.
+    unsafe {
+        bpf_loop(
+            words,
+            scan_word as *mut core::ffi::c_void,
+            (&mut scan as *mut Scan).cast(),
+            0,
+        );
+    }
+    if scan.found == 0 {
+        return 0;
+    }
+    let Some(ev) = SCRATCH.get_ptr(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch of this program.
+    let data = unsafe { (*ev).data.as_ptr() };
+    parse_value(data, scan.found as usize, out);
+    out.ok
+}
+
+/// One step of the search: bytes [8 * index, 8 * index + 8). Returns 1 to stop.
+#[inline(never)]
+extern "C" fn scan_word(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the `Scan` given to it.
+    let scan = unsafe { &mut *(ctx as *mut Scan) };
+    let Some(ev) = SCRATCH.get_ptr(0) else {
+        return 1;
+    };
+    // SAFETY: per-CPU scratch of this program.
+    let data = unsafe { (*ev).data.as_ptr() };
+    let base = (index as usize & (MAX_CAPTURE / 8 - 1)) * 8;
+    if base + 14 + TP_VALUE > scan.end as usize {
+        return 1;
+    }
+    let mut j = 0;
+    while j < 8 {
+        let i = base + j;
+        if byte(data, i) == b'\n' {
+            let c = byte(data, i + 1);
+            if c == b'\r' || c == b'\n' {
+                return 1;
+            }
+            if c | 0x20 == b't' && name_matches(data, i + 2) {
+                scan.found = (i + 13) as u64;
+                return 1;
+            }
+        }
+        j += 1;
+    }
+    0
+}
+
+/// "raceparent:" case-insensitively at `at`.
+#[inline(always)]
+fn name_matches(data: *const u8, at: usize) -> bool {
+    const REST: &[u8; 11] = b"raceparent:";
+    let mut k = 0;
+    while k < REST.len() {
+        let c = byte(data, at + k);
+        let want = REST[k];
+        let ok = if want == b':' { c == b':' } else { c | 0x20 == want };
+        if !ok {
+            return false;
+        }
+        k += 1;
+    }
+    true
+}
+
+/// Hex digit values; 0x10 marks a byte that is not a lower-case hex digit.
+/// A table keeps the parse free of per-digit branches, which the verifier
+/// would otherwise explore in every combination.
+static HEX: [u8; 256] = {
+    let mut t = [0x10u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// Value of the two hex digits at `at`; bit 0x100 set when either is not one.
+#[inline(always)]
+fn hex_pair(data: *const u8, at: usize) -> u32 {
+    // SAFETY: a u8 indexes the 256-entry table.
+    let (hi, lo) = unsafe {
+        (
+            core::ptr::read_volatile(&HEX[byte(data, at) as usize]) as u32,
+            core::ptr::read_volatile(&HEX[byte(data, at + 1) as usize]) as u32,
+        )
+    };
+    ((hi | lo) & 0x10) << 4 | (hi & 0xf) << 4 | (lo & 0xf)
+}
+
+#[inline(always)]
+fn parse_value(data: *const u8, pos: usize, out: &mut Found) {
+    let mut p = pos & (MAX_CAPTURE - 1);
+    if byte(data, p) == b' ' {
+        p += 1;
+    }
+    // version "00" only: other versions may change the layout.
+    let dashes = (byte(data, p + 2) ^ b'-') | (byte(data, p + 35) ^ b'-') | (byte(data, p + 52) ^ b'-');
+    if byte(data, p) != b'0' || byte(data, p + 1) != b'0' || dashes != 0 {
+        return;
+    }
+    let mut bad = 0u32;
+    let mut k = 0;
+    while k < 16 {
+        let v = hex_pair(data, p + 3 + 2 * k);
+        bad |= v;
+        out.trace[k] = v as u8;
+        k += 1;
+    }
+    k = 0;
+    while k < 8 {
+        let v = hex_pair(data, p + 36 + 2 * k);
+        bad |= v;
+        out.parent[k] = v as u8;
+        k += 1;
+    }
+    let flags = hex_pair(data, p + 53);
+    if (bad | flags) & 0x100 != 0 || out.trace == [0; 16] || out.parent == [0; 8] {
+        return;
+    }
+    out.sampled = flags & 1;
+    out.ok = 1;
+}
