@@ -111,7 +111,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if propagate {
         propagation::attach(&mut ebpf, &scope)?;
     }
-    let classify = propagation::Classifier::new(&mut ebpf).map(spawn_classifier).transpose()?;
+    let classify = propagation::Classifier::new(&mut ebpf)
+        .map(spawn_classifier)
+        .transpose()?;
     Stats::set(
         &stats.kernel_ringbuf_size_bytes,
         u64::from(config.ringbuf_mib) * 1024 * 1024,
@@ -205,7 +207,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(tx) = classify {
         correlator.notify_new_processes(tx);
     }
-    let correlate = tokio::spawn(correlate_stage(correlator, events_rx, router, health.stage("correlate")));
+    let correlate = tokio::spawn(correlate_stage(
+        correlator,
+        events_rx,
+        router,
+        health.stage("correlate"),
+    ));
     info!(
         tracepoints = loader::TRACEPOINTS.len(),
         ringbuf_mib = config.ringbuf_mib,
@@ -260,7 +267,9 @@ const CLASSIFY_QUEUE: usize = 4096;
 
 /// Decides new processes' linking policies on a thread of their own (it
 /// reads executables, which must not stall correlation).
-fn spawn_classifier(mut classifier: crate::propagation::Classifier) -> anyhow::Result<std::sync::mpsc::SyncSender<u32>> {
+fn spawn_classifier(
+    mut classifier: crate::propagation::Classifier,
+) -> anyhow::Result<std::sync::mpsc::SyncSender<u32>> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<u32>(CLASSIFY_QUEUE);
     std::thread::Builder::new()
         .name("classify".into())

@@ -110,7 +110,7 @@ fn fuzz(target: &str, harness: impl Fn(&[u8]) + std::panic::RefUnwindSafe) -> u6
         execs += 1;
         // Keep some mutants as new starting points (no coverage feedback
         // on stable: a bounded random pool instead).
-        if execs % 64 == 0 && pool.len() < 256 {
+        if execs.is_multiple_of(64) && pool.len() < 256 {
             pool.push(input);
         }
     }

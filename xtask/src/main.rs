@@ -144,7 +144,14 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
     )?;
     step("a one-minute soak (the long one: `cargo xtask soak --minutes 30`)");
     let out = root.join("target/soak-quick");
-    soak::run(root, soak::SoakArgs { minutes: 1, memory_limit: "128Mi".into(), out: Some(out) })
+    soak::run(
+        root,
+        soak::SoakArgs {
+            minutes: 1,
+            memory_limit: "128Mi".into(),
+            out: Some(out),
+        },
+    )
 }
 
 fn lint(root: &Path) -> Result<()> {

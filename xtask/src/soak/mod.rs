@@ -75,14 +75,25 @@ impl Drop for AgentProc {
 
 pub fn run(root: &Path, args: SoakArgs) -> Result<()> {
     crate::step("building the release agent");
-    crate::status(crate::cargo().current_dir(root).args(["build", "--release", "-p", "meshless"]))?;
+    crate::status(
+        crate::cargo()
+            .current_dir(root)
+            .args(["build", "--release", "-p", "meshless"]),
+    )?;
     crate::setup::mount_tracefs()?;
     let out = args.out.clone().unwrap_or_else(|| root.join("docs/soak"));
     std::fs::create_dir_all(&out)?;
     let log = out.join("agent.log");
     let bin = root.join("target/release/meshless");
     let child = Command::new(&bin)
-        .args(["--console-format", "json", "--metrics-addr", "127.0.0.1:0", "--stats-interval-secs", "60"])
+        .args([
+            "--console-format",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--stats-interval-secs",
+            "60",
+        ])
         .args(["--memory-limit", &args.memory_limit])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)
@@ -91,7 +102,10 @@ pub fn run(root: &Path, args: SoakArgs) -> Result<()> {
     let mut agent = AgentProc(child);
     let pid = agent.0.id();
     let admin = wait_ready(&log)?;
-    crate::step(&format!("soaking for {} min (agent pid {pid}, admin {admin})", args.minutes));
+    crate::step(&format!(
+        "soaking for {} min (agent pid {pid}, admin {admin})",
+        args.minutes
+    ));
     let traffic = traffic::Traffic::start()?;
     let mut samples = Vec::new();
     let start = Instant::now();

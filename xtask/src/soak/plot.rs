@@ -20,8 +20,16 @@ pub fn draw(samples: &[Sample], path: &Path) -> Result<()> {
         "agent RSS (MiB) and CPU (% of a core)",
         tmax,
         &[
-            ("RSS MiB", BLUE, samples.iter().map(|s| (s.t_secs / 60.0, s.rss_mib)).collect()),
-            ("CPU %", RED, samples.iter().map(|s| (s.t_secs / 60.0, s.cpu_pct)).collect()),
+            (
+                "RSS MiB",
+                BLUE,
+                samples.iter().map(|s| (s.t_secs / 60.0, s.rss_mib)).collect(),
+            ),
+            (
+                "CPU %",
+                RED,
+                samples.iter().map(|s| (s.t_secs / 60.0, s.cpu_pct)).collect(),
+            ),
         ],
     )?;
     series(
@@ -29,8 +37,16 @@ pub fn draw(samples: &[Sample], path: &Path) -> Result<()> {
         "spans created and items dropped (thousands)",
         tmax,
         &[
-            ("spans", GREEN, samples.iter().map(|s| (s.t_secs / 60.0, s.spans / 1000.0)).collect()),
-            ("dropped", MAGENTA, samples.iter().map(|s| (s.t_secs / 60.0, s.dropped / 1000.0)).collect()),
+            (
+                "spans",
+                GREEN,
+                samples.iter().map(|s| (s.t_secs / 60.0, s.spans / 1000.0)).collect(),
+            ),
+            (
+                "dropped",
+                MAGENTA,
+                samples.iter().map(|s| (s.t_secs / 60.0, s.dropped / 1000.0)).collect(),
+            ),
         ],
     )?;
     root.present().map_err(err)?;
@@ -39,7 +55,12 @@ pub fn draw(samples: &[Sample], path: &Path) -> Result<()> {
 
 type Line = (&'static str, RGBColor, Vec<(f64, f64)>);
 
-fn series(area: &DrawingArea<SVGBackend, plotters::coord::Shift>, caption: &str, tmax: f64, lines: &[Line]) -> Result<()> {
+fn series(
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    caption: &str,
+    tmax: f64,
+    lines: &[Line],
+) -> Result<()> {
     let ymax = lines
         .iter()
         .flat_map(|(_, _, pts)| pts.iter().map(|p| p.1))

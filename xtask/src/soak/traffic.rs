@@ -101,7 +101,11 @@ fn answer(conn: TcpStream, stop: &AtomicBool) {
                 _ => break,
             }
         }
-        if !hang && out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err() {
+        if !hang
+            && out
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .is_err()
+        {
             return;
         }
     }
