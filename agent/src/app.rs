@@ -109,7 +109,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         mut ebpf,
     } = probes;
     if propagate {
-        propagation::attach(&mut ebpf, &scope)?;
+        propagation::attach(&mut ebpf, &propagation::option_cgroups(&scope, node.is_some()))?;
     }
     let classify = propagation::Classifier::new(&mut ebpf)
         .map(spawn_classifier)
@@ -269,14 +269,14 @@ const CLASSIFY_QUEUE: usize = 4096;
 /// reads executables, which must not stall correlation).
 fn spawn_classifier(
     mut classifier: crate::propagation::Classifier,
-) -> anyhow::Result<std::sync::mpsc::SyncSender<u32>> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<u32>(CLASSIFY_QUEUE);
+) -> anyhow::Result<std::sync::mpsc::SyncSender<crate::propagation::Seen>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<crate::propagation::Seen>(CLASSIFY_QUEUE);
     std::thread::Builder::new()
         .name("classify".into())
         .spawn(move || {
             lower_priority();
-            for tgid in rx {
-                classifier.observe(tgid);
+            for seen in rx {
+                classifier.observe(seen);
             }
         })
         .context("starting the process classifier thread")?;

@@ -114,11 +114,34 @@ pub fn check(mode: Propagation) -> Result<bool, PropagationError> {
     }
 }
 
-/// Attaches the sock_ops program to the scope's cgroup; the link lives in
-/// `ebpf` and is detached when it is dropped.
-pub fn attach(ebpf: &mut Ebpf, scope: &Scope) -> Result<(), PropagationError> {
+/// Where the sock_ops program goes: the `--cgroup` scope, else in
+/// Kubernetes mode the kubepods trees (pods only, not the node's own
+/// services), else the whole machine.
+pub fn option_cgroups(scope: &Scope, kubernetes: bool) -> Vec<PathBuf> {
+    if !scope.everything || !kubernetes {
+        return vec![scope.path.clone()];
+    }
+    let Ok(dirs) = std::fs::read_dir(&scope.path) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = dirs
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("kubepods") && e.path().is_dir())
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found
+}
+
+/// Attaches the sock_ops program to each cgroup in `paths`; the links live
+/// in `ebpf` and are detached when it is dropped.
+pub fn attach(ebpf: &mut Ebpf, paths: &[PathBuf]) -> Result<(), PropagationError> {
+    let Some(first) = paths.first() else {
+        warn!("no kubepods cgroup found: trace context will not cross nodes (TCP options off)");
+        return Ok(());
+    };
     let fail = |detail: String| PropagationError::Attach {
-        path: scope.path.clone(),
+        path: first.clone(),
         detail,
     };
     let program: &mut SockOps = ebpf
@@ -127,12 +150,18 @@ pub fn attach(ebpf: &mut Ebpf, scope: &Scope) -> Result<(), PropagationError> {
         .try_into()
         .map_err(|e: aya::programs::ProgramError| fail(e.to_string()))?;
     program.load().map_err(|e| fail(e.to_string()))?;
-    let dir = File::open(&scope.path).map_err(|e| fail(e.to_string()))?;
-    // aya passes the mode as bpf_link_create flags, which must be 0 for
-    // cgroups: links there always coexist with other programs.
-    program
-        .attach(dir, CgroupAttachMode::Single)
-        .map_err(|e| fail(chain(&e)))?;
+    for path in paths {
+        let fail = |detail: String| PropagationError::Attach {
+            path: path.clone(),
+            detail,
+        };
+        let dir = File::open(path).map_err(|e| fail(e.to_string()))?;
+        // aya passes the mode as bpf_link_create flags, which must be 0
+        // for cgroups: links there always coexist with other programs.
+        program
+            .attach(dir, CgroupAttachMode::Single)
+            .map_err(|e| fail(chain(&e)))?;
+    }
     Ok(())
 }
 
@@ -146,6 +175,15 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// What the correlator tells the classifier.
+#[derive(Debug, Clone, Copy)]
+pub enum Seen {
+    /// A connection of this process (classified once).
+    Conn(u32),
+    /// The process started a new program (classified again).
+    Exec(u32),
 }
 
 /// Decides each new process's linking policy, off the event path.
@@ -167,27 +205,23 @@ impl Classifier {
         })
     }
 
-    /// Looks at a process the first time it is seen.
-    pub fn observe(&mut self, tgid: u32) {
+    /// Looks at a process the first time it is seen, and after each exec.
+    pub fn observe(&mut self, seen: Seen) {
         if self.seen.len() >= MAX_SEEN {
             self.seen.clear();
         }
-        if !self.seen.insert(tgid) {
-            return;
-        }
-        let policy = policy_of(tgid);
-        if policy != LinkPolicy::Thread {
-            debug!(pid = tgid, ?policy, "linking policy");
-            if let Err(error) = self.policies.insert(tgid, policy as u32, 0) {
-                warn!(%error, pid = tgid, "cannot set the linking policy");
+        let tgid = match seen {
+            Seen::Conn(tgid) if !self.seen.insert(tgid) => return,
+            Seen::Conn(tgid) => tgid,
+            Seen::Exec(tgid) => {
+                self.seen.insert(tgid);
+                tgid
             }
-        }
-    }
-
-    /// Forgets an exited process.
-    pub fn forget(&mut self, tgid: u32) {
-        if self.seen.remove(&tgid) {
-            let _ = self.policies.remove(&tgid);
+        };
+        let policy = policy_of(tgid);
+        debug!(pid = tgid, ?policy, "linking policy");
+        if let Err(error) = self.policies.insert(tgid, policy as u32, 0) {
+            warn!(%error, pid = tgid, "cannot set the linking policy");
         }
     }
 }
@@ -286,6 +320,31 @@ mod tests {
     fn this_test_binary_is_not_a_go_binary() {
         let exe = std::env::current_exe().expect("exe");
         assert!(!is_go_binary(&exe));
+    }
+
+    #[test]
+    fn in_kubernetes_mode_options_are_attached_to_the_kubepods_trees_only() {
+        let root = std::env::temp_dir().join(format!("meshless-cg-{}", std::process::id()));
+        for d in ["kubepods.slice", "kubepods", "system.slice", "user.slice"] {
+            std::fs::create_dir_all(root.join(d)).expect("mkdir");
+        }
+        let whole = Scope {
+            path: root.clone(),
+            id: 0,
+            level: 0,
+            everything: true,
+        };
+        assert_eq!(
+            option_cgroups(&whole, true),
+            vec![root.join("kubepods"), root.join("kubepods.slice")]
+        );
+        assert_eq!(option_cgroups(&whole, false), vec![root.clone()]);
+        let scoped = Scope {
+            everything: false,
+            ..whole
+        };
+        assert_eq!(option_cgroups(&scoped, true), vec![root.clone()]);
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The span model shared by the correlator and the exporters.
 use std::net::SocketAddr;
 
+pub use crate::http::Target;
 use crate::trace_context::{SpanId, TraceId};
 
 /// Which side of a request the traced process was on.
@@ -67,31 +68,118 @@ pub struct Span {
     pub response_headers: Vec<(String, String)>,
     /// Some header block was not captured to its end.
     pub truncated: bool,
+    /// Why the request got no response (None when it got one, or when its
+    /// response was sent but not captured).
+    pub unanswered: Option<Unanswered>,
 }
 
-impl Span {
-    /// `{method} {route}`: low-cardinality, never the raw path.
-    pub fn name(&self) -> String {
-        format!("{} {}", self.method, crate::route::template(self.path()))
+/// Why a request ended without a response, as a sidecar would record it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unanswered {
+    /// The connection closed before a response was seen.
+    ConnectionClosed,
+    /// The connection stayed silent past the idle timeout.
+    Timeout,
+    /// Too many requests were pending on the connection to keep pairing them.
+    QueueOverflow,
+}
+
+impl Unanswered {
+    /// The semconv `error.type` value (low cardinality, snake_case).
+    pub fn error_type(self) -> &'static str {
+        match self {
+            Unanswered::ConnectionClosed => "connection_closed",
+            Unanswered::Timeout => "timeout",
+            Unanswered::QueueOverflow => "queue_overflow",
+        }
     }
 
-    /// Path part of the request target (no query).
+    /// Envoy's response flag for the same situation (Istio's
+    /// `response_flags` label): a client that closed is the downstream
+    /// going away (DC); a server that closed without answering is the
+    /// upstream going away (UC); UT is an upstream timeout, UO an overflow.
+    pub fn response_flags(self, kind: SpanKind) -> &'static str {
+        match (self, kind) {
+            (Unanswered::ConnectionClosed, SpanKind::Client) => "DC",
+            (Unanswered::ConnectionClosed, SpanKind::Server) => "UC",
+            (Unanswered::Timeout, _) => "UT",
+            (Unanswered::QueueOverflow, _) => "UO",
+        }
+    }
+}
+
+/// The methods of RFC 9110 and RFC 5789 (PATCH) plus QUERY: the only ones
+/// used as-is in span names and metric labels (OTel HTTP semconv).
+pub const KNOWN_METHODS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY",
+];
+
+/// What semconv calls any other method in names and labels.
+pub const OTHER_METHOD: &str = "_OTHER";
+
+impl Span {
+    /// `{method} {route}`: low-cardinality, never the raw path or an
+    /// unknown method token (a client controls both).
+    pub fn name(&self) -> String {
+        let target = Target::parse(&self.target);
+        match target.path {
+            Some(path) => format!("{} {}", self.method_label(), crate::route::template(path)),
+            None => self.method_label().to_owned(),
+        }
+    }
+
+    /// The method as a bounded label: a known method or `_OTHER`.
+    pub fn method_label(&self) -> &str {
+        if self.method_is_known() {
+            &self.method
+        } else {
+            OTHER_METHOD
+        }
+    }
+
+    /// The method is one of [`KNOWN_METHODS`].
+    pub fn method_is_known(&self) -> bool {
+        KNOWN_METHODS.contains(&self.method.as_str())
+    }
+
+    /// Path part of the request target (no query, no scheme or authority).
     pub fn path(&self) -> &str {
-        self.target.split(['?', '#']).next().unwrap_or("")
+        Target::parse(&self.target).path.unwrap_or("")
     }
 
     /// Query part of the request target, without `?`.
     pub fn query(&self) -> Option<&str> {
-        let q = self.target.split_once('?')?.1;
-        Some(q.split('#').next().unwrap_or(""))
+        Target::parse(&self.target).query
     }
 
-    /// OTel status: ERROR for 5xx on servers and 4xx/5xx on clients.
+    /// The host and port named by an absolute-form or authority-form
+    /// target (`GET http://h:8080/p`, `CONNECT h:443`).
+    pub fn target_authority(&self) -> Option<(&str, Option<u16>)> {
+        let t = Target::parse(&self.target);
+        t.host.map(|h| (h, t.port))
+    }
+
+    /// OTel status: ERROR for 5xx on servers, 4xx/5xx on clients, and
+    /// requests that got no response. A response that was sent but whose
+    /// head was not captured is not an error.
     pub fn is_error(&self) -> bool {
         match (self.kind, self.status_code) {
-            (_, None) => true,
+            (_, None) => self.unanswered.is_some(),
             (SpanKind::Server, Some(s)) => s >= 500,
             (SpanKind::Client, Some(s)) => s >= 400,
+        }
+    }
+
+    /// The semconv `error.type`: the status code of an error response, or
+    /// why there was no response.
+    pub fn error_type(&self) -> Option<String> {
+        if !self.is_error() {
+            return None;
+        }
+        match (self.status_code, self.unanswered) {
+            (Some(code), _) => Some(code.to_string()),
+            (None, Some(why)) => Some(why.error_type().to_owned()),
+            (None, None) => None,
         }
     }
 

@@ -117,9 +117,13 @@ fn incoming_traceparent_makes_the_server_span_its_child() {
     let client = spans.iter().find(|s| kind(s) == "CLIENT").expect("client span");
     assert_eq!(
         client["trace_id"], trace,
-        "the caller's outgoing context names the client span"
+        "the caller's outgoing context names the trace"
     );
-    assert_eq!(client["span_id"], parent);
+    assert_eq!(
+        client["parent_span_id"], parent,
+        "the app's own span (named in its header) is the client span's parent"
+    );
+    assert_ne!(client["span_id"], parent, "no two spans share an id");
 }
 
 #[test]

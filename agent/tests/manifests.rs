@@ -61,7 +61,14 @@ fn the_daemonset_is_least_privileged_probed_limited_and_runs_everywhere() {
     added.sort();
     assert_eq!(
         added,
-        ["BPF", "DAC_READ_SEARCH", "PERFMON", "SYS_PTRACE", "SYS_RESOURCE"]
+        [
+            "BPF",
+            "DAC_READ_SEARCH",
+            "NET_ADMIN",
+            "PERFMON",
+            "SYS_PTRACE",
+            "SYS_RESOURCE"
+        ]
     );
     assert_eq!(
         c.liveness_probe.clone().and_then(|p| p.http_get).map(|h| h.path),

@@ -26,7 +26,9 @@ pub const LINK_POLICY_MAP: &str = "LINK_POLICY";
 pub const SOCKOPS_PROGRAM: &str = "meshless_sockops";
 
 /// How the kernel links a process's outbound requests to the inbound
-/// request it is serving (a [`LINK_POLICY_MAP`] value; absent = `Thread`).
+/// request it is serving (a [`LINK_POLICY_MAP`] value). Until userspace
+/// has classified a process, both the thread and the process must have
+/// exactly that one request outstanding.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LinkPolicy {
@@ -62,6 +64,8 @@ pub enum EventKind {
     Data = 1,
     /// A tracked socket was closed (or its fd reused for a new connection).
     Close = 2,
+    /// A process started a new program (its linking policy is decided anew).
+    Exec = 3,
 }
 
 /// Which way the bytes moved, seen from the traced process.

@@ -242,6 +242,29 @@ pub fn finish_server_request() {
     submit(ev, captured);
 }
 
+/// Emits a header-only Exec event for the current process.
+pub fn emit_exec(tgid: u32, tid: u32) {
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: as in emit_data.
+    let ev = unsafe { &mut *ev };
+    let none = ConnState {
+        conn_id: 0,
+        flags: 0,
+        _pad: 0,
+        addrs: ConnAddrs::default(),
+    };
+    fill_header(ev, tgid, tid, 0, EventKind::Exec, &none);
+    ev.header.direction = 0;
+    ev.header.syscall = 0;
+    ev.header.len = 0;
+    ev.header.captured = 0;
+    ev.header.flags = 0;
+    ev.header.ctx = TraceCtx::default();
+    submit(ev, 0);
+}
+
 /// Emits a header-only event (Close).
 pub fn emit_close(tgid: u32, tid: u32, fd: u32, syscall: u32, state: &ConnState) {
     let Some(ev) = SCRATCH.get_ptr_mut(0) else {

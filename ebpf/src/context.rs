@@ -87,16 +87,35 @@ pub fn sock_key(addrs: &ConnAddrs, key: &mut SockKey) -> u32 {
     1
 }
 
-/// Where the serving state of the current thread lives under its
-/// process's policy, or None when the process must not be linked.
+/// The serving state of a whole process (a tid is never 0).
 #[inline(always)]
-fn serving_key(id: u64, tgid: u32) -> Option<u64> {
+fn process_key(tgid: u32) -> u64 {
+    (tgid as u64) << 32
+}
+
+/// The one inbound request `key` is serving, if exactly one is outstanding.
+#[inline(always)]
+fn sole(key: u64, now: u64) -> Option<&'static Serving> {
+    // SAFETY: map values stay valid for the program's run.
+    let s = unsafe { SERVING.get(&key) }?;
+    (s.outstanding == 1 && s.ctx.flags & CTX_VALID != 0 && now.saturating_sub(s.ktime_ns) < STALE_NS).then_some(s)
+}
+
+/// The inbound request the current thread is serving under its process's
+/// policy (see `LinkPolicy`).
+#[inline(always)]
+fn serving(id: u64, tgid: u32, now: u64) -> Option<&'static Serving> {
     // SAFETY: copied out at once.
-    let policy = unsafe { LINK_POLICY.get(&tgid) }.copied().unwrap_or(LinkPolicy::Thread as u32);
+    let policy = unsafe { LINK_POLICY.get(&tgid) }.copied().unwrap_or(0);
     match policy {
-        p if p == LinkPolicy::Thread as u32 => Some(id),
-        p if p == LinkPolicy::Process as u32 => Some((tgid as u64) << 32),
-        _ => None,
+        p if p == LinkPolicy::Thread as u32 => sole(id, now),
+        p if p == LinkPolicy::Process as u32 => sole(process_key(tgid), now),
+        p if p == LinkPolicy::Off as u32 => None,
+        _ => {
+            let t = sole(id, now)?;
+            let p = sole(process_key(tgid), now)?;
+            (t.ctx.span_id == p.ctx.span_id).then_some(t)
+        }
     }
 }
 
@@ -124,11 +143,8 @@ pub fn client_request(id: u64, addrs: Option<&ConnAddrs>, ctx: &mut TraceCtx) ->
     let tgid = (id >> 32) as u32;
     let now = unsafe { bpf_ktime_get_ns() };
     ctx.flags = CTX_VALID | CTX_SAMPLED;
-    let serving = serving_key(id, tgid).and_then(|k| unsafe { SERVING.get(&k) });
-    match serving {
-        Some(s)
-            if s.outstanding == 1 && s.ctx.flags & CTX_VALID != 0 && now.saturating_sub(s.ktime_ns) < STALE_NS =>
-        {
+    match serving(id, tgid, now) {
+        Some(s) => {
             ctx.trace_id = s.ctx.trace_id;
             ctx.parent_id = s.ctx.span_id;
             ctx.flags = CTX_VALID | CTX_PARENT | CTX_IN_PROCESS | (s.ctx.flags & CTX_SAMPLED);
@@ -201,59 +217,59 @@ fn set_parent(ctx: &mut TraceCtx, trace: &[u8; 16], parent: &[u8; 8], sampled: b
     });
 }
 
-/// The current thread read a request on `fd`: it is serving one more.
+/// The current thread read a request on `fd`: it, and its process, serve one more.
 #[inline(never)]
 fn request_read(id: u64, fd: u32, ctx: &TraceCtx) -> u32 {
     let tgid = (id >> 32) as u32;
-    let Some(skey) = serving_key(id, tgid) else {
-        return 0;
-    };
-    let now = unsafe { bpf_ktime_get_ns() };
     let ckey = conn_key(tgid, fd);
-    if let Some(old) = READERS.get_ptr_mut(&ckey) {
-        // SAFETY: entry of this map.
-        let (old_key, old_n) = unsafe { ((*old).serving_key, (*old).outstanding) };
-        if old_key != skey {
-            // Another thread took the connection over: its count moves too.
-            release(old_key, old_n);
-            let _ = READERS.remove(&ckey);
-        }
-    }
-    let fresh = match SERVING.get_ptr_mut(&skey) {
-        // SAFETY: entry of this map, updated in place.
-        Some(s) => unsafe {
-            if (*s).outstanding > 0 && now.saturating_sub((*s).ktime_ns) < STALE_NS {
-                (*s).outstanding += 1;
-                (*s).ctx.flags = 0;
-                (*s).ktime_ns = now;
-                false
-            } else {
-                true
-            }
-        },
-        None => true,
-    };
-    if fresh {
-        let s = Serving {
-            ctx: *ctx,
-            outstanding: 1,
-            _pad: 0,
-            ktime_ns: now,
-        };
-        let _ = SERVING.insert(&skey, &s, 0);
-    }
     match READERS.get_ptr_mut(&ckey) {
-        // SAFETY: as above.
-        Some(r) => unsafe { (*r).outstanding += 1 },
+        // SAFETY: entry of this map, updated in place.
+        Some(r) => unsafe {
+            if (*r).serving_key != id {
+                // Another thread took the connection over (Go moves
+                // goroutines): the old thread's share moves, the
+                // process's count stays exact.
+                release((*r).serving_key, (*r).outstanding);
+                (*r).serving_key = id;
+            }
+            (*r).outstanding += 1;
+        },
         None => {
             let r = Reader {
-                serving_key: skey,
+                serving_key: id,
                 outstanding: 1,
                 _pad: 0,
             };
             let _ = READERS.insert(&ckey, &r, 0);
         }
     }
+    serve(id, ctx);
+    serve(process_key(tgid), ctx)
+}
+
+/// One more inbound request outstanding at `key`; its context is kept
+/// only while it is the only one.
+#[inline(never)]
+fn serve(key: u64, ctx: &TraceCtx) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(s) = SERVING.get_ptr_mut(&key) {
+        // SAFETY: entry of this map, updated in place.
+        unsafe {
+            if (*s).outstanding > 0 && now.saturating_sub((*s).ktime_ns) < STALE_NS {
+                (*s).outstanding += 1;
+                (*s).ctx.flags = 0;
+                (*s).ktime_ns = now;
+                return 0;
+            }
+        }
+    }
+    let s = Serving {
+        ctx: *ctx,
+        outstanding: 1,
+        _pad: 0,
+        ktime_ns: now,
+    };
+    let _ = SERVING.insert(&key, &s, 0);
     0
 }
 
@@ -284,7 +300,8 @@ pub fn response_written(tgid: u32, fd: u32) -> u32 {
         return 0;
     }
     unsafe { (*r).outstanding = outstanding - 1 };
-    release(skey, 1)
+    release(skey, 1);
+    release(process_key(tgid), 1)
 }
 
 /// Server connection `fd` closed: its unanswered requests are not served any more.
@@ -294,6 +311,7 @@ pub fn conn_closed(tgid: u32, fd: u32) -> u32 {
     // SAFETY: copied out at once.
     if let Some(r) = unsafe { READERS.get(&ckey) }.copied() {
         release(r.serving_key, r.outstanding);
+        release(process_key(tgid), r.outstanding);
         let _ = READERS.remove(&ckey);
     }
     0

@@ -166,7 +166,7 @@ pub struct OptCtx {
     pub _pad: u32,
 }
 
-/// What a thread (or, under `LinkPolicy::Process`, a process) is serving:
+/// What a thread (key pid_tgid) or a process (key tgid << 32) is serving:
 /// the context of its one outstanding inbound request, if exactly one.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -178,7 +178,8 @@ pub struct Serving {
     pub ktime_ns: u64,
 }
 
-/// Who read the requests of a server connection, and how many await a response.
+/// Which thread last read requests of a server connection, and how many
+/// of them await a response.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Reader {

@@ -21,6 +21,7 @@ const APT_PACKAGES: &[&str] = &[
     "nodejs",
     "curl",
     "iproute2",
+    "iptables",
 ];
 
 /// PyPI tools the tests use: (module to import, requirement).

@@ -35,6 +35,8 @@ pub enum EventBody {
         payload: Bytes,
     },
     Close,
+    /// The process started a new program.
+    Exec,
 }
 
 /// One decoded kernel event.
@@ -90,6 +92,7 @@ impl Event {
                 payload: Bytes::copy_from_slice(&record[HEADER_SIZE..HEADER_SIZE + announced]),
             },
             k if k == EventKind::Close as u32 => EventBody::Close,
+            k if k == EventKind::Exec as u32 => EventBody::Exec,
             k => return Err(DecodeError::Kind(k)),
         };
         Ok(Event {

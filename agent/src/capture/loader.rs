@@ -42,6 +42,7 @@ pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_exit_connect", "syscalls", "sys_exit_connect"),
     ("sys_enter_close", "syscalls", "sys_enter_close"),
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+    ("sched_process_exec", "sched", "sched_process_exec"),
 ];
 
 /// Why loading failed, with what to do about it.

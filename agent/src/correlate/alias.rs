@@ -37,9 +37,4 @@ impl Aliases {
         let cutoff = now_ns.saturating_sub(ALIAS_TTL_NS);
         self.to.retain(|_, (_, t)| *t >= cutoff);
     }
-
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.to.len()
-    }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use foldhash::HashMap;
 
 use alias::Aliases;
-use conn::{Conn, Exchange, Output};
+use conn::{Conn, Exchange, Output, Response};
 use link::{LinkKey, Links};
 
 use crate::{
@@ -24,7 +24,7 @@ use crate::{
     clock::Clock,
     privacy::HeaderPolicy,
     sockets,
-    span::{Process, Span, SpanKind},
+    span::{Process, Span, SpanKind, Unanswered},
     stats::Stats,
 };
 
@@ -36,6 +36,10 @@ pub struct Limits {
     pub idle_timeout_ns: u64,
     /// How long a server span waits for its local client side to show up.
     pub link_wait_ns: u64,
+    /// Approximate bytes of per-connection state (buffers, pending
+    /// requests) above which the least recently active connections are
+    /// shed; 0 means no limit beyond `max_conns`.
+    pub max_state_bytes: usize,
 }
 
 impl Default for Limits {
@@ -44,6 +48,7 @@ impl Default for Limits {
             max_conns: 65_536,
             idle_timeout_ns: 300 * 1_000_000_000,
             link_wait_ns: 200_000_000,
+            max_state_bytes: 0,
         }
     }
 }
@@ -60,8 +65,12 @@ pub struct Correlator {
     aliases: Aliases,
     env: SpanEnv,
     last_sweep_ns: u64,
+    /// Sum of the connections' `state_bytes`, refreshed at each sweep.
+    state_bytes: usize,
     /// Told about each process seen (it sets the kernel's linking policy).
-    new_process: Option<std::sync::mpsc::SyncSender<u32>>,
+    new_process: Option<std::sync::mpsc::SyncSender<crate::propagation::Seen>>,
+    #[cfg(test)]
+    pending: Vec<Span>,
 }
 
 /// What turning exchanges into spans needs besides the connection.
@@ -80,6 +89,8 @@ impl Correlator {
             links: Links::default(),
             aliases: Aliases::default(),
             new_process: None,
+            #[cfg(test)]
+            pending: Vec::new(),
             env: SpanEnv {
                 clock: Clock::sample(),
                 stats,
@@ -87,11 +98,18 @@ impl Correlator {
                 headers,
             },
             last_sweep_ns: 0,
+            state_bytes: 0,
         }
     }
 
+    /// Approximate bytes of per-connection state, as of the last sweep
+    /// (cheap: read it as often as needed).
+    pub fn state_bytes(&self) -> usize {
+        self.state_bytes
+    }
+
     /// Reports every new connection's process to `tx` (dropped when full).
-    pub fn notify_new_processes(&mut self, tx: std::sync::mpsc::SyncSender<u32>) {
+    pub fn notify_new_processes(&mut self, tx: std::sync::mpsc::SyncSender<crate::propagation::Seen>) {
         self.new_process = Some(tx);
     }
 
@@ -99,7 +117,12 @@ impl Correlator {
     pub fn handle(&mut self, ev: Event, spans: &mut Vec<Span>) {
         let key = ev.conn;
         match ev.body {
-            EventBody::Close => self.end_conn(key, spans),
+            EventBody::Close => self.end_conn(key, Some(Unanswered::ConnectionClosed), ev.ktime_ns, spans),
+            EventBody::Exec => {
+                if let Some(tx) = &self.new_process {
+                    let _ = tx.try_send(crate::propagation::Seen::Exec(key.tgid));
+                }
+            }
             EventBody::Data {
                 direction,
                 len,
@@ -112,7 +135,7 @@ impl Correlator {
                     self.conns.insert(key, conn);
                     self.generations.insert((key.tgid, key.fd), key.conn_id);
                     if let Some(tx) = &self.new_process {
-                        let _ = tx.try_send(key.tgid);
+                        let _ = tx.try_send(crate::propagation::Seen::Conn(key.tgid));
                     }
                 }
                 let Some(conn) = self.conns.get_mut(&key) else {
@@ -124,6 +147,15 @@ impl Correlator {
             }
         }
         Stats::set(&self.env.stats.conns_tracked, self.conns.len() as u64);
+    }
+
+    /// Events of connection `key` were lost before the next one (a gap in
+    /// the kernel's per-connection event sequence): pairing restarts.
+    pub fn events_lost(&mut self, key: ConnKey, spans: &mut Vec<Span>) {
+        if let Some(conn) = self.conns.get_mut(&key) {
+            let out = conn.events_lost();
+            absorb(&mut self.links, &mut self.aliases, &self.env, conn, out, spans);
+        }
     }
 
     /// Periodic work: releases server spans whose client never showed up;
@@ -144,8 +176,9 @@ impl Correlator {
             .collect();
         for key in idle {
             Stats::inc(&self.env.stats.conns_evicted);
-            self.end_conn(key, spans);
+            self.end_conn(key, Some(Unanswered::Timeout), now_ktime_ns, spans);
         }
+        self.shed(spans);
         self.links.purge(now_ktime_ns);
         self.aliases.purge(now_ktime_ns);
         Stats::set(&self.env.stats.conns_tracked, self.conns.len() as u64);
@@ -159,7 +192,12 @@ impl Correlator {
     /// A new connection on a reused fd ends the one before it.
     fn retire_old_generation(&mut self, key: ConnKey, spans: &mut Vec<Span>) {
         match self.generations.get(&(key.tgid, key.fd)) {
-            Some(&old_id) if old_id != key.conn_id => self.end_conn(ConnKey { conn_id: old_id, ..key }, spans),
+            Some(&old_id) if old_id != key.conn_id => self.end_conn(
+                ConnKey { conn_id: old_id, ..key },
+                Some(Unanswered::ConnectionClosed),
+                0,
+                spans,
+            ),
             _ => {}
         }
     }
@@ -171,20 +209,52 @@ impl Correlator {
         let oldest = self.conns.iter().min_by_key(|(_, c)| c.last_ktime_ns).map(|(k, _)| *k);
         if let Some(key) = oldest {
             Stats::inc(&self.env.stats.conns_evicted);
-            self.end_conn(key, spans);
+            self.end_conn(key, None, 0, spans);
         }
     }
 
-    /// Forgets a connection, ending what its close delimits.
-    fn end_conn(&mut self, key: ConnKey, spans: &mut Vec<Span>) {
+    /// Measures the per-connection state and, over `max_state_bytes`,
+    /// drops the least recently active connections (counted) until it is
+    /// back under 90% of the limit.
+    fn shed(&mut self, spans: &mut Vec<Span>) {
+        let mut sizes: Vec<(u64, usize, ConnKey)> = self
+            .conns
+            .iter()
+            .map(|(k, c)| (c.last_ktime_ns, c.state_bytes(), *k))
+            .collect();
+        self.state_bytes = sizes.iter().map(|(_, b, _)| b).sum();
+        let limit = self.env.limits.max_state_bytes;
+        if limit > 0 && self.state_bytes > limit {
+            sizes.sort_unstable();
+            let target = limit / 10 * 9;
+            for (_, bytes, key) in sizes {
+                if self.state_bytes <= target {
+                    break;
+                }
+                self.state_bytes -= bytes;
+                Stats::inc(&self.env.stats.correlator_shed_conns);
+                self.end_conn(key, None, 0, spans);
+            }
+        }
+        Stats::set(&self.env.stats.correlator_state_bytes, self.state_bytes as u64);
+    }
+
+    /// Forgets a connection, ending what its close delimits; requests
+    /// still waiting become spans that say `why` (or are dropped if None).
+    fn end_conn(&mut self, key: ConnKey, why: Option<Unanswered>, at_ktime_ns: u64, spans: &mut Vec<Span>) {
         let Some(mut conn) = self.conns.remove(&key) else {
             return;
         };
         if self.generations.get(&(key.tgid, key.fd)) == Some(&key.conn_id) {
             self.generations.remove(&(key.tgid, key.fd));
         }
-        let out = conn.close();
-        Stats::add(&self.env.stats.spans_unanswered, conn.unanswered() as u64);
+        let out = conn.close(why, at_ktime_ns);
+        let unanswered = out
+            .exchanges
+            .iter()
+            .filter(|e| matches!(e.response, Response::Missing(_)))
+            .count();
+        Stats::add(&self.env.stats.spans_unanswered, unanswered as u64);
         absorb(&mut self.links, &mut self.aliases, &self.env, &conn, out, spans);
     }
 }
@@ -194,6 +264,9 @@ impl Correlator {
 fn absorb(links: &mut Links, aliases: &mut Aliases, env: &SpanEnv, conn: &Conn, out: Output, spans: &mut Vec<Span>) {
     Stats::add(&env.stats.http_malformed, out.malformed);
     Stats::add(&env.stats.http_orphan_responses, out.orphans);
+    Stats::add(&env.stats.http_pairing_resyncs, out.resyncs);
+    Stats::add(&env.stats.http_pending_overflows, out.overflows);
+    Stats::add(&env.stats.http_duplicate_events, out.duplicates);
     for (from, to) in out.aliases {
         aliases.insert(from, to, conn.last_ktime_ns);
     }
@@ -271,7 +344,9 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
     } = ex;
     let (client, server) = conn.endpoints(request.kind);
     let start = request.head.start_ktime_ns;
-    let end = end_ktime_ns.max(response.start_ktime_ns).max(start);
+    let end = end_ktime_ns
+        .max(response.head().map_or(0, |h| h.start_ktime_ns))
+        .max(start);
     let (method, target) = match &request.head.kind {
         crate::http::HeadKind::Request { method, target } => (method.clone(), target.clone()),
         crate::http::HeadKind::Response { .. } => (String::new(), String::new()),
@@ -293,7 +368,7 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
         end_unix_nano: clock.to_unix_nanos(end),
         method,
         target,
-        status_code: response.status(),
+        status_code: response.head().and_then(|h| h.status()),
         protocol_version: if request.head.version == 0 { "1.0" } else { "1.1" },
         client,
         server,
@@ -306,10 +381,21 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
         peer_k8s: None,
         user_agent: request.head.header("user-agent").map(str::to_owned),
         request_headers: headers.request(&request.head.headers),
-        response_headers: headers.response(&response.headers),
-        truncated: request.head.truncated || response.truncated,
+        response_headers: response.head().map_or_else(Vec::new, |h| headers.response(&h.headers)),
+        truncated: request.head.truncated
+            || match &response {
+                Response::Seen(h) => h.truncated,
+                Response::Uncaptured => true,
+                Response::Missing(_) => false,
+            },
+        unanswered: match response {
+            Response::Missing(why) => Some(why),
+            Response::Seen(_) | Response::Uncaptured => None,
+        },
     }
 }
 
+#[cfg(test)]
+mod context_tests;
 #[cfg(test)]
 mod tests;

@@ -23,26 +23,57 @@ pub struct Options {
 
 pub type Attributes = Vec<(Cow<'static, str>, Value)>;
 
+/// Longest `url.path` / `url.query` exported; a client controls both.
+pub const MAX_URL_PART: usize = 1024;
+/// Longest other free-text attribute value exported.
+pub const MAX_VALUE: usize = 1024;
+/// Set when some attribute value above was cut to its limit.
+pub const TRUNCATED_ATTRIBUTE: &str = "meshless.attributes.truncated";
+
 fn s(v: impl Into<String>) -> Value {
     Value::Str(v.into())
+}
+
+/// `v` cut to `max` bytes (on a char boundary); `cut` records that it was.
+fn capped(v: &str, max: usize, cut: &mut bool) -> Value {
+    let kept = crate::http::cut(v, max);
+    *cut |= kept.len() < v.len();
+    s(kept)
 }
 
 /// The span's attributes.
 pub fn of(span: &Span, opts: Options) -> Attributes {
     let mut a: Attributes = Vec::with_capacity(20);
+    let mut cut = false;
     let mut put = |k: &'static str, v: Value| a.push((Cow::Borrowed(k), v));
-    put("http.request.method", s(span.method.clone()));
-    put("url.path", s(span.path()));
+    put("http.request.method", s(span.method_label()));
+    if !span.method_is_known() {
+        put(
+            "http.request.method_original",
+            capped(&span.method, MAX_VALUE, &mut cut),
+        );
+    }
+    let target = crate::span::Target::parse(&span.target);
+    if let Some(path) = target.path {
+        put("url.path", capped(path, MAX_URL_PART, &mut cut));
+    }
     put("url.scheme", s("http"));
     if opts.capture_query {
-        if let Some(q) = span.query() {
-            put("url.query", s(q));
+        if let Some(q) = target.query {
+            put("url.query", capped(q, MAX_URL_PART, &mut cut));
         }
     }
     if let Some(code) = span.status_code {
         put("http.response.status_code", Value::Int(i64::from(code)));
     }
-    if let Some(server) = span.server {
+    if let (Some(host), port) = (target.host, target.port) {
+        // An absolute-form or authority-form target names the server
+        // (semconv: the target's host wins over the connection's address).
+        put("server.address", capped(host, MAX_VALUE, &mut cut));
+        if let Some(port) = port.or(span.server.map(|s| s.port())) {
+            put("server.port", Value::Int(i64::from(port)));
+        }
+    } else if let Some(server) = span.server {
         // A client span names the service it called when the cluster knows it.
         let name = match (span.kind, span.peer_k8s.as_ref().and_then(|p| p.service_fqdn.clone())) {
             (crate::span::SpanKind::Client, Some(fqdn)) => fqdn,
@@ -63,15 +94,10 @@ pub fn of(span: &Span, opts: Options) -> Attributes {
     // out: semconv requires them only when they differ from these defaults.
     put("network.protocol.version", s(span.protocol_version));
     if let Some(ua) = &span.user_agent {
-        put("user_agent.original", s(ua.clone()));
+        put("user_agent.original", capped(ua, MAX_VALUE, &mut cut));
     }
-    if span.is_error() {
-        put(
-            "error.type",
-            s(span
-                .status_code
-                .map_or_else(|| "no_response".to_owned(), |c| c.to_string())),
-        );
+    if let Some(error_type) = span.error_type() {
+        put("error.type", s(error_type));
     }
     if opts.process {
         put("thread.id", Value::Int(i64::from(span.process.tid)));
@@ -80,6 +106,9 @@ pub fn of(span: &Span, opts: Options) -> Attributes {
     }
     if span.truncated {
         put("meshless.capture.truncated", Value::Bool(true));
+    }
+    if cut {
+        put(TRUNCATED_ATTRIBUTE, Value::Bool(true));
     }
     for (prefix, headers) in [
         ("http.request.header.", &span.request_headers),

@@ -61,8 +61,8 @@ pub fn to_human(span: &Span) -> String {
     format!(
         "{h:02}:{m:02}:{s:02}.{micros:06} {kind:<6} {method} {target} -> {status} {dur_ms:.3}ms {comm}[{pid}] {client} -> {server} trace={trace}{trunc}",
         kind = span.kind.as_str(),
-        method = span.method,
-        target = span.path(),
+        method = crate::http::cut(&span.method, 64),
+        target = crate::http::cut(span.path(), 1024),
         comm = span.process.comm,
         pid = span.process.pid,
         client = addr(span.client),

@@ -5,6 +5,24 @@ use super::Flow;
 pub const MAX_HEADERS: usize = 64;
 /// Longest header value kept (longer values are cut).
 const MAX_VALUE: usize = 1024;
+/// Longest request-target kept (exporters cut `url.path` shorter still);
+/// bounds what each pending request holds.
+pub const MAX_TARGET: usize = 8 * 1024;
+/// Header bytes (names + values) kept per message beyond the headers that
+/// framing and trace context need, which are always kept.
+const MAX_KEPT_HEADER_BYTES: usize = 8 * 1024;
+/// Headers the agent itself reads: never dropped for space.
+const ESSENTIAL: [&str; 7] = [
+    "content-length",
+    "transfer-encoding",
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "user-agent",
+];
+/// Longest method token kept; RFC 9110 sets no limit, real methods are short.
+const MAX_METHOD: usize = 64;
 
 /// A request line or a status line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,18 +110,28 @@ impl Head {
     }
 }
 
-/// True when `data` begins like a message of `flow` (or of either kind).
+/// RFC 9110 `tchar`: the characters of a method token.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// True when `data` begins like a message of `flow` (or of either kind):
+/// a status line, or any method token, a space and the start of a
+/// request-target (origin, absolute, authority or asterisk form). Empty
+/// lines before it are allowed (RFC 9112 section 2.2).
 pub fn starts_message(data: &[u8], flow: Option<Flow>) -> bool {
+    let skip = data.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+    let data = &data[skip..];
     let response = data.starts_with(b"HTTP/1.");
     let request = || {
-        let Some(sp) = data.iter().take(16).position(|&b| b == b' ') else {
+        let Some(sp) = data.iter().take(MAX_METHOD + 1).position(|&b| b == b' ') else {
             return false;
         };
         sp > 0
-            && data[..sp].iter().all(|b| b.is_ascii_uppercase())
+            && data[..sp].iter().all(|&b| is_tchar(b))
             && data
                 .get(sp + 1)
-                .is_some_and(|&b| b == b'/' || b == b'*' || b.is_ascii_alphabetic())
+                .is_some_and(|&b| b == b'/' || b == b'*' || b == b'[' || b.is_ascii_alphanumeric())
     };
     match flow {
         Some(Flow::Responses) => response,
@@ -149,9 +177,22 @@ pub fn parse(block: &[u8], truncated: bool, flow: Option<Flow>) -> Result<Head, 
         let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
             return Err(status.err().map_or("incomplete request line", error_name));
         };
+        if method.len() > MAX_METHOD {
+            return Err("method token too long");
+        }
+        let glued = req
+            .headers
+            .iter()
+            .take_while(|h| !h.name.is_empty())
+            .any(|h| h.value.ends_with(b" HTTP/1.1") || h.value.ends_with(b" HTTP/1.0"));
+        if glued {
+            // A request line inside the header block: the bytes between two
+            // requests were lost and the second was appended to the first.
+            return Err("request line inside a header block");
+        }
         let kind = HeadKind::Request {
             method: method.to_owned(),
-            target: path.to_owned(),
+            target: cut(path, MAX_TARGET).to_owned(),
         };
         finish(kind, version, req.headers, status, truncated)
     }
@@ -173,14 +214,18 @@ fn finish(
         Err(_) if truncated => {}
         Err(e) => return Err(error_name(e)),
     }
-    let headers = raw
-        .iter()
-        .take_while(|h| !h.name.is_empty())
-        .map(|h| {
-            let value = &h.value[..h.value.len().min(MAX_VALUE)];
-            (h.name.to_ascii_lowercase(), String::from_utf8_lossy(value).into_owned())
-        })
-        .collect();
+    let mut kept_bytes = 0;
+    let mut headers = Vec::new();
+    for h in raw.iter().take_while(|h| !h.name.is_empty()) {
+        let name = h.name.to_ascii_lowercase();
+        let value = &h.value[..h.value.len().min(MAX_VALUE)];
+        kept_bytes += name.len() + value.len();
+        if kept_bytes > MAX_KEPT_HEADER_BYTES && !ESSENTIAL.contains(&name.as_str()) {
+            headers_dropped += 1;
+            continue;
+        }
+        headers.push((name, String::from_utf8_lossy(value).into_owned()));
+    }
     Ok(Head {
         kind,
         version,
@@ -190,6 +235,18 @@ fn finish(
         start_ktime_ns: 0,
         at_segment_start: false,
     })
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
+pub fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn error_name(e: httparse::Error) -> &'static str {

@@ -8,15 +8,20 @@
 //! the next segment that starts like a message ("resync").
 mod chunked;
 mod head;
+mod target;
 
 use std::collections::VecDeque;
 
-pub use head::{Head, HeadKind, MAX_HEADERS};
+pub use head::{cut, Head, HeadKind, MAX_HEADERS};
+pub use target::Target;
 
 use chunked::{ChunkStep, Chunked};
 
 /// Largest header block buffered while waiting for its end.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Header-buffer capacity kept between messages; a bigger buffer (after a
+/// big header block) is given back so idle connections stay small.
+const KEEP_HEAD_CAPACITY: usize = 4 * 1024;
 
 /// What a stream yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +33,10 @@ pub enum Item {
     End { ktime_ns: u64 },
     /// Bytes that could not be parsed were skipped (counted by callers).
     Malformed(&'static str),
+    /// Bytes after a message boundary (or the rest of a header block) were
+    /// not captured: whole messages may have been in them. Framing resumes
+    /// at the next segment that starts like a message.
+    Gap { ktime_ns: u64 },
 }
 
 /// Which kind of messages a stream carries, decided by its first bytes.
@@ -73,6 +82,8 @@ pub struct HttpStream {
     last_ktime: u64,
     /// The head just returned has no body: `End` is due next.
     end_due: bool,
+    /// A `Gap` at this time is due after the item just returned.
+    gap_due: Option<u64>,
     segments: VecDeque<Segment>,
 }
 
@@ -93,6 +104,7 @@ impl HttpStream {
             open: false,
             last_ktime: 0,
             end_due: false,
+            gap_due: None,
             segments: VecDeque::new(),
         }
     }
@@ -113,10 +125,29 @@ impl HttpStream {
         });
     }
 
+    /// Approximate heap bytes held (buffered segments and header buffer).
+    pub fn state_bytes(&self) -> usize {
+        let queued: usize = self.segments.iter().map(|s| s.data.len()).sum();
+        queued + self.head.capacity() + self.segments.capacity() * std::mem::size_of::<Segment>()
+    }
+
+    /// Ends the open message now (its peer has evidently moved on) and
+    /// resumes at the next segment that starts like a message.
+    pub fn force_end(&mut self) -> Option<Item> {
+        self.head.clear();
+        self.end_due = false;
+        self.gap_due = None;
+        self.state = State::Desync;
+        std::mem::replace(&mut self.open, false).then_some(Item::End {
+            ktime_ns: self.last_ktime,
+        })
+    }
+
     /// The connection closed: ends a message delimited by close.
     pub fn close(&mut self) -> Option<Item> {
         self.segments.clear();
         self.head.clear();
+        self.gap_due = None;
         let was_open = std::mem::replace(&mut self.open, false);
         self.end_due = false;
         self.state = State::Start;
@@ -137,9 +168,10 @@ impl HttpStream {
     /// Stops parsing for good (after `101 Switching Protocols`).
     pub fn abandon(&mut self) {
         self.segments.clear();
-        self.head.clear();
+        self.head = Vec::new();
         self.open = false;
         self.end_due = false;
+        self.gap_due = None;
         self.state = State::Desync;
         self.flow = None;
     }
@@ -153,6 +185,9 @@ impl HttpStream {
                 return Some(Item::End {
                     ktime_ns: self.last_ktime,
                 });
+            }
+            if let Some(ktime_ns) = self.gap_due.take() {
+                return Some(Item::Gap { ktime_ns });
             }
             let seg = self.segments.front_mut()?;
             if seg.pos >= seg.data.len() && seg.missing == 0 {
@@ -245,8 +280,10 @@ impl HttpStream {
             }
             if seg.pos == seg.data.len() {
                 if seg.missing > 0 {
+                    // A message boundary fell in bytes we never saw.
                     seg.missing = 0;
                     self.state = State::Desync;
+                    return Some(Item::Gap { ktime_ns: seg.ktime_ns });
                 }
                 return None;
             }
@@ -283,6 +320,9 @@ impl HttpStream {
         // Parse in place and keep the buffer's capacity for the next message.
         let parsed = head::parse(&self.head, truncated, self.flow);
         self.head.clear();
+        if self.head.capacity() > KEEP_HEAD_CAPACITY {
+            self.head.shrink_to(KEEP_HEAD_CAPACITY);
+        }
         self.last_ktime = ktime;
         match parsed {
             Ok(mut h) => {
@@ -291,6 +331,9 @@ impl HttpStream {
                 self.flow = Some(h.flow());
                 self.open = true;
                 self.state = if truncated {
+                    // The rest of this head, its body and maybe more
+                    // messages were in the bytes not captured.
+                    self.gap_due = Some(ktime);
                     State::Desync
                 } else {
                     match h.framing() {
@@ -304,6 +347,10 @@ impl HttpStream {
                     }
                 };
                 Item::Head(Box::new(h))
+            }
+            Err(_) if truncated => {
+                self.state = State::Desync;
+                Item::Gap { ktime_ns: ktime }
             }
             Err(reason) => {
                 self.state = State::Desync;

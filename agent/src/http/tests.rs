@@ -147,6 +147,9 @@ fn header_block_larger_than_the_capture_keeps_method_and_path() {
     assert!(h.truncated);
     assert_eq!(h.method(), Some("GET"));
     assert_eq!(h.header("host"), Some("x"));
+    // Whatever followed the head is unknown: say so.
+    assert_eq!(s.next_item(), Some(Item::Gap { ktime_ns: 1 }));
+    assert_eq!(s.next_item(), None);
     // The next request resyncs the stream and ends the truncated one.
     s.push(Bytes::from_static(b"GET /next HTTP/1.1\r\n\r\n"), 0, 2);
     assert_eq!(s.next_item(), Some(Item::End { ktime_ns: 1 }));
@@ -209,6 +212,80 @@ fn tls_client_hello_gives_no_head() {
     let hello = [0x16u8, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03];
     let items = feed(&mut s, &[&hello, &hello]);
     assert!(heads(&items).is_empty());
+}
+
+#[test]
+fn any_method_token_is_a_request() {
+    let mut s = HttpStream::new();
+    let items = feed(
+        &mut s,
+        &[b"REPORT /cal HTTP/1.1\r\n\r\n", b"m-search* * HTTP/1.1\r\n\r\n"],
+    );
+    let methods: Vec<_> = heads(&items).iter().map(|h| h.method().map(str::to_owned)).collect();
+    assert_eq!(methods, [Some("REPORT".to_owned()), Some("m-search*".to_owned())]);
+}
+
+#[test]
+fn a_request_after_empty_lines_is_parsed_even_after_lost_framing() {
+    let mut s = HttpStream::new();
+    let items = feed(
+        &mut s,
+        &[
+            b"\r\n\r\nGET /a HTTP/1.1\r\n\r\n",
+            b"\x00garbage\r\n\r\n",
+            b"\r\nPURGE /b HTTP/1.1\r\n\r\n",
+        ],
+    );
+    let targets: Vec<_> = heads(&items)
+        .iter()
+        .map(|h| match &h.kind {
+            HeadKind::Request { target, .. } => target.clone(),
+            HeadKind::Response { .. } => String::new(),
+        })
+        .collect();
+    assert_eq!(targets, ["/a", "/b"]);
+}
+
+#[test]
+fn a_message_boundary_in_uncaptured_bytes_is_reported_as_a_gap() {
+    let mut s = HttpStream::new();
+    // A 10-byte body, 4 bytes captured; 20 more bytes after it were moved.
+    s.push(
+        Bytes::from_static(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabcd"),
+        26,
+        7,
+    );
+    assert!(matches!(s.next_item(), Some(Item::Head(_))));
+    assert_eq!(s.next_item(), Some(Item::End { ktime_ns: 7 }));
+    assert_eq!(s.next_item(), Some(Item::Gap { ktime_ns: 7 }));
+    assert_eq!(s.next_item(), None);
+}
+
+#[test]
+fn header_buffer_shrinks_back_after_a_big_header_block() {
+    let mut s = HttpStream::new();
+    let mut big = b"GET / HTTP/1.1\r\nX-Fill: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 40_000));
+    big.extend_from_slice(b"\r\n\r\n");
+    for chunk in big.chunks(2048) {
+        s.push(Bytes::copy_from_slice(chunk), 0, 1);
+        while s.next_item().is_some() {}
+    }
+    assert!(s.state_bytes() <= 8 * 1024, "{} bytes kept", s.state_bytes());
+}
+
+#[test]
+fn overlong_targets_are_cut_to_a_bound() {
+    let mut s = HttpStream::new();
+    let mut req = b"GET /".to_vec();
+    req.extend(std::iter::repeat_n(b'p', 20_000));
+    req.extend_from_slice(b" HTTP/1.1\r\n\r\n");
+    let items = feed(&mut s, &[&req]);
+    let h = heads(&items)[0];
+    let HeadKind::Request { target, .. } = &h.kind else {
+        panic!("not a request")
+    };
+    assert_eq!(target.len(), head::MAX_TARGET);
 }
 
 proptest! {

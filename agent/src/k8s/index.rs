@@ -419,6 +419,7 @@ mod tests {
             request_headers: vec![],
             response_headers: vec![],
             truncated: false,
+            unanswered: None,
         }
     }
 

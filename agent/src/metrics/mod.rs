@@ -2,9 +2,11 @@
 //! convention histograms, Istio-compatible series for Kiali and the Istio
 //! Grafana dashboards, and the agent's self-metrics. Exposed on the admin
 //! server's `/metrics` (prometheus-client) and optionally pushed over OTLP.
+mod bounded;
 mod otlp;
 mod prom;
 
+pub use bounded::{SeriesLimits, MAX_SERIES_PER_FAMILY, SERIES_EXPIRY_SECS};
 pub use otlp::OtlpMetrics;
 pub use prom::Prometheus;
 
@@ -27,7 +29,8 @@ impl Peers {
     /// Both ends of a span in dashboard terms. In Kubernetes the workloads
     /// and namespaces come from pod metadata; elsewhere a workload is the
     /// service name of a process, and the other end is named only when the
-    /// call was linked on this node.
+    /// call was linked on this node. A raw `ip:port` is never a name: pod
+    /// IPs churn, and each would be a new series.
     pub fn of(span: &Span, service_name: &str, service_of: impl Fn(&str) -> String) -> Self {
         let unknown = || UNKNOWN.to_owned();
         let (own_workload, own_ns) = match &span.k8s {
@@ -50,7 +53,6 @@ impl Peers {
                     .k8s
                     .as_ref()
                     .and_then(|k| k.service_fqdn.clone())
-                    .or_else(|| span.server.map(|s| s.to_string()))
                     .unwrap_or_else(unknown),
             },
             SpanKind::Client => Peers {
@@ -58,10 +60,7 @@ impl Peers {
                 source_namespace: own_ns,
                 destination_workload: peer_workload,
                 destination_namespace: peer_ns,
-                destination_service: peer
-                    .and_then(|p| p.service_fqdn.clone())
-                    .or_else(|| span.server.map(|s| s.to_string()))
-                    .unwrap_or_else(unknown),
+                destination_service: peer.and_then(|p| p.service_fqdn.clone()).unwrap_or_else(unknown),
             },
         }
     }

@@ -57,7 +57,7 @@ impl OtlpMetrics {
 
     pub fn record(&self, span: &Span, service_name: &str) {
         let mut attrs = vec![
-            KeyValue::new("http.request.method", span.method.clone()),
+            KeyValue::new("http.request.method", span.method_label().to_owned()),
             KeyValue::new("url.scheme", "http"),
             KeyValue::new("network.protocol.name", "http"),
             KeyValue::new("network.protocol.version", span.protocol_version),
@@ -66,18 +66,17 @@ impl OtlpMetrics {
         if let Some(code) = span.status_code {
             attrs.push(KeyValue::new("http.response.status_code", i64::from(code)));
         }
-        if span.is_error() {
-            attrs.push(KeyValue::new(
-                "error.type",
-                span.status_code
-                    .map_or_else(|| "no_response".to_owned(), |c| c.to_string()),
-            ));
+        if let Some(error_type) = span.error_type() {
+            attrs.push(KeyValue::new("error.type", error_type));
         }
         match span.kind {
             SpanKind::Server => self.server.record(duration_secs(span), &attrs),
             SpanKind::Client => {
                 if let Some(s) = span.server {
-                    attrs.push(KeyValue::new("server.address", s.ip().to_string()));
+                    attrs.push(KeyValue::new(
+                        "server.address",
+                        super::prom::client_server_address(span),
+                    ));
                     attrs.push(KeyValue::new("server.port", i64::from(s.port())));
                 }
                 self.client.record(duration_secs(span), &attrs)

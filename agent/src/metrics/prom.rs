@@ -3,51 +3,29 @@ use std::sync::Arc;
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge, histogram::Histogram},
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, counter::Counter, gauge::ConstGauge, histogram::Histogram},
     registry::{Registry, Unit},
 };
 
-use super::{duration_secs, Peers, ISTIO_BUCKETS, SEMCONV_BUCKETS};
+use super::{
+    bounded::{Bounded, SeriesLimits},
+    duration_secs, Peers, ISTIO_BUCKETS, SEMCONV_BUCKETS,
+};
 use crate::{
     span::{Span, SpanKind},
     stats::Stats,
 };
 
-/// Labels of the OTel-named HTTP duration histograms.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HttpLabels {
-    service_name: String,
-    http_request_method: String,
-    http_response_status_code: String,
-    network_protocol_version: String,
-    server_address: String,
-    server_port: String,
-}
-
-/// Labels of the Istio standard metrics.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct IstioLabels {
-    reporter: String,
-    source_workload: String,
-    source_workload_namespace: String,
-    destination_workload: String,
-    destination_workload_namespace: String,
-    destination_service: String,
-    request_protocol: String,
-    response_code: String,
-}
-
-type Hist<L> = Family<L, Histogram, fn() -> Histogram>;
-
-/// All Prometheus series of the agent.
+/// All Prometheus series of the agent; every traffic-labelled family is
+/// [`Bounded`] (series cap with an overflow series, stale series expire).
 #[derive(Debug)]
 pub struct Prometheus {
     registry: Registry,
-    server_duration: Hist<HttpLabels>,
-    client_duration: Hist<HttpLabels>,
-    istio_requests: Family<IstioLabels, Counter>,
-    istio_duration: Hist<IstioLabels>,
+    server_duration: Bounded<Histogram>,
+    client_duration: Bounded<Histogram>,
+    istio_requests: Bounded<Counter>,
+    istio_duration: Bounded<Histogram>,
 }
 
 fn semconv_hist() -> Histogram {
@@ -60,32 +38,36 @@ fn istio_hist() -> Histogram {
 
 impl Prometheus {
     pub fn new(stats: Arc<Stats>) -> Self {
+        Self::with_limits(stats, SeriesLimits::default())
+    }
+
+    pub fn with_limits(stats: Arc<Stats>, limits: SeriesLimits) -> Self {
         let mut registry = Registry::default();
-        let server_duration: Hist<HttpLabels> = Family::new_with_constructor(semconv_hist);
-        let client_duration: Hist<HttpLabels> = Family::new_with_constructor(semconv_hist);
-        let istio_requests = Family::<IstioLabels, Counter>::default();
-        let istio_duration: Hist<IstioLabels> = Family::new_with_constructor(istio_hist);
+        let server_duration = Bounded::new(semconv_hist as fn() -> Histogram, limits, stats.clone());
+        let client_duration = Bounded::new(semconv_hist as fn() -> Histogram, limits, stats.clone());
+        let istio_requests = Bounded::new(Counter::default as fn() -> Counter, limits, stats.clone());
+        let istio_duration = Bounded::new(istio_hist as fn() -> Histogram, limits, stats.clone());
         registry.register_with_unit(
             "http_server_request_duration",
             "Duration of HTTP server requests (OTel http.server.request.duration)",
             Unit::Seconds,
-            server_duration.clone(),
+            server_duration.family(),
         );
         registry.register_with_unit(
             "http_client_request_duration",
             "Duration of HTTP client requests (OTel http.client.request.duration)",
             Unit::Seconds,
-            client_duration.clone(),
+            client_duration.family(),
         );
         registry.register(
             "istio_requests",
             "Requests, Istio standard metric",
-            istio_requests.clone(),
+            istio_requests.family(),
         );
         registry.register(
             "istio_request_duration_milliseconds",
             "Request duration in milliseconds, Istio standard metric",
-            istio_duration.clone(),
+            istio_duration.family(),
         );
         registry.register_collector(Box::new(SelfMetrics(stats)));
         Self {
@@ -99,44 +81,48 @@ impl Prometheus {
 
     /// Records one request.
     pub fn record(&self, span: &Span, service_name: &str, peers: &Peers) {
+        // Istio reports "0" for requests that got no response.
         let status = span.status_code.map_or_else(|| "0".to_owned(), |c| c.to_string());
-        let (addr, port) = match span.server {
-            Some(s) => (s.ip().to_string(), s.port().to_string()),
-            None => (String::new(), String::new()),
+        let port = span.server.map(|s| s.port().to_string()).unwrap_or_default();
+        let server_address = match span.kind {
+            SpanKind::Client => client_server_address(span),
+            SpanKind::Server => String::new(),
         };
-        let labels = HttpLabels {
-            service_name: service_name.to_owned(),
-            http_request_method: span.method.clone(),
-            http_response_status_code: status.clone(),
-            network_protocol_version: span.protocol_version.to_owned(),
-            server_address: if span.kind == SpanKind::Client {
-                addr
-            } else {
-                String::new()
-            },
-            server_port: port,
-        };
+        let http = vec![
+            ("service_name", service_name.to_owned()),
+            ("http_request_method", span.method_label().to_owned()),
+            ("http_response_status_code", status.clone()),
+            ("network_protocol_version", span.protocol_version.to_owned()),
+            ("server_address", server_address),
+            ("server_port", port),
+            ("error_type", span.error_type().unwrap_or_default()),
+        ];
         let secs = duration_secs(span);
-        match span.kind {
-            SpanKind::Server => self.server_duration.get_or_create(&labels).observe(secs),
-            SpanKind::Client => self.client_duration.get_or_create(&labels).observe(secs),
-        }
-        let istio = IstioLabels {
-            reporter: match span.kind {
-                SpanKind::Server => "destination",
-                SpanKind::Client => "source",
-            }
-            .to_owned(),
-            source_workload: peers.source_workload.clone(),
-            source_workload_namespace: peers.source_namespace.clone(),
-            destination_workload: peers.destination_workload.clone(),
-            destination_workload_namespace: peers.destination_namespace.clone(),
-            destination_service: peers.destination_service.clone(),
-            request_protocol: "http".to_owned(),
-            response_code: status,
+        let durations = match span.kind {
+            SpanKind::Server => &self.server_duration,
+            SpanKind::Client => &self.client_duration,
         };
-        self.istio_requests.get_or_create(&istio).inc();
-        self.istio_duration.get_or_create(&istio).observe(secs * 1000.0);
+        durations.with(http, |h| h.observe(secs));
+        let reporter = match span.kind {
+            SpanKind::Server => "destination",
+            SpanKind::Client => "source",
+        };
+        let flags = span.unanswered.map_or("-", |u| u.response_flags(span.kind));
+        let istio = vec![
+            ("reporter", reporter.to_owned()),
+            ("source_workload", peers.source_workload.clone()),
+            ("source_workload_namespace", peers.source_namespace.clone()),
+            ("destination_workload", peers.destination_workload.clone()),
+            ("destination_workload_namespace", peers.destination_namespace.clone()),
+            ("destination_service", peers.destination_service.clone()),
+            ("request_protocol", "http".to_owned()),
+            ("response_code", status),
+            ("response_flags", flags.to_owned()),
+        ];
+        self.istio_requests.with(istio.clone(), |c| {
+            c.inc();
+        });
+        self.istio_duration.with(istio, |h| h.observe(secs * 1000.0));
     }
 
     /// The text exposition of every series.
@@ -147,8 +133,18 @@ impl Prometheus {
     }
 }
 
+/// `server.address` of a client request: the host its target names
+/// (absolute or authority form), else the peer's IP.
+pub(super) fn client_server_address(span: &Span) -> String {
+    match span.target_authority() {
+        Some((host, _)) => crate::http::cut(host, 256).to_owned(),
+        None => span.server.map(|s| s.ip().to_string()).unwrap_or_default(),
+    }
+}
+
 /// Self-metrics that are levels, not totals.
-const GAUGES: [&str; 3] = [
+const GAUGES: [&str; 4] = [
+    "correlator_state_bytes",
     "conns_tracked",
     "kernel_ringbuf_used_bytes",
     "kernel_ringbuf_size_bytes",

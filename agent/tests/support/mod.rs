@@ -3,9 +3,13 @@
 //! and collects the spans the agent prints as JSON.
 #![allow(dead_code)]
 
+pub mod chain;
 pub mod fake_k8s;
+pub mod nodes;
 pub mod otlp;
 mod pods;
+pub mod safety;
+pub mod spans;
 
 pub use pods::*;
 
@@ -342,4 +346,11 @@ pub fn rebind(runtime: &tokio::runtime::Runtime, addr: std::net::SocketAddr) -> 
             }
         }
     })
+}
+
+impl Agent {
+    /// The agent process id (to look at what it holds in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }

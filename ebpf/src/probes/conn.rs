@@ -296,3 +296,15 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     }
     0
 }
+
+/// A new program in a process: userspace decides its linking policy before
+/// it can serve (and the policy of a reused pid is forgotten).
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    let Some((_, tgid, tid)) = current() else {
+        return 0;
+    };
+    let _ = crate::maps::LINK_POLICY.remove(&tgid);
+    crate::capture::emit_exec(tgid, tid);
+    0
+}

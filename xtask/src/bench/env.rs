@@ -328,9 +328,10 @@ pub fn spans_received(log: &Path) -> u64 {
 }
 
 /// The meshless agent on the host, exporting every span to the host's rotel.
-pub fn start_meshless(bin: &Path, dir: &Path) -> Result<Proc> {
+pub fn start_meshless(bin: &Path, dir: &Path, extra: &[&str]) -> Result<Proc> {
     let log = dir.join("meshless.log");
     let mut c = Command::new(bin);
+    c.args(extra);
     c.args(["--otlp-endpoint", &format!("http://127.0.0.1:{OTLP_PORT}")])
         .args([
             "--metrics-addr",

@@ -48,17 +48,27 @@ pub struct BenchArgs {
 pub enum Mode {
     Baseline,
     Sidecar,
+    /// The agent with its defaults: trace context in TCP options.
     Meshless,
+    /// The agent with `--propagation off`: nothing touches traffic.
+    #[serde(rename = "meshless-propagation-off")]
+    MeshlessNoPropagation,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 3] = [Mode::Baseline, Mode::Sidecar, Mode::Meshless];
+    pub const ALL: [Mode; 4] = [
+        Mode::Baseline,
+        Mode::Sidecar,
+        Mode::Meshless,
+        Mode::MeshlessNoPropagation,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Mode::Baseline => "baseline",
             Mode::Sidecar => "sidecar",
             Mode::Meshless => "meshless",
+            Mode::MeshlessNoPropagation => "meshless, propagation off",
         }
     }
 
@@ -68,7 +78,7 @@ impl Mode {
         match self {
             Mode::Baseline => 0,
             Mode::Sidecar => 1,
-            Mode::Meshless => 2,
+            Mode::Meshless | Mode::MeshlessNoPropagation => 2,
         }
     }
 }
@@ -136,18 +146,18 @@ pub fn run(root: &Path, mut args: BenchArgs) -> Result<()> {
     let _nginx = start_nginx(&work)?;
 
     let per_run = args.duration + 12;
-    let total = u64::from(args.rounds) * args.rates.len() as u64 * 3 + 3;
+    let total = u64::from(args.rounds) * args.rates.len() as u64 * Mode::ALL.len() as u64 + 3;
     let started = Instant::now();
     let mut done = 0u64;
     let mut runs = Vec::new();
     'rounds: for round in 0..args.rounds {
         for &rate in &args.rates {
-            for i in 0..3 {
+            for i in 0..Mode::ALL.len() {
                 if stop.load(Ordering::SeqCst) {
                     break 'rounds;
                 }
                 // Interleave: each round starts with a different mode.
-                let mode = Mode::ALL[(i + round as usize) % 3];
+                let mode = Mode::ALL[(i + round as usize) % Mode::ALL.len()];
                 let left = (total - done) * per_run;
                 step(&format!(
                     "[{}/{total}] round {}/{} · {rate} req/s · {} · ~{}m{:02}s left",
@@ -302,9 +312,10 @@ fn start_mode(t: &Tools, work: &Path, mode: Mode, tag: &str) -> Result<Running> 
                 rotel_log: Some(rotel_log),
             }
         }
-        Mode::Meshless => {
+        Mode::Meshless | Mode::MeshlessNoPropagation => {
             let rotel = start_rotel(&t.rotel, None, &rotel_log)?;
-            let agent = start_meshless(&t.meshless, work)?;
+            let propagation = if mode == Mode::Meshless { "tcp-options" } else { "off" };
+            let agent = start_meshless(&t.meshless, work, &["--propagation", propagation])?;
             Running {
                 proxy: Some(agent.pid()),
                 collector: Some(rotel.pid()),

@@ -310,10 +310,11 @@ impl Report {
             .draw()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         for (i, s) in added.iter().enumerate() {
-            let color = if s.mode == Mode::Sidecar {
-                RED.mix(0.4 + 0.2 * (i % 3) as f64)
-            } else {
-                BLUE.mix(0.4 + 0.2 * (i % 3) as f64)
+            let shade = 0.4 + 0.2 * (i % 3) as f64;
+            let color = match s.mode {
+                Mode::Sidecar => RED.mix(shade),
+                Mode::Meshless => BLUE.mix(shade),
+                _ => GREEN.mix(shade),
             };
             let pts: Vec<(f64, f64)> = s
                 .added_ms
@@ -350,8 +351,12 @@ impl Report {
             .x_desc("req/s")
             .draw()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        for mode in [Mode::Sidecar, Mode::Meshless] {
-            let color = if mode == Mode::Sidecar { RED } else { BLUE };
+        for mode in [Mode::Sidecar, Mode::Meshless, Mode::MeshlessNoPropagation] {
+            let color = match mode {
+                Mode::Sidecar => RED,
+                Mode::Meshless => BLUE,
+                _ => GREEN,
+            };
             let pts: Vec<(f64, f64)> = cpu
                 .iter()
                 .filter(|s| s.mode == mode)

@@ -1,0 +1,196 @@
+//! A metric family whose number of series is bounded and whose idle series
+//! expire. Label values come from traffic the traced processes control
+//! (methods, peers, pod IPs that churn), so without a cap one client can
+//! grow `/metrics` without end.
+//!
+//! Past the cap a recording goes to one overflow series labelled only
+//! `otel_metric_overflow="true"`, as the OpenTelemetry SDKs do
+//! (`otel.metric.overflow`), and is counted. prometheus-client has no cap
+//! or expiry of its own; its `Family` is kept for storage and encoding and
+//! a side table remembers when each series was last written.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use prometheus_client::metrics::family::Family;
+
+use crate::stats::Stats;
+
+/// Label set of a bounded family, in a fixed order per family.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// Most series one family keeps (the overflow series comes on top).
+pub const MAX_SERIES_PER_FAMILY: usize = 2000;
+/// Series not written for this long are removed.
+pub const SERIES_EXPIRY_SECS: u64 = 10 * 60;
+/// How often stale series are looked for.
+const SWEEP_EVERY_SECS: u64 = 30;
+
+/// The label set of the overflow series.
+pub fn overflow_labels() -> Labels {
+    vec![("otel_metric_overflow", "true".to_owned())]
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SeriesLimits {
+    pub max_series: usize,
+    pub expiry_secs: u64,
+}
+
+impl Default for SeriesLimits {
+    fn default() -> Self {
+        Self {
+            max_series: MAX_SERIES_PER_FAMILY,
+            expiry_secs: SERIES_EXPIRY_SECS,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tracker {
+    /// Second (since `epoch`) each series was last written.
+    last_write: HashMap<Labels, u64>,
+    last_sweep: u64,
+}
+
+/// A `Family` with a series cap and expiry.
+#[derive(Debug)]
+pub struct Bounded<M> {
+    family: Family<Labels, M, fn() -> M>,
+    tracker: Mutex<Tracker>,
+    limits: SeriesLimits,
+    epoch: Instant,
+    stats: Arc<Stats>,
+}
+
+impl<M: prometheus_client::metrics::TypedMetric> Bounded<M> {
+    pub fn new(constructor: fn() -> M, limits: SeriesLimits, stats: Arc<Stats>) -> Self {
+        Self {
+            family: Family::new_with_constructor(constructor),
+            tracker: Mutex::new(Tracker::default()),
+            limits,
+            epoch: Instant::now(),
+            stats,
+        }
+    }
+
+    /// The family to register (shares storage with `self`).
+    pub fn family(&self) -> Family<Labels, M, fn() -> M> {
+        self.family.clone()
+    }
+
+    /// Writes to the series of `labels`, or to the overflow series when the
+    /// family is full.
+    pub fn with(&self, labels: Labels, write: impl FnOnce(&M)) {
+        self.with_at(labels, self.epoch.elapsed().as_secs(), write);
+    }
+
+    /// [`Bounded::with`] at a given second (tests drive time).
+    pub fn with_at(&self, labels: Labels, now_secs: u64, write: impl FnOnce(&M)) {
+        let chosen = {
+            // A poisoned lock only means another writer panicked; the table
+            // itself is still consistent.
+            let mut t = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
+            if now_secs.saturating_sub(t.last_sweep) >= SWEEP_EVERY_SECS {
+                t.last_sweep = now_secs;
+                self.expire(&mut t, now_secs);
+            }
+            if let Some(last) = t.last_write.get_mut(&labels) {
+                *last = now_secs;
+                labels
+            } else if t.last_write.len() < self.limits.max_series {
+                t.last_write.insert(labels.clone(), now_secs);
+                labels
+            } else {
+                Stats::inc(&self.stats.metric_series_overflow);
+                let overflow = overflow_labels();
+                // Tracked (so it expires too) but beyond the cap by one.
+                t.last_write.insert(overflow.clone(), now_secs);
+                overflow
+            }
+        };
+        write(&self.family.get_or_create(&chosen));
+    }
+
+    /// Series currently kept (overflow series included).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner()).last_write.len()
+    }
+
+    fn expire(&self, t: &mut Tracker, now_secs: u64) {
+        let expiry = self.limits.expiry_secs;
+        let family = &self.family;
+        let stats = &self.stats;
+        t.last_write.retain(|labels, last| {
+            let keep = now_secs.saturating_sub(*last) < expiry;
+            if !keep {
+                family.remove(labels);
+                Stats::inc(&stats.metric_series_expired);
+            }
+            keep
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::metrics::counter::Counter;
+
+    use super::*;
+
+    fn labels(i: usize) -> Labels {
+        vec![("http_request_method", format!("M{i}"))]
+    }
+
+    fn bounded(max_series: usize) -> (Bounded<Counter>, Arc<Stats>) {
+        let stats = Arc::new(Stats::default());
+        let limits = SeriesLimits {
+            max_series,
+            expiry_secs: 600,
+        };
+        (Bounded::new(Counter::default, limits, stats.clone()), stats)
+    }
+
+    #[test]
+    fn series_past_the_cap_go_to_one_overflow_series_and_are_counted() {
+        let (b, stats) = bounded(10);
+        for i in 0..3000 {
+            b.with_at(labels(i), 0, |c| {
+                c.inc();
+            });
+        }
+        assert_eq!(b.len(), 11);
+        assert_eq!(b.family.get_or_create(&overflow_labels()).get(), 2990);
+        assert_eq!(
+            stats.metric_series_overflow.load(std::sync::atomic::Ordering::Relaxed),
+            2990
+        );
+        // Existing series keep counting.
+        b.with_at(labels(3), 1, |c| {
+            c.inc();
+        });
+        assert_eq!(b.family.get_or_create(&labels(3)).get(), 2);
+    }
+
+    #[test]
+    fn series_not_written_for_the_expiry_period_are_removed() {
+        let (b, stats) = bounded(10);
+        b.with_at(labels(1), 0, |c| {
+            c.inc();
+        });
+        b.with_at(labels(2), 500, |c| {
+            c.inc();
+        });
+        b.with_at(labels(2), 700, |c| {
+            c.inc();
+        });
+        assert_eq!(b.len(), 1, "series 1 expired, series 2 is fresh");
+        assert_eq!(
+            stats.metric_series_expired.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+}
