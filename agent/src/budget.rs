@@ -244,7 +244,7 @@ impl<T> Charged<T> {
 pub fn event_bytes(ev: &Event) -> u64 {
     let payload = match &ev.body {
         crate::capture::EventBody::Data { payload, .. } => payload.len(),
-        crate::capture::EventBody::Close => 0,
+        _ => 0,
     };
     (std::mem::size_of::<Event>() + payload) as u64
 }

@@ -394,6 +394,7 @@ mod direct {
             request_headers: headers,
             response_headers: Vec::new(),
             truncated: false,
+            unanswered: None,
         }
     }
 

@@ -151,11 +151,6 @@ impl Agent {
             .collect()
     }
 
-    /// The agent's process id (to sample its RSS).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     pub fn stderr(&self) -> Vec<String> {
         self.stderr.lock().expect("stderr lock").clone()
     }
