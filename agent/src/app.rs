@@ -14,19 +14,21 @@ use std::{
 
 use anyhow::Context;
 use tokio::{signal::unix::SignalKind, sync::mpsc, time};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     admin,
-    capture::{self, loader, Event},
+    budget::{self, Charged, Reason, Share},
+    capture::{self, loader, EventBatch},
     clock::Clock,
     config::{otel::ExportSettings, Config, LogFormat},
     correlate::{Correlator, Limits},
     export::{
         console::{Console, Format},
-        otlp::{self, OtlpTraces},
+        otlp::{self, OtlpTraces, SpanBatch},
         resource::{self, Resources},
     },
+    health::{Health, Heartbeat},
     k8s::{
         self,
         index::{Index, NamespaceFilter, Verdict},
@@ -59,14 +61,16 @@ pub fn init_logging(config: &Config) {
 
 /// Where routed spans go.
 struct Sinks {
-    console: Option<mpsc::Sender<Vec<Span>>>,
-    otlp: Option<mpsc::Sender<Vec<Span>>>,
+    console: Option<mpsc::Sender<SpanBatch>>,
+    otlp: Option<mpsc::Sender<SpanBatch>>,
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let settings = ExportSettings::from_config(&config)?;
     let node = config.kubernetes_node().map_err(anyhow::Error::msg)?;
     let stats = Arc::new(Stats::default());
+    stats.budget.set_limit(config.memory_limit);
+    let health = Health::default();
     let ready: admin::Ready = Arc::default();
     let prometheus = Arc::new(Prometheus::new(stats.clone()));
     // Build exporters before loading probes: bad settings fail fast.
@@ -87,7 +91,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
         .transpose()?;
     let admin = match config.metrics_addr.0 {
-        Some(addr) => Some(admin::bind(addr, prometheus.clone(), ready.clone()).await?),
+        Some(addr) => Some(admin::bind(addr, prometheus.clone(), ready.clone(), health.clone()).await?),
         None => None,
     };
 
@@ -134,13 +138,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(serve);
     }
 
-    let (capture_to_correlate, events_rx) = mpsc::channel::<Vec<Event>>(CHANNEL_BATCHES);
+    let (capture_to_correlate, events_rx) = mpsc::channel::<EventBatch>(CHANNEL_BATCHES);
     let capture = tokio::spawn(capture::run(
         events,
         config.poll_interval(),
         capture_to_correlate,
         stats.clone(),
         capture::Confirmer::spawn(verdicts),
+        health.stage("capture"),
     ));
 
     let mut export_threads = Vec::new();
@@ -149,19 +154,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         otlp: None,
     };
     if settings.console {
-        let (tx, rx) = mpsc::channel::<Vec<Span>>(CHANNEL_BATCHES);
+        let (tx, rx) = mpsc::channel::<SpanBatch>(CHANNEL_BATCHES);
+        let hb = health.stage_with("export-console", pending(&tx));
         sinks.console = Some(tx);
         let (format, query, st) = (config.console_format, settings.capture_query, stats.clone());
         export_threads.push(
             std::thread::Builder::new()
                 .name("export-console".into())
-                .spawn(move || console_stage(format, query, rx, &st))
+                .spawn(move || console_stage(format, query, rx, &st, hb))
                 .context("starting the console exporter thread")?,
         );
     }
     if let (Some(exporter), Some(target)) = (span_exporter, &settings.otlp_traces) {
-        let (tx, rx) = mpsc::channel::<Vec<Span>>(CHANNEL_BATCHES);
+        let (tx, rx) = mpsc::channel::<SpanBatch>(CHANNEL_BATCHES);
         sinks.otlp = Some(tx);
+        let hb = health.stage("export-otlp");
         let resources = Resources::new(
             settings.resource_attributes.clone(),
             settings.service_names.clone(),
@@ -178,7 +185,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         export_threads.push(
             std::thread::Builder::new()
                 .name("export-otlp".into())
-                .spawn(move || otlp_stage(stage, rx))
+                .spawn(move || otlp_stage(stage, rx, hb))
                 .context("starting the OTLP exporter thread")?,
         );
     }
@@ -186,6 +193,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let limits = Limits {
         max_conns: config.max_connections as usize,
         idle_timeout_ns: config.idle_timeout_secs * 1_000_000_000,
+        max_state_bytes: stats.budget.limit_of(Share::Correlate) as usize,
         ..Limits::default()
     };
     let router = Router {
@@ -202,7 +210,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(tx) = classify {
         correlator.notify_new_processes(tx);
     }
-    let correlate = tokio::spawn(correlate_stage(correlator, events_rx, router));
+    let correlate = tokio::spawn(correlate_stage(
+        correlator,
+        events_rx,
+        router,
+        health.stage("correlate"),
+    ));
     info!(
         tracepoints = loader::TRACEPOINTS.len(),
         ringbuf_mib = config.ringbuf_mib,
@@ -225,11 +238,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
     report.tick().await;
     let mut kernel_check = time::interval(KERNEL_CHECK);
+    let mut supervise = Supervisor::new(health.clone());
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
             _ = report.tick(), if !report_every.is_zero() => log_stats(&stats, "statistics"),
+            _ = supervise.tick.tick() => supervise.check(),
             _ = kernel_check.tick() => {
                 read_kernel_counters(&counters, &stats);
                 Stats::set(&stats.kernel_ringbuf_used_bytes, loader::take_ringbuf_high_water(&mut counters));
@@ -237,6 +252,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     info!("stopping: detaching probes and flushing spans");
+    health.stopping();
     capture.abort();
     let _ = capture.await;
     drop(ebpf);
@@ -333,16 +349,18 @@ impl Router {
 
 async fn correlate_stage(
     mut correlator: Correlator,
-    mut events_rx: mpsc::Receiver<Vec<Event>>,
+    mut events_rx: mpsc::Receiver<EventBatch>,
     mut router: Router,
+    heartbeat: Heartbeat,
 ) -> Option<OtlpMetrics> {
     let mut tick = time::interval(TICK);
     tick.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
     let mut spans = Vec::new();
     loop {
+        heartbeat.beat();
         tokio::select! {
             batch = events_rx.recv() => match batch {
-                Some(batch) => batch.into_iter().for_each(|ev| correlator.handle(ev, &mut spans)),
+                Some(mut batch) => batch.items.drain(..).for_each(|ev| correlator.handle(ev, &mut spans)),
                 None => break,
             },
             _ = tick.tick() => {
@@ -356,13 +374,22 @@ async fn correlate_stage(
     }
     correlator.flush(&mut spans);
     router.route(spans);
+    heartbeat.finish();
     router.otlp_metrics.take()
 }
 
-fn send_spans(batch: Vec<Span>, tx: &mpsc::Sender<Vec<Span>>, stats: &Stats) {
+/// Hands spans to an exporter if their bytes fit the budget and the
+/// exporter keeps up; otherwise sheds them, counted.
+fn send_spans(batch: Vec<Span>, tx: &mpsc::Sender<SpanBatch>, stats: &Stats) {
     let n = batch.len() as u64;
-    if tx.try_send(batch).is_err() {
+    let bytes = batch.iter().map(budget::span_bytes).sum();
+    let Some(charge) = stats.budget.charge(Share::Spans, bytes) else {
         Stats::add(&stats.spans_dropped, n);
+        return stats.budget.shed(Reason::SpanBudget, n);
+    };
+    if tx.try_send(Charged::new(batch, charge)).is_err() {
+        Stats::add(&stats.spans_dropped, n);
+        stats.budget.shed(Reason::SpanQueue, n);
     }
 }
 
@@ -380,31 +407,43 @@ fn lower_priority() {
 }
 
 /// The OTLP exporter on its own low-priority thread and runtime.
-fn otlp_stage(stage: OtlpTraces, rx: mpsc::Receiver<Vec<Span>>) {
+fn otlp_stage(stage: OtlpTraces, rx: mpsc::Receiver<SpanBatch>, heartbeat: Heartbeat) {
     lower_priority();
     match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt.block_on(stage.run(rx)),
-        Err(error) => warn!(%error, "cannot start the OTLP exporter runtime; spans will not be exported"),
+        Ok(rt) => rt.block_on(stage.run(rx, heartbeat)),
+        Err(error) => {
+            warn!(%error, "cannot start the OTLP exporter runtime; spans will not be exported");
+            heartbeat.fail(format!("cannot start its runtime: {error}"));
+        }
     }
 }
 
-fn console_stage(format: Format, capture_query: bool, mut spans_rx: mpsc::Receiver<Vec<Span>>, stats: &Stats) {
+fn console_stage(
+    format: Format,
+    capture_query: bool,
+    mut spans_rx: mpsc::Receiver<SpanBatch>,
+    stats: &Stats,
+    heartbeat: Heartbeat,
+) {
     lower_priority();
     let stdout = std::io::stdout();
     let mut console = Console::new(format, capture_query, std::io::BufWriter::new(stdout.lock()));
     while let Some(batch) = spans_rx.blocking_recv() {
+        heartbeat.beat();
+        let batch = batch.items;
         match console.write(&batch) {
             Ok(()) => Stats::add(&stats.spans_exported, batch.len() as u64),
             Err(error) => {
                 Stats::add(&stats.spans_dropped, batch.len() as u64);
                 if error.kind() == std::io::ErrorKind::BrokenPipe {
                     warn!("stdout closed; console exporter stops");
-                    return;
+                    return heartbeat.fail("stdout closed");
                 }
                 warn!(%error, "console write failed");
             }
         }
     }
+    heartbeat.finish();
 }
 
 /// Copies the kernel's per-CPU counters into [`Stats`]; warns on new losses.
@@ -450,4 +489,42 @@ fn read_kernel_counters(counters: &aya::maps::PerCpuArray<aya::maps::MapData, u6
 fn log_stats(stats: &Stats, what: &str) {
     let all: Vec<String> = stats.snapshot().iter().map(|(k, v)| format!("{k}={v}")).collect();
     info!(counters = %all.join(" "), "{what}");
+}
+
+/// Whether a channel-fed stage has input waiting (a stage that sleeps on
+/// its channel is only stalled if something is queued for it). Holds a
+/// weak sender so the channel still closes on shutdown.
+fn pending(tx: &mpsc::Sender<SpanBatch>) -> crate::health::Pending {
+    let weak = tx.downgrade();
+    Box::new(move || weak.upgrade().is_some_and(|tx| tx.capacity() < tx.max_capacity()))
+}
+
+/// Logs when the stages' health changes (what `/healthz` then reports).
+struct Supervisor {
+    health: Health,
+    tick: time::Interval,
+    last: Vec<String>,
+}
+
+impl Supervisor {
+    fn new(health: Health) -> Self {
+        Self {
+            health,
+            tick: time::interval(Duration::from_secs(1)),
+            last: Vec::new(),
+        }
+    }
+
+    fn check(&mut self) {
+        let now = self.health.problems();
+        if now == self.last {
+            return;
+        }
+        if now.is_empty() {
+            info!("all stages healthy again");
+        } else {
+            error!(problems = %now.join("; "), "a pipeline stage failed: /healthz reports unhealthy");
+        }
+        self.last = now;
+    }
 }

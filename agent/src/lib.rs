@@ -5,11 +5,13 @@
 //! → `export` (console). `app` wires the stages together.
 pub mod admin;
 pub mod app;
+pub mod budget;
 pub mod capture;
 pub mod clock;
 pub mod config;
 pub mod correlate;
 pub mod export;
+pub mod health;
 pub mod http;
 pub mod k8s;
 pub mod metrics;

@@ -7,6 +7,8 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub struct Stats {
             $(#[doc = $doc] pub $name: AtomicU64,)*
+            /// The memory budget and its per-reason drop counters.
+            pub budget: std::sync::Arc<crate::budget::Budget>,
         }
 
         impl Stats {

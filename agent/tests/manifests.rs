@@ -45,6 +45,16 @@ fn the_daemonset_is_least_privileged_probed_limited_and_runs_everywhere() {
     let c = &pod.containers[0];
     let sc = c.security_context.clone().expect("securityContext");
     assert_ne!(sc.privileged, Some(true), "never privileged");
+    assert_eq!(sc.allow_privilege_escalation, Some(false), "no privilege escalation");
+    let seccomp = sc
+        .seccomp_profile
+        .clone()
+        .or_else(|| pod.security_context.clone().and_then(|p| p.seccomp_profile))
+        .expect("a seccomp profile");
+    assert_eq!(
+        seccomp.type_, "RuntimeDefault",
+        "confined by the runtime's default profile"
+    );
     let caps = sc.capabilities.expect("capabilities");
     assert_eq!(caps.drop, Some(vec!["ALL".to_owned()]));
     let mut added = caps.add.expect("added capabilities");
@@ -98,6 +108,35 @@ fn the_daemonset_is_least_privileged_probed_limited_and_runs_everywhere() {
             .unwrap_or_else(|| panic!("{path} mounted"));
         assert_eq!(m.read_only, Some(true), "{path} read-only");
     }
+}
+
+/// Bytes of a Kubernetes quantity like `256Mi`, with the agent's own parser.
+fn bytes(q: &str) -> u64 {
+    meshless::config::parse_bytes(q).unwrap_or_else(|e| panic!("{q}: {e}"))
+}
+
+#[test]
+fn the_memory_budget_leaves_headroom_under_the_container_limit() {
+    let docs = rendered();
+    let ds: DaemonSet = one(&docs, "DaemonSet");
+    let c = ds.spec.template.spec.expect("pod spec").containers[0].clone();
+    let limit = c
+        .resources
+        .and_then(|r| r.limits)
+        .and_then(|l| l.get("memory").cloned())
+        .expect("memory limit");
+    let budget = c
+        .env
+        .unwrap_or_default()
+        .into_iter()
+        .find(|e| e.name == "MESHLESS_MEMORY_LIMIT")
+        .and_then(|e| e.value)
+        .expect("MESHLESS_MEMORY_LIMIT set next to the limit");
+    let (budget, limit) = (bytes(&budget), bytes(&limit.0));
+    assert!(
+        budget * 2 <= limit,
+        "budget {budget} must leave room for code, ring buffer and slack under {limit}"
+    );
 }
 
 #[test]

@@ -331,3 +331,225 @@ fn a_malformed_endpoint_or_sampler_fails_at_start_naming_the_setting() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("OTEL_EXPORTER_OTLP_ENDPOINT"));
 }
+
+// --- The export stage driven directly with synthetic spans (no kernel). ---
+
+mod direct {
+    use std::{
+        collections::HashMap,
+        sync::{
+            atomic::{AtomicBool, AtomicU64, Ordering},
+            Arc,
+        },
+        time::Duration,
+    };
+
+    use meshless::{
+        budget::{self, Charged, Reason, Share},
+        config::otel::{OtlpTarget, Protocol},
+        export::{
+            otlp::{self, OtlpTraces},
+            resource::Resources,
+        },
+        health::Health,
+        span::{Process, Span, SpanKind},
+        stats::Stats,
+        trace_context::{SpanId, TraceId},
+    };
+
+    use super::support::otlp::*;
+
+    /// A server span whose path carries its number, with `header_bytes`
+    /// of allow-listed header values to make it as large as wanted.
+    pub fn span(i: usize, header_bytes: usize) -> Span {
+        let headers = (0..header_bytes.div_ceil(2048))
+            .map(|h| (format!("x-big-{h}"), "b".repeat(2048.min(header_bytes - h * 2048))))
+            .collect();
+        Span {
+            trace_id: TraceId::random(),
+            span_id: SpanId::random(),
+            parent_span_id: None,
+            sampled: true,
+            parent_is_remote: false,
+            trace_state: None,
+            kind: SpanKind::Server,
+            start_unix_nano: 1_800_000_000_000_000_000,
+            end_unix_nano: 1_800_000_000_001_000_000,
+            method: "GET".into(),
+            target: format!("/direct/{i}"),
+            status_code: Some(200),
+            protocol_version: "1.1",
+            client: Some("127.0.0.1:40000".parse().expect("addr")),
+            server: Some("127.0.0.1:8080".parse().expect("addr")),
+            process: Process {
+                pid: 4242,
+                tid: 4242,
+                comm: "direct-test".into(),
+                cgroup_id: 1,
+            },
+            peer_comm: None,
+            k8s: None,
+            peer_k8s: None,
+            user_agent: None,
+            request_headers: headers,
+            response_headers: Vec::new(),
+            truncated: false,
+            unanswered: None,
+        }
+    }
+
+    /// Runs the OTLP stage against `receiver` until every batch is sent and
+    /// the stage has flushed; returns how long that took.
+    pub fn export(
+        receiver: &Receiver,
+        transport: Transport,
+        timeout: Duration,
+        stats: &Arc<Stats>,
+        batches: Vec<Vec<Span>>,
+    ) -> Duration {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let started = std::time::Instant::now();
+        let health = Health::default();
+        rt.block_on(async {
+            let (protocol, endpoint) = match transport {
+                Transport::Grpc => (Protocol::Grpc, receiver.endpoint()),
+                Transport::Http => (Protocol::HttpProtobuf, format!("{}/v1/traces", receiver.endpoint())),
+            };
+            let target = OtlpTarget {
+                endpoint,
+                protocol,
+                headers: Vec::new(),
+                timeout,
+                insecure: false,
+                ca_file: None,
+            };
+            let exporter = otlp::build_span_exporter(&target).expect("exporter");
+            let resources = Resources::new(Vec::new(), HashMap::new(), None);
+            let stage = OtlpTraces::new(
+                exporter,
+                target.endpoint.clone(),
+                resources,
+                false,
+                16_384,
+                stats.clone(),
+            );
+            let (tx, rx) = tokio::sync::mpsc::channel(256);
+            let run = tokio::spawn(stage.run(rx, health.stage("export-otlp")));
+            for batch in batches {
+                let bytes = batch.iter().map(budget::span_bytes).sum();
+                match stats.budget.charge(Share::Spans, bytes) {
+                    Some(charge) => tx.send(Charged::new(batch, charge)).await.expect("stage alive"),
+                    None => stats.budget.shed(Reason::SpanBudget, batch.len() as u64),
+                }
+            }
+            drop(tx);
+            run.await.expect("stage ran");
+        });
+        assert!(health.problems().is_empty(), "{:?}", health.problems());
+        started.elapsed()
+    }
+
+    fn load(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    fn retries_until_the_collector_accepts(transport: Transport) {
+        let receiver = Receiver::start(transport);
+        receiver.refuse_next(2);
+        let stats = Arc::new(Stats::default());
+        let spans: Vec<Span> = (0..10).map(|i| span(i, 0)).collect();
+        export(&receiver, transport, Duration::from_secs(10), &stats, vec![spans]);
+        assert_eq!(receiver.refused(), 2);
+        let got = receiver.wait_spans(
+            |s| s.attr("url.path").is_some_and(|p| p.starts_with("/direct/")),
+            10,
+            Duration::from_secs(5),
+        );
+        assert_eq!(got.len(), 10);
+        assert_eq!(load(&stats.otlp_spans_exported), 10);
+        assert_eq!(load(&stats.otlp_spans_dropped), 0);
+        assert_eq!(stats.budget.used(Share::Export), 0, "bytes given back");
+    }
+
+    #[test]
+    fn grpc_unavailable_twice_is_retried_and_the_spans_arrive() {
+        retries_until_the_collector_accepts(Transport::Grpc);
+    }
+
+    #[test]
+    fn http_503_twice_is_retried_and_the_spans_arrive() {
+        retries_until_the_collector_accepts(Transport::Http);
+    }
+
+    #[test]
+    fn a_collector_down_past_the_retry_budget_costs_counted_drops_and_bounded_memory() {
+        let mut receiver = Receiver::start(Transport::Grpc);
+        receiver.pause();
+        let stats = Arc::new(Stats::default());
+        stats.budget.set_limit(2 << 20);
+        let cap = stats.budget.limit_of(Share::Export);
+        let peak = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let (stats, peak, done) = (stats.clone(), peak.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    peak.fetch_max(stats.budget.used(Share::Export), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        let n = 2000;
+        let batches = (0..n / 50)
+            .map(|b| (0..50).map(|i| span(b * 50 + i, 2048)).collect())
+            .collect();
+        let took = export(&receiver, Transport::Grpc, Duration::from_millis(500), &stats, batches);
+        done.store(true, Ordering::Relaxed);
+        sampler.join().expect("sampler");
+        let shed_or_failed = stats.budget.dropped(Reason::ExportFailed)
+            + stats.budget.dropped(Reason::ExportBudget)
+            + stats.budget.dropped(Reason::SpanBudget);
+        assert_eq!(shed_or_failed, n as u64, "every span is accounted for");
+        assert!(
+            stats.budget.dropped(Reason::ExportFailed) > 0,
+            "retries ran out and were counted"
+        );
+        assert!(
+            stats.budget.dropped(Reason::ExportBudget) + stats.budget.dropped(Reason::SpanBudget) > 0,
+            "the queues shed at their shares"
+        );
+        assert_eq!(load(&stats.otlp_spans_exported), 0);
+        let peak = peak.load(Ordering::Relaxed);
+        assert!(peak > 0 && peak <= cap, "export queue peaked at {peak} of {cap} bytes");
+        assert_eq!(stats.budget.used(Share::Export), 0);
+        assert!(took < Duration::from_secs(30), "gave up in bounded time: {took:?}");
+    }
+
+    #[test]
+    fn large_batches_are_split_into_requests_under_the_4_mib_grpc_limit() {
+        let receiver = Receiver::start(Transport::Grpc);
+        let stats = Arc::new(Stats::default());
+        // 256 spans of ~32 KiB: 8 MiB in one flush, twice what a gRPC
+        // server accepts per request by default.
+        let spans: Vec<Span> = (0..256).map(|i| span(i, 32 * 1024)).collect();
+        export(&receiver, Transport::Grpc, Duration::from_secs(10), &stats, vec![spans]);
+        let got = receiver.wait_spans(
+            |s| s.attr("url.path").is_some_and(|p| p.starts_with("/direct/")),
+            256,
+            Duration::from_secs(5),
+        );
+        assert_eq!(got.len(), 256, "dropped: {}", load(&stats.otlp_spans_dropped));
+        let raw = receiver.raw();
+        let total: usize = raw.iter().map(Vec::len).sum();
+        assert!(
+            total > 4 << 20,
+            "the spans needed more than one request ({total} bytes)"
+        );
+        for r in &raw {
+            assert!(r.len() < 4 << 20, "a request of {} bytes", r.len());
+        }
+    }
+}

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod setup;
+mod soak;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Build, run and test meshless")]
@@ -42,6 +43,9 @@ enum Cmd {
     /// added at fixed rates, CPU and memory, span completeness. Writes
     /// docs/bench/results.{json,md} and overhead.svg.
     Bench(bench::BenchArgs),
+    /// A release agent under steady traffic plus churn for N minutes:
+    /// RSS, CPU and drops every second into docs/soak/soak.{json,svg}.
+    Soak(soak::SoakArgs),
     /// rustfmt and clippy with warnings denied.
     Lint,
 }
@@ -54,6 +58,7 @@ fn main() -> Result<()> {
         Cmd::Run { debug, agent_args } => run(&root, debug, &agent_args),
         Cmd::Test { cargo_args } => test(&root, &cargo_args),
         Cmd::Bench(args) => bench::run(&root, args),
+        Cmd::Soak(args) => soak::run(&root, args),
         Cmd::Lint => lint(&root),
     }
 }
@@ -135,6 +140,16 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
             rounds: 0,
             connections: 0,
             out: None,
+        },
+    )?;
+    step("a one-minute soak (the long one: `cargo xtask soak --minutes 30`)");
+    let out = root.join("target/soak-quick");
+    soak::run(
+        root,
+        soak::SoakArgs {
+            minutes: 1,
+            memory_limit: "128Mi".into(),
+            out: Some(out),
         },
     )
 }

@@ -18,18 +18,30 @@ use tracing::warn;
 pub use confirm::Confirmer;
 pub use event::{ConnKey, Event, EventBody, SocketInfo};
 
-use crate::stats::Stats;
+use crate::{
+    budget::{self, Charged, Reason, Share},
+    health::Heartbeat,
+    stats::Stats,
+};
 
 /// Most events handed downstream in one batch.
 const MAX_BATCH: usize = 4096;
+/// Most bytes in one batch: what is held outside the budget while a batch
+/// is being built stays a small constant.
+const MAX_BATCH_BYTES: u64 = 1 << 20;
+
+/// Events on their way to the correlator, their bytes held against the
+/// [`Share::Capture`] budget until the batch is dropped.
+pub type EventBatch = Charged<Vec<Event>>;
 
 /// Reads the ring buffer until the receiver goes away.
 pub async fn run(
     events: RingBuf<MapData>,
     poll: Duration,
-    events_tx: mpsc::Sender<Vec<Event>>,
+    events_tx: mpsc::Sender<EventBatch>,
     stats: Arc<Stats>,
     confirmer: Confirmer,
+    heartbeat: Heartbeat,
 ) -> std::io::Result<()> {
     #[allow(deprecated)] // AsyncFd::new is deprecated in tokio 1.54 in favour of a builder.
     let mut fd = AsyncFd::new(events)?;
@@ -38,12 +50,20 @@ pub async fn run(
     loop {
         tokio::select! {
             guard = fd.readable_mut() => {
-                let mut guard = guard?;
+                let mut guard = match guard {
+                    Ok(guard) => guard,
+                    Err(error) => {
+                        heartbeat.fail(format!("waiting on the ring buffer: {error}"));
+                        return Err(error);
+                    }
+                };
                 guard.clear_ready();
             }
             _ = tick.tick() => {}
         }
+        heartbeat.beat();
         if !drain(fd.get_mut(), &events_tx, &stats, &confirmer) {
+            heartbeat.finish();
             return Ok(());
         }
     }
@@ -52,36 +72,50 @@ pub async fn run(
 /// Drains every record; false when the pipeline has shut down.
 fn drain(
     ring: &mut RingBuf<MapData>,
-    events_tx: &mpsc::Sender<Vec<Event>>,
+    events_tx: &mpsc::Sender<EventBatch>,
     stats: &Stats,
     confirmer: &Confirmer,
 ) -> bool {
     let mut batch = Vec::new();
+    let mut bytes = 0;
     while let Some(record) = ring.next() {
         Stats::inc(&stats.events_read);
         if let Some((tgid, fd)) = event::unconfirmed(&record) {
             confirmer.ask(tgid, fd);
         }
         match Event::decode(&record) {
-            Ok(ev) => batch.push(ev),
+            Ok(ev) => {
+                bytes += budget::event_bytes(&ev);
+                batch.push(ev);
+            }
             Err(error) => {
                 Stats::inc(&stats.events_malformed);
                 warn!(%error, "skipping undecodable ring-buffer record");
             }
         }
-        if batch.len() >= MAX_BATCH && !send(std::mem::take(&mut batch), events_tx, stats) {
+        if (batch.len() >= MAX_BATCH || bytes >= MAX_BATCH_BYTES)
+            && !send(std::mem::take(&mut batch), std::mem::take(&mut bytes), events_tx, stats)
+        {
             return false;
         }
     }
-    batch.is_empty() || send(batch, events_tx, stats)
+    batch.is_empty() || send(batch, bytes, events_tx, stats)
 }
 
-fn send(batch: Vec<Event>, events_tx: &mpsc::Sender<Vec<Event>>, stats: &Stats) -> bool {
+/// Hands a batch on if its bytes fit the budget and the channel has room;
+/// otherwise sheds it, counted. False when the pipeline has shut down.
+fn send(batch: Vec<Event>, bytes: u64, events_tx: &mpsc::Sender<EventBatch>, stats: &Stats) -> bool {
     let n = batch.len() as u64;
-    match events_tx.try_send(batch) {
+    let Some(charge) = stats.budget.charge(Share::Capture, bytes) else {
+        Stats::add(&stats.events_dropped_queue, n);
+        stats.budget.shed(Reason::CaptureBudget, n);
+        return !events_tx.is_closed();
+    };
+    match events_tx.try_send(Charged::new(batch, charge)) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
             Stats::add(&stats.events_dropped_queue, n);
+            stats.budget.shed(Reason::CaptureQueue, n);
             true
         }
         Err(mpsc::error::TrySendError::Closed(_)) => false,

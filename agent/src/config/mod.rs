@@ -17,6 +17,7 @@ pub mod env {
     pub const LOG: &str = "MESHLESS_LOG";
     pub const LOG_FORMAT: &str = "MESHLESS_LOG_FORMAT";
     pub const RINGBUF_MIB: &str = "MESHLESS_RINGBUF_MIB";
+    pub const MEMORY_LIMIT: &str = "MESHLESS_MEMORY_LIMIT";
     pub const METRICS_ADDR: &str = "MESHLESS_METRICS_ADDR";
     pub const CAPTURE_REQUEST_HEADERS: &str = "MESHLESS_CAPTURE_REQUEST_HEADERS";
     pub const CAPTURE_RESPONSE_HEADERS: &str = "MESHLESS_CAPTURE_RESPONSE_HEADERS";
@@ -66,6 +67,15 @@ pub struct Config {
     /// absorbs longer bursts; overflow is counted, never fatal.
     #[arg(long, default_value_t = 8, env = env::RINGBUF_MIB, value_parser = parse_ringbuf_mib)]
     pub ringbuf_mib: u32,
+
+    /// Memory budget for everything traced processes can make the agent
+    /// hold (event queue, connection state, span and export queues, metric
+    /// series), e.g. `128Mi`, `1Gi`, `500M` or bytes. Past it data is shed
+    /// and counted in `meshless_dropped_total{reason}`; it never grows.
+    /// Keep it well under the container's memory limit (code, the ring
+    /// buffer and allocator slack come on top).
+    #[arg(long, default_value = "128Mi", env = env::MEMORY_LIMIT, value_parser = parse_bytes)]
+    pub memory_limit: u64,
 
     /// How often the ring buffer is drained, in milliseconds. The kernel
     /// only wakes the agent early when the buffer is filling up.
@@ -295,6 +305,31 @@ fn parse_ringbuf_mib(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
+/// A size like `192Mi`, `1Gi`, `64MiB`, `500M`, `10k` or plain bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 128Mi, 1Gi or 500M"))?;
+    let mult: u64 = match unit.trim().trim_end_matches('B') {
+        "" => 1,
+        "k" | "K" => 1000,
+        "M" => 1000 * 1000,
+        "G" => 1000 * 1000 * 1000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => return Err(format!("`{s}`: unknown unit; use Ki, Mi, Gi (or k, M, G)")),
+    };
+    let bytes = n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))?;
+    if bytes < 1 << 20 {
+        return Err(format!("`{s}` is below the 1Mi minimum the agent needs to work"));
+    }
+    Ok(bytes)
+}
+
 impl Config {
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms)
@@ -312,6 +347,20 @@ mod tests {
         let c = Config::try_parse_from(["meshless"]).expect("defaults parse");
         assert_eq!(c.console_format, Format::Human);
         assert_eq!(c.ringbuf_mib, 8);
+    }
+
+    #[test]
+    fn memory_limits_accept_kubernetes_and_si_sizes() {
+        assert_eq!(parse_bytes("192Mi"), Ok(192 << 20));
+        assert_eq!(parse_bytes("1Gi"), Ok(1 << 30));
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("500M"), Ok(500_000_000));
+        assert_eq!(parse_bytes("2097152"), Ok(2 << 20));
+        for bad in ["", "Mi", "12Xi", "-5Mi", "10Ki", "99999999999999Gi"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+        let c = Config::try_parse_from(["meshless"]).expect("defaults parse");
+        assert_eq!(c.memory_limit, crate::budget::DEFAULT_LIMIT);
     }
 
     #[test]

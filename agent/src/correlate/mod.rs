@@ -233,10 +233,18 @@ impl Correlator {
                 }
                 self.state_bytes -= bytes;
                 Stats::inc(&self.env.stats.correlator_shed_conns);
+                self.env
+                    .stats
+                    .budget
+                    .shed(crate::budget::Reason::CorrelateBudget, 1);
                 self.end_conn(key, None, 0, spans);
             }
         }
         Stats::set(&self.env.stats.correlator_state_bytes, self.state_bytes as u64);
+        self.env
+            .stats
+            .budget
+            .set_used(crate::budget::Share::Correlate, self.state_bytes as u64);
     }
 
     /// Forgets a connection, ending what its close delimits; requests

@@ -24,15 +24,25 @@ use super::{
     resource::{self, Resources, WorkloadKey},
 };
 use crate::{
+    budget::{self, Charged, Reason, Share},
     config::otel::{OtlpTarget, Protocol},
+    health::Heartbeat,
     span::{Span, SpanKind},
     stats::Stats,
 };
 
-/// Spans sent per export request.
+/// Spans taken from the queue per flush.
 const BATCH: usize = 512;
+/// Largest export request (estimated encoded bytes): under the 4 MiB that
+/// gRPC servers, the OTel Collector included, accept by default, with
+/// room for the resource and scope envelopes.
+pub const MAX_REQUEST_BYTES: usize = 3 * 1024 * 1024 + 512 * 1024;
 /// Longest a span waits in the queue before a partial batch is sent.
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
+
+/// Spans on their way to an exporter, their bytes held against the
+/// [`Share::Spans`] budget until the batch is dropped.
+pub type SpanBatch = Charged<Vec<Span>>;
 
 /// Why the exporter could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +72,8 @@ pub fn grpc_config<B: WithExportConfig + WithTonicConfig>(b: B, t: &OtlpTarget) 
     let b = b
         .with_endpoint(t.endpoint.clone())
         .with_timeout(t.timeout)
-        .with_metadata(meta);
+        .with_metadata(meta)
+        .with_retry_policy(retry_policy());
     Ok(match tls(t).map_err(|e| build_error(t, e))? {
         Some(tls) => b.with_tls_config(tls),
         None => b,
@@ -74,6 +85,22 @@ pub fn http_config<B: WithExportConfig + WithHttpConfig>(b: B, t: &OtlpTarget) -
     b.with_endpoint(t.endpoint.clone())
         .with_timeout(t.timeout)
         .with_headers(t.headers.iter().cloned().collect())
+        .with_retry_policy(retry_policy())
+}
+
+/// Retries of one export request, as the OTel exporters do: the exporter
+/// classifies failures by the OTLP spec (gRPC UNAVAILABLE, DEADLINE_EXCEEDED,
+/// RESOURCE_EXHAUSTED with RetryInfo...; HTTP 429/502/503/504, honouring
+/// Retry-After) and backs off exponentially with jitter. All attempts
+/// together stay within the export timeout (`OTEL_EXPORTER_OTLP_TIMEOUT`);
+/// then the request's spans are dropped and counted. The stage keeps
+/// taking in spans meanwhile, within the export share of the memory budget.
+pub fn retry_policy() -> opentelemetry_otlp::RetryPolicy {
+    opentelemetry_otlp::RetryPolicy::default()
+        .with_max_retries(8)
+        .with_initial_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_jitter(Duration::from_millis(200))
 }
 
 fn metadata(headers: &[(String, String)]) -> Result<tonic::metadata::MetadataMap, String> {
@@ -107,10 +134,19 @@ pub struct OtlpTraces {
     endpoint: String,
     resources: Resources,
     opts: attributes::Options,
-    queue: VecDeque<Span>,
-    capacity: usize,
+    queue: Queue,
     stats: Arc<Stats>,
     failing: bool,
+}
+
+/// One export request: spans of one workload, under the size limit.
+struct Request {
+    resource: opentelemetry_sdk::Resource,
+    spans: Vec<SpanData>,
+    /// Bytes the spans hold against the export budget until the request ends.
+    held: u64,
+    /// Estimated encoded size.
+    size: usize,
 }
 
 impl OtlpTraces {
@@ -130,86 +166,223 @@ impl OtlpTraces {
                 capture_query,
                 process: false,
             },
-            queue: VecDeque::new(),
-            capacity,
+            queue: Queue::new(capacity, stats.clone()),
             stats,
             failing: false,
         }
     }
 
-    /// Exports until `spans_rx` closes, then flushes what is queued.
-    pub async fn run(mut self, mut spans_rx: mpsc::Receiver<Vec<Span>>) {
+    /// Exports until `spans_rx` closes, then flushes what is queued. New
+    /// spans are taken in (or shed, counted) while a request is in flight,
+    /// so a slow collector never backs up into the pipeline.
+    pub async fn run(mut self, mut spans_rx: mpsc::Receiver<SpanBatch>, heartbeat: Heartbeat) {
         let mut tick = time::interval(FLUSH_EVERY);
         tick.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
-        loop {
+        let mut open = true;
+        while open {
+            heartbeat.beat();
             let ticked = tokio::select! {
                 batch = spans_rx.recv() => match batch {
                     Some(batch) => {
-                        self.enqueue(batch);
+                        self.queue.push(batch);
                         false
                     }
                     None => break,
                 },
                 _ = tick.tick() => true,
             };
-            while self.queue.len() >= BATCH {
-                self.flush().await;
-            }
-            if ticked && !self.queue.is_empty() {
-                self.flush().await;
+            while open && (self.queue.len() >= BATCH || (ticked && !self.queue.is_empty())) {
+                let before = self.queue.len();
+                for request in self.next_requests() {
+                    open &= self.export(request, &mut spans_rx, &heartbeat).await;
+                }
+                if self.queue.len() >= before {
+                    break; // refilled while exporting: wait for the next tick or batch
+                }
             }
         }
         while !self.queue.is_empty() {
-            self.flush().await;
+            for request in self.next_requests() {
+                self.export(request, &mut spans_rx, &heartbeat).await;
+            }
         }
         let _ = self.exporter.shutdown();
+        heartbeat.finish();
     }
 
-    fn enqueue(&mut self, batch: Vec<Span>) {
-        let room = self.capacity.saturating_sub(self.queue.len());
-        let dropped = batch.len().saturating_sub(room);
-        self.queue.extend(batch.into_iter().take(room));
-        if dropped > 0 {
-            Stats::add(&self.stats.otlp_spans_dropped, dropped as u64);
-        }
-    }
-
-    async fn flush(&mut self) {
-        let n = self.queue.len().min(BATCH);
-        let batch: Vec<Span> = self.queue.drain(..n).collect();
-        let mut groups: HashMap<WorkloadKey, Vec<SpanData>> = HashMap::new();
-        let mut resources = HashMap::new();
-        for span in batch {
+    /// Takes up to [`BATCH`] queued spans as requests, one per workload,
+    /// each under [`MAX_REQUEST_BYTES`] encoded.
+    fn next_requests(&mut self) -> Vec<Request> {
+        let mut groups: HashMap<WorkloadKey, Request> = HashMap::new();
+        let mut order = Vec::new();
+        let mut requests = Vec::new();
+        for (span, held) in self.queue.take(BATCH) {
             let key = resource::key_of(&span);
-            resources
-                .entry(key.clone())
-                .or_insert_with(|| self.resources.get(&span));
-            groups.entry(key).or_default().push(span_data(&span, self.opts));
+            let data = span_data(&span, self.opts);
+            let size = encoded_len_estimate(&data);
+            if size > MAX_REQUEST_BYTES {
+                self.queue.release(held);
+                self.stats.budget.shed(Reason::ExportOversize, 1);
+                Stats::inc(&self.stats.otlp_spans_dropped);
+                continue;
+            }
+            let group = groups.entry(key.clone()).or_insert_with(|| {
+                order.push(key.clone());
+                Request {
+                    resource: self.resources.get(&span),
+                    spans: Vec::new(),
+                    held: 0,
+                    size: 0,
+                }
+            });
+            if group.size + size > MAX_REQUEST_BYTES {
+                requests.push(Request {
+                    resource: group.resource.clone(),
+                    spans: std::mem::take(&mut group.spans),
+                    held: std::mem::take(&mut group.held),
+                    size: std::mem::take(&mut group.size),
+                });
+            }
+            group.spans.push(data);
+            group.held += held;
+            group.size += size;
         }
-        for (key, spans) in groups {
-            let count = spans.len() as u64;
-            if let Some(resource) = resources.get(&key) {
-                self.exporter.set_resource(resource);
+        requests.extend(order.into_iter().filter_map(|k| groups.remove(&k)));
+        requests
+    }
+
+    /// Sends one request (the exporter retries retryable failures with
+    /// backoff, see [`retry_policy`]) while still taking in new spans;
+    /// false when `spans_rx` closed meanwhile.
+    async fn export(
+        &mut self,
+        request: Request,
+        spans_rx: &mut mpsc::Receiver<SpanBatch>,
+        heartbeat: &Heartbeat,
+    ) -> bool {
+        let count = request.spans.len() as u64;
+        self.exporter.set_resource(&request.resource);
+        let (exporter, queue) = (&self.exporter, &mut self.queue);
+        let sent = exporter.export(request.spans);
+        tokio::pin!(sent);
+        let mut beat = time::interval(Duration::from_secs(1));
+        let mut open = true;
+        let result = loop {
+            tokio::select! {
+                result = &mut sent => break result,
+                batch = spans_rx.recv(), if open => match batch {
+                    Some(batch) => queue.push(batch),
+                    None => open = false,
+                },
+                _ = beat.tick() => heartbeat.beat(),
             }
-            match self.exporter.export(spans).await {
-                Ok(()) => {
-                    Stats::add(&self.stats.otlp_spans_exported, count);
-                    if std::mem::replace(&mut self.failing, false) {
-                        warn!(endpoint = %self.endpoint, "OTLP export recovered");
-                    }
-                }
-                Err(error) => {
-                    Stats::inc(&self.stats.otlp_export_errors);
-                    Stats::add(&self.stats.otlp_spans_dropped, count);
-                    if !std::mem::replace(&mut self.failing, true) {
-                        warn!(endpoint = %self.endpoint, %error, "OTLP export failing; spans are dropped and counted until it recovers");
-                    } else {
-                        debug!(%error, "OTLP export failed again");
-                    }
+        };
+        self.queue.release(request.held);
+        match result {
+            Ok(()) => {
+                Stats::add(&self.stats.otlp_spans_exported, count);
+                if std::mem::replace(&mut self.failing, false) {
+                    warn!(endpoint = %self.endpoint, "OTLP export recovered");
                 }
             }
+            Err(error) => {
+                Stats::inc(&self.stats.otlp_export_errors);
+                Stats::add(&self.stats.otlp_spans_dropped, count);
+                self.stats.budget.shed(Reason::ExportFailed, count);
+                if !std::mem::replace(&mut self.failing, true) {
+                    warn!(endpoint = %self.endpoint, %error, "OTLP export failing after retries; spans are dropped and counted until it recovers");
+                } else {
+                    debug!(%error, "OTLP export failed again");
+                }
+            }
+        }
+        open
+    }
+}
+
+/// Spans waiting for export, bounded by count and by the export share of
+/// the memory budget (spans in flight stay charged until their request ends).
+struct Queue {
+    spans: VecDeque<(Span, u64)>,
+    capacity: usize,
+    stats: Arc<Stats>,
+}
+
+impl Queue {
+    fn new(capacity: usize, stats: Arc<Stats>) -> Self {
+        Self {
+            spans: VecDeque::new(),
+            capacity,
+            stats,
         }
     }
+
+    fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    fn push(&mut self, batch: SpanBatch) {
+        let mut shed = 0u64;
+        for span in batch.items {
+            let bytes = budget::span_bytes(&span);
+            if self.spans.len() >= self.capacity || !self.stats.budget.try_reserve(Share::Export, bytes) {
+                shed += 1;
+                continue;
+            }
+            self.spans.push_back((span, bytes));
+        }
+        if shed > 0 {
+            Stats::add(&self.stats.otlp_spans_dropped, shed);
+            self.stats.budget.shed(Reason::ExportBudget, shed);
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Vec<(Span, u64)> {
+        let n = n.min(self.spans.len());
+        self.spans.drain(..n).collect()
+    }
+
+    fn release(&self, bytes: u64) {
+        self.stats.budget.release(Share::Export, bytes);
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        self.release(self.spans.iter().map(|(_, b)| b).sum());
+    }
+}
+
+/// An upper bound of a span's protobuf size in an export request: fixed
+/// fields, strings with their tags and length prefixes, and every
+/// attribute with its KeyValue/AnyValue envelopes. Estimated rather than
+/// encoded because the exporter encodes the request itself.
+pub fn encoded_len_estimate(span: &SpanData) -> usize {
+    const FIXED: usize = 128; // ids, times, kind, flags, status code, envelopes
+    const PER_ATTRIBUTE: usize = 20; // tags, length prefixes, AnyValue envelope
+    let attributes: usize = span
+        .attributes
+        .iter()
+        .map(|kv| {
+            let value = match &kv.value {
+                OtelValue::String(s) => s.as_str().len(),
+                OtelValue::Array(opentelemetry::Array::String(a)) => {
+                    a.iter().map(|s| s.as_str().len() + PER_ATTRIBUTE).sum()
+                }
+                _ => 16,
+            };
+            kv.key.as_str().len() + value + PER_ATTRIBUTE
+        })
+        .sum();
+    let status = match &span.status {
+        Status::Error { description } => description.len(),
+        _ => 0,
+    };
+    FIXED + span.name.len() + span.span_context.trace_state().header().len() + status + attributes
 }
 
 fn otel_value(v: Value) -> OtelValue {

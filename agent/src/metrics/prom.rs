@@ -168,6 +168,6 @@ impl Collector for SelfMetrics {
                 counter.encode(metric)?;
             }
         }
-        Ok(())
+        crate::budget::encode_prometheus(&self.0.budget, &mut encoder)
     }
 }

@@ -79,12 +79,27 @@ struct Store {
     spans: Vec<Received>,
     metric_requests: Vec<ExportMetricsServiceRequest>,
     raw: Vec<Vec<u8>>,
+    /// Trace export requests still to refuse as temporarily unavailable.
+    refuse: usize,
+    /// Trace export requests refused so far.
+    refused: usize,
 }
 
 #[derive(Clone, Default)]
 struct Shared(Arc<Mutex<Store>>);
 
 impl Shared {
+    /// True when this trace request is to be refused (and counts it).
+    fn refuse(&self) -> bool {
+        let mut store = self.0.lock().expect("store lock");
+        if store.refuse == 0 {
+            return false;
+        }
+        store.refuse -= 1;
+        store.refused += 1;
+        true
+    }
+
     fn traces(&self, req: ExportTraceServiceRequest, raw: Vec<u8>) {
         let mut store = self.0.lock().expect("store lock");
         store.raw.push(raw);
@@ -113,6 +128,9 @@ impl TraceService for Shared {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if self.refuse() {
+            return Err(tonic::Status::unavailable("test collector: try again"));
+        }
         let req = request.into_inner();
         let raw = req.encode_to_vec();
         self.traces(req, raw);
@@ -138,6 +156,9 @@ impl MetricsService for Shared {
 }
 
 async fn http_traces(State(shared): State<Shared>, body: Bytes) -> axum::http::StatusCode {
+    if shared.refuse() {
+        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+    }
     match ExportTraceServiceRequest::decode(body.as_ref()) {
         Ok(req) => {
             shared.traces(req, body.to_vec());
@@ -245,6 +266,17 @@ impl Receiver {
                 });
             }
         }
+    }
+
+    /// Refuses the next `n` trace export requests as temporarily
+    /// unavailable (gRPC UNAVAILABLE, HTTP 503), as a collector under load does.
+    pub fn refuse_next(&self, n: usize) {
+        self.shared.0.lock().expect("store lock").refuse = n;
+    }
+
+    /// Trace export requests refused so far.
+    pub fn refused(&self) -> usize {
+        self.shared.0.lock().expect("store lock").refused
     }
 
     pub fn spans(&self) -> Vec<Received> {
