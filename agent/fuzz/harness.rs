@@ -111,6 +111,7 @@ fn event(tgid: u32, direction: Direction, payload: &str, t: u64, local: &str, re
             remote: remote.parse().ok(),
             accepted: false,
             connected: false,
+            ino: 0,
         },
         ctx: None,
         body: EventBody::Data {
