@@ -73,7 +73,15 @@ impl SpanContext {
             parent: kernel.and_then(|k| k.parent),
             sampled: kernel.is_none_or(|k| k.sampled),
             fixed: kernel.is_some_and(|k| k.parent.is_some()),
-            remote_parent: kernel.is_some_and(|k| matches!(k.origin, ParentOrigin::Header | ParentOrigin::TcpOption)),
+            // A parent meshless chose on another node (TCP option) whose
+            // trace nobody upstream decided to drop is sampled like a root:
+            // the trace-id ratio gives the same answer on every node. A
+            // header, or an option carrying "not sampled", decides for us.
+            remote_parent: kernel.is_some_and(|k| match k.origin {
+                ParentOrigin::Header => true,
+                ParentOrigin::TcpOption => !k.sampled,
+                _ => false,
+            }),
             alias: None,
         };
         let Some((trace, parent, sampled)) = header else {

@@ -233,10 +233,7 @@ impl Correlator {
                 }
                 self.state_bytes -= bytes;
                 Stats::inc(&self.env.stats.correlator_shed_conns);
-                self.env
-                    .stats
-                    .budget
-                    .shed(crate::budget::Reason::CorrelateBudget, 1);
+                self.env.stats.budget.shed(crate::budget::Reason::CorrelateBudget, 1);
                 self.end_conn(key, None, 0, spans);
             }
         }
