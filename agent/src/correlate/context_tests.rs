@@ -134,7 +134,27 @@ fn a_server_span_uses_the_ids_the_kernel_chose_from_the_callers_option() {
         (s.trace_id, s.span_id, s.parent_span_id),
         (k.trace_id, k.span_id, k.parent)
     );
-    assert!(s.parent_is_remote);
+    assert!(
+        !s.parent_is_remote,
+        "sampled like a root: the same trace-id ratio on every node"
+    );
+}
+
+#[test]
+fn an_option_saying_not_sampled_decides_like_a_remote_parent() {
+    let mut c = correlator();
+    let mut k = kctx(1, 2, Some(3), ParentOrigin::TcpOption);
+    k.sampled = false;
+    exchange(
+        &mut c,
+        7,
+        SpanKind::Server,
+        GET,
+        ("10.0.0.2:80", "10.0.0.1:5000"),
+        Some(k),
+    );
+    let s = &c.done()[0];
+    assert!(s.parent_is_remote && !s.sampled);
 }
 
 #[test]
