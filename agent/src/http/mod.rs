@@ -332,8 +332,10 @@ impl HttpStream {
                 self.open = true;
                 self.state = if truncated {
                     // The rest of this head, its body and maybe more
-                    // messages were in the bytes not captured.
-                    self.gap_due = Some(ktime);
+                    // messages were in the bytes not captured. The gap
+                    // is dated at the head's start: the head itself was
+                    // seen (cut), only what follows it may be lost.
+                    self.gap_due = Some(self.head_ktime);
                     State::Desync
                 } else {
                     match h.framing() {
