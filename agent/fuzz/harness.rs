@@ -106,6 +106,7 @@ fn event(tgid: u32, direction: Direction, payload: &str, t: u64, local: &str, re
         cgroup_id: 1,
         comm: Comm(comm),
         new_conn: false,
+        seq: 0,
         socket: SocketInfo {
             local: local.parse().ok(),
             remote: remote.parse().ok(),
@@ -130,6 +131,9 @@ pub struct Faults {
     pub reorder: bool,
     pub close: bool,
     pub split: bool,
+    /// Events carry the kernel's per-connection numbers (taken in true
+    /// order, also by lost events), which reveal loss.
+    pub numbered: bool,
 }
 
 impl Faults {
@@ -139,6 +143,7 @@ impl Faults {
         reorder: true,
         close: true,
         split: true,
+        numbered: true,
     };
 }
 
@@ -170,6 +175,7 @@ pub fn correlator(data: &[u8], faults: Faults) -> CorrelatorRun {
     let mut spans = Vec::new();
     let mut run = CorrelatorRun::default();
     let mut held: Option<Event> = None;
+    let mut numbers = std::collections::HashMap::new();
     while !input.done() {
         let op = input.byte();
         let conn = u32::from(op & 3);
@@ -185,6 +191,15 @@ pub fn correlator(data: &[u8], faults: Faults) -> CorrelatorRun {
         t += 10_000;
         let Some(mut ev) = q.pop_front() else { continue };
         ev.ktime_ns = t;
+        let mut number = |ev: &Event| match (&ev.body, faults.numbered) {
+            (EventBody::Data { .. }, true) => {
+                let n = numbers.entry(ev.conn).or_insert(0);
+                *n += 1;
+                *n
+            }
+            _ => 0,
+        };
+        ev.seq = number(&ev);
         match op >> 2 {
             // Lost event.
             0..=2 if faults.lose => continue,
@@ -234,6 +249,7 @@ pub fn correlator(data: &[u8], faults: Faults) -> CorrelatorRun {
                         len: b.len() as u64,
                         payload: b,
                     };
+                    ev.seq = number(&ev);
                 }
             }
             // Time passes (idle sweeps, link waits).

@@ -107,6 +107,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         events,
         mut counters,
         verdicts,
+        expiry,
         mut ebpf,
     } = probes;
     if propagate {
@@ -139,6 +140,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let (capture_to_correlate, events_rx) = mpsc::channel::<EventBatch>(CHANNEL_BATCHES);
+    tokio::spawn(expiry.run(capture_to_correlate.clone(), stats.clone()));
     let capture = tokio::spawn(capture::run(
         events,
         config.poll_interval(),

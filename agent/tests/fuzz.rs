@@ -135,7 +135,13 @@ fn the_correlator_never_mispairs_or_grows_under_reordering_splits_and_closes() {
     let faults = harness::Faults {
         lose: false,
         duplicate: false,
+        numbered: false,
         ..harness::Faults::ALL
     };
     assert!(correlator_with(faults) > 0);
+}
+
+#[test]
+fn the_correlator_never_mispairs_when_numbered_events_are_lost_or_duplicated() {
+    assert!(correlator_with(harness::Faults::ALL) > 0);
 }

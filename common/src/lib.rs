@@ -263,7 +263,12 @@ pub struct EventHeader {
     pub captured: u32,
     /// `FLAG_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// Data events: this event's number on its connection, both directions
+    /// counted together (1, 2, …, wrapping past 0). Taken for every event
+    /// the kernel tries to send, also when the ring buffer is full: a jump
+    /// tells userspace events were lost. 0: unnumbered (the fd is not in
+    /// the connection table).
+    pub seq: u32,
     pub addrs: ConnAddrs,
     /// Inode number of the socket (`socket:[N]`), 0 when unknown: lets a
     /// userspace lookup check it found the same socket.
@@ -276,6 +281,28 @@ pub struct EventHeader {
 
 /// Size of the header on the wire.
 pub const HEADER_SIZE: usize = core::mem::size_of::<EventHeader>();
+
+// The wire layout both sides compile against: a change here is a change of
+// the ring-buffer format (and of the verifier-checked copies into it).
+const _: () = assert!(HEADER_SIZE == 176 && HEADER_SIZE % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(EventHeader, seq) == 60);
+const _: () = assert!(core::mem::offset_of!(EventHeader, addrs) == 64);
+
+/// Names and value sizes of the kernel maps keyed by (tgid << 32 | fd) that
+/// userspace expires (fds past the kernel's own sweeps, dead processes).
+/// The kernel side asserts the sizes of its value types against these.
+pub const CONNS_MAP: &str = "CONNS";
+pub const CONN_STATE_SIZE: usize = 80;
+/// Offsets in a `CONNS` value: the connection id and the socket inode.
+pub const CONN_STATE_ID_OFFSET: usize = 0;
+pub const CONN_STATE_INO_OFFSET: usize = 64;
+pub const ADDRS_MAP: &str = "ADDRS";
+pub const KNOWN_ADDRS_SIZE: usize = 64;
+pub const HELD_MAP: &str = "HELD";
+pub const HELD_SIZE: usize = 24;
+/// close_range and process exit forget fds below this in the kernel;
+/// userspace expires the rest.
+pub const KERNEL_SWEPT_FDS: u32 = 1024;
 
 /// Per-CPU counters kept by the kernel side (index into [`COUNTERS_MAP`]).
 #[repr(u32)]

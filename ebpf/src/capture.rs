@@ -14,8 +14,8 @@ use crate::{
     context,
     detect::{Http, WINDOW, classify, read_head},
     maps::{
-        ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONT, COUNTERS, ConnState, EVENTS, Held, SCRATCH,
-        SERVER_CTX, count, wakeup_bytes,
+        ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, CONT, COUNTERS, ConnState, EVENTS, Held,
+        SCRATCH, SERVER_CTX, conn_key, count, wakeup_bytes,
     },
 };
 
@@ -329,7 +329,6 @@ fn fill_header(ev: &mut crate::maps::EventBuf, tgid: u32, tid: u32, fd: u32, kin
     h.tid = tid;
     h.fd = fd;
     h.kind = kind as u32;
-    h._pad = 0;
     h.addrs = state.addrs;
     h.sock_ino = state.sock_ino;
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
@@ -348,7 +347,32 @@ fn high_water(used: u64) {
     }
 }
 
+/// Takes the next number in the event's connection (see
+/// `EventHeader::seq`); 0 when the connection has no `CONNS` entry.
+#[inline(always)]
+fn next_seq(h: &meshless_common::EventHeader) -> u32 {
+    if h.kind != EventKind::Data as u32 {
+        return 0;
+    }
+    let Some(state) = CONNS.get_ptr_mut(&conn_key(h.tgid, h.fd)) else {
+        return 0;
+    };
+    // SAFETY: map values stay valid for the program's run. Not atomic (the
+    // BPF v1 instruction set has no fetching add): two threads on one
+    // socket at the same instant may take the same number, which userspace
+    // treats like a loss (pairing restarts).
+    let state = unsafe { &mut *state };
+    if state.conn_id != h.conn_id {
+        return 0;
+    }
+    state.seq = state.seq.wrapping_add(1);
+    state.seq
+}
+
+/// Numbers the event (before reserving: a full ring buffer still uses up
+/// the number, which is how userspace learns of the loss) and sends it.
 fn submit(ev: &mut crate::maps::EventBuf, captured: usize) {
+    ev.header.seq = next_seq(&ev.header);
     let size = HEADER_SIZE + (captured & (MAX_CAPTURE * 2 - 1));
     let used = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
     high_water(used);

@@ -185,6 +185,8 @@ fn decide(key: u64, args: &Args, ret: usize, out: &mut Followed) -> u32 {
 fn new_state(key: u64, out: &mut Followed) {
     out.state.flags = 0;
     out.state._pad = 0;
+    out.state.seq = 0;
+    out.state._pad2 = 0;
     out.state.addrs = ConnAddrs::default();
     // SAFETY: map values stay valid for the program's run.
     if let Some(k) = unsafe { ADDRS.get(&key) } {

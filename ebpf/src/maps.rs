@@ -80,7 +80,18 @@ pub struct ConnState {
     pub addrs: ConnAddrs,
     /// Socket inode number, 0 when the kernel could not read it.
     pub sock_ino: u64,
+    /// Last event number taken (see `EventHeader::seq`). Only the `CONNS`
+    /// copy counts.
+    pub seq: u32,
+    pub _pad2: u32,
 }
+
+// Userspace reads these maps' values by size and offset (see common).
+const _: () = assert!(core::mem::size_of::<ConnState>() == meshless_common::CONN_STATE_SIZE);
+const _: () = assert!(core::mem::offset_of!(ConnState, conn_id) == meshless_common::CONN_STATE_ID_OFFSET);
+const _: () = assert!(core::mem::offset_of!(ConnState, sock_ino) == meshless_common::CONN_STATE_INO_OFFSET);
+const _: () = assert!(core::mem::size_of::<KnownAddrs>() == meshless_common::KNOWN_ADDRS_SIZE);
+const _: () = assert!(core::mem::size_of::<Held>() == meshless_common::HELD_SIZE);
 
 /// First bytes of an untracked socket's stream, held until they decide
 /// whether it is HTTP (a request written one byte per syscall).

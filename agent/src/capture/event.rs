@@ -50,6 +50,9 @@ pub struct Event {
     pub cgroup_id: u64,
     pub comm: Comm,
     pub new_conn: bool,
+    /// The kernel's number for this event on its connection (0:
+    /// unnumbered), see [`super::Sequence`].
+    pub seq: u32,
     pub socket: SocketInfo,
     /// Ids the kernel chose for the request this payload starts, if any.
     pub ctx: Option<crate::trace_context::KernelCtx>,
@@ -108,6 +111,7 @@ impl Event {
             cgroup_id: h.cgroup_id,
             comm: Comm(h.comm),
             new_conn: h.flags & FLAG_NEW_CONN != 0,
+            seq: h.seq,
             socket: SocketInfo {
                 local: addr(&h.addrs, FLAG_LOCAL_ADDR),
                 remote: addr(&h.addrs, FLAG_REMOTE_ADDR),
@@ -197,7 +201,7 @@ mod tests {
             len: 10,
             captured: 4,
             flags: FLAG_NEW_CONN | FLAG_CONNECTED,
-            _pad: 0,
+            seq: 7,
             addrs: ConnAddrs {
                 family: AF_INET6,
                 local_port: 4000,
@@ -220,6 +224,7 @@ mod tests {
         assert_eq!(ev.socket.local, Some("[::1]:4000".parse().expect("addr")));
         assert_eq!(ev.socket.remote, Some("10.0.0.2:80".parse().expect("addr")));
         assert!(ev.new_conn && ev.socket.connected && !ev.socket.accepted);
+        assert_eq!(ev.seq, 7);
         assert_eq!(
             ev.body,
             EventBody::Data {

@@ -77,6 +77,8 @@ pub enum LoadError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(transparent)]
+    Expiry(#[from] super::expiry::ExpiryError),
 }
 
 /// Loaded programs and the maps userspace reads. Dropping it detaches all.
@@ -86,6 +88,8 @@ pub struct Probes {
     /// "Socket or not" verdicts userspace writes for fds the kernel could
     /// not classify itself (see `capture::confirm`).
     pub verdicts: HashMap<MapData, u64, FdVerdict>,
+    /// Userspace expiry of per-fd kernel state (see `capture::expiry`).
+    pub expiry: super::expiry::Expiry,
     /// Owns the programs and their links; dropping it detaches everything.
     pub ebpf: Ebpf,
 }
@@ -130,6 +134,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
             .attach(category, tracepoint)
             .map_err(|source| program_error(name, source))?;
     }
+    let expiry = super::expiry::Expiry::open(&ebpf)?;
     let events = take_map(&mut ebpf, EVENTS_MAP)?;
     let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
     let verdicts = take_map(&mut ebpf, VERDICTS_MAP)?;
@@ -137,6 +142,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         events,
         counters,
         verdicts,
+        expiry,
         ebpf,
     })
 }

@@ -6,8 +6,10 @@
 pub mod btf;
 pub mod confirm;
 pub mod event;
+pub mod expiry;
 pub mod loader;
 pub mod preflight;
+pub mod sequence;
 
 use std::{sync::Arc, time::Duration};
 
@@ -17,6 +19,7 @@ use tracing::warn;
 
 pub use confirm::Confirmer;
 pub use event::{ConnKey, Event, EventBody, SocketInfo};
+pub use sequence::{Order, Sequence};
 
 use crate::{
     budget::{self, Charged, Reason, Share},

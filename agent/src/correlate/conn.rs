@@ -175,6 +175,15 @@ pub struct Conn {
     pub local: Option<SocketAddr>,
     pub remote: Option<SocketAddr>,
     pub last_ktime_ns: u64,
+    /// Where the kernel's event numbering of this connection stands.
+    pub sequence: crate::capture::Sequence,
+    /// Per direction, after events were lost and until the stream finds a
+    /// message start again: Some(time of the last segment skipped meanwhile),
+    /// Some(0) before any was.
+    resyncing: [Option<u64>; 2],
+    /// Per direction: the next head is the first after events were lost,
+    /// so it may start in the middle of a message whose start was lost.
+    first_after_loss: [bool; 2],
     ingress: HttpStream,
     egress: HttpStream,
     pending: VecDeque<Request>,
@@ -222,6 +231,9 @@ impl Conn {
             local,
             remote,
             last_ktime_ns: 0,
+            sequence: crate::capture::Sequence::default(),
+            resyncing: [None; 2],
+            first_after_loss: [false; 2],
             ingress: HttpStream::new(),
             egress: HttpStream::new(),
             pending: VecDeque::new(),
@@ -295,8 +307,14 @@ impl Conn {
         *seen = (*seen).max(ktime);
         self.process.tid = tid;
         let missing = len.saturating_sub(payload.len() as u64);
+        if let Some(skipped) = self.resyncing[way(direction)].filter(|t| *t > 0) {
+            self.lose_skipped(direction, skipped, &mut out);
+        }
         self.stream(direction).push(payload, missing, ktime);
         self.drain(direction, tid, ktime, &mut out);
+        if self.resyncing[way(direction)].is_some() {
+            self.resyncing[way(direction)] = self.stream(direction).desynced().then_some(ktime);
+        }
         out
     }
 
@@ -336,11 +354,29 @@ impl Conn {
         self.responding = None;
         self.ingress.force_end();
         self.egress.force_end();
+        self.resyncing = [Some(0); 2];
+        self.first_after_loss = [true; 2];
         if self.pipelined {
             // Responses to requests sent before the loss may still come.
             self.poisoned = true;
         }
         out
+    }
+
+    /// Bytes skipped (up to `at`) while a stream looked for a message start
+    /// after a loss may have held whole messages: like a gap there.
+    fn lose_skipped(&mut self, direction: Direction, at: u64, out: &mut Output) {
+        let other = match direction {
+            Direction::Ingress => Direction::Egress,
+            Direction::Egress => Direction::Ingress,
+        };
+        let responses = self.stream(direction).flow() == Some(Flow::Responses)
+            || (self.stream(direction).flow().is_none() && self.stream(other).flow() == Some(Flow::Requests));
+        if responses {
+            self.lose_responses(at, false, out);
+        } else {
+            self.lose_requests(at, out);
+        }
     }
 
     /// Every waiting request becomes an exchange without a response.
@@ -501,6 +537,14 @@ impl Conn {
             out.resyncs += 1;
             return;
         }
+        // "DELETE /a" written in two syscalls, the first lost: "LETE /a" is
+        // a valid request line too. Right after a loss only the standard
+        // methods are believed.
+        let believable = head.method().is_some_and(|m| crate::span::KNOWN_METHODS.contains(&m));
+        if std::mem::take(&mut self.first_after_loss[way(direction)]) && !believable {
+            out.resyncs += 1;
+            return;
+        }
         let waiting = !self.pending.is_empty() || self.responding.is_some();
         if waiting && head.start_ktime_ns == self.last_request_end_ns {
             // It began in the syscall that ended the request before it.
@@ -544,6 +588,7 @@ impl Conn {
     }
 
     fn response_head(&mut self, direction: Direction, head: Box<Head>, ktime: u64, out: &mut Output) {
+        self.first_after_loss[way(direction)] = false;
         let status = head.status().unwrap_or(0);
         self.last_response_start_ns = self.last_response_start_ns.max(head.start_ktime_ns);
         let request_direction = match direction {

@@ -38,6 +38,7 @@ fn event(e: Ev<'_>) -> Event {
         cgroup_id: 1,
         comm: crate::capture::event::Comm(comm),
         new_conn: false,
+        seq: 0,
         ctx: e.ctx,
         socket: SocketInfo {
             local: e.local.parse().ok(),

@@ -141,6 +141,15 @@ impl Correlator {
                 let Some(conn) = self.conns.get_mut(&key) else {
                     return;
                 };
+                let order = conn.sequence.check(ev.seq);
+                if order != crate::capture::Order::Next {
+                    Stats::inc(&self.env.stats.event_sequence_gaps);
+                    let out = conn.events_lost();
+                    absorb(&mut self.links, &mut self.aliases, &self.env, conn, out, spans);
+                    if order == crate::capture::Order::Stale {
+                        return;
+                    }
+                }
                 let out = conn.data(direction, payload, len, ev.ktime_ns, ev.tid, ev.ctx);
                 // Disjoint fields: the connection stays in the table.
                 absorb(&mut self.links, &mut self.aliases, &self.env, conn, out, spans);

@@ -143,6 +143,12 @@ impl HttpStream {
         })
     }
 
+    /// Framing is lost: segments are skipped until one starts like a
+    /// message (skipped bytes yield no item).
+    pub fn desynced(&self) -> bool {
+        matches!(self.state, State::Desync)
+    }
+
     /// The connection closed: ends a message delimited by close.
     pub fn close(&mut self) -> Option<Item> {
         self.segments.clear();

@@ -10,9 +10,9 @@ use meshless_common::Counter;
 use super::{arg, conn::forget, current};
 use crate::maps::{TGIDS, count};
 
-/// Most fds a close_range or an exit sweeps (higher fds are left to the
-/// LRU maps and userspace's idle expiry).
-const MAX_SWEEP: u32 = 1024;
+/// Most fds a close_range or an exit sweeps; userspace expires entries of
+/// higher fds (`capture::expiry`).
+const MAX_SWEEP: u32 = meshless_common::KERNEL_SWEPT_FDS;
 /// close_range flag: only set close-on-exec, close nothing.
 const CLOSE_RANGE_CLOEXEC: u64 = 1 << 2;
 
