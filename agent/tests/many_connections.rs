@@ -207,10 +207,10 @@ fn fifty_thousand_open_connections_stay_under_the_memory_budget_and_drain_after_
 
     let m = scrape(&agent);
     let dropped = metric_sum(&m, "meshless_dropped_total", &[]);
-    let evicted = metric_sum(&m, "meshless_conns_evicted", &[]);
-    let shed = metric_sum(&m, "meshless_correlator_shed_conns", &[]);
-    let ring_full = metric_sum(&m, "meshless_kernel_ringbuf_full", &[]);
-    let table_full = metric_sum(&m, "meshless_kernel_table_full", &[]);
+    let evicted = metric_sum(&m, "meshless_conns_evicted_total", &[]);
+    let shed = metric_sum(&m, "meshless_correlator_shed_conns_total", &[]);
+    let ring_full = metric_sum(&m, "meshless_kernel_ringbuf_full_total", &[]);
+    let table_full = metric_sum(&m, "meshless_kernel_table_full_total", &[]);
     eprintln!(
         "{held} connections held ({open_secs:.1} s to open), {closed} closed; agent RSS idle {} KiB, \
          all open {} KiB, peak {peak_mib:.1} MiB (budget {BUDGET_MIB} MiB); kernel conn entries open \

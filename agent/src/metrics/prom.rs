@@ -143,9 +143,11 @@ pub(super) fn client_server_address(span: &Span) -> String {
 }
 
 /// Self-metrics that are levels, not totals.
-const GAUGES: [&str; 4] = [
+const GAUGES: [&str; 6] = [
     "correlator_state_bytes",
     "conns_tracked",
+    "kernel_conn_entries",
+    "kernel_addr_entries",
     "kernel_ringbuf_used_bytes",
     "kernel_ringbuf_size_bytes",
 ];
