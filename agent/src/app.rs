@@ -140,7 +140,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let (capture_to_correlate, events_rx) = mpsc::channel::<EventBatch>(CHANNEL_BATCHES);
-    tokio::spawn(expiry.run(capture_to_correlate.clone(), stats.clone()));
+    tokio::spawn(expiry.run(capture_to_correlate.downgrade(), stats.clone()));
     let capture = tokio::spawn(capture::run(
         events,
         config.poll_interval(),

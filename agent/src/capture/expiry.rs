@@ -81,13 +81,15 @@ impl Expiry {
         })
     }
 
-    /// Sweeps every [`SWEEP_EVERY`] until the correlator goes away.
-    pub async fn run(mut self, events_tx: mpsc::Sender<EventBatch>, stats: Arc<Stats>) {
+    /// Sweeps every [`SWEEP_EVERY`] until the capture stage is gone. Holds
+    /// only a weak handle on the channel, so shutdown still cascades when
+    /// the capture stage drops its sender.
+    pub async fn run(mut self, events_tx: mpsc::WeakSender<EventBatch>, stats: Arc<Stats>) {
         let mut tick = tokio::time::interval(SWEEP_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if events_tx.is_closed() {
+            if events_tx.upgrade().is_none() {
                 return;
             }
             let st = stats.clone();
@@ -100,7 +102,10 @@ impl Expiry {
                 return;
             };
             self = back;
-            close_in_correlator(closed, &events_tx, &stats);
+            let Some(tx) = events_tx.upgrade() else {
+                return;
+            };
+            close_in_correlator(closed, &tx, &stats);
         }
     }
 

@@ -53,6 +53,11 @@ impl Default for Limits {
     }
 }
 
+/// Bytes a tracked connection costs at least: its table slot (tables run
+/// at most half full after growing), the generation entry and small heap
+/// parts.
+const CONN_FLOOR_BYTES: usize = 2 * std::mem::size_of::<(ConnKey, Conn)>() + 512;
+
 /// How often idle connections and unclaimed link entries are swept.
 const SWEEP_EVERY_NS: u64 = 1_000_000_000;
 
@@ -188,6 +193,11 @@ impl Correlator {
             self.end_conn(key, Some(Unanswered::Timeout), now_ktime_ns, spans);
         }
         self.shed(spans);
+        // Give back table space after a surge of connections.
+        if self.conns.capacity() > 4 * self.conns.len().max(1024) {
+            self.conns.shrink_to_fit();
+            self.generations.shrink_to_fit();
+        }
         self.links.purge(now_ktime_ns);
         self.aliases.purge(now_ktime_ns);
         Stats::set(&self.env.stats.conns_tracked, self.conns.len() as u64);
@@ -212,12 +222,22 @@ impl Correlator {
     }
 
     fn make_room(&mut self, spans: &mut Vec<Span>) {
-        if self.conns.len() < self.env.limits.max_conns {
+        // The table itself (slots sized for the largest count it ever held)
+        // and each connection's fixed part must fit the correlator's share
+        // too, not only what `shed` measures once a second.
+        let by_budget = match self.env.limits.max_state_bytes {
+            0 => usize::MAX,
+            bytes => bytes / CONN_FLOOR_BYTES,
+        };
+        if self.conns.len() < self.env.limits.max_conns.min(by_budget) {
             return;
         }
         let oldest = self.conns.iter().min_by_key(|(_, c)| c.last_ktime_ns).map(|(k, _)| *k);
         if let Some(key) = oldest {
             Stats::inc(&self.env.stats.conns_evicted);
+            if self.conns.len() >= by_budget {
+                self.env.stats.budget.shed(crate::budget::Reason::CorrelateBudget, 1);
+            }
             self.end_conn(key, None, 0, spans);
         }
     }
