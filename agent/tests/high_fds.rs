@@ -61,8 +61,9 @@ time.sleep(1)
 fn unanswered_spans(agent: &Agent, pods: &PodPair, port: u16, tag: &str) -> Vec<Value> {
     let to = to_server(&pods.ip_b, port);
     let prefix = format!("/{tag}/");
+    let prefix = prefix.as_str();
     agent.collect(
-        move |s| to(s) && kind(s) == "CLIENT" && attr_str(s, "url.path").starts_with(&prefix),
+        move |s| to(s) && kind(s) == "CLIENT" && attr_str(s, "url.path").starts_with(prefix),
         3,
         Duration::from_secs(20),
     )
