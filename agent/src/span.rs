@@ -49,8 +49,10 @@ pub struct Span {
     /// Request target as sent: path and query.
     pub target: String,
     pub status_code: Option<u16>,
-    /// "1.0" or "1.1".
+    /// "1.0", "1.1" or "2".
     pub protocol_version: &'static str,
+    /// RPC facts (gRPC): service, method, status.
+    pub rpc: Option<Rpc>,
     pub client: Option<SocketAddr>,
     pub server: Option<SocketAddr>,
     pub process: Process,
@@ -71,6 +73,16 @@ pub struct Span {
     /// Why the request got no response (None when it got one, or when its
     /// response was sent but not captured).
     pub unanswered: Option<Unanswered>,
+}
+
+/// What an RPC call (gRPC over HTTP/2) said about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Rpc {
+    /// `package.Service` from the `:path` `/package.Service/Method`.
+    pub service: String,
+    pub method: String,
+    /// `grpc-status` from the trailers (or a trailers-only response).
+    pub grpc_status: Option<u32>,
 }
 
 /// Why a request ended without a response, as a sidecar would record it.

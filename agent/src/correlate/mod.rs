@@ -8,7 +8,9 @@
 //! being injected.
 mod alias;
 mod conn;
+mod context;
 mod link;
+pub mod protocol;
 
 use std::sync::Arc;
 
@@ -16,7 +18,8 @@ use std::sync::Arc;
 use foldhash::HashMap;
 
 use alias::Aliases;
-use conn::{Conn, Exchange, Output, Response};
+use conn::Conn;
+use protocol::{Exchange, Output, Response, Segment};
 use link::{LinkKey, Links};
 
 use crate::{
@@ -141,7 +144,14 @@ impl Correlator {
                 let Some(conn) = self.conns.get_mut(&key) else {
                     return;
                 };
-                let out = conn.data(direction, payload, len, ev.ktime_ns, ev.tid, ev.ctx);
+                let out = conn.data(Segment {
+                    direction,
+                    payload,
+                    len,
+                    ktime_ns: ev.ktime_ns,
+                    tid: ev.tid,
+                    ctx: ev.ctx,
+                });
                 // Disjoint fields: the connection stays in the table.
                 absorb(&mut self.links, &mut self.aliases, &self.env, conn, out, spans);
             }
@@ -359,6 +369,7 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
         request,
         response,
         end_ktime_ns,
+        rpc,
     } = ex;
     let (client, server) = conn.endpoints(request.kind);
     let start = request.head.start_ktime_ns;
@@ -387,7 +398,8 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
         method,
         target,
         status_code: response.head().and_then(|h| h.status()),
-        protocol_version: if request.head.version == 0 { "1.0" } else { "1.1" },
+        protocol_version: request.version,
+        rpc,
         client,
         server,
         process: Process {
