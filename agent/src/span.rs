@@ -94,6 +94,10 @@ pub enum Unanswered {
     Timeout,
     /// Too many requests were pending on the connection to keep pairing them.
     QueueOverflow,
+    /// The stream was reset (HTTP/2 RST_STREAM) before a response.
+    Reset,
+    /// The server's GOAWAY said the stream was never processed.
+    GoAway,
 }
 
 impl Unanswered {
@@ -103,6 +107,8 @@ impl Unanswered {
             Unanswered::ConnectionClosed => "connection_closed",
             Unanswered::Timeout => "timeout",
             Unanswered::QueueOverflow => "queue_overflow",
+            Unanswered::Reset => "stream_reset",
+            Unanswered::GoAway => "goaway",
         }
     }
 
@@ -116,6 +122,9 @@ impl Unanswered {
             (Unanswered::ConnectionClosed, SpanKind::Server) => "UC",
             (Unanswered::Timeout, _) => "UT",
             (Unanswered::QueueOverflow, _) => "UO",
+            // Envoy: upstream/downstream remote reset.
+            (Unanswered::Reset | Unanswered::GoAway, SpanKind::Client) => "UR",
+            (Unanswered::Reset | Unanswered::GoAway, SpanKind::Server) => "DR",
         }
     }
 }
@@ -131,8 +140,12 @@ pub const OTHER_METHOD: &str = "_OTHER";
 
 impl Span {
     /// `{method} {route}`: low-cardinality, never the raw path or an
-    /// unknown method token (a client controls both).
+    /// unknown method token (a client controls both). An RPC is named
+    /// `package.Service/Method` (OTel RPC semconv).
     pub fn name(&self) -> String {
+        if let Some(rpc) = self.rpc.as_ref().filter(|r| !r.service.is_empty()) {
+            return format!("{}/{}", rpc.service, rpc.method);
+        }
         let target = Target::parse(&self.target);
         match target.path {
             Some(path) => format!("{} {}", self.method_label(), crate::route::template(path)),
@@ -175,6 +188,9 @@ impl Span {
     /// requests that got no response. A response that was sent but whose
     /// head was not captured is not an error.
     pub fn is_error(&self) -> bool {
+        if let Some(code) = self.grpc_status() {
+            return grpc_is_error(self.kind, code);
+        }
         match (self.kind, self.status_code) {
             (_, None) => self.unanswered.is_some(),
             (SpanKind::Server, Some(s)) => s >= 500,
@@ -188,11 +204,19 @@ impl Span {
         if !self.is_error() {
             return None;
         }
+        if let Some(code) = self.grpc_status() {
+            return Some(code.to_string());
+        }
         match (self.status_code, self.unanswered) {
             (Some(code), _) => Some(code.to_string()),
             (None, Some(why)) => Some(why.error_type().to_owned()),
             (None, None) => None,
         }
+    }
+
+    /// The gRPC status, when this was a gRPC call that got one.
+    pub fn grpc_status(&self) -> Option<u32> {
+        self.rpc.as_ref().and_then(|r| r.grpc_status)
     }
 
     /// The peer of the traced process.
@@ -201,5 +225,15 @@ impl Span {
             SpanKind::Server => self.client,
             SpanKind::Client => self.server,
         }
+    }
+}
+
+/// OTel RPC semconv: a client span is an error for any status but OK; a
+/// server span only for statuses that mean the server failed (UNKNOWN,
+/// DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS).
+fn grpc_is_error(kind: SpanKind, code: u32) -> bool {
+    match kind {
+        SpanKind::Client => code != 0,
+        SpanKind::Server => matches!(code, 2 | 4 | 12 | 13 | 14 | 15),
     }
 }

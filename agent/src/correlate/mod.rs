@@ -282,6 +282,7 @@ fn absorb(links: &mut Links, aliases: &mut Aliases, env: &SpanEnv, conn: &Conn, 
     Stats::add(&env.stats.http_pairing_resyncs, out.resyncs);
     Stats::add(&env.stats.http_pending_overflows, out.overflows);
     Stats::add(&env.stats.http_duplicate_events, out.duplicates);
+    Stats::add(&env.stats.http_header_limits, out.limited);
     for (from, to) in out.aliases {
         aliases.insert(from, to, conn.last_ktime_ns);
     }

@@ -121,6 +121,9 @@ pub struct Output {
     pub overflows: u64,
     /// Events seen twice (same direction, time and length) and ignored.
     pub duplicates: u64,
+    /// Header blocks or fields not kept because of decoding limits
+    /// (HPACK bombs, oversized header blocks).
+    pub limited: u64,
     /// (kernel trace id, trace id a header names instead), see `SpanContext::alias`.
     pub aliases: Vec<(TraceId, TraceId)>,
 }
