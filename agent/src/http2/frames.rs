@@ -275,11 +275,7 @@ impl FrameStream {
             });
             return;
         }
-        let needed = match h.kind {
-            HEADERS | CONTINUATION | PUSH_PROMISE => true,
-            RST_STREAM | GOAWAY => true,
-            _ => false,
-        };
+        let needed = matches!(h.kind, HEADERS | CONTINUATION | PUSH_PROMISE | RST_STREAM | GOAWAY);
         if h.kind == DATA && h.flags & END_STREAM != 0 {
             out.push(Frame::DataEnd {
                 stream: h.stream,

@@ -20,7 +20,9 @@ pub fn rpc(request: &Head, response: Option<&Block>, trailers: Option<&Block>) -
         .into_iter()
         .flatten()
         .find_map(|b| b.get("grpc-status").flatten())
-        .and_then(|s| s.trim().parse::<u32>().ok());
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        // Codes 0-16 are defined; others would only add label values.
+        .filter(|&c| c <= 16);
     Some(Rpc {
         service,
         method,
