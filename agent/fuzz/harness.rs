@@ -291,7 +291,15 @@ pub fn http2(data: &[u8]) {
     let mut t = 1_000u64;
     let preface = meshless::http2::PREFACE;
     c.handle(
-        event(CLIENT_PID, Direction::Egress, "", t, "127.0.0.1:40000", "127.0.0.2:8080").with_payload(preface, 0),
+        event(
+            CLIENT_PID,
+            Direction::Egress,
+            "",
+            t,
+            "127.0.0.1:40000",
+            "127.0.0.2:8080",
+        )
+        .with_payload(preface, 0),
         &mut spans,
     );
     let mut at = 0;
@@ -301,7 +309,11 @@ pub fn http2(data: &[u8]) {
         i += 1;
         let n = (usize::from(k % 128) + 1).min(body.len() - at);
         let missing = if k >= 250 { u64::from(k - 249) * 300 } else { 0 };
-        let direction = if k & 0x80 != 0 { Direction::Ingress } else { Direction::Egress };
+        let direction = if k & 0x80 != 0 {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        };
         t += 1_000;
         let ev = event(CLIENT_PID, direction, "", t, "127.0.0.1:40000", "127.0.0.2:8080")
             .with_payload(&body[at..at + n], missing);
@@ -314,7 +326,14 @@ pub fn http2(data: &[u8]) {
         );
     }
     assert!(spans.len() <= body.len() / 9 + 1, "more spans than frames");
-    let mut close = event(CLIENT_PID, Direction::Egress, "", t + 1, "127.0.0.1:40000", "127.0.0.2:8080");
+    let mut close = event(
+        CLIENT_PID,
+        Direction::Egress,
+        "",
+        t + 1,
+        "127.0.0.1:40000",
+        "127.0.0.2:8080",
+    );
     close.body = EventBody::Close;
     c.handle(close, &mut spans);
     c.tick(t + 10_000_000_000, &mut spans);

@@ -19,8 +19,8 @@ use foldhash::HashMap;
 
 use alias::Aliases;
 use conn::Conn;
-use protocol::{Exchange, Output, Response, Segment};
 use link::{LinkKey, Links};
+use protocol::{Exchange, Output, Response, Segment};
 
 use crate::{
     capture::{ConnKey, Event, EventBody},

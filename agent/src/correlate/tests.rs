@@ -379,7 +379,11 @@ fn pending_queue_overflow_gives_up_pairing_with_overflow_spans() {
         .iter()
         .all(|s| s.error_type().as_deref() == Some("queue_overflow")));
     send(&mut c, &mut spans, Direction::Ingress, &response(0, 0), 5);
-    assert_eq!(spans.len(), crate::http::MAX_PENDING, "nothing is paired after an overflow");
+    assert_eq!(
+        spans.len(),
+        crate::http::MAX_PENDING,
+        "nothing is paired after an overflow"
+    );
     assert_eq!(counter(&c, |s| &s.http_pending_overflows), 1);
 }
 

@@ -45,11 +45,24 @@ pub enum Frame {
         ktime_ns: u64,
     },
     /// A DATA frame that ends its stream.
-    DataEnd { stream: u32, ktime_ns: u64 },
-    Reset { stream: u32, code: u32, ktime_ns: u64 },
-    GoAway { last_stream: u32, code: u32, ktime_ns: u64 },
+    DataEnd {
+        stream: u32,
+        ktime_ns: u64,
+    },
+    Reset {
+        stream: u32,
+        code: u32,
+        ktime_ns: u64,
+    },
+    GoAway {
+        last_stream: u32,
+        code: u32,
+        ktime_ns: u64,
+    },
     /// Framing was lost at `ktime_ns` (bytes not captured, or garbage).
-    Lost { ktime_ns: u64 },
+    Lost {
+        ktime_ns: u64,
+    },
 }
 
 /// Counts of what could not be read.

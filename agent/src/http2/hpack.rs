@@ -265,7 +265,9 @@ fn string(buf: &mut &[u8]) -> Result<String, HpackError> {
     let (raw, rest) = buf.split_at(len);
     *buf = rest;
     let bytes = if huffman {
-        HUFFMAN.with(|h| h.borrow_mut().decode(raw)).map_err(|_| HpackError::Huffman)?
+        HUFFMAN
+            .with(|h| h.borrow_mut().decode(raw))
+            .map_err(|_| HpackError::Huffman)?
     } else {
         raw.to_vec()
     };

@@ -93,7 +93,9 @@ impl Http2 {
                 }
             }
             Frame::Reset { stream, ktime_ns, .. } => self.finish(stream, ktime_ns, Some(Unanswered::Reset), out),
-            Frame::GoAway { last_stream, ktime_ns, .. } => {
+            Frame::GoAway {
+                last_stream, ktime_ns, ..
+            } => {
                 if Some(direction) != self.requests {
                     // Streams past `last_stream` were never processed.
                     let refused: Vec<u32> = self.streams.keys().copied().filter(|&s| s > last_stream).collect();
@@ -117,8 +119,12 @@ impl Http2 {
         tid: u32,
         out: &mut Output,
     ) {
-        let says_request = block.as_ref().is_some_and(|b| matches!(b.get(":method"), Some(Some(_))));
-        let says_response = block.as_ref().is_some_and(|b| matches!(b.get(":status"), Some(Some(_))));
+        let says_request = block
+            .as_ref()
+            .is_some_and(|b| matches!(b.get(":method"), Some(Some(_))));
+        let says_response = block
+            .as_ref()
+            .is_some_and(|b| matches!(b.get(":status"), Some(Some(_))));
         if says_request && self.requests.is_none() {
             self.requests = Some(direction);
         }
@@ -275,7 +281,15 @@ impl Protocol for Http2 {
             + self
                 .streams
                 .values()
-                .map(|s| per_stream + s.request.head.headers.iter().map(|(n, v)| n.len() + v.len() + 48).sum::<usize>())
+                .map(|s| {
+                    per_stream
+                        + s.request
+                            .head
+                            .headers
+                            .iter()
+                            .map(|(n, v)| n.len() + v.len() + 48)
+                            .sum::<usize>()
+                })
                 .sum::<usize>()
     }
 }

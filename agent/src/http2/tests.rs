@@ -74,17 +74,26 @@ impl Peer {
     }
 
     fn request(&mut self, stream: u32, path: &str, grpc: bool, end: bool) -> Vec<u8> {
-        let mut h = vec![(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "svc:50051")];
+        let mut h = vec![
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "svc:50051"),
+        ];
         if grpc {
             h.push(("content-type", "application/grpc"));
             h.push(("te", "trailers"));
         }
-        let block = self.requests.encode(h.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+        let block = self
+            .requests
+            .encode(h.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
         frame(1, 0x4 | u8::from(end), stream, &block)
     }
 
     fn response(&mut self, stream: u32, headers: &[(&str, &str)], end: bool) -> Vec<u8> {
-        let block = self.responses.encode(headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+        let block = self
+            .responses
+            .encode(headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
         frame(1, 0x4 | u8::from(end), stream, &block)
     }
 }
@@ -132,7 +141,11 @@ fn a_hundred_concurrent_streams_become_a_hundred_client_spans() {
 fn grpc_call(peer: &mut Peer, stream: u32, trailers: &[(&str, &str)]) -> (Vec<u8>, Vec<u8>) {
     let mut req = peer.request(stream, "/helloworld.Greeter/SayHello", true, false);
     req.extend(frame(0, 1, stream, &[0, 0, 0, 0, 2, 8, 1]));
-    let mut resp = peer.response(stream, &[(":status", "200"), ("content-type", "application/grpc")], false);
+    let mut resp = peer.response(
+        stream,
+        &[(":status", "200"), ("content-type", "application/grpc")],
+        false,
+    );
     resp.extend(frame(0, 0, stream, &[0, 0, 0, 0, 0]));
     resp.extend(peer.response(stream, trailers, true));
     (req, resp)

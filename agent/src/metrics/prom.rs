@@ -115,7 +115,10 @@ impl Prometheus {
             ("destination_workload", peers.destination_workload.clone()),
             ("destination_workload_namespace", peers.destination_namespace.clone()),
             ("destination_service", peers.destination_service.clone()),
-            ("request_protocol", if span.rpc.is_some() { "grpc" } else { "http" }.to_owned()),
+            (
+                "request_protocol",
+                if span.rpc.is_some() { "grpc" } else { "http" }.to_owned(),
+            ),
             (
                 "grpc_response_status",
                 span.grpc_status().map(|c| c.to_string()).unwrap_or_default(),

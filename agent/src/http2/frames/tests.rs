@@ -29,7 +29,12 @@ fn path_of(f: &Frame) -> Option<String> {
 fn reads_a_request_after_the_preface_split_byte_by_byte() {
     let mut bytes = PREFACE.to_vec();
     bytes.extend(frame(4, 0, 0, &[0, 3, 0, 0, 0, 100]));
-    bytes.extend(frame(1, END_HEADERS | END_STREAM, 1, &block(&[(":method", "GET"), (":path", "/a")])));
+    bytes.extend(frame(
+        1,
+        END_HEADERS | END_STREAM,
+        1,
+        &block(&[(":method", "GET"), (":path", "/a")]),
+    ));
     let mut s = FrameStream::new(true);
     let mut out = Vec::new();
     for b in &bytes {
@@ -37,7 +42,14 @@ fn reads_a_request_after_the_preface_split_byte_by_byte() {
     }
     assert_eq!(out.len(), 1);
     assert_eq!(path_of(&out[0]).as_deref(), Some("/a"));
-    assert!(matches!(out[0], Frame::Headers { stream: 1, end_stream: true, .. }));
+    assert!(matches!(
+        out[0],
+        Frame::Headers {
+            stream: 1,
+            end_stream: true,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -75,7 +87,14 @@ fn data_bodies_not_captured_cost_no_framing() {
     assert_eq!(out, vec![Frame::DataEnd { stream: 1, ktime_ns: 5 }]);
     let next = frame(3, 0, 1, &8u32.to_be_bytes());
     s.push(&next, 0, 6, &mut out);
-    assert_eq!(out[1], Frame::Reset { stream: 1, code: 8, ktime_ns: 6 });
+    assert_eq!(
+        out[1],
+        Frame::Reset {
+            stream: 1,
+            code: 8,
+            ktime_ns: 6
+        }
+    );
 }
 
 #[test]
@@ -86,7 +105,12 @@ fn a_frame_header_lost_in_uncaptured_bytes_resyncs_at_the_next_frame() {
     assert_eq!(out, vec![Frame::Lost { ktime_ns: 1 }]);
     s.push(b"garbage that is not a frame", 0, 2, &mut out);
     assert_eq!(out.len(), 1, "garbage is skipped");
-    s.push(&frame(7, 0, 0, &[0, 0, 0, 5, 0, 0, 0, 0, b'd', b'b', b'g']), 0, 3, &mut out);
+    s.push(
+        &frame(7, 0, 0, &[0, 0, 0, 5, 0, 0, 0, 0, b'd', b'b', b'g']),
+        0,
+        3,
+        &mut out,
+    );
     assert_eq!(
         out[1],
         Frame::GoAway {

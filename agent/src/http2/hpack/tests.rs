@@ -41,7 +41,11 @@ fn a_decoder_started_mid_connection_marks_unseen_entries_unknown() {
     let block = d.decode(&hex(C42)).expect("c.4.2");
     assert_eq!(block.fields[0], known(":method", "GET"), "static entries are known");
     assert_eq!(block.fields[3], Field::Unknown, "index 62 was never seen");
-    assert_eq!(block.fields[4], known("cache-control", "no-cache"), "literals are known");
+    assert_eq!(
+        block.fields[4],
+        known("cache-control", "no-cache"),
+        "literals are known"
+    );
     assert!(block.has_unknown());
 }
 
