@@ -298,7 +298,17 @@ impl Index {
             SpanKind::Server => span.client,
             SpanKind::Client => span.server,
         };
-        span.peer_k8s = peer_ip.and_then(|a| self.peer(a.ip()));
+        let mut peer = peer_ip.and_then(|a| self.peer(a.ip()));
+        if let Some(real) = span.resolved_server.and_then(|a| self.peer(a.ip())) {
+            // A Service IP names the service; the pod it was DNATed to
+            // names the workload.
+            let p = peer.get_or_insert_with(PeerK8s::default);
+            p.pod = real.pod.or(p.pod.take());
+            p.workload = real.workload.or(p.workload.take());
+            p.namespace = p.namespace.take().or(real.namespace);
+            p.service_fqdn = p.service_fqdn.take().or(real.service_fqdn);
+        }
+        span.peer_k8s = peer;
         Verdict::Keep
     }
 }
@@ -374,6 +384,27 @@ mod tests {
     }
 
     #[test]
+    fn a_client_span_through_a_service_ip_names_the_service_and_the_pod_it_reached() {
+        let mut ix = index();
+        ix.apply(Update::Service(ServiceMeta {
+            name: "orders".into(),
+            namespace: "shop".into(),
+            cluster_ips: vec!["10.96.0.10".parse().expect("ip")],
+        }));
+        ix.apply(Update::Pod(pod("u9", "orders-5d4f8b7c9-x7k2p", "10.1.2.3")));
+        ix.cgroups.insert(21, None);
+        let mut span = span_in_cgroup(21);
+        span.kind = SpanKind::Client;
+        span.server = Some("10.96.0.10:80".parse().expect("addr"));
+        span.resolved_server = Some("10.1.2.3:8080".parse().expect("addr"));
+        assert_eq!(ix.enrich(&mut span), Verdict::Keep);
+        let peer = span.peer_k8s.expect("peer");
+        assert_eq!(peer.service_fqdn.as_deref(), Some("orders.shop.svc.cluster.local"));
+        assert_eq!(peer.pod.as_deref(), Some("orders-5d4f8b7c9-x7k2p"));
+        assert_eq!(peer.workload.as_deref(), Some("web"));
+    }
+
+    #[test]
     fn a_relist_replaces_everything_of_its_kind_and_marks_it_synced() {
         let mut ix = index();
         ix.apply(Update::Pod(pod("u1", "web-a", "10.0.0.5")));
@@ -413,6 +444,7 @@ mod tests {
                 cgroup_id,
             },
             peer_comm: None,
+            resolved_server: None,
             k8s: None,
             peer_k8s: None,
             user_agent: None,
