@@ -25,6 +25,7 @@ const APT_PACKAGES: &[&str] = &[
     "nghttp2-client",
     "iproute2",
     "iptables",
+    "openssl",
 ];
 
 /// PyPI tools the tests use: (module to import, requirement).
