@@ -46,7 +46,11 @@ impl Conn {
         let protocol = self
             .protocol
             .get_or_insert_with(|| protocol::detect(&segment.payload, segment.direction));
-        protocol.data(segment)
+        let mut out = protocol.data(segment);
+        if let Some(request) = out.upgrade.take() {
+            self.protocol = Some(Box::new(crate::http2::Http2::upgraded(request)));
+        }
+        out
     }
 
     /// The socket closed or was forgotten (see [`Protocol::close`]).

@@ -124,6 +124,9 @@ pub struct Output {
     /// Header blocks or fields not kept because of decoding limits
     /// (HPACK bombs, oversized header blocks).
     pub limited: u64,
+    /// The connection switched to HTTP/2 (`Upgrade: h2c`): the request
+    /// that asked, to be answered on stream 1.
+    pub upgrade: Option<Request>,
     /// (kernel trace id, trace id a header names instead), see `SpanContext::alias`.
     pub aliases: Vec<(TraceId, TraceId)>,
 }

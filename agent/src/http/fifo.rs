@@ -447,6 +447,14 @@ impl Http1 {
         }
         if status == 101 {
             // Switched protocols: the rest of the connection is not HTTP/1.x.
+            self.ingress.abandon();
+            self.egress.abandon();
+            self.pending.clear();
+            if is_h2c(&head) {
+                // RFC 7540 section 3.2: the request is answered on stream 1.
+                out.upgrade = Some(request);
+                return;
+            }
             let end = head.start_ktime_ns;
             out.exchanges.push(Exchange {
                 rpc: None,
@@ -454,9 +462,6 @@ impl Http1 {
                 response: Response::Seen(head),
                 end_ktime_ns: end,
             });
-            self.ingress.abandon();
-            self.egress.abandon();
-            self.pending.clear();
             return;
         }
         if request.head.method() == Some("HEAD") || status == 204 || status == 304 {
@@ -482,4 +487,11 @@ impl Protocol for Http1 {
     fn state_bytes(&self) -> usize {
         self.held_bytes()
     }
+}
+
+/// A `101` that switches to cleartext HTTP/2 (`Upgrade: h2c`).
+fn is_h2c(response: &Head) -> bool {
+    response
+        .header("upgrade")
+        .is_some_and(|u| u.trim().eq_ignore_ascii_case("h2c"))
 }

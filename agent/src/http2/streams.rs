@@ -72,6 +72,42 @@ impl Http2 {
         }
     }
 
+    /// A connection that switched from HTTP/1.1 (`Upgrade: h2c`): the
+    /// client's preface comes next, the server's frames may already have
+    /// started in bytes the HTTP/1 parser consumed (so that direction waits
+    /// for a frame start, its HPACK table trusted from there), and
+    /// `request` is answered on stream 1.
+    pub fn upgraded(mut request: Request) -> Self {
+        let requests = match request.kind {
+            SpanKind::Server => Direction::Ingress,
+            SpanKind::Client => Direction::Egress,
+        };
+        let stream = |d: Direction| {
+            if d == requests {
+                FrameStream::new(true)
+            } else {
+                FrameStream::mid_connection()
+            }
+        };
+        request.version = "2";
+        let mut h2 = Self {
+            ingress: stream(Direction::Ingress),
+            egress: stream(Direction::Egress),
+            requests: Some(requests),
+            streams: foldhash::HashMap::default(),
+            last_ktime_ns: request.head.start_ktime_ns,
+        };
+        h2.streams.insert(
+            1,
+            Stream {
+                request,
+                response: None,
+                trailers: None,
+            },
+        );
+        h2
+    }
+
     fn way(&mut self, direction: Direction) -> &mut FrameStream {
         match index(direction) {
             0 => &mut self.ingress,

@@ -263,3 +263,26 @@ fn malformed_frames_are_counted_not_fatal() {
     assert_eq!(spans[0].target, "/after");
     assert!(stats.http_malformed.load(std::sync::atomic::Ordering::Relaxed) >= 1);
 }
+
+#[test]
+fn an_h2c_upgrade_answers_the_upgrade_request_on_stream_one() {
+    let (mut c, _) = correlator();
+    let mut spans = Vec::new();
+    let mut peer = Peer::new(1, CLIENT, SERVER);
+    let upgrade = b"GET /up HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n";
+    c.handle(peer.event(Direction::Egress, upgrade.to_vec(), 10), &mut spans);
+    let switching = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n";
+    c.handle(peer.event(Direction::Ingress, switching.to_vec(), 20), &mut spans);
+    let mut out = preface();
+    out.extend(peer.request(3, "/second", false, true));
+    c.handle(peer.event(Direction::Egress, out, 30), &mut spans);
+    let mut back = frame(4, 0, 0, &[]);
+    back.extend(peer.response(1, &[(":status", "200")], true));
+    back.extend(peer.response(3, &[(":status", "404")], true));
+    c.handle(peer.event(Direction::Ingress, back, 40), &mut spans);
+    let got: Vec<(&str, Option<u16>, &str)> = spans
+        .iter()
+        .map(|s| (s.target.as_str(), s.status_code, s.protocol_version))
+        .collect();
+    assert_eq!(got, vec![("/up", Some(200), "2"), ("/second", Some(404), "2")]);
+}
