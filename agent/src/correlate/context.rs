@@ -69,8 +69,12 @@ impl SpanContext {
             return ctx;
         };
         let kernel_decided = kernel.is_some_and(|k| match kind {
-            // The kernel already weighed header against option.
-            SpanKind::Server => k.origin != ParentOrigin::None,
+            // The kernel weighs a `traceparent` it saw against the option
+            // (same trace: the option, a nearer parent, wins). Headers it
+            // did not see (B3, past the capture) get the same rule here.
+            SpanKind::Server => {
+                k.origin == ParentOrigin::Header || (k.origin == ParentOrigin::TcpOption && k.trace_id == trace)
+            }
             // A proxy forwarding the header it received: the in-process
             // parent is nearer and in the same trace.
             SpanKind::Client => k.origin == ParentOrigin::InProcess && k.trace_id == trace,
