@@ -13,6 +13,7 @@ pub mod correlate;
 pub mod export;
 pub mod health;
 pub mod http;
+pub mod http2;
 pub mod k8s;
 pub mod metrics;
 pub mod privacy;

@@ -75,6 +75,27 @@ fn chain_gives_one_trace_of_six_linked_spans_per_request(nodes: usize, placement
             dialled.is_empty(),
             "CLIENT spans keep server.address = the Service IP the client dialled: {dialled:#?}"
         );
+        if nodes == 1 {
+            // Both ends on this node: the client span also says which pod
+            // the Service IP led to.
+            let unresolved: Vec<&SpanView> = spans
+                .iter()
+                .filter(|s| s.is_client())
+                .filter(|s| {
+                    let hop = chain.hops.iter().find(|h| s.server() == h.dialled);
+                    let real = format!(
+                        "{}:{}",
+                        s.attr("meshless.server.resolved.address"),
+                        s.attr("meshless.server.resolved.port")
+                    );
+                    hop.is_some_and(|h| h.dialled != h.pod_addr && real != h.pod_addr)
+                })
+                .collect();
+            assert!(
+                unresolved.is_empty(),
+                "CLIENT spans through a Service IP name the pod it reached: {unresolved:#?}"
+            );
+        }
     }
 }
 
@@ -135,6 +156,8 @@ enum Runtime {
     Java,
     /// One event loop, downstream calls on shared keep-alive sockets.
     Node,
+    /// One nginx worker (an event loop) proxying `/r/…` to the leaf.
+    Nginx,
 }
 
 impl Runtime {
@@ -145,6 +168,10 @@ impl Runtime {
             Runtime::Go => go_service_on(&go_service(), svc, port, Some(&downstream)),
             Runtime::Java => java_service(&java_classes(), svc, port, Some(&downstream)),
             Runtime::Node => node_keepalive_service(svc, port, &leaf.ip, leaf_port),
+            Runtime::Nginx => {
+                let dir = std::env::temp_dir().join(format!("meshless-nginx-{}-{port}", std::process::id()));
+                safety::nginx(svc, port, &dir, &downstream)
+            }
         }
     }
 
@@ -347,6 +374,28 @@ fn go_service_links_most_calls_at_concurrency_1_and_none_wrongly_at_8() {
     assert_eq!(
         eight.wrong, 0,
         "Go, 8 in flight: {} of {} outbound calls under the wrong request\n{}",
+        eight.wrong, eight.n, eight.report
+    );
+}
+
+/// An nginx worker serves many connections on one thread: its proxied
+/// call links while it has one request in flight, and never wrongly.
+#[test]
+fn nginx_proxy_links_its_upstream_call_one_at_a_time_and_never_wrongly_at_8() {
+    let one = linking_rates(Runtime::Nginx, 1, 20);
+    assert!(
+        (one.linked, one.wrong) == (one.n, 0),
+        "nginx, one request at a time: {} of {} upstream calls linked, {} wrongly\n{}",
+        one.linked,
+        one.n,
+        one.wrong,
+        one.report
+    );
+    one.assert_hop_linked(Runtime::Nginx);
+    let eight = linking_rates(Runtime::Nginx, 8, 10);
+    assert_eq!(
+        eight.wrong, 0,
+        "nginx, 8 in flight: {} of {} upstream calls under the wrong request\n{}",
         eight.wrong, eight.n, eight.report
     );
 }
@@ -565,7 +614,8 @@ fn propagation_off_leaves_request_bytes_tcp_options_and_sockets_untouched() {
 }
 
 #[test]
-fn large_nginx_responses_arrive_complete_to_curl_node_java_and_a_fionread_client_with_default_propagation() {
+fn large_nginx_responses_arrive_complete_over_http_and_tls_to_curl_node_java_and_a_fionread_client_with_default_propagation(
+) {
     let _serial = serial();
     let mut cluster = Cluster::new(1);
     let scratch = Scratch::new("chain-big");
@@ -579,8 +629,16 @@ fn large_nginx_responses_arrive_complete_to_curl_node_java_and_a_fionread_client
         want.insert(format!("/proxy/{name}"), (size, sha));
     }
     let upstream = format!("http://{}:8094", server.ip);
+    safety::self_signed_cert(&scratch.0);
     let _nginx = safety::nginx(&server, 8094, &scratch.0, &upstream);
     client.wait_port(&server.ip, 8094);
+    let tls_port = 8094 + safety::TLS_PORT_OFFSET;
+    client.wait_port(&server.ip, tls_port);
+    let plain_paths: Vec<&str> = want
+        .keys()
+        .filter(|p| !p.starts_with("/proxy/"))
+        .map(String::as_str)
+        .collect();
     let paths: Vec<&str> = want.keys().map(String::as_str).collect();
     let ip = server.ip.clone();
     let results = [
@@ -592,10 +650,18 @@ fn large_nginx_responses_arrive_complete_to_curl_node_java_and_a_fionread_client
             2,
         ),
         ("java HttpClient", safety::java_client(&client, &ip, 8094, &paths), 2),
+        (
+            "curl over TLS",
+            safety::curl_tls_client(&client, &ip, tls_port, &plain_paths, &scratch.0),
+            1,
+        ),
     ];
     for (who, out, times) in &results {
         let got = safety::received(out);
         for (path, (size, sha)) in &want {
+            if *who == "curl over TLS" && path.starts_with("/proxy/") {
+                continue;
+            }
             let expected = vec![(*size, sha.clone()); *times];
             assert_eq!(
                 got.get(path),

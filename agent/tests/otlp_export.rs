@@ -379,6 +379,7 @@ mod direct {
             target: format!("/direct/{i}"),
             status_code: Some(200),
             protocol_version: "1.1",
+            rpc: None,
             client: Some("127.0.0.1:40000".parse().expect("addr")),
             server: Some("127.0.0.1:8080".parse().expect("addr")),
             process: Process {
@@ -388,6 +389,7 @@ mod direct {
                 cgroup_id: 1,
             },
             peer_comm: None,
+            resolved_server: None,
             k8s: None,
             peer_k8s: None,
             user_agent: None,

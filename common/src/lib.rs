@@ -43,6 +43,13 @@ pub enum LinkPolicy {
     Off = 3,
 }
 
+/// Bit set on a [`LINK_POLICY_MAP`] value (next to the [`LinkPolicy`] in the
+/// low byte) for processes whose requests must carry no trace option: pods
+/// that opted out of tracing or run in an untraced namespace.
+pub const LINK_QUIET: u32 = 0x100;
+/// The [`LinkPolicy`] part of a [`LINK_POLICY_MAP`] value.
+pub const LINK_POLICY_MASK: u32 = 0xff;
+
 /// TCP option kind used for the trace context (RFC 6994 shared experimental).
 pub const TRACE_OPT_KIND: u8 = 254;
 /// Experiment id ("ml") that marks meshless's option.
@@ -115,6 +122,9 @@ pub const FLAG_UNCONFIRMED: u32 = 1 << 6;
 /// Event flag: the payload continues the previous event of the same
 /// syscall (a request head longer than [`MAX_CAPTURE`]).
 pub const FLAG_CONTINUATION: u32 = 1 << 7;
+/// Connection flag: the stream began with the HTTP/2 client preface; its
+/// syscalls (frames, not only request heads) get continuation events.
+pub const FLAG_HTTP2: u32 = 1 << 8;
 
 /// Name of the map of per-(tgid, fd) verdicts "socket or not" (value: [`FdVerdict`]).
 pub const VERDICTS_MAP: &str = "VERDICTS";

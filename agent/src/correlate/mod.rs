@@ -8,7 +8,9 @@
 //! being injected.
 mod alias;
 mod conn;
+mod context;
 mod link;
+pub mod protocol;
 
 use std::sync::Arc;
 
@@ -16,8 +18,9 @@ use std::sync::Arc;
 use foldhash::HashMap;
 
 use alias::Aliases;
-use conn::{Conn, Exchange, Output, Response};
+use conn::Conn;
 use link::{LinkKey, Links};
+use protocol::{Exchange, Output, Response, Segment};
 
 use crate::{
     capture::{ConnKey, Event, EventBody},
@@ -155,7 +158,14 @@ impl Correlator {
                         return;
                     }
                 }
-                let out = conn.data(direction, payload, len, ev.ktime_ns, ev.tid, ev.ctx);
+                let out = conn.data(Segment {
+                    direction,
+                    payload,
+                    len,
+                    ktime_ns: ev.ktime_ns,
+                    tid: ev.tid,
+                    ctx: ev.ctx,
+                });
                 // Disjoint fields: the connection stays in the table.
                 absorb(&mut self.links, &mut self.aliases, &self.env, conn, out, spans);
             }
@@ -301,6 +311,7 @@ fn absorb(links: &mut Links, aliases: &mut Aliases, env: &SpanEnv, conn: &Conn, 
     Stats::add(&env.stats.http_pairing_resyncs, out.resyncs);
     Stats::add(&env.stats.http_pending_overflows, out.overflows);
     Stats::add(&env.stats.http_duplicate_events, out.duplicates);
+    Stats::add(&env.stats.http_header_limits, out.limited);
     for (from, to) in out.aliases {
         aliases.insert(from, to, conn.last_ktime_ns);
     }
@@ -338,7 +349,10 @@ fn absorb(links: &mut Links, aliases: &mut Aliases, env: &SpanEnv, conn: &Conn, 
         let mut span = build_span(conn, ex, &env.clock, &env.headers);
         aliases.apply(&mut span);
         if let (SpanKind::Client, Some(client), Some(server)) = (span.kind, span.client, span.server) {
-            span.peer_comm = links.server_of(client, server);
+            if let Some((comm, real)) = links.server_of(client, server) {
+                span.peer_comm = Some(comm);
+                span.resolved_server = (real != server).then_some(real);
+            }
         }
         match link {
             Some(key) => {
@@ -388,6 +402,7 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
         request,
         response,
         end_ktime_ns,
+        rpc,
     } = ex;
     let (client, server) = conn.endpoints(request.kind);
     let start = request.head.start_ktime_ns;
@@ -416,7 +431,8 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
         method,
         target,
         status_code: response.head().and_then(|h| h.status()),
-        protocol_version: if request.head.version == 0 { "1.0" } else { "1.1" },
+        protocol_version: request.version,
+        rpc,
         client,
         server,
         process: Process {
@@ -424,6 +440,7 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
             ..conn.process.clone()
         },
         peer_comm: None,
+        resolved_server: None,
         k8s: None,
         peer_k8s: None,
         user_agent: request.head.header("user-agent").map(str::to_owned),

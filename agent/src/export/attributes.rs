@@ -82,6 +82,12 @@ pub fn of(span: &Span, opts: Options) -> Attributes {
         put("server.address", s(name));
         put("server.port", Value::Int(i64::from(server.port())));
     }
+    if let Some(real) = span.resolved_server {
+        // No semconv attribute names the NAT target; server.address stays
+        // what the client dialled.
+        put("meshless.server.resolved.address", s(real.ip().to_string()));
+        put("meshless.server.resolved.port", Value::Int(i64::from(real.port())));
+    }
     if let Some(client) = span.client {
         put("client.address", s(client.ip().to_string()));
         put("client.port", Value::Int(i64::from(client.port())));
@@ -98,6 +104,16 @@ pub fn of(span: &Span, opts: Options) -> Attributes {
     }
     if let Some(error_type) = span.error_type() {
         put("error.type", s(error_type));
+    }
+    if let Some(rpc) = &span.rpc {
+        put("rpc.system", s("grpc"));
+        if !rpc.service.is_empty() {
+            put("rpc.service", capped(&rpc.service, MAX_VALUE, &mut cut));
+            put("rpc.method", capped(&rpc.method, MAX_VALUE, &mut cut));
+        }
+        if let Some(code) = rpc.grpc_status {
+            put("rpc.grpc.status_code", Value::Int(i64::from(code)));
+        }
     }
     if opts.process {
         put("thread.id", Value::Int(i64::from(span.process.tid)));
