@@ -39,8 +39,11 @@ pub struct Expiry {
     addrs: HashMap<MapData, u64, [u8; KNOWN_ADDRS_SIZE]>,
     held: HashMap<MapData, u64, [u8; HELD_SIZE]>,
     verdicts: HashMap<MapData, u64, FdVerdict>,
-    /// Where each map's window of fd checks starts next time.
-    cursor: usize,
+    /// Sweeps so far, and the most entries a map had last time: each sweep
+    /// checks every `rounds`-th high fd (`rounds` keeps the checks per map
+    /// under MAX_FD_CHECKS), a different share each time.
+    sweeps: usize,
+    most_entries: usize,
 }
 
 /// Why the maps could not be opened.
@@ -77,7 +80,8 @@ impl Expiry {
             addrs: open(ebpf, ADDRS_MAP)?,
             held: open(ebpf, HELD_MAP)?,
             verdicts: open(ebpf, meshless_common::VERDICTS_MAP)?,
-            cursor: 0,
+            sweeps: 0,
+            most_entries: 0,
         })
     }
 
@@ -112,8 +116,9 @@ impl Expiry {
     /// One pass over the maps; returns the followed connections removed.
     pub fn sweep(&mut self, stats: &Stats) -> Vec<ConnKey> {
         let mut procs = Liveness::default();
-        let window = self.cursor;
-        self.cursor = self.cursor.wrapping_add(MAX_FD_CHECKS);
+        let rounds = self.most_entries / MAX_FD_CHECKS + 1;
+        let window = (rounds, self.sweeps % rounds);
+        self.sweeps = self.sweeps.wrapping_add(1);
         let mut closed = Vec::new();
         let mut removed = 0;
         // CONNS: also checks that the fd still names the followed socket.
@@ -133,25 +138,24 @@ impl Expiry {
             }
         }
         Stats::set(&stats.kernel_conn_entries, entries);
+        self.most_entries = entries as usize;
         for key in stale {
             removed += u64::from(self.conns.remove(&key).is_ok());
         }
-        removed += expire(&mut self.addrs, &mut procs, window, Some(&stats.kernel_addr_entries));
-        removed += expire(&mut self.held, &mut procs, window, None);
-        removed += expire(&mut self.verdicts, &mut procs, window, None);
+        let (n, addrs) = expire(&mut self.addrs, &mut procs, window);
+        Stats::set(&stats.kernel_addr_entries, n);
+        self.most_entries = self.most_entries.max(n as usize);
+        removed += addrs;
+        removed += expire(&mut self.held, &mut procs, window).1;
+        removed += expire(&mut self.verdicts, &mut procs, window).1;
         Stats::add(&stats.kernel_entries_expired, removed);
         closed
     }
 }
 
 /// Removes a map's entries of dead processes and closed high fds; returns
-/// how many, and sets `gauge` to the entries found.
-fn expire<V: aya::Pod>(
-    map: &mut HashMap<MapData, u64, V>,
-    procs: &mut Liveness,
-    window: usize,
-    gauge: Option<&std::sync::atomic::AtomicU64>,
-) -> u64 {
+/// (entries found, entries removed).
+fn expire<V: aya::Pod>(map: &mut HashMap<MapData, u64, V>, procs: &mut Liveness, window: (usize, usize)) -> (u64, u64) {
     let mut entries = 0;
     let mut stale = Vec::new();
     for (i, key) in map.keys().filter_map(Result::ok).enumerate() {
@@ -161,10 +165,8 @@ fn expire<V: aya::Pod>(
             stale.push(key);
         }
     }
-    if let Some(gauge) = gauge {
-        Stats::set(gauge, entries);
-    }
-    stale.into_iter().filter(|key| map.remove(key).is_ok()).count() as u64
+    let removed = stale.into_iter().filter(|key| map.remove(key).is_ok()).count() as u64;
+    (entries, removed)
 }
 
 fn split(key: u64) -> (u32, u32) {
@@ -174,11 +176,12 @@ fn split(key: u64) -> (u32, u32) {
 /// True when (tgid, fd) is gone: its process exited, or — for an fd the
 /// kernel's sweeps do not reach, checked within this sweep's window — the
 /// fd is closed or (`ino` != 0) names another socket now.
-fn stale_fd(procs: &mut Liveness, tgid: u32, fd: u32, ino: u64, index: usize, window: usize) -> bool {
+fn stale_fd(procs: &mut Liveness, tgid: u32, fd: u32, ino: u64, index: usize, window: (usize, usize)) -> bool {
     if !procs.alive(tgid) {
         return true;
     }
-    if fd < KERNEL_SWEPT_FDS || index.wrapping_sub(window) >= MAX_FD_CHECKS {
+    let (rounds, round) = window;
+    if fd < KERNEL_SWEPT_FDS || index % rounds != round {
         return false;
     }
     match std::fs::read_link(format!("/proc/{tgid}/fd/{fd}")) {
@@ -198,13 +201,15 @@ impl Liveness {
 }
 
 /// True when `tgid` is a live process (a thread id of another process
-/// with the same number does not count).
+/// with the same number does not count, nor does a zombie: its fds are
+/// closed already).
 fn process_exists(tgid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{tgid}/status")) {
-        Ok(status) => status
-            .lines()
-            .find_map(|l| l.strip_prefix("Tgid:"))
-            .is_some_and(|t| t.trim() == tgid.to_string()),
+        Ok(status) => {
+            let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+            field("Tgid:").is_some_and(|t| t == tgid.to_string())
+                && !field("State:").is_some_and(|s| s.starts_with('Z'))
+        }
         // Unreadable for another reason: keep the entry.
         Err(e) => e.kind() != std::io::ErrorKind::NotFound,
     }
