@@ -57,9 +57,13 @@ impl Default for Limits {
 }
 
 /// Bytes a tracked connection costs at least: its table slot (tables run
-/// at most half full after growing), the generation entry and small heap
-/// parts.
-const CONN_FLOOR_BYTES: usize = 2 * std::mem::size_of::<(ConnKey, Conn)>() + 512;
+/// at most half full after growing), its boxed protocol state (HTTP/1, the
+/// common case), the generation entry and small heap parts.
+const CONN_FLOOR_BYTES: usize = 2 * std::mem::size_of::<(ConnKey, Conn)>() + CONN_PROTOCOL_BYTES + 512;
+/// What an HTTP/1 connection's state holds beyond its table slot (two
+/// parsers, queues, timestamps), measured with `size_of` before the
+/// matcher moved behind a box.
+const CONN_PROTOCOL_BYTES: usize = 1024;
 
 /// How often idle connections and unclaimed link entries are swept.
 const SWEEP_EVERY_NS: u64 = 1_000_000_000;
