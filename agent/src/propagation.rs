@@ -7,7 +7,8 @@
 //!   segment and parses it on the server's node (see ebpf/src/probes/sockops.rs).
 //! - The kernel links a process's outbound requests to the one inbound
 //!   request it is serving per thread; for runtimes whose threads are not
-//!   tied to requests (Go) [`Classifier`] tells it to count per process.
+//!   tied to requests (Go) [`Classifier`] tells it to link by goroutine
+//!   (uprobes, see [`crate::golang`]) or, failing that, per process.
 use std::{
     fs::File,
     os::unix::fs::MetadataExt,
@@ -190,6 +191,8 @@ pub enum Seen {
 pub struct Classifier {
     policies: BpfHashMap<MapData, u32, u32>,
     seen: foldhash::HashSet<u32>,
+    /// Uprobes for goroutine linking; None when they could not be loaded.
+    go: Option<crate::golang::GoProbes>,
 }
 
 /// Processes remembered as classified; beyond it the set starts over.
@@ -199,10 +202,21 @@ impl Classifier {
     pub fn new(ebpf: &mut Ebpf) -> Option<Classifier> {
         let map = ebpf.take_map(LINK_POLICY_MAP)?;
         let policies = BpfHashMap::try_from(map).ok()?;
+        let go = crate::golang::GoProbes::load(ebpf)
+            .map_err(|error| warn!(%error, "Go processes link per process, not per goroutine"))
+            .ok();
         Some(Classifier {
             policies,
             seen: foldhash::HashSet::default(),
+            go,
         })
+    }
+
+    /// Periodic work between processes: logs the Go linking counters.
+    pub fn tick(&mut self) {
+        if let Some(go) = &mut self.go {
+            go.log_counters();
+        }
     }
 
     /// Looks at a process the first time it is seen, and after each exec.
@@ -218,7 +232,7 @@ impl Classifier {
                 tgid
             }
         };
-        let policy = policy_of(tgid);
+        let policy = self.policy_of(tgid);
         debug!(pid = tgid, ?policy, "linking policy");
         if let Err(error) = self.policies.insert(tgid, policy as u32, 0) {
             warn!(%error, pid = tgid, "cannot set the linking policy");
@@ -226,13 +240,18 @@ impl Classifier {
     }
 }
 
-/// Go schedules goroutines on any thread: a thread's last request says
-/// nothing about what a goroutine on it serves.
-fn policy_of(tgid: u32) -> LinkPolicy {
-    if is_go_binary(Path::new(&format!("/proc/{tgid}/exe"))) {
-        LinkPolicy::Process
-    } else {
-        LinkPolicy::Thread
+impl Classifier {
+    /// Go schedules goroutines on any thread: a thread's last request says
+    /// nothing about what a goroutine on it serves. Go links by goroutine
+    /// where its uprobes attach, else per process.
+    fn policy_of(&mut self, tgid: u32) -> LinkPolicy {
+        if !is_go_binary(Path::new(&format!("/proc/{tgid}/exe"))) {
+            return LinkPolicy::Thread;
+        }
+        match self.go.as_mut().map(|go| go.follow(tgid)) {
+            Some(true) => LinkPolicy::Goroutine,
+            _ => LinkPolicy::Process,
+        }
     }
 }
 
@@ -260,7 +279,7 @@ pub fn is_go_binary(exe: &Path) -> bool {
 ///
 /// # Safety
 /// The caller must not rely on the contents if the file changes.
-unsafe fn memmap_file(file: &File) -> std::io::Result<Mapped> {
+pub(crate) unsafe fn memmap_file(file: &File) -> std::io::Result<Mapped> {
     use std::os::fd::AsRawFd;
     let len = file.metadata()?.len() as usize;
     if len == 0 {
@@ -284,7 +303,7 @@ unsafe fn memmap_file(file: &File) -> std::io::Result<Mapped> {
 }
 
 /// A read-only file mapping, unmapped on drop.
-struct Mapped {
+pub(crate) struct Mapped {
     ptr: *mut libc::c_void,
     len: usize,
 }

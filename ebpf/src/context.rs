@@ -9,6 +9,7 @@
 //!   it writes is that request's child. With more than one outstanding the
 //!   serving context is forgotten until the count falls back to zero: no
 //!   link is better than a wrong link.
+//! - Go processes link by goroutine instead (see `golang`).
 //! - A request written by a client gets its span ids before its bytes can
 //!   leave (at sys_enter), so the sock_ops program can put them into the
 //!   first TCP segment that carries them.
@@ -18,10 +19,10 @@ use meshless_common::{
     Counter, FLAG_LOCAL_ADDR, FLAG_REMOTE_ADDR, LinkPolicy, MAX_CAPTURE, TraceCtx,
 };
 
-use crate::maps::{
+use crate::{golang, maps::{
     IN_OPT, LINK_POLICY, OUT_OPT, OptCtx, READERS, Reader, SCRATCH, SERVING, Serving, SockKey, conn_key, count,
     propagation,
-};
+}};
 
 /// A serving context untouched for this long is not trusted any more.
 const STALE_NS: u64 = 30 * 1_000_000_000;
@@ -104,9 +105,7 @@ fn sole(key: u64, now: u64) -> Option<&'static Serving> {
 /// The inbound request the current thread is serving under its process's
 /// policy (see `LinkPolicy`).
 #[inline(always)]
-fn serving(id: u64, tgid: u32, now: u64) -> Option<&'static Serving> {
-    // SAFETY: copied out at once.
-    let policy = unsafe { LINK_POLICY.get(&tgid) }.copied().unwrap_or(0);
+fn serving(id: u64, tgid: u32, policy: u32, now: u64) -> Option<&'static Serving> {
     match policy {
         p if p == LinkPolicy::Thread as u32 => sole(id, now),
         p if p == LinkPolicy::Process as u32 => sole(process_key(tgid), now),
@@ -143,16 +142,24 @@ pub fn client_request(id: u64, addrs: Option<&ConnAddrs>, ctx: &mut TraceCtx) ->
     let tgid = (id >> 32) as u32;
     let now = unsafe { bpf_ktime_get_ns() };
     ctx.flags = CTX_VALID | CTX_SAMPLED;
-    match serving(id, tgid, now) {
-        Some(s) => {
-            ctx.trace_id = s.ctx.trace_id;
-            ctx.parent_id = s.ctx.span_id;
-            ctx.flags = CTX_VALID | CTX_PARENT | CTX_IN_PROCESS | (s.ctx.flags & CTX_SAMPLED);
-            count(Counter::CtxInProcess);
-        }
-        _ => {
-            trace_id(&mut ctx.trace_id);
-        }
+    // SAFETY: copied out at once.
+    let policy = unsafe { LINK_POLICY.get(&tgid) }.copied().unwrap_or(0);
+    let mut parent = TraceCtx::default();
+    let found = if policy == LinkPolicy::Goroutine as u32 {
+        golang::parent(tgid, now, &mut parent) != 0
+    } else if let Some(s) = serving(id, tgid, policy, now) {
+        parent = s.ctx;
+        true
+    } else {
+        false
+    };
+    if found {
+        ctx.trace_id = parent.trace_id;
+        ctx.parent_id = parent.span_id;
+        ctx.flags = CTX_VALID | CTX_PARENT | CTX_IN_PROCESS | (parent.flags & CTX_SAMPLED);
+        count(Counter::CtxInProcess);
+    } else {
+        trace_id(&mut ctx.trace_id);
     }
     span_id(ctx.flags & CTX_SAMPLED != 0, &mut ctx.span_id);
     let mut key = SockKey::default();
@@ -202,6 +209,10 @@ pub fn server_request(id: u64, fd: u32, addrs: &ConnAddrs, captured: usize, ctx:
         }
     }
     span_id(ctx.flags & CTX_SAMPLED != 0, &mut ctx.span_id);
+    let tgid = (id >> 32) as u32;
+    if golang::goroutine_policy(tgid) {
+        return golang::request_read(tgid, fd, ctx, captured);
+    }
     request_read(id, fd, ctx)
 }
 
@@ -225,7 +236,13 @@ fn request_read(id: u64, fd: u32, ctx: &TraceCtx) -> u32 {
     match READERS.get_ptr_mut(&ckey) {
         // SAFETY: entry of this map, updated in place.
         Some(r) => unsafe {
-            if (*r).serving_key != id {
+            if (*r).goroutine != 0 {
+                // Read by a goroutine before: a thread now serves it.
+                golang::release(tgid, fd, (*r).serving_key);
+                (*r).goroutine = 0;
+                (*r).outstanding = 0;
+                (*r).serving_key = id;
+            } else if (*r).serving_key != id {
                 // Another thread took the connection over (Go moves
                 // goroutines): the old thread's share moves, the
                 // process's count stays exact.
@@ -238,7 +255,7 @@ fn request_read(id: u64, fd: u32, ctx: &TraceCtx) -> u32 {
             let r = Reader {
                 serving_key: id,
                 outstanding: 1,
-                _pad: 0,
+                goroutine: 0,
             };
             let _ = READERS.insert(&ckey, &r, 0);
         }
@@ -295,13 +312,24 @@ pub fn response_written(tgid: u32, fd: u32) -> u32 {
         return 0;
     };
     // SAFETY: entry of this map.
-    let (skey, outstanding) = unsafe { ((*r).serving_key, (*r).outstanding) };
+    let (skey, outstanding, goroutine) = unsafe { ((*r).serving_key, (*r).outstanding, (*r).goroutine) };
     if outstanding == 0 {
         return 0;
     }
     unsafe { (*r).outstanding = outstanding - 1 };
+    if goroutine != 0 {
+        golang::release(tgid, fd, skey);
+        return 0;
+    }
     release(skey, 1);
     release(process_key(tgid), 1)
+}
+
+/// Ends `n` requests a thread (`skey`) and its process were serving.
+#[inline(never)]
+pub fn release_reader(skey: u64, tgid: u32, n: u32) -> u32 {
+    release(skey, n);
+    release(process_key(tgid), n)
 }
 
 /// Server connection `fd` closed: its unanswered requests are not served any more.
@@ -310,8 +338,12 @@ pub fn conn_closed(tgid: u32, fd: u32) -> u32 {
     let ckey = conn_key(tgid, fd);
     // SAFETY: copied out at once.
     if let Some(r) = unsafe { READERS.get(&ckey) }.copied() {
-        release(r.serving_key, r.outstanding);
-        release(process_key(tgid), r.outstanding);
+        if r.goroutine != 0 {
+            golang::closed(tgid, fd, r.serving_key);
+        } else {
+            release(r.serving_key, r.outstanding);
+            release(process_key(tgid), r.outstanding);
+        }
         let _ = READERS.remove(&ckey);
     }
     0
