@@ -19,11 +19,11 @@ use std::{
 };
 
 use aya::{
-    maps::{MapData, PerCpuArray},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::{ProgramFd, UProbe},
     Ebpf,
 };
-use meshless_common::{GoCounter, GO_COUNTERS_MAP, GO_UPROBES};
+use meshless_common::{GoCounter, GO_COUNTERS_MAP, GO_PENDING_MAP, GO_POINTER_MAPS, GO_UPROBES};
 use object::{Object, ObjectSection, ObjectSymbol};
 use tracing::{debug, info, warn};
 
@@ -34,6 +34,8 @@ pub enum GoError {
     MissingProgram(&'static str),
     #[error("loading uprobe program {name}: {detail}")]
     Load { name: &'static str, detail: String },
+    #[error("map {0} is missing from the eBPF object or has another layout (rebuild)")]
+    Map(&'static str),
     #[error("reading the uprobe PMU type from {path}: {detail}; is CONFIG_UPROBE_EVENTS on?")]
     Pmu { path: &'static str, detail: String },
 }
@@ -50,6 +52,19 @@ pub enum Binary {
     Go { version: String, offsets: [Option<u64>; 3] },
 }
 
+/// Userspace view of the kernel's `GoKey` (tgid, Go pointer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GoKey {
+    tgid: u32,
+    _pad: u32,
+    ptr: u64,
+}
+// SAFETY: plain integers, explicit padding.
+unsafe impl aya::Pod for GoKey {}
+/// The kernel's `GoCtx` (trace context, fd, time), never read here.
+type GoCtx = [u8; 56];
+
 /// Executables with uprobes attached at most; beyond it Go processes keep
 /// the per-process policy (counted in the log).
 const MAX_BINARIES: usize = 256;
@@ -65,6 +80,8 @@ pub struct GoProbes {
     counters: Option<PerCpuArray<MapData, u64>>,
     last_counts: Vec<u64>,
     last_log: std::time::Instant,
+    by_pointer: Vec<BpfHashMap<MapData, GoKey, GoCtx>>,
+    pending: BpfHashMap<MapData, u64, GoCtx>,
 }
 
 impl GoProbes {
@@ -96,6 +113,15 @@ impl GoProbes {
         let counters = ebpf
             .take_map(GO_COUNTERS_MAP)
             .and_then(|m| PerCpuArray::try_from(m).ok());
+        let mut by_pointer = Vec::new();
+        for name in GO_POINTER_MAPS {
+            let map = ebpf.take_map(name).ok_or(GoError::Map(name))?;
+            by_pointer.push(BpfHashMap::try_from(map).map_err(|_| GoError::Map(name))?);
+        }
+        let pending = ebpf
+            .take_map(GO_PENDING_MAP)
+            .and_then(|m| BpfHashMap::try_from(m).ok())
+            .ok_or(GoError::Map(GO_PENDING_MAP))?;
         Ok(GoProbes {
             programs,
             pmu_type,
@@ -104,12 +130,39 @@ impl GoProbes {
             counters,
             last_counts: Vec::new(),
             last_log: std::time::Instant::now(),
+            by_pointer,
+            pending,
         })
     }
 
     /// True when process `tgid` runs a Go executable whose uprobes are
     /// attached (attaching them now if this is the first such process).
+    /// Entries an earlier program of this pid left behind (exec keeps the
+    /// pid and runs no goroutine exits) are removed first: a new program's
+    /// goroutine at the same address must not inherit them.
     pub fn follow(&mut self, tgid: u32) -> bool {
+        let ok = self.attached(tgid);
+        if ok {
+            self.forget(tgid);
+        }
+        ok
+    }
+
+    /// Removes every Go entry of `tgid`.
+    fn forget(&mut self, tgid: u32) {
+        for map in &mut self.by_pointer {
+            let keys: Vec<GoKey> = map.keys().flatten().filter(|k| k.tgid == tgid).collect();
+            for key in keys {
+                let _ = map.remove(&key);
+            }
+        }
+        let keys: Vec<u64> = self.pending.keys().flatten().filter(|k| (k >> 32) as u32 == tgid).collect();
+        for key in keys {
+            let _ = self.pending.remove(&key);
+        }
+    }
+
+    fn attached(&mut self, tgid: u32) -> bool {
         let exe = format!("/proc/{tgid}/exe");
         let Ok(meta) = std::fs::metadata(&exe) else {
             return false;

@@ -49,6 +49,10 @@ pub enum LinkPolicy {
 
 /// Name of the per-CPU array of Go linking counters ([`GoCounter`]).
 pub const GO_COUNTERS_MAP: &str = "GO_COUNTERS";
+/// Maps keyed by (tgid, Go pointer) (a goroutine's `g` or a request).
+pub const GO_POINTER_MAPS: [&str; 3] = ["GO_SERVING", "GO_WRITERS", "GO_REQUESTS"];
+/// Map keyed by (tgid << 32 | fd) of Go requests whose first byte was read alone.
+pub const GO_PENDING_MAP: &str = "GO_PENDING";
 /// Uprobe programs for Go binaries: (program, symbol).
 pub const GO_UPROBES: [(&str, &str); 3] = [
     ("meshless_go_goexit", "runtime.goexit1"),

@@ -15,6 +15,10 @@ use crate::{
     maps::{GO_REQUESTS, GO_SERVING, GO_WRITERS, GoKey},
 };
 
+/// Longest time from `persistConn.roundTrip` to the write loop's
+/// `Request.write` of the same request.
+const HANDOFF_NS: u64 = 5 * 1_000_000_000;
+
 /// (RAX, RBX, R14) at the probed function's entry.
 #[inline(always)]
 fn regs(ctx: &ProbeContext) -> (u64, u64, u64) {
@@ -79,10 +83,18 @@ pub fn meshless_go_request_write(ctx: ProbeContext) -> u32 {
     let rkey = GoKey { tgid, _pad: 0, ptr: req };
     let wkey = GoKey { tgid, _pad: 0, ptr: g };
     // SAFETY: copied out before removal.
+    let now = unsafe { bpf_ktime_get_ns() };
     match unsafe { GO_REQUESTS.get(&rkey) }.copied() {
         Some(p) => {
             let _ = GO_REQUESTS.remove(&rkey);
-            let _ = GO_WRITERS.insert(&wkey, &p, 0);
+            // The write loop takes a request as soon as roundTrip hands it
+            // over; an older entry belongs to a request that was never
+            // written (its memory reused since).
+            if now.saturating_sub(p.ktime_ns) < HANDOFF_NS {
+                let _ = GO_WRITERS.insert(&wkey, &p, 0);
+            } else {
+                let _ = GO_WRITERS.remove(&wkey);
+            }
         }
         None => {
             let _ = GO_WRITERS.remove(&wkey);
