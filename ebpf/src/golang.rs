@@ -23,6 +23,9 @@ use crate::maps::{GO_COUNTERS, GO_PENDING, GO_SERVING, GO_WRITERS, GoCtx, GoKey,
 
 /// A serving entry untouched for this long is not trusted any more.
 pub const STALE_NS: u64 = 30 * 1_000_000_000;
+/// Longest time from `persistConn.roundTrip` to the write loop's write of
+/// the same request; an older hand-off belongs to a request never written.
+pub const HANDOFF_NS: u64 = 5 * 1_000_000_000;
 
 pub fn go_count(counter: GoCounter) {
     if let Some(slot) = GO_COUNTERS.get_ptr_mut(counter as u32) {
@@ -71,7 +74,7 @@ pub fn parent(tgid: u32, now: u64, out: &mut TraceCtx) -> u32 {
     // SAFETY: copied out at once.
     if let Some(w) = unsafe { GO_WRITERS.get(&key) }.copied() {
         let _ = GO_WRITERS.remove(&key);
-        if fresh(&w, now) {
+        if fresh(&w, now) && now.saturating_sub(w.ktime_ns) < HANDOFF_NS {
             *out = w.ctx;
             go_count(GoCounter::LinkedByTransport);
             return 1;
@@ -109,6 +112,7 @@ pub fn request_read(tgid: u32, fd: u32, ctx: &TraceCtx, captured: usize) -> u32 
         fd,
         _pad: 0,
         ktime_ns: now,
+        req: 0,
     };
     if captured == 1 {
         go_count(GoCounter::SplitHeads);

@@ -284,7 +284,8 @@ pub struct GoKey {
 }
 
 /// The inbound request a goroutine serves, or the parent an outbound
-/// request was given; `fd` is the server connection it was read on.
+/// request was given; `fd` is the server connection it was read on, `req`
+/// the outbound `*http.Request` it is for (0 for inbound requests).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct GoCtx {
@@ -292,6 +293,7 @@ pub struct GoCtx {
     pub fd: u32,
     pub _pad: u32,
     pub ktime_ns: u64,
+    pub req: u64,
 }
 
 /// Inbound request served per goroutine (Go processes under

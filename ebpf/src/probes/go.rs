@@ -1,7 +1,9 @@
 //! Uprobes on Go binaries (amd64 register ABI: receiver/first argument in
 //! RAX, second in RBX, the running goroutine `g` in R14). Entry probes
 //! only: a return probe rewrites the return address on a goroutine stack
-//! that the Go runtime may move, which crashes the program.
+//! that the Go runtime may move, which crashes the program. Each sits on
+//! the jump of the function's stack check (agent/src/golang.rs), which a
+//! stack growth runs twice: every program here is safe to run twice.
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
     macros::uprobe,
@@ -11,13 +13,9 @@ use meshless_common::GoCounter;
 
 use super::current;
 use crate::{
-    golang::{go_count, served_by},
+    golang::{HANDOFF_NS, go_count, served_by},
     maps::{GO_REQUESTS, GO_SERVING, GO_WRITERS, GoKey},
 };
-
-/// Longest time from `persistConn.roundTrip` to the write loop's
-/// `Request.write` of the same request.
-const HANDOFF_NS: u64 = 5 * 1_000_000_000;
 
 /// (RAX, RBX, R14) at the probed function's entry.
 #[inline(always)]
@@ -61,6 +59,7 @@ pub fn meshless_go_round_trip(ctx: ProbeContext) -> u32 {
     match served_by(tgid, g, now) {
         Some(mut s) => {
             s.ktime_ns = now;
+            s.req = req;
             let _ = GO_REQUESTS.insert(&key, &s, 0);
         }
         None => {
@@ -96,6 +95,10 @@ pub fn meshless_go_request_write(ctx: ProbeContext) -> u32 {
                 let _ = GO_WRITERS.remove(&wkey);
             }
         }
+        // A second run of the same call (after a stack growth) keeps what
+        // the first one handed over.
+        // SAFETY: copied out at once.
+        None if unsafe { GO_WRITERS.get(&wkey) }.is_some_and(|w| w.req == req) => {}
         None => {
             let _ = GO_WRITERS.remove(&wkey);
         }
