@@ -112,7 +112,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if propagate {
         propagation::attach(&mut ebpf, &propagation::option_cgroups(&scope, node.is_some()))?;
     }
-    let classify = propagation::Classifier::new(&mut ebpf)
+    let quiet = node.is_some().then(k8s::quiet::QuietPods::default);
+    let classify = propagation::Classifier::new(&mut ebpf, quiet.clone())
         .map(spawn_classifier)
         .transpose()?;
     Stats::set(
@@ -126,7 +127,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 include: config.namespaces.clone(),
                 exclude: config.exclude_namespaces.clone(),
             };
-            Some(Index::new(updates, filter))
+            Some(Index::new(updates, filter, quiet.unwrap_or_default()))
         }
         None => {
             ready.store(true, Ordering::Relaxed);

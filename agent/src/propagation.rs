@@ -20,10 +20,13 @@ use aya::{
     programs::{links::CgroupAttachMode, SockOps},
     Ebpf,
 };
-use meshless_common::{LinkPolicy, LINK_POLICY_MAP, SOCKOPS_PROGRAM};
+use meshless_common::{LinkPolicy, LINK_POLICY_MAP, LINK_QUIET, SOCKOPS_PROGRAM};
 use tracing::{debug, warn};
 
-use crate::{config::Propagation, k8s::cgroup::cgroup2_root};
+use crate::{
+    config::Propagation,
+    k8s::{cgroup::cgroup2_root, quiet::QuietPods},
+};
 
 /// Why the trace-context set-up failed, with what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +194,7 @@ pub enum Seen {
 pub struct Classifier {
     policies: BpfHashMap<MapData, u32, u32>,
     seen: foldhash::HashSet<u32>,
+    quiet: Option<QuietPods>,
     /// Uprobes for goroutine linking; None when they could not be loaded.
     go: Option<crate::golang::GoProbes>,
 }
@@ -199,7 +203,9 @@ pub struct Classifier {
 const MAX_SEEN: usize = 65_536;
 
 impl Classifier {
-    pub fn new(ebpf: &mut Ebpf) -> Option<Classifier> {
+    /// `quiet`: the pods whose processes must send no trace option
+    /// (Kubernetes mode).
+    pub fn new(ebpf: &mut Ebpf, quiet: Option<QuietPods>) -> Option<Classifier> {
         let map = ebpf.take_map(LINK_POLICY_MAP)?;
         let policies = BpfHashMap::try_from(map).ok()?;
         let go = crate::golang::GoProbes::load(ebpf)
@@ -208,6 +214,7 @@ impl Classifier {
         Some(Classifier {
             policies,
             seen: foldhash::HashSet::default(),
+            quiet,
             go,
         })
     }
@@ -233,8 +240,10 @@ impl Classifier {
             }
         };
         let policy = self.policy_of(tgid);
-        debug!(pid = tgid, ?policy, "linking policy");
-        if let Err(error) = self.policies.insert(tgid, policy as u32, 0) {
+        let quiet = self.quiet.as_ref().is_some_and(|q| q.holds_process(tgid));
+        debug!(pid = tgid, ?policy, quiet, "linking policy");
+        let value = policy as u32 | if quiet { LINK_QUIET } else { 0 };
+        if let Err(error) = self.policies.insert(tgid, value, 0) {
             warn!(%error, pid = tgid, "cannot set the linking policy");
         }
     }

@@ -57,6 +57,10 @@ pub struct Span {
     /// Executable name of the process at the other end, when it runs on
     /// this node and the call was linked.
     pub peer_comm: Option<String>,
+    /// Where a client's call really went when that differs from the address
+    /// it dialled (a Service IP DNATed to a server on this node), as the
+    /// server's side saw it.
+    pub resolved_server: Option<SocketAddr>,
     /// Pod and container of the traced process (Kubernetes only).
     pub k8s: Option<crate::k8s::SpanK8s>,
     /// What the cluster knows about the other end (Kubernetes only).

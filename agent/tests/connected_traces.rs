@@ -75,6 +75,27 @@ fn chain_gives_one_trace_of_six_linked_spans_per_request(nodes: usize, placement
             dialled.is_empty(),
             "CLIENT spans keep server.address = the Service IP the client dialled: {dialled:#?}"
         );
+        if nodes == 1 {
+            // Both ends on this node: the client span also says which pod
+            // the Service IP led to.
+            let unresolved: Vec<&SpanView> = spans
+                .iter()
+                .filter(|s| s.is_client())
+                .filter(|s| {
+                    let hop = chain.hops.iter().find(|h| s.server() == h.dialled);
+                    let real = format!(
+                        "{}:{}",
+                        s.attr("meshless.server.resolved.address"),
+                        s.attr("meshless.server.resolved.port")
+                    );
+                    hop.is_some_and(|h| h.dialled != h.pod_addr && real != h.pod_addr)
+                })
+                .collect();
+            assert!(
+                unresolved.is_empty(),
+                "CLIENT spans through a Service IP name the pod it reached: {unresolved:#?}"
+            );
+        }
     }
 }
 
@@ -139,6 +160,8 @@ enum Runtime {
     Java,
     /// One event loop, downstream calls on shared keep-alive sockets.
     Node,
+    /// One nginx worker (an event loop) proxying `/r/…` to the leaf.
+    Nginx,
 }
 
 impl Runtime {
@@ -154,6 +177,10 @@ impl Runtime {
             Runtime::GoStripped => go_service_on(&go_service_stripped(), svc, port, Some(&downstream)),
             Runtime::Java => java_service(&java_classes(), svc, port, Some(&downstream)),
             Runtime::Node => node_keepalive_service(svc, port, &leaf.ip, leaf_port),
+            Runtime::Nginx => {
+                let dir = std::env::temp_dir().join(format!("meshless-nginx-{}-{port}", std::process::id()));
+                safety::nginx(svc, port, &dir, &downstream)
+            }
         }
     }
 
@@ -399,6 +426,28 @@ fn stripped_go_binary_falls_back_to_per_process_linking_without_wrong_parents() 
         r.wrong, 0,
         "stripped Go: {} of {} outbound calls under the wrong request\n{}",
         r.wrong, r.n, r.report
+    );
+}
+
+/// An nginx worker serves many connections on one thread: its proxied
+/// call links while it has one request in flight, and never wrongly.
+#[test]
+fn nginx_proxy_links_its_upstream_call_one_at_a_time_and_never_wrongly_at_8() {
+    let one = linking_rates(Runtime::Nginx, 1, 20);
+    assert!(
+        (one.linked, one.wrong) == (one.n, 0),
+        "nginx, one request at a time: {} of {} upstream calls linked, {} wrongly\n{}",
+        one.linked,
+        one.n,
+        one.wrong,
+        one.report
+    );
+    one.assert_hop_linked(Runtime::Nginx);
+    let eight = linking_rates(Runtime::Nginx, 8, 10);
+    assert_eq!(
+        eight.wrong, 0,
+        "nginx, 8 in flight: {} of {} upstream calls under the wrong request\n{}",
+        eight.wrong, eight.n, eight.report
     );
 }
 

@@ -253,3 +253,61 @@ fn pods_come_and_go_ips_are_reused_and_metadata_survives_an_api_outage() {
     let relisted = c.api.requests().iter().filter(|r| r.as_str() == "list Pods").count();
     assert!(relisted >= 2, "410 Gone forced a relist: {:?}", c.api.requests());
 }
+
+/// The kernel's count of trace options written, as the agent last read it.
+fn options_written(agent: &Agent) -> f64 {
+    // Kernel counters are copied every 2 s.
+    std::thread::sleep(Duration::from_millis(2500));
+    metric_sum(&scrape(agent), "meshless_trace_opt_written_total", &[])
+}
+
+#[test]
+fn a_pod_that_opted_out_sends_no_trace_option_while_a_traced_pod_does() {
+    let _serial = serial();
+    let pods = PodPair::new();
+    let c = cluster(&pods);
+    const QUIET_UID: &str = "3c1e9d2a-6b7f-4e0c-9a55-2f8d0c1b7e44";
+    const QUIET_CID: &str = "dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd";
+    let mut quiet = pod(
+        "tools",
+        "quiet-0",
+        QUIET_UID,
+        NODE,
+        &pods.ip_a,
+        ("StatefulSet", "quiet"),
+        json!({}),
+        ("curl", QUIET_CID),
+    );
+    quiet["metadata"]["annotations"] = json!({"meshless.io/trace": "false"});
+    c.api.apply(Kind::Pods, quiet);
+    // The kubepods trees exist before the agent starts, as on a node.
+    let web_cg = PodCgroup::create(Driver::Systemd, WEB_UID, WEB_CID);
+    let quiet_cg = PodCgroup::create(Driver::Cgroupfs, QUIET_UID, QUIET_CID);
+    let load_cg = PodCgroup::create(Driver::Cgroupfs, LOAD_UID, LOAD_CID);
+    let receiver = Receiver::start(Transport::Grpc);
+    let agent = agent(&c, &receiver);
+    wait_ready(&agent);
+    let port = 8503;
+    let _web = start_web(&pods, &web_cg, port);
+
+    let before = options_written(&agent);
+    curl_from(&pods, &quiet_cg, &format!("http://{}:{port}/from-quiet", pods.ip_b));
+    let spans = receiver.wait_spans(on_path("/from-quiet"), 1, Duration::from_secs(15));
+    assert!(
+        spans.iter().all(|s| s.span.kind == 2),
+        "the opted-out pod's client span is not exported: {spans:#?}"
+    );
+    let after_quiet = options_written(&agent);
+    assert_eq!(
+        after_quiet, before,
+        "a request from the opted-out pod carried a trace option"
+    );
+
+    curl_from(&pods, &load_cg, &format!("http://{}:{port}/from-traced", pods.ip_b));
+    receiver.wait_spans(on_path("/from-traced"), 2, Duration::from_secs(15));
+    let after_traced = options_written(&agent);
+    assert!(
+        after_traced > after_quiet,
+        "a traced pod's request carries the option ({after_quiet} → {after_traced})"
+    );
+}

@@ -388,6 +388,7 @@ mod direct {
                 cgroup_id: 1,
             },
             peer_comm: None,
+            resolved_server: None,
             k8s: None,
             peer_k8s: None,
             user_agent: None,

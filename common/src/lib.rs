@@ -93,6 +93,13 @@ impl GoCounter {
     ];
 }
 
+/// Bit set on a [`LINK_POLICY_MAP`] value (next to the [`LinkPolicy`] in the
+/// low byte) for processes whose requests must carry no trace option: pods
+/// that opted out of tracing or run in an untraced namespace.
+pub const LINK_QUIET: u32 = 0x100;
+/// The [`LinkPolicy`] part of a [`LINK_POLICY_MAP`] value.
+pub const LINK_POLICY_MASK: u32 = 0xff;
+
 /// TCP option kind used for the trace context (RFC 6994 shared experimental).
 pub const TRACE_OPT_KIND: u8 = 254;
 /// Experiment id ("ml") that marks meshless's option.

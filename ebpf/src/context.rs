@@ -16,7 +16,7 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, generated::bpf_loop};
 use meshless_common::{
     AF_INET, CTX_FROM_HEADER, CTX_FROM_OPTION, CTX_IN_PROCESS, CTX_PARENT, CTX_SAMPLED, CTX_SENT, CTX_VALID, ConnAddrs,
-    Counter, FLAG_LOCAL_ADDR, FLAG_REMOTE_ADDR, LinkPolicy, MAX_CAPTURE, TraceCtx,
+    Counter, FLAG_LOCAL_ADDR, FLAG_REMOTE_ADDR, LINK_POLICY_MASK, LINK_QUIET, LinkPolicy, MAX_CAPTURE, TraceCtx,
 };
 
 use crate::{golang, maps::{
@@ -106,7 +106,7 @@ fn sole(key: u64, now: u64) -> Option<&'static Serving> {
 /// policy (see `LinkPolicy`).
 #[inline(always)]
 fn serving(id: u64, tgid: u32, policy: u32, now: u64) -> Option<&'static Serving> {
-    match policy {
+    match policy & LINK_POLICY_MASK {
         p if p == LinkPolicy::Thread as u32 => sole(id, now),
         p if p == LinkPolicy::Process as u32 => sole(process_key(tgid), now),
         p if p == LinkPolicy::Off as u32 => None,
@@ -141,11 +141,11 @@ pub fn starts_request(b: &[u8; 8]) -> bool {
 pub fn client_request(id: u64, addrs: Option<&ConnAddrs>, ctx: &mut TraceCtx) -> u32 {
     let tgid = (id >> 32) as u32;
     let now = unsafe { bpf_ktime_get_ns() };
-    ctx.flags = CTX_VALID | CTX_SAMPLED;
     // SAFETY: copied out at once.
     let policy = unsafe { LINK_POLICY.get(&tgid) }.copied().unwrap_or(0);
+    ctx.flags = CTX_VALID | CTX_SAMPLED;
     let mut parent = TraceCtx::default();
-    let found = if policy == LinkPolicy::Goroutine as u32 {
+    let found = if policy & LINK_POLICY_MASK == LinkPolicy::Goroutine as u32 {
         golang::parent(tgid, now, &mut parent) != 0
     } else if let Some(s) = serving(id, tgid, policy, now) {
         parent = s.ctx;
@@ -163,7 +163,7 @@ pub fn client_request(id: u64, addrs: Option<&ConnAddrs>, ctx: &mut TraceCtx) ->
     }
     span_id(ctx.flags & CTX_SAMPLED != 0, &mut ctx.span_id);
     let mut key = SockKey::default();
-    if propagation() && addrs.is_some_and(|a| sock_key(a, &mut key) != 0) {
+    if propagation() && policy & LINK_QUIET == 0 && addrs.is_some_and(|a| sock_key(a, &mut key) != 0) {
         let opt = OptCtx {
             trace_id: ctx.trace_id,
             span_id: ctx.span_id,

@@ -17,7 +17,7 @@ use aya_ebpf::helpers::{
     bpf_ktime_get_ns,
     generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
 };
-use meshless_common::{CTX_VALID, GoCounter, LinkPolicy, TraceCtx};
+use meshless_common::{CTX_VALID, GoCounter, LINK_POLICY_MASK, LinkPolicy, TraceCtx};
 
 use crate::maps::{GO_COUNTERS, GO_PENDING, GO_SERVING, GO_WRITERS, GoCtx, GoKey, LINK_POLICY, READERS, Reader, conn_key};
 
@@ -54,7 +54,7 @@ pub fn current_g() -> u64 {
 #[inline(always)]
 pub fn goroutine_policy(tgid: u32) -> bool {
     // SAFETY: copied out at once.
-    unsafe { LINK_POLICY.get(&tgid) }.copied() == Some(LinkPolicy::Goroutine as u32)
+    unsafe { LINK_POLICY.get(&tgid) }.is_some_and(|p| p & LINK_POLICY_MASK == LinkPolicy::Goroutine as u32)
 }
 
 #[inline(always)]

@@ -52,7 +52,7 @@ pub struct Links {
     /// Server processes by (client end, server end), for naming the peer
     /// of client spans. A server reads a request before the client can
     /// read the response, so this is always known in time.
-    servers: HashMap<(SocketAddr, Option<SocketAddr>), (String, u64)>,
+    servers: HashMap<(SocketAddr, Option<SocketAddr>), (String, SocketAddr, u64)>,
 }
 
 fn adopt(span: &mut Span, client: &SpanContext, comm: String, ids: bool) {
@@ -98,15 +98,19 @@ impl Links {
 
     /// A server process read a request on the connection `client`→`server`.
     pub fn server_seen(&mut self, client: SocketAddr, server: SocketAddr, comm: &str, ktime_ns: u64) {
-        self.servers
-            .insert((client, server_part(client, server)), (comm.to_owned(), ktime_ns));
+        self.servers.insert(
+            (client, server_part(client, server)),
+            (comm.to_owned(), server, ktime_ns),
+        );
     }
 
-    /// The server process of the connection `client`→`server`, if on this node.
-    pub fn server_of(&self, client: SocketAddr, server: SocketAddr) -> Option<String> {
+    /// The server process of the connection `client`→`server`, if on this
+    /// node, and the address it accepted on (a pod's, when the client
+    /// dialled a Service IP).
+    pub fn server_of(&self, client: SocketAddr, server: SocketAddr) -> Option<(String, SocketAddr)> {
         self.servers
             .get(&(client, server_part(client, server)))
-            .map(|(comm, _)| comm.clone())
+            .map(|(comm, real, _)| (comm.clone(), *real))
     }
 
     /// A server exchange finished; returns it at once if its client is known
@@ -143,7 +147,7 @@ impl Links {
     pub fn purge(&mut self, now_ns: u64) {
         let cutoff = now_ns.saturating_sub(CLIENT_TTL_NS);
         self.clients.retain(|_, (_, t, _)| *t >= cutoff);
-        self.servers.retain(|_, (_, t)| *t >= cutoff);
+        self.servers.retain(|_, (_, _, t)| *t >= cutoff);
         self.started.retain(|_, (_, t)| *t >= cutoff);
         if self.clients.len() > MAX_CLIENTS {
             let mut times: Vec<u64> = self.clients.values().map(|(_, t, _)| *t).collect();

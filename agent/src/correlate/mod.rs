@@ -309,7 +309,10 @@ fn absorb(links: &mut Links, aliases: &mut Aliases, env: &SpanEnv, conn: &Conn, 
         let mut span = build_span(conn, ex, &env.clock, &env.headers);
         aliases.apply(&mut span);
         if let (SpanKind::Client, Some(client), Some(server)) = (span.kind, span.client, span.server) {
-            span.peer_comm = links.server_of(client, server);
+            if let Some((comm, real)) = links.server_of(client, server) {
+                span.peer_comm = Some(comm);
+                span.resolved_server = (real != server).then_some(real);
+            }
         }
         match link {
             Some(key) => {
@@ -395,6 +398,7 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
             ..conn.process.clone()
         },
         peer_comm: None,
+        resolved_server: None,
         k8s: None,
         peer_k8s: None,
         user_agent: request.head.header("user-agent").map(str::to_owned),

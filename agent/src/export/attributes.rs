@@ -82,6 +82,12 @@ pub fn of(span: &Span, opts: Options) -> Attributes {
         put("server.address", s(name));
         put("server.port", Value::Int(i64::from(server.port())));
     }
+    if let Some(real) = span.resolved_server {
+        // No semconv attribute names the NAT target; server.address stays
+        // what the client dialled.
+        put("meshless.server.resolved.address", s(real.ip().to_string()));
+        put("meshless.server.resolved.port", Value::Int(i64::from(real.port())));
+    }
     if let Some(client) = span.client {
         put("client.address", s(client.ip().to_string()));
         put("client.port", Value::Int(i64::from(client.port())));

@@ -16,6 +16,12 @@ pub struct PodCgroup {
 
 const SCOPE_PREFIXES: [&str; 4] = ["cri-containerd-", "crio-", "docker-", "containerd-"];
 
+/// The cgroup v2 path of a process (`0::<path>` in /proc/<pid>/cgroup).
+pub fn of_process(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned)
+}
+
 /// Parses a cgroup v2 path (as in `/proc/<pid>/cgroup`, `0::<path>`).
 pub fn parse(path: &str) -> Option<PodCgroup> {
     let mut pod_uid = None;

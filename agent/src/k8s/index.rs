@@ -4,7 +4,7 @@ use std::{collections::HashSet, net::IpAddr, sync::Arc};
 use foldhash::HashMap;
 use tokio::sync::mpsc;
 
-use super::{cgroup, fqdn, PeerK8s, PodMeta, ServiceMeta, SliceMeta, SpanK8s};
+use super::{cgroup, fqdn, quiet::QuietPods, PeerK8s, PodMeta, ServiceMeta, SliceMeta, SpanK8s};
 use crate::span::{Span, SpanKind};
 
 /// Which resource a watcher follows.
@@ -75,13 +75,15 @@ pub struct Index {
     filter: NamespaceFilter,
     cgroup_root: Option<std::path::PathBuf>,
     last_scan: Option<std::time::Instant>,
+    quiet: QuietPods,
 }
 
 /// Least time between two scans of the cgroup tree.
 const RESCAN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Index {
-    pub fn new(updates: mpsc::Receiver<Update>, filter: NamespaceFilter) -> Self {
+    /// `quiet` is kept up to date with the pods this node must not trace.
+    pub fn new(updates: mpsc::Receiver<Update>, filter: NamespaceFilter, quiet: QuietPods) -> Self {
         Self {
             updates,
             pods: HashMap::default(),
@@ -95,6 +97,7 @@ impl Index {
             filter,
             cgroup_root: cgroup::cgroup2_root(),
             last_scan: None,
+            quiet,
         }
     }
 
@@ -121,6 +124,7 @@ impl Index {
             Update::Replace(kind, items) => {
                 match kind {
                     Kind::Pods => {
+                        self.quiet.clear();
                         self.pods.clear();
                         self.pod_by_ip.clear();
                     }
@@ -147,6 +151,7 @@ impl Index {
             // A reused IP now belongs to the newest pod that claims it.
             self.pod_by_ip.insert(*ip, p.uid.clone());
         }
+        self.quiet.set(&p.uid, p.opted_out || !self.filter.allows(&p.namespace));
         self.pods.insert(p.uid.clone(), Arc::new(p));
     }
 
@@ -159,6 +164,7 @@ impl Index {
     }
 
     fn remove_pod(&mut self, uid: &str) {
+        self.quiet.set(uid, false);
         if let Some(p) = self.pods.remove(uid) {
             self.unindex_pod(&p);
         }
@@ -216,7 +222,7 @@ impl Index {
             // A cgroup's path never changes, so the answer (pod or not) is
             // cached. A process that already exited is found by scanning the
             // pod cgroup trees for the id (an inode), at most once a second.
-            match read_cgroup(pid) {
+            match cgroup::of_process(pid) {
                 Some(path) => {
                     self.cgroups.insert(cgroup_id, cgroup::parse(&path));
                 }
@@ -292,7 +298,17 @@ impl Index {
             SpanKind::Server => span.client,
             SpanKind::Client => span.server,
         };
-        span.peer_k8s = peer_ip.and_then(|a| self.peer(a.ip()));
+        let mut peer = peer_ip.and_then(|a| self.peer(a.ip()));
+        if let Some(real) = span.resolved_server.and_then(|a| self.peer(a.ip())) {
+            // A Service IP names the service; the pod it was DNATed to
+            // names the workload.
+            let p = peer.get_or_insert_with(PeerK8s::default);
+            p.pod = real.pod.or(p.pod.take());
+            p.workload = real.workload.or(p.workload.take());
+            p.namespace = p.namespace.take().or(real.namespace);
+            p.service_fqdn = p.service_fqdn.take().or(real.service_fqdn);
+        }
+        span.peer_k8s = peer;
         Verdict::Keep
     }
 }
@@ -307,12 +323,6 @@ fn workload_from_pod_name(name: &str) -> String {
     } else {
         name.to_owned()
     }
-}
-
-/// The cgroup v2 path of a process (`0::<path>` in /proc/<pid>/cgroup).
-fn read_cgroup(pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -335,7 +345,7 @@ mod tests {
 
     fn index() -> Index {
         let (_tx, rx) = mpsc::channel(1);
-        Index::new(rx, NamespaceFilter::default())
+        Index::new(rx, NamespaceFilter::default(), QuietPods::default())
     }
 
     #[test]
@@ -371,6 +381,27 @@ mod tests {
             Some("orders.shop.svc.cluster.local")
         );
         assert!(ix.peer("192.0.2.1".parse().expect("ip")).is_none());
+    }
+
+    #[test]
+    fn a_client_span_through_a_service_ip_names_the_service_and_the_pod_it_reached() {
+        let mut ix = index();
+        ix.apply(Update::Service(ServiceMeta {
+            name: "orders".into(),
+            namespace: "shop".into(),
+            cluster_ips: vec!["10.96.0.10".parse().expect("ip")],
+        }));
+        ix.apply(Update::Pod(pod("u9", "orders-5d4f8b7c9-x7k2p", "10.1.2.3")));
+        ix.cgroups.insert(21, None);
+        let mut span = span_in_cgroup(21);
+        span.kind = SpanKind::Client;
+        span.server = Some("10.96.0.10:80".parse().expect("addr"));
+        span.resolved_server = Some("10.1.2.3:8080".parse().expect("addr"));
+        assert_eq!(ix.enrich(&mut span), Verdict::Keep);
+        let peer = span.peer_k8s.expect("peer");
+        assert_eq!(peer.service_fqdn.as_deref(), Some("orders.shop.svc.cluster.local"));
+        assert_eq!(peer.pod.as_deref(), Some("orders-5d4f8b7c9-x7k2p"));
+        assert_eq!(peer.workload.as_deref(), Some("web"));
     }
 
     #[test]
@@ -413,6 +444,7 @@ mod tests {
                 cgroup_id,
             },
             peer_comm: None,
+            resolved_server: None,
             k8s: None,
             peer_k8s: None,
             user_agent: None,
@@ -424,14 +456,16 @@ mod tests {
     }
 
     #[test]
-    fn opted_out_pods_and_excluded_namespaces_are_dropped_others_kept() {
+    fn opted_out_pods_and_excluded_namespaces_are_dropped_others_kept_and_quiet() {
         let (_tx, rx) = mpsc::channel(1);
+        let quiet_pods = QuietPods::default();
         let mut ix = Index::new(
             rx,
             NamespaceFilter {
                 include: vec![],
                 exclude: vec!["kube-system".into()],
             },
+            quiet_pods.clone(),
         );
         let mut quiet = pod("u1", "quiet-0", "10.0.0.5");
         quiet.opted_out = true;
@@ -454,6 +488,13 @@ mod tests {
         let mut kept = span_in_cgroup(13);
         assert_eq!(ix.enrich(&mut kept), Verdict::Keep);
         assert_eq!(kept.k8s.map(|k| k.pod.name.clone()).as_deref(), Some("web-0"));
+        assert!(
+            quiet_pods.contains("u1") && quiet_pods.contains("u2"),
+            "no options from dropped pods"
+        );
+        assert!(!quiet_pods.contains("u3"));
+        ix.apply(Update::PodGone { uid: "u1".into() });
+        assert!(!quiet_pods.contains("u1"), "forgotten with the pod");
         // A process outside any pod keeps its process metadata.
         ix.cgroups.insert(14, None);
         let mut host = span_in_cgroup(14);
@@ -470,6 +511,7 @@ mod tests {
                 include: vec!["shop".into()],
                 exclude: vec![],
             },
+            QuietPods::default(),
         );
         ix.apply(Update::Pod(pod("u3", "web-0", "10.0.0.7")));
         ix.cgroups.insert(

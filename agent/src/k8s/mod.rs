@@ -9,6 +9,7 @@
 //! and the watchers reconnect with backoff; the data path never waits.
 pub mod cgroup;
 pub mod index;
+pub mod quiet;
 pub mod watch;
 
 use std::net::IpAddr;

@@ -10,7 +10,8 @@ fn fixture(name: &str) -> String {
 }
 
 /// nginx in `pod` on `port` (sendfile on, keep-alive): files under
-/// `dir/www`, `/proxy/…` forwarded (headers included) to `upstream/…`.
+/// `dir/www`, `/proxy/…` forwarded (headers included) to `upstream/…`,
+/// `/r/…` forwarded to `upstream/r/…`.
 pub fn nginx(pod: &Pod, port: u16, dir: &Path, upstream: &str) -> Proc {
     std::fs::create_dir_all(dir.join("www")).expect("www dir");
     let d = dir.display();
@@ -34,6 +35,7 @@ http {{
     listen {ip}:{port};
     root {d}/www;
     location /proxy/ {{ proxy_pass {upstream}/; proxy_http_version 1.1; }}
+    location /r/ {{ proxy_pass {upstream}; proxy_http_version 1.1; }}
   }}
 }}
 "#
