@@ -156,7 +156,12 @@ impl GoProbes {
                 let _ = map.remove(&key);
             }
         }
-        let keys: Vec<u64> = self.pending.keys().flatten().filter(|k| (k >> 32) as u32 == tgid).collect();
+        let keys: Vec<u64> = self
+            .pending
+            .keys()
+            .flatten()
+            .filter(|k| (k >> 32) as u32 == tgid)
+            .collect();
         for key in keys {
             let _ = self.pending.remove(&key);
         }
@@ -345,9 +350,7 @@ pub fn inspect(exe: &Path) -> Binary {
     }
     match offsets {
         [None, ..] => Binary::GoWithout("no symbol table (stripped) or no runtime.goexit1"),
-        [Some(_), Some(_), None] | [Some(_), None, Some(_)] => {
-            Binary::GoWithout("net/http client symbols incomplete")
-        }
+        [Some(_), Some(_), None] | [Some(_), None, Some(_)] => Binary::GoWithout("net/http client symbols incomplete"),
         _ => {
             debug!(?offsets, "Go uprobe offsets");
             Binary::Go { version, offsets }

@@ -185,7 +185,9 @@ pub fn emit_data(tp: &TracePointContext, id: u64, args: &Args, ret: usize, state
             // SAFETY: the slot holds a tracepoint program like this one.
             unsafe { SERVER_CTX.tail_call(tp, 0) };
         } else if args.direction == Direction::Ingress as u32
-            && context::starts_request(&[b'A', first[0], first[1], first[2], first[3], first[4], first[5], first[6]])
+            && context::starts_request(&[
+                b'A', first[0], first[1], first[2], first[3], first[4], first[5], first[6],
+            ])
         {
             // The rest of a request line whose first byte (an uppercase
             // letter) was read alone: Go's keep-alive background read.

@@ -19,10 +19,13 @@ use meshless_common::{
     Counter, FLAG_LOCAL_ADDR, FLAG_REMOTE_ADDR, LINK_POLICY_MASK, LINK_QUIET, LinkPolicy, MAX_CAPTURE, TraceCtx,
 };
 
-use crate::{golang, maps::{
-    IN_OPT, LINK_POLICY, OUT_OPT, OptCtx, READERS, Reader, SCRATCH, SERVING, Serving, SockKey, conn_key, count,
-    propagation,
-}};
+use crate::{
+    golang,
+    maps::{
+        IN_OPT, LINK_POLICY, OUT_OPT, OptCtx, READERS, Reader, SCRATCH, SERVING, Serving, SockKey, conn_key, count,
+        propagation,
+    },
+};
 
 /// A serving context untouched for this long is not trusted any more.
 const STALE_NS: u64 = 30 * 1_000_000_000;

@@ -19,7 +19,9 @@ use aya_ebpf::helpers::{
 };
 use meshless_common::{CTX_VALID, GoCounter, LINK_POLICY_MASK, LinkPolicy, TraceCtx};
 
-use crate::maps::{GO_COUNTERS, GO_PENDING, GO_SERVING, GO_WRITERS, GoCtx, GoKey, LINK_POLICY, READERS, Reader, conn_key};
+use crate::maps::{
+    GO_COUNTERS, GO_PENDING, GO_SERVING, GO_WRITERS, GoCtx, GoKey, LINK_POLICY, READERS, Reader, conn_key,
+};
 
 /// A serving entry untouched for this long is not trusted any more.
 pub const STALE_NS: u64 = 30 * 1_000_000_000;

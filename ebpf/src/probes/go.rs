@@ -54,7 +54,11 @@ pub fn meshless_go_round_trip(ctx: ProbeContext) -> u32 {
     let Ok(req) = (unsafe { bpf_probe_read_user(treq as *const u64) }) else {
         return 0;
     };
-    let key = GoKey { tgid, _pad: 0, ptr: req };
+    let key = GoKey {
+        tgid,
+        _pad: 0,
+        ptr: req,
+    };
     let now = unsafe { bpf_ktime_get_ns() };
     match served_by(tgid, g, now) {
         Some(mut s) => {
@@ -79,7 +83,11 @@ pub fn meshless_go_request_write(ctx: ProbeContext) -> u32 {
     };
     go_count(GoCounter::RequestWrites);
     let (req, _, g) = regs(&ctx);
-    let rkey = GoKey { tgid, _pad: 0, ptr: req };
+    let rkey = GoKey {
+        tgid,
+        _pad: 0,
+        ptr: req,
+    };
     let wkey = GoKey { tgid, _pad: 0, ptr: g };
     // SAFETY: copied out before removal.
     let now = unsafe { bpf_ktime_get_ns() };
