@@ -665,7 +665,8 @@ fn propagation_off_leaves_request_bytes_tcp_options_and_sockets_untouched() {
 }
 
 #[test]
-fn large_nginx_responses_arrive_complete_to_curl_node_java_and_a_fionread_client_with_default_propagation() {
+fn large_nginx_responses_arrive_complete_over_http_and_tls_to_curl_node_java_and_a_fionread_client_with_default_propagation(
+) {
     let _serial = serial();
     let mut cluster = Cluster::new(1);
     let scratch = Scratch::new("chain-big");
@@ -679,8 +680,16 @@ fn large_nginx_responses_arrive_complete_to_curl_node_java_and_a_fionread_client
         want.insert(format!("/proxy/{name}"), (size, sha));
     }
     let upstream = format!("http://{}:8094", server.ip);
+    safety::self_signed_cert(&scratch.0);
     let _nginx = safety::nginx(&server, 8094, &scratch.0, &upstream);
     client.wait_port(&server.ip, 8094);
+    let tls_port = 8094 + safety::TLS_PORT_OFFSET;
+    client.wait_port(&server.ip, tls_port);
+    let plain_paths: Vec<&str> = want
+        .keys()
+        .filter(|p| !p.starts_with("/proxy/"))
+        .map(String::as_str)
+        .collect();
     let paths: Vec<&str> = want.keys().map(String::as_str).collect();
     let ip = server.ip.clone();
     let results = [
@@ -692,10 +701,18 @@ fn large_nginx_responses_arrive_complete_to_curl_node_java_and_a_fionread_client
             2,
         ),
         ("java HttpClient", safety::java_client(&client, &ip, 8094, &paths), 2),
+        (
+            "curl over TLS",
+            safety::curl_tls_client(&client, &ip, tls_port, &plain_paths, &scratch.0),
+            1,
+        ),
     ];
     for (who, out, times) in &results {
         let got = safety::received(out);
         for (path, (size, sha)) in &want {
+            if *who == "curl over TLS" && path.starts_with("/proxy/") {
+                continue;
+            }
             let expected = vec![(*size, sha.clone()); *times];
             assert_eq!(
                 got.get(path),

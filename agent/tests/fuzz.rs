@@ -2,7 +2,8 @@
 //! the same harnesses, fed the checked-in corpus and seeded random
 //! mutations of it for a bounded time (`MESHLESS_FUZZ_SECS`, default 5 s
 //! per target). A failing input is written under `target/fuzz-failures/`
-//! so it can be replayed and added to the corpus.
+//! so it can be replayed (`MESHLESS_FUZZ_REPLAY=<file>`) and added to the
+//! corpus.
 #[path = "../fuzz/harness.rs"]
 mod harness;
 
@@ -78,6 +79,17 @@ fn budget() -> Duration {
 /// Runs `harness` on every seed, then on mutations until the time is up;
 /// returns the number of executions.
 fn fuzz(target: &str, harness: impl Fn(&[u8]) + std::panic::RefUnwindSafe) -> u64 {
+    // `MESHLESS_FUZZ_REPLAY=target/fuzz-failures/<target>-N.bin` replays one
+    // saved input on its target.
+    if let Ok(path) = std::env::var("MESHLESS_FUZZ_REPLAY") {
+        if Path::new(&path)
+            .file_name()
+            .is_some_and(|f| f.to_string_lossy().starts_with(target))
+        {
+            harness(&std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}")));
+        }
+        return 1;
+    }
     let seeds = corpus(target);
     let mut rng = StdRng::seed_from_u64(0x6d65_7368_6c65_7373);
     let deadline = Instant::now() + budget();

@@ -22,6 +22,7 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "iproute2",
     "iptables",
+    "openssl",
 ];
 
 /// PyPI tools the tests use: (module to import, requirement).

@@ -66,6 +66,11 @@ struct Segment {
     /// Bytes the syscall moved beyond what was captured.
     missing: u64,
     ktime_ns: u64,
+    /// The segment before this one ended inside a token: if this one looks
+    /// like a request it may continue a method name, so it cannot be
+    /// trusted to begin a message after framing was lost (responses start
+    /// with `HTTP/`, which no tail of a method is).
+    after_open_token: bool,
 }
 
 /// Parser state for one direction of one connection.
@@ -85,6 +90,8 @@ pub struct HttpStream {
     /// A `Gap` at this time is due after the item just returned.
     gap_due: Option<u64>,
     segments: VecDeque<Segment>,
+    /// The last segment pushed ended inside a token.
+    open_token: bool,
 }
 
 impl Default for HttpStream {
@@ -106,6 +113,7 @@ impl HttpStream {
             end_due: false,
             gap_due: None,
             segments: VecDeque::new(),
+            open_token: false,
         }
     }
 
@@ -117,7 +125,12 @@ impl HttpStream {
     /// Queues the bytes of one syscall: `data` was captured, `missing` more
     /// bytes were moved but not captured.
     pub fn push(&mut self, data: bytes::Bytes, missing: u64, ktime_ns: u64) {
+        let after_open_token = self.open_token;
+        // Past missing bytes the syscall's end is a write boundary; apps
+        // write whole messages far more often than method fragments.
+        self.open_token = missing == 0 && data.last().is_some_and(|&b| head::is_tchar(b));
         self.segments.push_back(Segment {
+            after_open_token,
             data,
             pos: 0,
             missing,
@@ -249,7 +262,9 @@ impl HttpStream {
                 None
             }
             State::Desync => {
-                let starts_message = seg.pos == 0 && head::starts_message(&seg.data, self.flow);
+                // `PU` then `T / HTTP/1.1` is one PUT, never a `T`.
+                let maybe_method_tail = seg.after_open_token && !seg.data.starts_with(b"HTTP/");
+                let starts_message = seg.pos == 0 && !maybe_method_tail && head::starts_message(&seg.data, self.flow);
                 if starts_message {
                     self.state = State::Start;
                     if self.open {

@@ -166,6 +166,25 @@ fn header_block_larger_than_the_capture_keeps_method_and_path() {
 }
 
 #[test]
+fn after_lost_framing_a_method_split_across_writes_is_not_read_as_a_shorter_method() {
+    let mut s = HttpStream::new();
+    // A malformed head loses the framing.
+    let items = feed(
+        &mut s,
+        &[
+            b"GET /a HTTP/1.1\r\nbad header line\r\n\r\n",
+            b"PU",
+            b"T /b HTTP/1.1\r\n\r\n",
+        ],
+    );
+    assert!(matches!(items.first(), Some(Item::Malformed(_))), "{items:?}");
+    assert!(heads(&items).iter().all(|h| h.method() != Some("T")), "{items:?}");
+    // The next message that follows a clean boundary resyncs.
+    let items = feed(&mut s, &[b"GET /c HTTP/1.1\r\n\r\n"]);
+    assert_eq!(heads(&items).first().and_then(|h| h.method()), Some("GET"), "{items:?}");
+}
+
+#[test]
 fn response_to_head_request_has_no_body() {
     let mut s = HttpStream::new();
     s.push(

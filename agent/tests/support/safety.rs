@@ -11,11 +11,21 @@ fn fixture(name: &str) -> String {
 
 /// nginx in `pod` on `port` (sendfile on, keep-alive): files under
 /// `dir/www`, `/proxy/…` forwarded (headers included) to `upstream/…`,
-/// `/r/…` forwarded to `upstream/r/…`.
+/// `/r/…` forwarded to `upstream/r/…`. With a certificate in `dir` (see
+/// [`self_signed_cert`]) the same files are also served over TLS on
+/// `port + TLS_PORT_OFFSET`.
 pub fn nginx(pod: &Pod, port: u16, dir: &Path, upstream: &str) -> Proc {
     std::fs::create_dir_all(dir.join("www")).expect("www dir");
     let d = dir.display();
     let ip = &pod.ip;
+    let tls = if dir.join("cert.pem").exists() {
+        format!(
+            "server {{ listen {ip}:{} ssl; ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem; root {d}/www; }}",
+            port + TLS_PORT_OFFSET
+        )
+    } else {
+        String::new()
+    };
     let conf = format!(
         r#"daemon off;
 worker_processes 1;
@@ -37,6 +47,7 @@ http {{
     location /proxy/ {{ proxy_pass {upstream}/; proxy_http_version 1.1; }}
     location /r/ {{ proxy_pass {upstream}; proxy_http_version 1.1; }}
   }}
+  {tls}
 }}
 "#
     );
@@ -44,6 +55,31 @@ http {{
     std::fs::write(&path, conf).expect("nginx.conf");
     let (conf, log) = (path.display().to_string(), format!("{d}/error.log"));
     spawn(pod.cmd("nginx", &["-c", &conf, "-e", &log]))
+}
+
+/// Where [`nginx`] serves TLS, relative to its plain port.
+pub const TLS_PORT_OFFSET: u16 = 1000;
+
+/// A throwaway self-signed certificate and key in `dir` (cert.pem, key.pem).
+pub fn self_signed_cert(dir: &Path) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=meshless-test",
+    ])
+    .arg("-keyout")
+    .arg(&key)
+    .arg("-out")
+    .arg(&cert);
+    run(cmd);
 }
 
 /// Writes `size` pseudo-random bytes to `dir/www/name`; returns their sha256.
@@ -117,15 +153,22 @@ pub fn java_client(pod: &Pod, ip: &str, port: u16, paths: &[&str]) -> String {
 
 /// curl fetching each path once on one keep-alive connection into `dir`.
 pub fn curl_client(pod: &Pod, ip: &str, port: u16, paths: &[&str], dir: &Path) -> String {
-    let mut args: Vec<String> = vec!["-s".into(), "--fail".into()];
+    curl_fetch(pod, &format!("http://{ip}:{port}"), paths, dir)
+}
+
+/// curl over TLS (the test's self-signed certificate accepted), as
+/// [`curl_client`].
+pub fn curl_tls_client(pod: &Pod, ip: &str, port: u16, paths: &[&str], dir: &Path) -> String {
+    curl_fetch(pod, &format!("https://{ip}:{port}"), paths, dir)
+}
+
+fn curl_fetch(pod: &Pod, base: &str, paths: &[&str], dir: &Path) -> String {
+    let mut args: Vec<String> = vec!["-s".into(), "--fail".into(), "-k".into()];
     let mut files = Vec::new();
+    let tag = if base.starts_with("https") { "tls" } else { "plain" };
     for (i, p) in paths.iter().enumerate() {
-        let file = dir.join(format!("curl-{i}.out"));
-        args.extend([
-            "-o".into(),
-            file.display().to_string(),
-            format!("http://{ip}:{port}{p}"),
-        ]);
+        let file = dir.join(format!("curl-{tag}-{i}.out"));
+        args.extend(["-o".into(), file.display().to_string(), format!("{base}{p}")]);
         files.push((p, file));
     }
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
