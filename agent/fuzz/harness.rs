@@ -274,3 +274,85 @@ fn check(spans: &[Span]) {
         );
     }
 }
+
+/// The HTTP/2 parser and stream matcher fed `data` (after the client
+/// preface) as both directions of one connection, split into syscalls and
+/// partly uncaptured as the input says. Invariants: no panic; a bounded
+/// number of spans (at most one per stream header block seen); state
+/// bounded while open and released on close.
+pub fn http2(data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    let (ctl, body) = data.split_at(data.len().min(8));
+    let stats = Arc::new(Stats::default());
+    let mut c = Correlator::new(Limits::default(), HeaderPolicy::default(), stats.clone());
+    let mut spans: Vec<Span> = Vec::new();
+    let mut t = 1_000u64;
+    let preface = meshless::http2::PREFACE;
+    c.handle(
+        event(
+            CLIENT_PID,
+            Direction::Egress,
+            "",
+            t,
+            "127.0.0.1:40000",
+            "127.0.0.2:8080",
+        )
+        .with_payload(preface, 0),
+        &mut spans,
+    );
+    let mut at = 0;
+    let mut i = 0;
+    while at < body.len() {
+        let k = ctl[i % ctl.len()];
+        i += 1;
+        let n = (usize::from(k % 128) + 1).min(body.len() - at);
+        let missing = if k >= 250 { u64::from(k - 249) * 300 } else { 0 };
+        let direction = if k & 0x80 != 0 {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        };
+        t += 1_000;
+        let ev = event(CLIENT_PID, direction, "", t, "127.0.0.1:40000", "127.0.0.2:8080")
+            .with_payload(&body[at..at + n], missing);
+        c.handle(ev, &mut spans);
+        at += n;
+        assert!(
+            c.state_bytes() < 4 * 1024 * 1024,
+            "state grows without bound: {}",
+            c.state_bytes()
+        );
+    }
+    assert!(spans.len() <= body.len() / 9 + 1, "more spans than frames");
+    let mut close = event(
+        CLIENT_PID,
+        Direction::Egress,
+        "",
+        t + 1,
+        "127.0.0.1:40000",
+        "127.0.0.2:8080",
+    );
+    close.body = EventBody::Close;
+    c.handle(close, &mut spans);
+    c.tick(t + 10_000_000_000, &mut spans);
+    assert!(spans.len() <= body.len() / 9 + 1, "more spans than frames");
+}
+
+trait WithPayload {
+    fn with_payload(self, payload: &[u8], missing: u64) -> Self;
+}
+
+impl WithPayload for Event {
+    fn with_payload(mut self, payload: &[u8], missing: u64) -> Self {
+        if let EventBody::Data { direction, .. } = self.body {
+            self.body = EventBody::Data {
+                direction,
+                len: payload.len() as u64 + missing,
+                payload: Bytes::copy_from_slice(payload),
+            };
+        }
+        self
+    }
+}

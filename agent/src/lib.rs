@@ -14,6 +14,7 @@ pub mod export;
 pub mod golang;
 pub mod health;
 pub mod http;
+pub mod http2;
 pub mod k8s;
 pub mod metrics;
 pub mod privacy;

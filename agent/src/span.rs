@@ -49,8 +49,10 @@ pub struct Span {
     /// Request target as sent: path and query.
     pub target: String,
     pub status_code: Option<u16>,
-    /// "1.0" or "1.1".
+    /// "1.0", "1.1" or "2".
     pub protocol_version: &'static str,
+    /// RPC facts (gRPC): service, method, status.
+    pub rpc: Option<Rpc>,
     pub client: Option<SocketAddr>,
     pub server: Option<SocketAddr>,
     pub process: Process,
@@ -77,6 +79,16 @@ pub struct Span {
     pub unanswered: Option<Unanswered>,
 }
 
+/// What an RPC call (gRPC over HTTP/2) said about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Rpc {
+    /// `package.Service` from the `:path` `/package.Service/Method`.
+    pub service: String,
+    pub method: String,
+    /// `grpc-status` from the trailers (or a trailers-only response).
+    pub grpc_status: Option<u32>,
+}
+
 /// Why a request ended without a response, as a sidecar would record it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Unanswered {
@@ -86,6 +98,10 @@ pub enum Unanswered {
     Timeout,
     /// Too many requests were pending on the connection to keep pairing them.
     QueueOverflow,
+    /// The stream was reset (HTTP/2 RST_STREAM) before a response.
+    Reset,
+    /// The server's GOAWAY said the stream was never processed.
+    GoAway,
 }
 
 impl Unanswered {
@@ -95,6 +111,8 @@ impl Unanswered {
             Unanswered::ConnectionClosed => "connection_closed",
             Unanswered::Timeout => "timeout",
             Unanswered::QueueOverflow => "queue_overflow",
+            Unanswered::Reset => "stream_reset",
+            Unanswered::GoAway => "goaway",
         }
     }
 
@@ -108,6 +126,9 @@ impl Unanswered {
             (Unanswered::ConnectionClosed, SpanKind::Server) => "UC",
             (Unanswered::Timeout, _) => "UT",
             (Unanswered::QueueOverflow, _) => "UO",
+            // Envoy: upstream/downstream remote reset.
+            (Unanswered::Reset | Unanswered::GoAway, SpanKind::Client) => "UR",
+            (Unanswered::Reset | Unanswered::GoAway, SpanKind::Server) => "DR",
         }
     }
 }
@@ -123,8 +144,12 @@ pub const OTHER_METHOD: &str = "_OTHER";
 
 impl Span {
     /// `{method} {route}`: low-cardinality, never the raw path or an
-    /// unknown method token (a client controls both).
+    /// unknown method token (a client controls both). An RPC is named
+    /// `package.Service/Method` (OTel RPC semconv).
     pub fn name(&self) -> String {
+        if let Some(rpc) = self.rpc.as_ref().filter(|r| !r.service.is_empty()) {
+            return format!("{}/{}", rpc.service, rpc.method);
+        }
         let target = Target::parse(&self.target);
         match target.path {
             Some(path) => format!("{} {}", self.method_label(), crate::route::template(path)),
@@ -167,6 +192,9 @@ impl Span {
     /// requests that got no response. A response that was sent but whose
     /// head was not captured is not an error.
     pub fn is_error(&self) -> bool {
+        if let Some(code) = self.grpc_status() {
+            return grpc_is_error(self.kind, code);
+        }
         match (self.kind, self.status_code) {
             (_, None) => self.unanswered.is_some(),
             (SpanKind::Server, Some(s)) => s >= 500,
@@ -180,11 +208,19 @@ impl Span {
         if !self.is_error() {
             return None;
         }
+        if let Some(code) = self.grpc_status() {
+            return Some(code.to_string());
+        }
         match (self.status_code, self.unanswered) {
             (Some(code), _) => Some(code.to_string()),
             (None, Some(why)) => Some(why.error_type().to_owned()),
             (None, None) => None,
         }
+    }
+
+    /// The gRPC status, when this was a gRPC call that got one.
+    pub fn grpc_status(&self) -> Option<u32> {
+        self.rpc.as_ref().and_then(|r| r.grpc_status)
     }
 
     /// The peer of the traced process.
@@ -193,5 +229,15 @@ impl Span {
             SpanKind::Server => self.client,
             SpanKind::Client => self.server,
         }
+    }
+}
+
+/// OTel RPC semconv: a client span is an error for any status but OK; a
+/// server span only for statuses that mean the server failed (UNKNOWN,
+/// DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS).
+fn grpc_is_error(kind: SpanKind, code: u32) -> bool {
+    match kind {
+        SpanKind::Client => code != 0,
+        SpanKind::Server => matches!(code, 2 | 4 | 12 | 13 | 14 | 15),
     }
 }

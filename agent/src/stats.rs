@@ -34,6 +34,7 @@ counters! {
     http_pairing_resyncs: "Requests given up so that request/response pairing cannot drift (response lost or ambiguous).",
     http_pending_overflows: "Connections whose queue of requests awaiting a response overflowed.",
     http_duplicate_events: "Events seen twice (same connection, direction, time and length) and ignored.",
+    http_header_limits: "HTTP/2 header blocks or fields not kept because of decoding limits (HPACK bombs, oversized blocks).",
     correlator_state_bytes: "Approximate bytes held by the correlator's per-connection state.",
     correlator_shed_conns: "Connections dropped because the correlator was over its memory limit.",
     metric_series_overflow: "Metric recordings folded into the overflow series because a family hit its series limit.",

@@ -126,6 +126,55 @@ fn incoming_traceparent_makes_the_server_span_its_child() {
     assert_ne!(client["span_id"], parent, "no two spans share an id");
 }
 
+/// Istio/Zipkin meshes send B3 instead of W3C: the single `b3` header and
+/// the `x-b3-*` set both make the server span a child of the caller's span.
+#[test]
+fn incoming_b3_single_and_multi_headers_make_the_server_span_their_child() {
+    let _serial = serial();
+    let pods = PodPair::new();
+    let agent = Agent::start();
+    let port = 8107;
+    let _server = python_server(&pods, port);
+    let cases = [
+        (
+            "/etc/hostname",
+            "80f198ee56343ba864fe8b2a57d3eff7",
+            "e457b5a2e4d86bd1",
+            vec!["b3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1".to_owned()],
+        ),
+        (
+            "/etc/os-release",
+            "463ac35c9f6413ad48485a3953bb6124",
+            "a2fb4a1d1a96d312",
+            vec![
+                "X-B3-TraceId: 463ac35c9f6413ad48485a3953bb6124".to_owned(),
+                "X-B3-SpanId: a2fb4a1d1a96d312".to_owned(),
+                "X-B3-Sampled: 1".to_owned(),
+            ],
+        ),
+    ];
+    for (path, trace, parent, headers) in &cases {
+        let url = format!("http://{}:{port}{path}", pods.ip_b);
+        let mut curl = PodPair::cmd(&pods.a, "curl");
+        curl.args(["-s", "-o", "/dev/null"]);
+        for h in headers {
+            curl.args(["-H", h]);
+        }
+        curl.arg(&url);
+        run(curl);
+        let path = *path;
+        let spans = agent.collect(
+            |s| to_server(&pods.ip_b, port)(s) && attr_str(s, "url.path") == path,
+            2,
+            Duration::from_secs(10),
+        );
+        let server = spans.iter().find(|s| kind(s) == "SERVER").expect("server span");
+        assert_eq!(server["trace_id"], *trace, "{path}: {server:#?}");
+        assert_eq!(server["parent_span_id"], *parent, "{path}: {server:#?}");
+        assert_ne!(server["span_id"], *parent);
+    }
+}
+
 #[test]
 fn non_http_bytes_and_a_tls_client_hello_produce_no_span_and_no_error() {
     let _serial = serial();

@@ -136,6 +136,12 @@ fn the_http_parser_survives_arbitrary_bytes_split_anywhere() {
     assert!(execs > 0);
 }
 
+#[test]
+fn the_http2_parser_survives_arbitrary_frames_split_anywhere() {
+    let execs = fuzz("http2", harness::http2);
+    assert!(execs > 0);
+}
+
 fn correlator_with(faults: harness::Faults) -> u64 {
     fuzz("correlator", move |data| {
         harness::correlator(data, faults);

@@ -172,6 +172,9 @@ pub const FLAG_UNCONFIRMED: u32 = 1 << 6;
 /// Event flag: the payload continues the previous event of the same
 /// syscall (a request head longer than [`MAX_CAPTURE`]).
 pub const FLAG_CONTINUATION: u32 = 1 << 7;
+/// Connection flag: the stream began with the HTTP/2 client preface; its
+/// syscalls (frames, not only request heads) get continuation events.
+pub const FLAG_HTTP2: u32 = 1 << 8;
 
 /// Name of the map of per-(tgid, fd) verdicts "socket or not" (value: [`FdVerdict`]).
 pub const VERDICTS_MAP: &str = "VERDICTS";

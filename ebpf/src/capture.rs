@@ -4,7 +4,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user, generated},
 };
 use meshless_common::{
-    ConnAddrs, Counter, Direction, EventKind, FLAG_CONTINUATION, FLAG_NEW_CONN, FLAG_TRUNCATED, HEADER_SIZE,
+    ConnAddrs, Counter, Direction, EventKind, FLAG_CONTINUATION, FLAG_HTTP2, FLAG_NEW_CONN, FLAG_TRUNCATED, HEADER_SIZE,
     MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS, TraceCtx,
 };
 
@@ -121,6 +121,41 @@ fn copy_payload(buf: *mut u8, args: &Args, total: usize) -> usize {
     off
 }
 
+/// Copies up to `want` (<= MAX_CAPTURE) bytes that start `skip` bytes into
+/// the data of the iovecs at `ptr` (HTTP/2 frames batched by writev);
+/// returns the number of bytes copied.
+#[inline(never)]
+fn copy_iovecs_from(buf: *mut u8, ptr: u64, cnt: u64, skip: usize, want: usize) -> usize {
+    let mut skip = skip;
+    let mut off = 0usize;
+    for i in 0..MAX_IOVECS {
+        if i as u64 >= cnt || off >= want || want > MAX_CAPTURE {
+            break;
+        }
+        // SAFETY: user pointer read through the checked helper.
+        let Ok(iov) = (unsafe { bpf_probe_read_user((ptr as *const IoVec).wrapping_add(i)) }) else {
+            break;
+        };
+        let len = iov.len as usize;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let avail = len - skip;
+        let room = want - off;
+        let n = if avail > room { room } else { avail };
+        // `off < MAX_CAPTURE` and `n <= MAX_CAPTURE`: in bounds of the 2x buffer.
+        let dst = buf.wrapping_add(off & (MAX_CAPTURE - 1));
+        if read_user(dst, iov.base + skip as u64, n).is_err() {
+            count(Counter::ReadUserFailed);
+            break;
+        }
+        skip = 0;
+        off += n;
+    }
+    off
+}
+
 fn read_user(dst: *mut u8, src: u64, len: usize) -> Result<(), i64> {
     let len = (len & (MAX_CAPTURE * 2 - 1)) as u32;
     if len > MAX_CAPTURE as u32 {
@@ -144,7 +179,10 @@ pub fn emit_data(tp: &TracePointContext, id: u64, args: &Args, ret: usize, state
     };
     // SAFETY: per-CPU scratch, used by one program at a time on this CPU.
     let ev = unsafe { &mut *ev };
-    let more = ret > MAX_CAPTURE && args.layout == BUF_PLAIN && starts_request(args);
+    // HTTP/2 batches many frames per syscall: header blocks past the
+    // first MAX_CAPTURE bytes are needed as much as a long request head.
+    let h2 = state.flags & FLAG_HTTP2 != 0;
+    let more = ret > MAX_CAPTURE && (h2 || (args.layout == BUF_PLAIN && starts_request(args)));
     let captured = if ret > 0 {
         copy_payload(ev.data.as_mut_ptr(), args, ret)
     } else {
@@ -172,7 +210,10 @@ pub fn emit_data(tp: &TracePointContext, id: u64, args: &Args, ret: usize, state
     if let Some(cont) = CONT.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, used by one program at a time on this CPU.
         let cont = unsafe { &mut *cont };
-        cont.ptr = args.ptr;
+        let (ptr, count, plain) = iovecs(args).unwrap_or((0, 0, true));
+        cont.ptr = ptr;
+        cont.count = count;
+        cont.plain = u32::from(plain);
         cont.ret = if len == ret { 0 } else { ret as u64 };
     }
     if args.ctx.flags == 0 && captured >= 8 {
@@ -238,7 +279,7 @@ fn emit_continuation(ev: &mut crate::maps::EventBuf) {
     };
     // SAFETY: per-CPU slot, used by one program at a time on this CPU.
     let cont = unsafe { &mut *cont };
-    let (ptr, ret) = (cont.ptr, cont.ret as usize);
+    let (ptr, ret, iov_count, plain) = (cont.ptr, cont.ret as usize, cont.count, cont.plain != 0);
     cont.ret = 0;
     if ret <= MAX_CAPTURE {
         return;
@@ -253,7 +294,9 @@ fn emit_continuation(ev: &mut crate::maps::EventBuf) {
         let rest = ret - off;
         let want = if rest > MAX_CAPTURE { MAX_CAPTURE } else { rest };
         let last = off + MAX_CAPTURE >= MAX_CAPTURE + MAX_CONTINUATION || rest <= MAX_CAPTURE;
-        let got = if read_user(ev.data.as_mut_ptr(), ptr + off as u64, want).is_ok() {
+        let got = if !plain {
+            copy_iovecs_from(ev.data.as_mut_ptr(), ptr, iov_count, off, want)
+        } else if read_user(ev.data.as_mut_ptr(), ptr + off as u64, want).is_ok() {
             want
         } else {
             count(Counter::ReadUserFailed);

@@ -6,8 +6,9 @@
 //! absolute and authority forms); a response starts with "HTTP/1.". Up to
 //! four leading CR/LF bytes are tolerated (RFC 9112 §2.2). Userspace parses
 //! fully; this only keeps the kernel from following streams that are
-//! certainly not HTTP. (The HTTP/2 preface is left out until userspace
-//! parses HTTP/2: following it would only cost.)
+//! certainly not HTTP. The HTTP/2 client preface ("PRI * HTTP/2.0") passes
+//! as a request line; [`is_h2_preface`] marks such connections so their
+//! frames are captured past the first MAX_CAPTURE bytes of a syscall.
 use aya_ebpf::helpers::generated;
 
 /// Bytes of a stream the detector looks at (and the look-ahead holds).
@@ -124,6 +125,15 @@ pub fn classify(b: &[u8; WINDOW], n: usize) -> Http {
         i += 1;
     }
     Http::No
+}
+
+/// The first WINDOW bytes of the HTTP/2 client connection preface.
+const H2_PREFACE: [u8; WINDOW] = *b"PRI * HTTP/2.0\r\n";
+
+/// True when the stream's first `n` bytes begin the HTTP/2 preface.
+#[inline(always)]
+pub fn is_h2_preface(b: &[u8; WINDOW], n: usize) -> bool {
+    n >= WINDOW && *b == H2_PREFACE
 }
 
 /// "HTTP/1." at `s`: Response; a proper prefix of it: NeedMore.

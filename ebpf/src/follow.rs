@@ -8,13 +8,13 @@
 //! until userspace has written a verdict.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use meshless_common::{
-    ConnAddrs, Counter, FLAG_NEW_CONN, FLAG_UNCONFIRMED, FdVerdict, Syscall, VERDICT_NOT_SOCKET, VERDICT_PENDING,
+    ConnAddrs, Counter, FLAG_HTTP2, FLAG_NEW_CONN, FLAG_UNCONFIRMED, FdVerdict, Syscall, VERDICT_NOT_SOCKET, VERDICT_PENDING,
     VERDICT_SOCKET,
 };
 
 use crate::{
     capture::head,
-    detect::{Http, WINDOW, classify},
+    detect::{Http, WINDOW, classify, is_h2_preface},
     maps::{ACTIVE, ADDRS, Args, CONNS, ConnState, HELD, Held, VERDICTS, count, note_tgid},
     sock::{FdKind, fd_kind, read_sock_addrs},
 };
@@ -115,6 +115,8 @@ fn decide(key: u64, args: &Args, ret: usize, out: &mut Followed) -> u32 {
     let mut window = [0u8; WINDOW];
     window.copy_from_slice(&out.joined[..WINDOW]);
     let http = classify(&window, n);
+    // Kept in `out.flags` until `new_state` makes it a connection flag.
+    let h2 = if is_h2_preface(&window, n) { FLAG_HTTP2 } else { 0 };
     let had_held = held.is_some();
     if http == Http::No {
         if had_held {
@@ -162,7 +164,7 @@ fn decide(key: u64, args: &Args, ret: usize, out: &mut Followed) -> u32 {
         _ => unsafe { bpf_ktime_get_ns() },
     };
     if confirmed {
-        out.flags = FLAG_NEW_CONN;
+        out.flags = FLAG_NEW_CONN | h2;
         return FOLLOW_NEW;
     }
     // Userspace checks /proc/<tgid>/fd/<fd> and answers in VERDICTS; until
@@ -175,7 +177,7 @@ fn decide(key: u64, args: &Args, ret: usize, out: &mut Followed) -> u32 {
     let _ = VERDICTS.insert(&key, &v, 0);
     note_tgid((key >> 32) as u32);
     count(Counter::UnconfirmedEvents);
-    out.flags = FLAG_NEW_CONN | FLAG_UNCONFIRMED;
+    out.flags = FLAG_NEW_CONN | FLAG_UNCONFIRMED | h2;
     FOLLOW_ONCE
 }
 
@@ -183,12 +185,12 @@ fn decide(key: u64, args: &Args, ret: usize, out: &mut Followed) -> u32 {
 /// socket itself when the kernel can read them, else from accept/connect.
 #[inline(never)]
 fn new_state(key: u64, out: &mut Followed) {
-    out.state.flags = 0;
+    out.state.flags = out.flags & FLAG_HTTP2;
     out.state._pad = 0;
     out.state.addrs = ConnAddrs::default();
     // SAFETY: map values stay valid for the program's run.
     if let Some(k) = unsafe { ADDRS.get(&key) } {
-        out.state.flags = k.flags;
+        out.state.flags |= k.flags;
         out.state.addrs = k.addrs;
         if k.sk != 0 {
             // A connected socket: its full 4-tuple was recorded at ESTABLISHED.

@@ -167,9 +167,14 @@ pub static TGIDS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Continuation {
+    /// The plain buffer, or the iovec array (`plain` = 0).
     pub ptr: u64,
     /// Bytes the syscall moved; 0 when nothing follows.
     pub ret: u64,
+    /// Iovecs at `ptr` when not plain.
+    pub count: u64,
+    pub plain: u32,
+    pub _pad: u32,
 }
 
 #[map(name = "CONT")]

@@ -20,6 +20,9 @@ const APT_PACKAGES: &[&str] = &[
     "golang-go",
     "nodejs",
     "curl",
+    // h2load: many HTTP/2 streams on one connection (curl 7.88 cannot
+    // multiplex prior-knowledge transfers: "Error in the HTTP2 framing layer").
+    "nghttp2-client",
     "iproute2",
     "iptables",
     "openssl",

@@ -1,173 +1,9 @@
-//! One tracked connection: both HTTP streams and the requests in flight.
-use std::{collections::VecDeque, net::SocketAddr};
+//! One tracked connection: who owns it, where its ends are, and the
+//! protocol state that parses it (chosen from its first payload).
+use std::net::SocketAddr;
 
-use meshless_common::Direction;
-
-use crate::{
-    http::{Flow, Head, HttpStream, Item},
-    span::{Process, SpanKind, Unanswered},
-    trace_context::{KernelCtx, ParentOrigin, SpanId, TraceId, TraceParent, B3},
-};
-
-/// Requests kept waiting for responses on one connection. Only a
-/// pipelining peer queues more than one; past this the connection's
-/// pairing is given up (the requests become `queue_overflow` spans).
-pub const MAX_PENDING: usize = 64;
-
-/// A request waiting for (or receiving) its response.
-#[derive(Debug)]
-pub struct Request {
-    pub head: Box<Head>,
-    pub kind: SpanKind,
-    pub tid: u32,
-    /// Index of this request on its connection (links the two sides).
-    pub seq: u64,
-    pub ctx: SpanContext,
-}
-
-/// Ids of a span, decided when its request is seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SpanContext {
-    pub trace_id: TraceId,
-    pub span_id: SpanId,
-    pub parent: Option<SpanId>,
-    pub sampled: bool,
-    /// The ids are authoritative (a header, the caller's TCP option, or the
-    /// in-process parent): a same-node link must not replace them.
-    pub fixed: bool,
-    /// The parent lives in another process (header or TCP option).
-    pub remote_parent: bool,
-    /// The kernel's trace id for this request when a header we honour here
-    /// (but the kernel could not) names another trace: spans that inherited
-    /// the kernel's id are moved to the header's trace.
-    pub alias: Option<(TraceId, TraceId)>,
-}
-
-/// The trace a request's headers name: `traceparent`, else B3.
-fn header_parent(head: &Head) -> Option<(TraceId, SpanId, bool)> {
-    if let Some(tp) = head.header("traceparent").and_then(TraceParent::parse) {
-        return Some((tp.trace_id, tp.parent_id, tp.sampled));
-    }
-    let b3 = head.header("b3").and_then(B3::parse_single).or_else(|| {
-        B3::parse_multi(
-            head.header("x-b3-traceid")?,
-            head.header("x-b3-spanid")?,
-            head.header("x-b3-sampled"),
-        )
-    })?;
-    Some((b3.trace_id, b3.span_id, b3.sampled))
-}
-
-impl SpanContext {
-    /// Decides a span's ids. The kernel's ids (`kernel`) are used whenever
-    /// it saw the request start; a header the kernel did not see (B3, or a
-    /// `traceparent` past the capture) only changes the trace and parent.
-    /// Client spans always get an id of their own: a `traceparent` the app
-    /// wrote names the app's span, which becomes the parent.
-    pub fn for_request(kind: SpanKind, head: &Head, kernel: Option<KernelCtx>) -> Self {
-        let header = header_parent(head);
-        let own_id = kernel.map_or_else(SpanId::random, |k| k.span_id);
-        let mut ctx = Self {
-            trace_id: kernel.map_or_else(TraceId::random, |k| k.trace_id),
-            span_id: own_id,
-            parent: kernel.and_then(|k| k.parent),
-            sampled: kernel.is_none_or(|k| k.sampled),
-            fixed: kernel.is_some_and(|k| k.parent.is_some()),
-            // A parent meshless chose on another node (TCP option) whose
-            // trace nobody upstream decided to drop is sampled like a root:
-            // the trace-id ratio gives the same answer on every node. A
-            // header, or an option carrying "not sampled", decides for us.
-            remote_parent: kernel.is_some_and(|k| match k.origin {
-                ParentOrigin::Header => true,
-                ParentOrigin::TcpOption => !k.sampled,
-                _ => false,
-            }),
-            alias: None,
-        };
-        let Some((trace, parent, sampled)) = header else {
-            return ctx;
-        };
-        let kernel_decided = kernel.is_some_and(|k| match kind {
-            // The kernel already weighed header against option.
-            SpanKind::Server => k.origin != ParentOrigin::None,
-            // A proxy forwarding the header it received: the in-process
-            // parent is nearer and in the same trace.
-            SpanKind::Client => k.origin == ParentOrigin::InProcess && k.trace_id == trace,
-        });
-        if kernel_decided {
-            return ctx;
-        }
-        if let Some(k) = kernel {
-            if k.trace_id != trace {
-                ctx.alias = Some((k.trace_id, trace));
-            }
-        }
-        ctx.trace_id = trace;
-        ctx.parent = Some(parent);
-        ctx.sampled = sampled;
-        ctx.fixed = true;
-        ctx.remote_parent = kind == SpanKind::Server;
-        ctx
-    }
-}
-
-/// Index of a direction in per-direction arrays.
-fn way(direction: Direction) -> usize {
-    match direction {
-        Direction::Ingress => 0,
-        Direction::Egress => 1,
-    }
-}
-
-/// What a request got back.
-#[derive(Debug)]
-pub enum Response {
-    /// The response head.
-    Seen(Box<Head>),
-    /// A response was sent but its head fell in bytes that were not
-    /// captured: the exchange is real, its status unknown.
-    Uncaptured,
-    /// No response came.
-    Missing(Unanswered),
-}
-
-impl Response {
-    pub fn head(&self) -> Option<&Head> {
-        match self {
-            Response::Seen(h) => Some(h),
-            Response::Uncaptured | Response::Missing(_) => None,
-        }
-    }
-}
-
-/// A finished exchange, ready to become a span.
-#[derive(Debug)]
-pub struct Exchange {
-    pub request: Request,
-    pub response: Response,
-    pub end_ktime_ns: u64,
-}
-
-/// What a connection produced from one event.
-#[derive(Debug, Default)]
-pub struct Output {
-    /// Client requests seen: (seq, context), for linking with server spans.
-    pub client_requests: Vec<(u64, SpanContext)>,
-    /// Requests this (server) process read.
-    pub server_requests: Vec<(u64, SpanContext)>,
-    pub exchanges: Vec<Exchange>,
-    pub malformed: u64,
-    pub orphans: u64,
-    /// Requests given up to keep pairing right (their responses were lost,
-    /// or could not be told apart); each is a span not emitted.
-    pub resyncs: u64,
-    /// Times the pending queue overflowed.
-    pub overflows: u64,
-    /// Events seen twice (same direction, time and length) and ignored.
-    pub duplicates: u64,
-    /// (kernel trace id, trace id a header names instead), see `SpanContext::alias`.
-    pub aliases: Vec<(TraceId, TraceId)>,
-}
+use super::protocol::{self, Output, Protocol, Segment};
+use crate::span::{Process, SpanKind, Unanswered};
 
 #[derive(Debug)]
 pub struct Conn {
@@ -175,46 +11,10 @@ pub struct Conn {
     pub local: Option<SocketAddr>,
     pub remote: Option<SocketAddr>,
     pub last_ktime_ns: u64,
-    ingress: HttpStream,
-    egress: HttpStream,
-    pending: VecDeque<Request>,
-    responding: Option<(Request, Box<Head>)>,
-    next_seq: u64,
-    /// Two requests were seen in one syscall: the peer pipelines, so a new
-    /// request does not mean the ones before it were answered.
-    pipelined: bool,
-    /// Pairing was lost on a pipelined connection and cannot be regained:
-    /// nothing more is paired (spans dropped and counted, never wrong).
-    poisoned: bool,
-    /// Time of the last syscall that carried bytes of a finished request.
-    last_request_end_ns: u64,
-    /// Latest start of any response head seen (answered or orphaned).
-    last_response_start_ns: u64,
-    /// Latest time bytes were seen each way (ingress, egress).
-    last_bytes_ns: [u64; 2],
-    /// (direction, ktime, len) of the last event, to drop exact duplicates.
-    last_event: Option<(Direction, u64, u64)>,
-    /// Kernel contexts of recent events, by (direction, ktime): a request
-    /// head takes the one of the syscall whose payload it starts.
-    kernel_ctx: VecDeque<(Direction, u64, KernelCtx)>,
+    /// Decided by the first data event.
+    protocol: Option<Box<dyn Protocol>>,
 }
 
-/// Kernel contexts remembered per connection while their heads complete.
-const KERNEL_CTX_KEPT: usize = 8;
-
-/// Pairing rules (why FIFO matching cannot drift):
-/// - An HTTP/1 client that does not pipeline sends a request only after
-///   reading the whole previous response. So on such a connection a new
-///   request means every older one was answered: requests still queued had
-///   their responses lost (ring-buffer loss, a mid-stream start, bytes not
-///   captured) and are dropped, and a response still being read is ended.
-/// - A response cannot answer a request seen after the response started,
-///   and a request delivered after a later response went by (events
-///   reordered) may have been answered by it: it is dropped.
-/// - Where responses may have been in bytes that were not captured, the
-///   requests sent before them end without a status rather than take the
-///   next response seen.
-/// - On a pipelining connection any lost framing stops pairing for good.
 impl Conn {
     pub fn new(process: Process, local: Option<SocketAddr>, remote: Option<SocketAddr>) -> Self {
         Self {
@@ -222,18 +22,7 @@ impl Conn {
             local,
             remote,
             last_ktime_ns: 0,
-            ingress: HttpStream::new(),
-            egress: HttpStream::new(),
-            pending: VecDeque::new(),
-            responding: None,
-            next_seq: 0,
-            pipelined: false,
-            poisoned: false,
-            last_request_end_ns: 0,
-            last_response_start_ns: 0,
-            last_bytes_ns: [0; 2],
-            last_event: None,
-            kernel_ctx: VecDeque::new(),
+            protocol: None,
         }
     }
 
@@ -247,361 +36,33 @@ impl Conn {
 
     /// Approximate heap bytes this connection holds.
     pub fn state_bytes(&self) -> usize {
-        let request_bytes = |r: &Request| {
-            std::mem::size_of::<Request>()
-                + std::mem::size_of::<Head>()
-                + r.head
-                    .headers
-                    .iter()
-                    .map(|(n, v)| n.len() + v.len() + 48)
-                    .sum::<usize>()
-                + match &r.head.kind {
-                    crate::http::HeadKind::Request { method, target } => method.len() + target.len(),
-                    crate::http::HeadKind::Response { .. } => 0,
-                }
-        };
-        std::mem::size_of::<Self>()
-            + self.process.comm.len()
-            + self.ingress.state_bytes()
-            + self.egress.state_bytes()
-            + self.pending.iter().map(request_bytes).sum::<usize>()
-            + self.responding.as_ref().map_or(0, |(r, _)| request_bytes(r) + 512)
+        std::mem::size_of::<Self>() + self.process.comm.len() + self.protocol.as_ref().map_or(0, |p| p.state_bytes())
     }
 
-    /// Feeds one syscall's bytes, with the context the kernel chose if they
-    /// start a request.
-    pub fn data(
-        &mut self,
-        direction: Direction,
-        payload: bytes::Bytes,
-        len: u64,
-        ktime: u64,
-        tid: u32,
-        ctx: Option<KernelCtx>,
-    ) -> Output {
-        let mut out = Output::default();
-        if self.last_event.replace((direction, ktime, len)) == Some((direction, ktime, len)) {
-            out.duplicates += 1;
-            return out;
+    /// Feeds one syscall's bytes.
+    pub fn data(&mut self, segment: Segment) -> Output {
+        self.last_ktime_ns = self.last_ktime_ns.max(segment.ktime_ns);
+        self.process.tid = segment.tid;
+        let protocol = self
+            .protocol
+            .get_or_insert_with(|| protocol::detect(&segment.payload, segment.direction));
+        let mut out = protocol.data(segment);
+        if let Some(request) = out.upgrade.take() {
+            self.protocol = Some(Box::new(crate::http2::Http2::upgraded(request)));
         }
-        if let Some(ctx) = ctx {
-            if self.kernel_ctx.len() >= KERNEL_CTX_KEPT {
-                self.kernel_ctx.pop_front();
-            }
-            self.kernel_ctx.push_back((direction, ktime, ctx));
-        }
-        self.last_ktime_ns = self.last_ktime_ns.max(ktime);
-        let seen = &mut self.last_bytes_ns[way(direction)];
-        *seen = (*seen).max(ktime);
-        self.process.tid = tid;
-        let missing = len.saturating_sub(payload.len() as u64);
-        self.stream(direction).push(payload, missing, ktime);
-        self.drain(direction, tid, ktime, &mut out);
         out
     }
 
-    /// The socket closed (`why` = ConnectionClosed) or was forgotten
-    /// (Timeout when idle; None when shed): ends close-delimited responses
-    /// and turns requests still waiting into unanswered exchanges (or
-    /// drops them when `why` is None).
+    /// The socket closed or was forgotten (see [`Protocol::close`]).
     pub fn close(&mut self, why: Option<Unanswered>, at_ktime_ns: u64) -> Output {
         self.last_ktime_ns = self.last_ktime_ns.max(at_ktime_ns);
-        let mut out = Output::default();
-        for direction in [Direction::Ingress, Direction::Egress] {
-            let stream = self.stream(direction);
-            let is_responses = stream.flow() == Some(Flow::Responses);
-            if let Some(Item::End { ktime_ns }) = stream.close() {
-                if is_responses {
-                    self.finish_response(ktime_ns, &mut out);
-                }
-            }
-        }
-        let end = self.last_ktime_ns;
-        // A response head seen whose end never came still answered.
-        self.finish_response(end, &mut out);
-        match why {
-            Some(why) if !self.poisoned => self.give_up(why, end, &mut out),
-            _ => out.resyncs += std::mem::take(&mut self.pending).len() as u64,
-        }
-        out
+        self.protocol
+            .as_mut()
+            .map_or_else(Output::default, |p| p.close(why, at_ktime_ns))
     }
 
-    /// Events of this connection were lost (the kernel's per-connection
-    /// event sequence jumped): whatever is pending may have been answered
-    /// in them, and both streams restart at the next message start.
+    /// Events of this connection were lost: pairing restarts.
     pub fn events_lost(&mut self) -> Output {
-        let mut out = Output::default();
-        out.resyncs += self.pending.len() as u64 + u64::from(self.responding.is_some());
-        self.pending.clear();
-        self.responding = None;
-        self.ingress.force_end();
-        self.egress.force_end();
-        if self.pipelined {
-            // Responses to requests sent before the loss may still come.
-            self.poisoned = true;
-        }
-        out
-    }
-
-    /// Every waiting request becomes an exchange without a response.
-    fn give_up(&mut self, why: Unanswered, end_ktime_ns: u64, out: &mut Output) {
-        for request in self.pending.drain(..) {
-            out.exchanges.push(Exchange {
-                end_ktime_ns: end_ktime_ns.max(request.head.start_ktime_ns),
-                request,
-                response: Response::Missing(why),
-            });
-        }
-    }
-
-    fn stream(&mut self, direction: Direction) -> &mut HttpStream {
-        match direction {
-            Direction::Ingress => &mut self.ingress,
-            Direction::Egress => &mut self.egress,
-        }
-    }
-
-    fn drain(&mut self, direction: Direction, tid: u32, ktime: u64, out: &mut Output) {
-        let other = match direction {
-            Direction::Ingress => Direction::Egress,
-            Direction::Egress => Direction::Ingress,
-        };
-        while let Some(item) = self.stream(direction).next_item() {
-            let mut flow = self.stream(direction).flow();
-            if flow.is_none() && self.stream(other).flow() == Some(Flow::Requests) {
-                // Nothing readable came this way yet, but it is where the
-                // responses come from.
-                flow = Some(Flow::Responses);
-            }
-            match (item, flow) {
-                (Item::Malformed(_), Some(Flow::Responses)) => {
-                    out.malformed += 1;
-                    // Where a response should start there are bytes we
-                    // cannot read: the response to what was sent before is
-                    // unknowable, never to be taken from the next one.
-                    self.lose_responses(ktime, false, out);
-                }
-                (Item::Malformed(_), _) => {
-                    out.malformed += 1;
-                    self.lose_requests(ktime, out);
-                }
-                (Item::Gap { ktime_ns }, Some(Flow::Responses)) => self.lose_responses(ktime_ns, true, out),
-                (Item::Gap { ktime_ns }, _) => self.lose_requests(ktime_ns, out),
-                (Item::Head(head), Some(Flow::Requests)) => self.request_head(direction, head, tid, out),
-                (Item::Head(head), _) => self.response_head(direction, head, ktime, out),
-                (Item::End { ktime_ns }, Some(Flow::Responses)) => self.finish_response(ktime_ns, out),
-                (Item::End { ktime_ns }, _) => self.last_request_end_ns = ktime_ns,
-            }
-        }
-    }
-
-    fn finish_response(&mut self, end_ktime_ns: u64, out: &mut Output) {
-        if let Some((request, response)) = self.responding.take() {
-            out.exchanges.push(Exchange {
-                request,
-                response: Response::Seen(response),
-                end_ktime_ns,
-            });
-        }
-    }
-
-    /// Requests may have been in bytes (sent at `at`) we could not follow:
-    /// on a pipelining connection their responses would shift everything
-    /// after them; a peer that does not pipeline sent them only after the
-    /// requests before were answered, so those lost their responses.
-    fn lose_requests(&mut self, at: u64, out: &mut Output) {
-        if self.pipelined {
-            self.poison(out);
-            return;
-        }
-        let before = self.pending.len();
-        self.pending.retain(|r| r.head.start_ktime_ns >= at);
-        out.resyncs += (before - self.pending.len()) as u64;
-    }
-
-    /// Responses may have been lost at time `at`: requests seen before it
-    /// end without a status (`uncaptured`: their responses were probably in
-    /// the bytes not captured) or are dropped (unreadable bytes).
-    fn lose_responses(&mut self, at: u64, uncaptured: bool, out: &mut Output) {
-        if self.pipelined {
-            // Later responses may belong to any of these; keep none.
-            while let Some(request) = self.pending.pop_front() {
-                if uncaptured && request.head.start_ktime_ns <= at {
-                    out.exchanges.push(Exchange {
-                        request,
-                        response: Response::Uncaptured,
-                        end_ktime_ns: at,
-                    });
-                } else {
-                    out.resyncs += 1;
-                }
-            }
-            self.poison(out);
-            return;
-        }
-        while self.pending.front().is_some_and(|r| r.head.start_ktime_ns <= at) {
-            let Some(request) = self.pending.pop_front() else {
-                break;
-            };
-            if uncaptured {
-                out.exchanges.push(Exchange {
-                    request,
-                    response: Response::Uncaptured,
-                    end_ktime_ns: at,
-                });
-            } else {
-                out.resyncs += 1;
-            }
-        }
-    }
-
-    /// Stops pairing on this connection for good.
-    fn poison(&mut self, out: &mut Output) {
-        if !self.poisoned {
-            self.poisoned = true;
-            out.resyncs += self.pending.len() as u64;
-            self.pending.clear();
-        }
-    }
-
-    /// The kernel context of the syscall this head starts, if it starts one.
-    fn take_kernel_ctx(&mut self, direction: Direction, head: &Head) -> Option<KernelCtx> {
-        let at = self
-            .kernel_ctx
-            .iter()
-            .position(|(d, t, _)| *d == direction && *t == head.start_ktime_ns)?;
-        let (_, _, ctx) = self.kernel_ctx.remove(at)?;
-        // Older entries of this direction can no longer start a head.
-        self.kernel_ctx
-            .retain(|(d, t, _)| *d != direction || *t > head.start_ktime_ns);
-        head.at_segment_start.then_some(ctx)
-    }
-
-    fn request_head(&mut self, direction: Direction, head: Box<Head>, tid: u32, out: &mut Output) {
-        let kind = match direction {
-            Direction::Ingress => SpanKind::Server,
-            Direction::Egress => SpanKind::Client,
-        };
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let kernel = self.take_kernel_ctx(direction, &head);
-        let ctx = SpanContext::for_request(kind, &head, kernel);
-        out.aliases.extend(ctx.alias);
-        // Linking keys on the request's index; keep counting even when the
-        // request itself is not kept.
-        match kind {
-            SpanKind::Client => out.client_requests.push((seq, ctx)),
-            SpanKind::Server => out.server_requests.push((seq, ctx)),
-        }
-        let response_direction = match direction {
-            Direction::Ingress => Direction::Egress,
-            Direction::Egress => Direction::Ingress,
-        };
-        if self.poisoned {
-            out.resyncs += 1;
-            return;
-        }
-        let waiting = !self.pending.is_empty() || self.responding.is_some();
-        if waiting && head.start_ktime_ns == self.last_request_end_ns {
-            // It began in the syscall that ended the request before it.
-            self.pipelined = true;
-        } else if waiting && !self.pipelined {
-            // The peer does not pipeline, so everything sent before this
-            // request was answered: what still waits lost its response.
-            let before = self.pending.len();
-            self.pending.retain(|r| r.head.start_ktime_ns >= head.start_ktime_ns);
-            out.resyncs += (before - self.pending.len()) as u64;
-            if let Some(Item::End { ktime_ns }) = self.stream(response_direction).force_end() {
-                self.finish_response(ktime_ns, out);
-            }
-        }
-        // Bytes came back while this head was being written: a peer that
-        // does not pipeline never does that, so the head is glued together
-        // from two requests around lost bytes.
-        let glued = self.last_bytes_ns[way(response_direction)] > head.start_ktime_ns;
-        if glued && self.pipelined {
-            self.poison(out);
-        }
-        if self.poisoned || glued || head.start_ktime_ns < self.last_response_start_ns {
-            out.resyncs += 1;
-            return;
-        }
-        if self.pending.len() >= MAX_PENDING {
-            out.overflows += 1;
-            out.resyncs += 1;
-            let end = self.last_ktime_ns;
-            self.give_up(Unanswered::QueueOverflow, end, out);
-            self.poisoned = true;
-            return;
-        }
-        self.pending.push_back(Request {
-            head,
-            kind,
-            tid,
-            seq,
-            ctx,
-        });
-    }
-
-    fn response_head(&mut self, direction: Direction, head: Box<Head>, ktime: u64, out: &mut Output) {
-        let status = head.status().unwrap_or(0);
-        self.last_response_start_ns = self.last_response_start_ns.max(head.start_ktime_ns);
-        let request_direction = match direction {
-            Direction::Ingress => Direction::Egress,
-            Direction::Egress => Direction::Ingress,
-        };
-        if !self.pipelined && self.last_bytes_ns[way(request_direction)] > head.start_ktime_ns {
-            // Request bytes went out while this head was arriving: a peer
-            // that does not pipeline never does that, so the head is glued
-            // from two responses around lost bytes. Whatever it answers is
-            // unknowable.
-            out.orphans += 1;
-            self.lose_responses(ktime, false, out);
-            self.stream(direction).force_end();
-            return;
-        }
-        // A response cannot answer a request seen after it started.
-        let answerable = self
-            .pending
-            .front()
-            .is_some_and(|r| r.head.start_ktime_ns <= head.start_ktime_ns);
-        let request = if self.poisoned || !answerable {
-            None
-        } else {
-            self.pending.pop_front()
-        };
-        let Some(request) = request else {
-            out.orphans += 1;
-            if !self.pending.is_empty() {
-                out.resyncs += 1;
-            }
-            if matches!(status, 100..=199 | 204 | 304) {
-                self.stream(direction).expect_no_body();
-            }
-            return;
-        };
-        if (100..200).contains(&status) && status != 101 {
-            // Interim response: the final one is still to come.
-            self.stream(direction).expect_no_body();
-            self.pending.push_front(request);
-            return;
-        }
-        if status == 101 {
-            // Switched protocols: the rest of the connection is not HTTP/1.x.
-            let end = head.start_ktime_ns;
-            out.exchanges.push(Exchange {
-                request,
-                response: Response::Seen(head),
-                end_ktime_ns: end,
-            });
-            self.ingress.abandon();
-            self.egress.abandon();
-            self.pending.clear();
-            return;
-        }
-        if request.head.method() == Some("HEAD") || status == 204 || status == 304 {
-            self.stream(direction).expect_no_body();
-        }
-        self.responding = Some((request, head));
+        self.protocol.as_mut().map_or_else(Output::default, |p| p.events_lost())
     }
 }

@@ -257,6 +257,31 @@ fn a_b3_header_sets_the_trace_when_the_kernel_saw_no_parent() {
 }
 
 #[test]
+fn a_b3_header_of_another_trace_than_the_option_makes_the_server_a_child_of_the_apps_span() {
+    // As the kernel does for `traceparent`: the caller's app named its own
+    // span, which is the parent; the option (the caller's CLIENT span,
+    // which becomes that span's sibling in the app's trace) loses.
+    let mut c = correlator();
+    let req = b"GET /a HTTP/1.1\r\nb3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1\r\n\r\n";
+    let k = kctx(1, 2, Some(3), ParentOrigin::TcpOption);
+    exchange(
+        &mut c,
+        7,
+        SpanKind::Server,
+        req,
+        ("10.0.0.2:80", "10.0.0.1:5000"),
+        Some(k),
+    );
+    let s = &c.done()[0];
+    assert_eq!(s.trace_id.to_string(), "80f198ee56343ba864fe8b2a57d3eff7");
+    assert_eq!(
+        s.parent_span_id.map(|p| p.to_string()).as_deref(),
+        Some("e457b5a2e4d86bd1")
+    );
+    assert_eq!(s.span_id, k.span_id);
+}
+
+#[test]
 fn without_options_a_call_through_a_dnatted_service_ip_still_links_on_this_node() {
     let mut c = correlator();
     // The client dialled the Service IP; the server sees its pod address.

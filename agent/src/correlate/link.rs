@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use foldhash::HashMap;
 
-use super::conn::SpanContext;
+use super::context::SpanContext;
 use crate::{span::Span, trace_context::TraceId};
 
 /// How long a client context waits for its server side.

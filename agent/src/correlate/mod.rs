@@ -8,7 +8,9 @@
 //! being injected.
 mod alias;
 mod conn;
+mod context;
 mod link;
+pub mod protocol;
 
 use std::sync::Arc;
 
@@ -16,8 +18,9 @@ use std::sync::Arc;
 use foldhash::HashMap;
 
 use alias::Aliases;
-use conn::{Conn, Exchange, Output, Response};
+use conn::Conn;
 use link::{LinkKey, Links};
+use protocol::{Exchange, Output, Response, Segment};
 
 use crate::{
     capture::{ConnKey, Event, EventBody},
@@ -141,7 +144,14 @@ impl Correlator {
                 let Some(conn) = self.conns.get_mut(&key) else {
                     return;
                 };
-                let out = conn.data(direction, payload, len, ev.ktime_ns, ev.tid, ev.ctx);
+                let out = conn.data(Segment {
+                    direction,
+                    payload,
+                    len,
+                    ktime_ns: ev.ktime_ns,
+                    tid: ev.tid,
+                    ctx: ev.ctx,
+                });
                 // Disjoint fields: the connection stays in the table.
                 absorb(&mut self.links, &mut self.aliases, &self.env, conn, out, spans);
             }
@@ -272,6 +282,7 @@ fn absorb(links: &mut Links, aliases: &mut Aliases, env: &SpanEnv, conn: &Conn, 
     Stats::add(&env.stats.http_pairing_resyncs, out.resyncs);
     Stats::add(&env.stats.http_pending_overflows, out.overflows);
     Stats::add(&env.stats.http_duplicate_events, out.duplicates);
+    Stats::add(&env.stats.http_header_limits, out.limited);
     for (from, to) in out.aliases {
         aliases.insert(from, to, conn.last_ktime_ns);
     }
@@ -362,6 +373,7 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
         request,
         response,
         end_ktime_ns,
+        rpc,
     } = ex;
     let (client, server) = conn.endpoints(request.kind);
     let start = request.head.start_ktime_ns;
@@ -390,7 +402,8 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
         method,
         target,
         status_code: response.head().and_then(|h| h.status()),
-        protocol_version: if request.head.version == 0 { "1.0" } else { "1.1" },
+        protocol_version: request.version,
+        rpc,
         client,
         server,
         process: Process {

@@ -372,14 +372,18 @@ fn a_request_pending_at_idle_timeout_is_a_timeout_span() {
 fn pending_queue_overflow_gives_up_pairing_with_overflow_spans() {
     let mut c = correlator();
     let mut spans = Vec::new();
-    let pipelined: Vec<u8> = (0..conn::MAX_PENDING as u64 + 1).flat_map(request).collect();
+    let pipelined: Vec<u8> = (0..crate::http::MAX_PENDING as u64 + 1).flat_map(request).collect();
     send(&mut c, &mut spans, Direction::Egress, &pipelined, 1);
-    assert_eq!(spans.len(), conn::MAX_PENDING);
+    assert_eq!(spans.len(), crate::http::MAX_PENDING);
     assert!(spans
         .iter()
         .all(|s| s.error_type().as_deref() == Some("queue_overflow")));
     send(&mut c, &mut spans, Direction::Ingress, &response(0, 0), 5);
-    assert_eq!(spans.len(), conn::MAX_PENDING, "nothing is paired after an overflow");
+    assert_eq!(
+        spans.len(),
+        crate::http::MAX_PENDING,
+        "nothing is paired after an overflow"
+    );
     assert_eq!(counter(&c, |s| &s.http_pending_overflows), 1);
 }
 

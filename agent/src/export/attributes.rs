@@ -105,6 +105,16 @@ pub fn of(span: &Span, opts: Options) -> Attributes {
     if let Some(error_type) = span.error_type() {
         put("error.type", s(error_type));
     }
+    if let Some(rpc) = &span.rpc {
+        put("rpc.system", s("grpc"));
+        if !rpc.service.is_empty() {
+            put("rpc.service", capped(&rpc.service, MAX_VALUE, &mut cut));
+            put("rpc.method", capped(&rpc.method, MAX_VALUE, &mut cut));
+        }
+        if let Some(code) = rpc.grpc_status {
+            put("rpc.grpc.status_code", Value::Int(i64::from(code)));
+        }
+    }
     if opts.process {
         put("thread.id", Value::Int(i64::from(span.process.tid)));
         put("process.pid", Value::Int(i64::from(span.process.pid)));

@@ -7,11 +7,13 @@
 //! (gaps), and garbage; it never panics. Where framing is lost it waits for
 //! the next segment that starts like a message ("resync").
 mod chunked;
+mod fifo;
 mod head;
 mod target;
 
 use std::collections::VecDeque;
 
+pub use fifo::{detect, Http1, MAX_PENDING};
 pub use head::{cut, Head, HeadKind, MAX_HEADERS};
 pub use target::Target;
 

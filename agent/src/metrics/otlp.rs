@@ -69,6 +69,12 @@ impl OtlpMetrics {
         if let Some(error_type) = span.error_type() {
             attrs.push(KeyValue::new("error.type", error_type));
         }
+        if let Some(rpc) = &span.rpc {
+            attrs.push(KeyValue::new("rpc.system", "grpc"));
+            if let Some(code) = rpc.grpc_status {
+                attrs.push(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
+            }
+        }
         match span.kind {
             SpanKind::Server => self.server.record(duration_secs(span), &attrs),
             SpanKind::Client => {

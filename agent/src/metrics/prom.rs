@@ -115,7 +115,14 @@ impl Prometheus {
             ("destination_workload", peers.destination_workload.clone()),
             ("destination_workload_namespace", peers.destination_namespace.clone()),
             ("destination_service", peers.destination_service.clone()),
-            ("request_protocol", "http".to_owned()),
+            (
+                "request_protocol",
+                if span.rpc.is_some() { "grpc" } else { "http" }.to_owned(),
+            ),
+            (
+                "grpc_response_status",
+                span.grpc_status().map(|c| c.to_string()).unwrap_or_default(),
+            ),
             ("response_code", status),
             ("response_flags", flags.to_owned()),
         ];
