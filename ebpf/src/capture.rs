@@ -237,6 +237,7 @@ pub fn emit_data(tp: &TracePointContext, id: u64, args: &Args, ret: usize, state
             context::response_written(tgid, args.fd);
         }
     } else if args.ctx.flags == 0
+        && !h2
         && captured == 1
         && ret == 1
         && args.direction == Direction::Ingress as u32
