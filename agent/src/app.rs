@@ -296,8 +296,13 @@ fn spawn_classifier(
         .name("classify".into())
         .spawn(move || {
             lower_priority();
-            for seen in rx {
-                classifier.observe(seen);
+            loop {
+                match rx.recv_timeout(std::time::Duration::from_secs(5)) {
+                    Ok(seen) => classifier.observe(seen),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+                classifier.tick();
             }
         })
         .context("starting the process classifier thread")?;

@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod correlate;
 pub mod export;
+pub mod golang;
 pub mod health;
 pub mod http;
 pub mod http2;

@@ -7,7 +7,8 @@
 //!   segment and parses it on the server's node (see ebpf/src/probes/sockops.rs).
 //! - The kernel links a process's outbound requests to the one inbound
 //!   request it is serving per thread; for runtimes whose threads are not
-//!   tied to requests (Go) [`Classifier`] tells it to count per process.
+//!   tied to requests (Go) [`Classifier`] tells it to link by goroutine
+//!   (uprobes, see [`crate::golang`]) or, failing that, per process.
 use std::{
     fs::File,
     os::unix::fs::MetadataExt,
@@ -194,6 +195,8 @@ pub struct Classifier {
     policies: BpfHashMap<MapData, u32, u32>,
     seen: foldhash::HashSet<u32>,
     quiet: Option<QuietPods>,
+    /// Uprobes for goroutine linking; None when they could not be loaded.
+    go: Option<crate::golang::GoProbes>,
 }
 
 /// Processes remembered as classified; beyond it the set starts over.
@@ -205,11 +208,22 @@ impl Classifier {
     pub fn new(ebpf: &mut Ebpf, quiet: Option<QuietPods>) -> Option<Classifier> {
         let map = ebpf.take_map(LINK_POLICY_MAP)?;
         let policies = BpfHashMap::try_from(map).ok()?;
+        let go = crate::golang::GoProbes::load(ebpf)
+            .map_err(|error| warn!(%error, "Go processes link per process, not per goroutine"))
+            .ok();
         Some(Classifier {
             policies,
             seen: foldhash::HashSet::default(),
             quiet,
+            go,
         })
+    }
+
+    /// Periodic work between processes: logs the Go linking counters.
+    pub fn tick(&mut self) {
+        if let Some(go) = &mut self.go {
+            go.log_counters();
+        }
     }
 
     /// Looks at a process the first time it is seen, and after each exec.
@@ -225,7 +239,7 @@ impl Classifier {
                 tgid
             }
         };
-        let policy = policy_of(tgid);
+        let policy = self.policy_of(tgid);
         let quiet = self.quiet.as_ref().is_some_and(|q| q.holds_process(tgid));
         debug!(pid = tgid, ?policy, quiet, "linking policy");
         let value = policy as u32 | if quiet { LINK_QUIET } else { 0 };
@@ -235,13 +249,18 @@ impl Classifier {
     }
 }
 
-/// Go schedules goroutines on any thread: a thread's last request says
-/// nothing about what a goroutine on it serves.
-fn policy_of(tgid: u32) -> LinkPolicy {
-    if is_go_binary(Path::new(&format!("/proc/{tgid}/exe"))) {
-        LinkPolicy::Process
-    } else {
-        LinkPolicy::Thread
+impl Classifier {
+    /// Go schedules goroutines on any thread: a thread's last request says
+    /// nothing about what a goroutine on it serves. Go links by goroutine
+    /// where its uprobes attach, else per process.
+    fn policy_of(&mut self, tgid: u32) -> LinkPolicy {
+        if !is_go_binary(Path::new(&format!("/proc/{tgid}/exe"))) {
+            return LinkPolicy::Thread;
+        }
+        match self.go.as_mut().map(|go| go.follow(tgid)) {
+            Some(true) => LinkPolicy::Goroutine,
+            _ => LinkPolicy::Process,
+        }
     }
 }
 
@@ -269,7 +288,7 @@ pub fn is_go_binary(exe: &Path) -> bool {
 ///
 /// # Safety
 /// The caller must not rely on the contents if the file changes.
-unsafe fn memmap_file(file: &File) -> std::io::Result<Mapped> {
+pub(crate) unsafe fn memmap_file(file: &File) -> std::io::Result<Mapped> {
     use std::os::fd::AsRawFd;
     let len = file.metadata()?.len() as usize;
     if len == 0 {
@@ -293,7 +312,7 @@ unsafe fn memmap_file(file: &File) -> std::io::Result<Mapped> {
 }
 
 /// A read-only file mapping, unmapped on drop.
-struct Mapped {
+pub(crate) struct Mapped {
     ptr: *mut libc::c_void,
     len: usize,
 }

@@ -41,6 +41,56 @@ pub enum LinkPolicy {
     Process = 2,
     /// Never link in-process.
     Off = 3,
+    /// Link by goroutine (Go >= 1.18 on amd64 whose net/http and runtime
+    /// uprobes are attached): the goroutine that read a request serves it,
+    /// and `http.Transport` writes carry the caller goroutine's request.
+    Goroutine = 4,
+}
+
+/// Name of the per-CPU array of Go linking counters ([`GoCounter`]).
+pub const GO_COUNTERS_MAP: &str = "GO_COUNTERS";
+/// Maps keyed by (tgid, Go pointer) (a goroutine's `g` or a request).
+pub const GO_POINTER_MAPS: [&str; 3] = ["GO_SERVING", "GO_WRITERS", "GO_REQUESTS"];
+/// Map keyed by (tgid << 32 | fd) of Go requests whose first byte was read alone.
+pub const GO_PENDING_MAP: &str = "GO_PENDING";
+/// Uprobe programs for Go binaries: (program, symbol).
+pub const GO_UPROBES: [(&str, &str); 3] = [
+    ("meshless_go_goexit", "runtime.goexit1"),
+    ("meshless_go_round_trip", "net/http.(*persistConn).roundTrip"),
+    ("meshless_go_request_write", "net/http.(*Request).write"),
+];
+
+/// Go linking counters (index into [`GO_COUNTERS_MAP`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GoCounter {
+    /// `runtime.goexit1` uprobe hits (goroutine exits).
+    Goexits = 0,
+    /// `persistConn.roundTrip` uprobe hits.
+    RoundTrips = 1,
+    /// `Request.write` uprobe hits.
+    RequestWrites = 2,
+    /// Outbound requests linked through the Transport's write loop.
+    LinkedByTransport = 3,
+    /// Outbound requests written by the serving goroutine itself.
+    LinkedByGoroutine = 4,
+    /// Request heads whose first byte came from net/http's background read.
+    SplitHeads = 5,
+}
+
+/// Number of [`GoCounter`] slots.
+pub const GO_COUNTER_SLOTS: u32 = 8;
+
+impl GoCounter {
+    /// Every counter with a stable snake_case name.
+    pub const ALL: [(GoCounter, &'static str); 6] = [
+        (GoCounter::Goexits, "go_goexits"),
+        (GoCounter::RoundTrips, "go_round_trips"),
+        (GoCounter::RequestWrites, "go_request_writes"),
+        (GoCounter::LinkedByTransport, "go_linked_by_transport"),
+        (GoCounter::LinkedByGoroutine, "go_linked_by_goroutine"),
+        (GoCounter::SplitHeads, "go_split_heads"),
+    ];
 }
 
 /// Bit set on a [`LINK_POLICY_MAP`] value (next to the [`LinkPolicy`] in the

@@ -225,9 +225,29 @@ pub fn emit_data(tp: &TracePointContext, id: u64, args: &Args, ret: usize, state
             // without a context below.
             // SAFETY: the slot holds a tracepoint program like this one.
             unsafe { SERVER_CTX.tail_call(tp, 0) };
+        } else if args.direction == Direction::Ingress as u32
+            && context::starts_request(&[
+                b'A', first[0], first[1], first[2], first[3], first[4], first[5], first[6],
+            ])
+        {
+            // The rest of a request line whose first byte (an uppercase
+            // letter) was read alone: Go's keep-alive background read.
+            crate::golang::continued(tgid, args.fd);
         } else if args.direction == Direction::Egress as u32 && &first[..5] == b"HTTP/" {
             context::response_written(tgid, args.fd);
         }
+    } else if args.ctx.flags == 0
+        && !h2
+        && captured == 1
+        && ret == 1
+        && args.direction == Direction::Ingress as u32
+        && ev.data[0].is_ascii_uppercase()
+        && crate::golang::background_byte(tgid, args.fd)
+    {
+        // net/http's background read took the next request's first byte:
+        // its context is decided now (this event starts the request).
+        // SAFETY: as above.
+        unsafe { SERVER_CTX.tail_call(tp, 0) };
     }
     submit(ev, captured);
     emit_continuation(ev);

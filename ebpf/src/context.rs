@@ -9,6 +9,7 @@
 //!   it writes is that request's child. With more than one outstanding the
 //!   serving context is forgotten until the count falls back to zero: no
 //!   link is better than a wrong link.
+//! - Go processes link by goroutine instead (see `golang`).
 //! - A request written by a client gets its span ids before its bytes can
 //!   leave (at sys_enter), so the sock_ops program can put them into the
 //!   first TCP segment that carries them.
@@ -18,9 +19,12 @@ use meshless_common::{
     Counter, FLAG_LOCAL_ADDR, FLAG_REMOTE_ADDR, LINK_POLICY_MASK, LINK_QUIET, LinkPolicy, MAX_CAPTURE, TraceCtx,
 };
 
-use crate::maps::{
-    IN_OPT, LINK_POLICY, OUT_OPT, OptCtx, READERS, Reader, SCRATCH, SERVING, Serving, SockKey, conn_key, count,
-    propagation,
+use crate::{
+    golang,
+    maps::{
+        IN_OPT, LINK_POLICY, OUT_OPT, OptCtx, READERS, Reader, SCRATCH, SERVING, Serving, SockKey, conn_key, count,
+        propagation,
+    },
 };
 
 /// A serving context untouched for this long is not trusted any more.
@@ -143,16 +147,22 @@ pub fn client_request(id: u64, addrs: Option<&ConnAddrs>, ctx: &mut TraceCtx) ->
     // SAFETY: copied out at once.
     let policy = unsafe { LINK_POLICY.get(&tgid) }.copied().unwrap_or(0);
     ctx.flags = CTX_VALID | CTX_SAMPLED;
-    match serving(id, tgid, policy, now) {
-        Some(s) => {
-            ctx.trace_id = s.ctx.trace_id;
-            ctx.parent_id = s.ctx.span_id;
-            ctx.flags = CTX_VALID | CTX_PARENT | CTX_IN_PROCESS | (s.ctx.flags & CTX_SAMPLED);
-            count(Counter::CtxInProcess);
-        }
-        _ => {
-            trace_id(&mut ctx.trace_id);
-        }
+    let mut parent = TraceCtx::default();
+    let found = if policy & LINK_POLICY_MASK == LinkPolicy::Goroutine as u32 {
+        golang::parent(tgid, now, &mut parent) != 0
+    } else if let Some(s) = serving(id, tgid, policy, now) {
+        parent = s.ctx;
+        true
+    } else {
+        false
+    };
+    if found {
+        ctx.trace_id = parent.trace_id;
+        ctx.parent_id = parent.span_id;
+        ctx.flags = CTX_VALID | CTX_PARENT | CTX_IN_PROCESS | (parent.flags & CTX_SAMPLED);
+        count(Counter::CtxInProcess);
+    } else {
+        trace_id(&mut ctx.trace_id);
     }
     span_id(ctx.flags & CTX_SAMPLED != 0, &mut ctx.span_id);
     let mut key = SockKey::default();
@@ -202,6 +212,10 @@ pub fn server_request(id: u64, fd: u32, addrs: &ConnAddrs, captured: usize, ctx:
         }
     }
     span_id(ctx.flags & CTX_SAMPLED != 0, &mut ctx.span_id);
+    let tgid = (id >> 32) as u32;
+    if golang::goroutine_policy(tgid) {
+        return golang::request_read(tgid, fd, ctx, captured);
+    }
     request_read(id, fd, ctx)
 }
 
@@ -225,7 +239,13 @@ fn request_read(id: u64, fd: u32, ctx: &TraceCtx) -> u32 {
     match READERS.get_ptr_mut(&ckey) {
         // SAFETY: entry of this map, updated in place.
         Some(r) => unsafe {
-            if (*r).serving_key != id {
+            if (*r).goroutine != 0 {
+                // Read by a goroutine before: a thread now serves it.
+                golang::release(tgid, fd, (*r).serving_key);
+                (*r).goroutine = 0;
+                (*r).outstanding = 0;
+                (*r).serving_key = id;
+            } else if (*r).serving_key != id {
                 // Another thread took the connection over (Go moves
                 // goroutines): the old thread's share moves, the
                 // process's count stays exact.
@@ -238,7 +258,7 @@ fn request_read(id: u64, fd: u32, ctx: &TraceCtx) -> u32 {
             let r = Reader {
                 serving_key: id,
                 outstanding: 1,
-                _pad: 0,
+                goroutine: 0,
             };
             let _ = READERS.insert(&ckey, &r, 0);
         }
@@ -295,13 +315,24 @@ pub fn response_written(tgid: u32, fd: u32) -> u32 {
         return 0;
     };
     // SAFETY: entry of this map.
-    let (skey, outstanding) = unsafe { ((*r).serving_key, (*r).outstanding) };
+    let (skey, outstanding, goroutine) = unsafe { ((*r).serving_key, (*r).outstanding, (*r).goroutine) };
     if outstanding == 0 {
         return 0;
     }
     unsafe { (*r).outstanding = outstanding - 1 };
+    if goroutine != 0 {
+        golang::release(tgid, fd, skey);
+        return 0;
+    }
     release(skey, 1);
     release(process_key(tgid), 1)
+}
+
+/// Ends `n` requests a thread (`skey`) and its process were serving.
+#[inline(never)]
+pub fn release_reader(skey: u64, tgid: u32, n: u32) -> u32 {
+    release(skey, n);
+    release(process_key(tgid), n)
 }
 
 /// Server connection `fd` closed: its unanswered requests are not served any more.
@@ -310,8 +341,12 @@ pub fn conn_closed(tgid: u32, fd: u32) -> u32 {
     let ckey = conn_key(tgid, fd);
     // SAFETY: copied out at once.
     if let Some(r) = unsafe { READERS.get(&ckey) }.copied() {
-        release(r.serving_key, r.outstanding);
-        release(process_key(tgid), r.outstanding);
+        if r.goroutine != 0 {
+            golang::closed(tgid, fd, r.serving_key);
+        } else {
+            release(r.serving_key, r.outstanding);
+            release(process_key(tgid), r.outstanding);
+        }
         let _ = READERS.remove(&ckey);
     }
     0

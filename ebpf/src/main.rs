@@ -11,6 +11,7 @@ mod capture;
 mod context;
 mod detect;
 mod follow;
+mod golang;
 mod maps;
 mod probes;
 mod sock;

@@ -257,9 +257,11 @@ pub struct Serving {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Reader {
+    /// pid_tgid of the reading thread, or the `g` of the reading goroutine
+    /// when `goroutine` is 1 (see `GO_SERVING`).
     pub serving_key: u64,
     pub outstanding: u32,
-    pub _pad: u32,
+    pub goroutine: u32,
 }
 
 /// Context to write into the next data segment of a client socket.
@@ -286,3 +288,51 @@ pub static LINK_POLICY: LruHashMap<u32, u32> = LruHashMap::with_max_entries(1638
 /// its event (a tail call, so it is verified once, not in every sys_exit).
 #[map(name = "SERVER_CTX")]
 pub static SERVER_CTX: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// A goroutine (its `g` pointer) or a Go heap object (a `*http.Request`)
+/// of one process.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GoKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub ptr: u64,
+}
+
+/// The inbound request a goroutine serves, or the parent an outbound
+/// request was given; `fd` is the server connection it was read on, `req`
+/// the outbound `*http.Request` it is for (0 for inbound requests).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GoCtx {
+    pub ctx: TraceCtx,
+    pub fd: u32,
+    pub _pad: u32,
+    pub ktime_ns: u64,
+    pub req: u64,
+}
+
+/// Inbound request served per goroutine (Go processes under
+/// `LinkPolicy::Goroutine`). Cleared on response, close and goroutine exit
+/// (`g` structs are reused).
+#[map(name = "GO_SERVING")]
+pub static GO_SERVING: LruHashMap<GoKey, GoCtx> = LruHashMap::with_max_entries(16384, 0);
+
+/// Parent of an outbound `*http.Request` between the caller's
+/// `persistConn.roundTrip` and the write loop's `Request.write`.
+#[map(name = "GO_REQUESTS")]
+pub static GO_REQUESTS: LruHashMap<GoKey, GoCtx> = LruHashMap::with_max_entries(16384, 0);
+
+/// Parent of the request a goroutine is writing (set by `Request.write`,
+/// taken by the request's first write syscall).
+#[map(name = "GO_WRITERS")]
+pub static GO_WRITERS: LruHashMap<GoKey, GoCtx> = LruHashMap::with_max_entries(16384, 0);
+
+/// Context of a request whose first byte net/http's background read took,
+/// keyed like `CONNS`, until the serving goroutine reads the rest.
+#[map(name = "GO_PENDING")]
+pub static GO_PENDING: LruHashMap<u64, GoCtx> = LruHashMap::with_max_entries(16384, 0);
+
+/// Go linking counters (`GoCounter` slots).
+#[map(name = "GO_COUNTERS")]
+pub static GO_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(meshless_common::GO_COUNTER_SLOTS, 0);

@@ -21,14 +21,23 @@ fn tmp(name: &str) -> PathBuf {
 
 /// Builds the Go service once (Go 1.26 from /usr/local/go when present).
 pub fn go_service() -> PathBuf {
-    let out = tmp("chain-go-service");
+    go_service_built("chain-go-service", "")
+}
+
+/// The Go service built without symbol table and DWARF (`-ldflags=-s -w`).
+pub fn go_service_stripped() -> PathBuf {
+    go_service_built("chain-go-service-stripped", "-s -w")
+}
+
+fn go_service_built(name: &str, ldflags: &str) -> PathBuf {
+    let out = tmp(name);
     let cache = tmp("gocache");
     let go = ["/usr/local/go/bin/go"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
         .unwrap_or("go");
     let mut cmd = Command::new(go);
-    cmd.args(["build", "-o"])
+    cmd.args(["build", "-ldflags", ldflags, "-o"])
         .arg(&out)
         .arg(fixture("service.go"))
         .env("GOCACHE", &cache)

@@ -1,6 +1,7 @@
 //! One file per hook family.
 pub mod conn;
 pub mod data;
+pub mod go;
 pub mod lifecycle;
 pub mod sockops;
 
