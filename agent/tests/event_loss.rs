@@ -24,9 +24,7 @@ fn status_for(i: u64) -> u64 {
 /// from the request number, `X-Echo: <path>` and a 20-byte body (a batch
 /// of responses fits in one capture: truncation is not what is tested).
 fn echo_server(pods: &PodPair, port: u16) -> Proc {
-    let script = format!(
-        r#"
-import socket, threading
+    let serve = r#"
 def serve(c):
     buf = b""
     while True:
@@ -47,21 +45,8 @@ def serve(c):
             except OSError:
                 break
     c.close()
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("{ip}", {port}))
-s.listen(64)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#,
-        ip = pods.ip_b
-    );
-    let mut cmd = PodPair::cmd(&pods.b, "python3");
-    cmd.args(["-c", &script]);
-    let p = spawn(cmd);
-    wait_port(&pods.a, &pods.ip_b, port);
-    p
+"#;
+    python_conn_server(pods, port, serve)
 }
 
 /// `conns` keep-alive connections in pod a, each sending `batches` batches

@@ -12,27 +12,12 @@ use support::*;
 
 /// A server in pod b that reads requests and never answers.
 fn silent_server(pods: &PodPair, port: u16) -> Proc {
-    let script = format!(
-        r#"
-import socket, threading
+    let serve = r#"
 def serve(c):
     while c.recv(65536):
         pass
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("{ip}", {port}))
-s.listen(64)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#,
-        ip = pods.ip_b
-    );
-    let mut cmd = PodPair::cmd(&pods.b, "python3");
-    cmd.args(["-c", &script]);
-    let p = spawn(cmd);
-    wait_port(&pods.a, &pods.ip_b, port);
-    p
+"#;
+    python_conn_server(pods, port, serve)
 }
 
 /// A client in pod a: three connections moved to fds 2000..2002, one

@@ -13,9 +13,7 @@ use support::*;
 /// the path as the body (3000 bytes for `/big…`), waits 3 s for `/slow`.
 /// Empty lines before a request line are skipped (RFC 9112 section 2.2).
 fn raw_server(pods: &PodPair, port: u16) -> Proc {
-    let script = format!(
-        r#"
-import socket, threading, time
+    let serve = r#"
 def serve(c):
     buf = b""
     while True:
@@ -41,21 +39,8 @@ def serve(c):
             except OSError:
                 break
     c.close()
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("{ip}", {port}))
-s.listen(64)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#,
-        ip = pods.ip_b
-    );
-    let mut cmd = PodPair::cmd(&pods.b, "python3");
-    cmd.args(["-c", &script]);
-    let p = spawn(cmd);
-    wait_port(&pods.a, &pods.ip_b, port);
-    p
+"#;
+    python_conn_server(pods, port, serve)
 }
 
 /// Runs a Python client in pod a with `IP`/`PORT` defined.

@@ -94,6 +94,30 @@ fn sh(args: &[&str]) {
 }
 
 /// Waits until a TCP port accepts connections inside namespace `ns`.
+/// A Python server in pod b on `port`, one thread per connection running
+/// `serve(c)`: `serve` is Python source defining it (`socket`, `threading`
+/// and `time` are imported). Returns once the port accepts.
+pub fn python_conn_server(pods: &PodPair, port: u16, serve: &str) -> super::Proc {
+    let script = format!(
+        r#"import socket, threading, time
+{serve}
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("{ip}", {port}))
+s.listen(64)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#,
+        ip = pods.ip_b
+    );
+    let mut cmd = PodPair::cmd(&pods.b, "python3");
+    cmd.args(["-c", &script]);
+    let p = super::spawn(cmd);
+    wait_port(&pods.a, &pods.ip_b, port);
+    p
+}
+
 pub fn wait_port(ns: &str, ip: &str, port: u16) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let probe = format!("import socket; socket.create_connection(('{ip}', {port}), timeout=1).close()");
