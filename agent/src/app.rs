@@ -482,6 +482,7 @@ fn read_kernel_counters(counters: &aya::maps::PerCpuArray<aya::maps::MapData, u6
             "ctx_from_option" => Stats::set(&stats.ctx_from_option, value),
             "ctx_from_header" => Stats::set(&stats.ctx_from_header, value),
             "ctx_in_process" => Stats::set(&stats.ctx_in_process, value),
+            "ctx_unknown_request" => Stats::set(&stats.ctx_unknown_request, value),
             "read_user_failed" => Stats::set(&stats.kernel_read_user_failed, value),
             "non_socket_fds" => Stats::set(&stats.kernel_non_socket_fds, value),
             "unconfirmed_events" => Stats::set(&stats.kernel_unconfirmed_events, value),

@@ -74,6 +74,7 @@ counters! {
     ctx_from_option: "Inbound requests whose parent came from the caller's TCP option.",
     ctx_from_header: "Inbound requests whose parent came from a traceparent header.",
     ctx_in_process: "Outbound requests linked to the inbound request their process was serving.",
+    ctx_unknown_request: "Server reads that began a request whose start the kernel could not see (its process links no outbound call meanwhile).",
 }
 
 impl Stats {

@@ -429,6 +429,70 @@ fn stripped_go_binary_falls_back_to_per_process_linking_without_wrong_parents() 
     );
 }
 
+/// A thread serving request A while it reads request B byte by byte (so
+/// the kernel never sees B's request line start) must not link B's
+/// outbound call to A; once both are answered, the next request's call
+/// links again (the unseen request was counted and released).
+#[test]
+fn a_request_read_byte_by_byte_beside_another_never_links_its_call_to_the_other() {
+    const ROUNDS: usize = 5;
+    let _serial = serial();
+    let mut cluster = Cluster::new(1);
+    let agent = Agent::start();
+    let (client, py, leaf) = (cluster.pod(0, "app"), cluster.pod(0, "python"), cluster.pod(0, "leaf"));
+    let go = go_service();
+    let _leaf = go_service_on(&go, &leaf, 8090, None);
+    py.wait_port(&leaf.ip, 8090);
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chain/interleaved.py");
+    let (port, downstream, rounds) = ("8091", format!("http://{}:8090", leaf.ip), ROUNDS.to_string());
+    let _py = spawn(py.cmd(
+        "python3",
+        &[script.to_str().expect("utf-8 path"), &py.ip, port, &downstream, &rounds],
+    ));
+    let url = |i: usize, side: &str| format!("http://{}:{port}/r/ilv{i}{side}", py.ip);
+    // Give the server a moment to listen; A retries while it is not yet.
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..ROUNDS {
+        let mut a = spawn(client.cmd(
+            "curl",
+            &["-s", "-o", "/dev/null", "--retry", "20", "--retry-connrefused", "--retry-delay", "1", &url(i, "a")],
+        ));
+        std::thread::sleep(Duration::from_millis(400));
+        let code = run(client.cmd("curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &url(i, "b")]));
+        assert_eq!(code, "200", "request B of round {i} answered");
+        a.0.wait().expect("curl A ends");
+        let code = run(client.cmd("curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &url(i, "c")]));
+        assert_eq!(code, "200", "request C of round {i} answered");
+    }
+    let (py_addr, leaf_addr) = (format!("{}:{port}", py.ip), format!("{}:8090", leaf.ip));
+    let mine = |s: &SpanView| s.path().starts_with("/r/ilv") && (s.server() == py_addr || s.server() == leaf_addr);
+    // Per round: 3 curl CLIENT + 3 python SERVER spans, and CLIENT + SERVER of python's 3 calls.
+    let spans = gather(&agent, mine, 12 * ROUNDS, Duration::from_secs(20));
+    let report = dump(&spans);
+    let one = |kind: &str, addr: &str, path: String| -> &SpanView {
+        let found: Vec<&SpanView> = spans
+            .iter()
+            .filter(|s| s.kind == kind && s.server() == addr && s.path() == path)
+            .collect();
+        assert_eq!(found.len(), 1, "one {kind} span for {path} at {addr}\n{report}");
+        found[0]
+    };
+    let (mut wrong, mut c_linked) = (0, 0);
+    for i in 0..ROUNDS {
+        let server = |side: &str| one("SERVER", &py_addr, format!("/r/ilv{i}{side}"));
+        let call = |side: &str| one("CLIENT", &leaf_addr, format!("/r/ilv{i}{side}-call"));
+        let (a, b) = (server("a"), server("b"));
+        wrong += usize::from(call("b").is_child_of(a));
+        wrong += usize::from(call("a").is_child_of(b));
+        c_linked += usize::from(call("c").is_child_of(server("c")));
+    }
+    assert_eq!(wrong, 0, "calls for byte-by-byte requests linked to the other request\n{report}");
+    assert!(
+        c_linked == ROUNDS,
+        "the call of the one request in flight afterwards links to it: {c_linked} of {ROUNDS}\n{report}"
+    );
+}
+
 /// An nginx worker serves many connections on one thread: its proxied
 /// call links while it has one request in flight, and never wrongly.
 #[test]

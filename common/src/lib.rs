@@ -411,6 +411,10 @@ pub enum Counter {
     CtxFromHeader = 20,
     /// Outbound requests linked to the inbound request being served.
     CtxInProcess = 21,
+    /// Server reads that began a request the kernel could not see the
+    /// start of (byte-by-byte heads, TLS, HTTP/2): its process links no
+    /// outbound call while it is outstanding.
+    CtxUnknownRequest = 22,
 }
 
 /// Number of [`Counter`] slots.
@@ -418,7 +422,7 @@ pub const COUNTER_SLOTS: u32 = 24;
 
 impl Counter {
     /// Every counter, in index order, with a stable snake_case name.
-    pub const ALL: [(Counter, &'static str); 20] = [
+    pub const ALL: [(Counter, &'static str); 21] = [
         (Counter::EventsSent, "events_sent"),
         (Counter::RingbufFull, "ringbuf_full"),
         (Counter::Truncated, "truncated"),
@@ -439,6 +443,7 @@ impl Counter {
         (Counter::CtxFromOption, "ctx_from_option"),
         (Counter::CtxFromHeader, "ctx_from_header"),
         (Counter::CtxInProcess, "ctx_in_process"),
+        (Counter::CtxUnknownRequest, "ctx_unknown_request"),
     ];
 }
 

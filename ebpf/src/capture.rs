@@ -4,7 +4,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user, generated},
 };
 use meshless_common::{
-    ConnAddrs, Counter, Direction, EventKind, FLAG_CONTINUATION, FLAG_HTTP2, FLAG_NEW_CONN, FLAG_TRUNCATED, HEADER_SIZE,
+    ConnAddrs, Counter, Direction, EventKind, FLAG_ACCEPTED, FLAG_CONTINUATION, FLAG_HTTP2, FLAG_NEW_CONN, FLAG_TRUNCATED, HEADER_SIZE,
     MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS, TraceCtx,
 };
 
@@ -248,6 +248,15 @@ pub fn emit_data(tp: &TracePointContext, id: u64, args: &Args, ret: usize, state
         // its context is decided now (this event starts the request).
         // SAFETY: as above.
         unsafe { SERVER_CTX.tail_call(tp, 0) };
+    }
+    // Reaching here, bytes a server read did not start a request the
+    // kernel could see (requests are tail-called above).
+    if captured > 0
+        && args.ctx.flags == 0
+        && args.direction == Direction::Ingress as u32
+        && state.flags & FLAG_ACCEPTED != 0
+    {
+        context::unknown_read(id, args.fd);
     }
     submit(ev, captured);
     emit_continuation(ev);

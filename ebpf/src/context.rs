@@ -180,6 +180,26 @@ pub fn client_request(id: u64, addrs: Option<&ConnAddrs>, ctx: &mut TraceCtx) ->
     0
 }
 
+/// Bytes read on server connection `fd` that do not start a request line
+/// (a head read byte by byte or after a background read took its first
+/// byte, TLS records, HTTP/2 frames). Read where no request of the
+/// connection is outstanding, they begin one whose context is unknown: the
+/// thread and process then serve more than one request and link none,
+/// until it is answered (an `HTTP/` write), the connection closes, or it
+/// goes stale. Never a link to the wrong request; goroutine-linked
+/// processes track their serving goroutines instead.
+#[inline(never)]
+pub fn unknown_read(id: u64, fd: u32) -> u32 {
+    let tgid = (id >> 32) as u32;
+    // SAFETY: copied out at once.
+    if unsafe { READERS.get(&conn_key(tgid, fd)) }.is_some_and(|r| r.outstanding != 0) || golang::goroutine_policy(tgid)
+    {
+        return 0;
+    }
+    count(Counter::CtxUnknownRequest);
+    request_read(id, fd, &TraceCtx::default())
+}
+
 /// Decides the context of a request just read into the scratch event
 /// (server side; `captured` bytes of it are there) into `ctx`.
 #[inline(never)]
