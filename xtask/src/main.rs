@@ -140,6 +140,8 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
             rounds: 0,
             connections: 0,
             out: None,
+            workloads: vec![bench::Workload::Http, bench::Workload::Grpc],
+            grpc_connections: 0,
         },
     )?;
     step("a one-minute soak (the long one: `cargo xtask soak --minutes 30`)");
