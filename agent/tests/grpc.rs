@@ -1,103 +1,215 @@
-//! gRPC on a real kernel: Python grpcio server and client (h2c), unary
-//! calls that succeed, fail with a status, and run past their deadline.
+//! gRPC on a real kernel with the three common stacks (h2c): Python
+//! grpcio, Node @grpc/grpc-js and Go google.golang.org/grpc, as clients
+//! and servers of one service (tests/fixtures/grpc). Every call gives a
+//! CLIENT and a SERVER span, linked (both pods are on the agent's node).
+//!
+//! The status each side's span carries: the `grpc-status` on the wire
+//! (trailers, or the only header block of a trailers-only response); for
+//! the call past its deadline, whose stream the client resets (CANCEL) with
+//! no status on the wire, DEADLINE_EXCEEDED (4) on both sides: the reset
+//! came at the request's `grpc-timeout`, which the server enforces too.
 mod support;
 
-use std::time::Duration;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+    time::Duration,
+};
 
+use serde_json::Value;
 use support::*;
 
 const PORT: u16 = 50051;
+const SERVICE: &str = "meshless.test.Echo";
+/// The fixtures' calls in order, with the status both spans must carry.
+const CALLS: [(&str, u64); 4] = [("Say", 0), ("Find", 5), ("Slow", 4), ("Count", 0)];
+const GRPC_JS: &str = "@grpc/grpc-js@1.14.7";
 
-const SERVER: &str = r#"
-import sys, time, grpc
-from concurrent import futures
-def say(req, ctx):
-    if req == b"missing":
-        ctx.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
-    if req == b"slow":
-        time.sleep(1.0)
-    return b"hello " + req
-handler = grpc.method_handlers_generic_handler(
-    "helloworld.Greeter", {"SayHello": grpc.unary_unary_rpc_method_handler(say)})
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-server.add_generic_rpc_handlers((handler,))
-server.add_insecure_port(sys.argv[1])
-server.start()
-server.wait_for_termination()
-"#;
+fn fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/grpc")
+        .join(name)
+        .display()
+        .to_string()
+}
 
-const CLIENT: &str = r#"
-import sys, grpc
-channel = grpc.insecure_channel(sys.argv[1])
-grpc.channel_ready_future(channel).result(timeout=10)
-say = channel.unary_unary("/helloworld.Greeter/SayHello")
-assert say(b"world", timeout=5) == b"hello world"
-try:
-    say(b"missing", timeout=5)
-    raise SystemExit("expected NOT_FOUND")
-except grpc.RpcError as e:
-    assert e.code() == grpc.StatusCode.NOT_FOUND, e
-try:
-    say(b"slow", timeout=0.2)
-    raise SystemExit("expected DEADLINE_EXCEEDED")
-except grpc.RpcError as e:
-    assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e
-channel.close()
-"#;
+fn tmp(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name)
+}
 
-fn grpc_attr(span: &serde_json::Value) -> Option<u64> {
+/// The Go fixture (server and client in one binary), built once per run
+/// with the module versions of its go.sum.
+fn go_echo() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = tmp("grpc-go-echo");
+        let cache = tmp("gocache");
+        let go = if Path::new("/usr/local/go/bin/go").exists() {
+            "/usr/local/go/bin/go"
+        } else {
+            "go"
+        };
+        let mut cmd = Command::new(go);
+        cmd.args(["build", "-o"])
+            .arg(&out)
+            .arg(".")
+            .current_dir(fixture("go"))
+            .env("GOCACHE", &cache)
+            .env("GOFLAGS", "-mod=readonly");
+        run(cmd);
+        out
+    })
+}
+
+/// node_modules with @grpc/grpc-js, installed under target/ on first use.
+fn grpc_js_modules() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tmp("grpc-node");
+        let modules = dir.join("node_modules");
+        if !modules.join("@grpc/grpc-js/package.json").exists() {
+            std::fs::create_dir_all(&dir).expect("grpc-node dir");
+            let mut npm = Command::new("npm");
+            npm.args(["install", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&dir)
+                .arg(GRPC_JS);
+            run(npm);
+        }
+        modules
+    })
+}
+
+fn python_server(pods: &PodPair, addr: &str) -> Proc {
+    let mut server = PodPair::cmd(&pods.b, "python3");
+    server.args([&fixture("server.py"), addr]);
+    spawn(server)
+}
+
+fn go_server(pods: &PodPair, addr: &str) -> Proc {
+    let mut server = PodPair::cmd(&pods.b, &go_echo().display().to_string());
+    server.args(["server", addr]);
+    spawn(server)
+}
+
+fn grpc_status(span: &Value) -> Option<u64> {
     attr(span, "rpc.grpc.status_code").as_u64()
 }
 
+fn summary(spans: &[Value]) -> String {
+    spans
+        .iter()
+        .map(|s| {
+            format!(
+                "\n  {} {} status={:?} error={} trace={} span={} parent={}",
+                kind(s),
+                s["name"],
+                grpc_status(s),
+                attr(s, "error.type"),
+                s["trace_id"],
+                s["span_id"],
+                s["parent_span_id"],
+            )
+        })
+        .collect()
+}
+
+/// Every call of the fixtures has exactly one CLIENT and one SERVER span
+/// named `Service/Method` with the RPC attributes and the expected status,
+/// and the server's span is the child of the client's.
+fn check_calls(spans: &[Value]) -> Result<(), String> {
+    for (method, status) in CALLS {
+        let name = format!("{SERVICE}/{method}");
+        let side = |k: &str| -> Result<&Value, String> {
+            let found: Vec<&Value> = spans.iter().filter(|s| s["name"] == name && kind(s) == k).collect();
+            match found[..] {
+                [one] => Ok(one),
+                _ => Err(format!("{} {k} spans of {name}", found.len())),
+            }
+        };
+        let (client, server) = (side("CLIENT")?, side("SERVER")?);
+        for s in [client, server] {
+            let facts = (
+                attr_str(s, "rpc.system"),
+                attr_str(s, "rpc.service"),
+                attr_str(s, "rpc.method"),
+                grpc_status(s),
+                attr_str(s, "network.protocol.version"),
+            );
+            if facts != ("grpc", SERVICE, method, Some(status), "2") {
+                return Err(format!("{} {name}: {facts:?}, want status {status}", kind(s)));
+            }
+        }
+        if status != 0 && client["status"]["code"] != "ERROR" {
+            return Err(format!("client {name} with status {status} is not an error"));
+        }
+        if server["trace_id"] != client["trace_id"] || server["parent_span_id"] != client["span_id"] {
+            return Err(format!("{name}: server span not the client span's child"));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `client` against the server at `addr` and checks the spans.
+fn calls_give_linked_span_pairs(agent: &Agent, pods: &PodPair, client: Command) -> Vec<Value> {
+    wait_port(&pods.a, &pods.ip_b, PORT);
+    let out = run(client);
+    assert!(out.contains("ok"), "client said {out:?}");
+    let spans = agent.collect(to_server(&pods.ip_b, PORT), 2 * CALLS.len(), Duration::from_secs(15));
+    if let Err(e) = check_calls(&spans) {
+        panic!("{e}; spans:{}", summary(&spans));
+    }
+    spans
+}
+
 #[test]
-fn python_grpc_unary_calls_give_span_pairs_with_service_method_and_status() {
+fn python_grpcio_calls_give_linked_span_pairs_with_service_method_and_status() {
     let _serial = serial();
     let pods = PodPair::new();
     let agent = Agent::start();
     let addr = format!("{}:{PORT}", pods.ip_b);
-    let mut server = PodPair::cmd(&pods.b, "python3");
-    server.args(["-c", SERVER, &addr]);
-    let _server = spawn(server);
-    wait_port(&pods.a, &pods.ip_b, PORT);
+    let _server = python_server(&pods, &addr);
     let mut client = PodPair::cmd(&pods.a, "python3");
-    client.args(["-c", CLIENT, &addr]);
-    run(client);
+    client.args([&fixture("client.py"), &addr]);
+    calls_give_linked_span_pairs(&agent, &pods, client);
 
-    let spans = agent.collect(to_server(&pods.ip_b, PORT), 5, Duration::from_secs(10));
-    let named: Vec<_> = spans
-        .iter()
-        .filter(|s| s["name"] == "helloworld.Greeter/SayHello")
-        .collect();
-    let summary: Vec<_> = named
-        .iter()
-        .map(|s| (kind(s).to_owned(), grpc_attr(s), attr(s, "error.type").clone()))
-        .collect();
-    // The server answers the slow call after the client gave up: its span
-    // may end with the client's RST_STREAM instead of a status.
-    let with = |k: &str, code: u64| {
-        named
-            .iter()
-            .filter(|s| kind(s) == k && grpc_attr(s) == Some(code))
-            .count()
-    };
-    assert_eq!(with("CLIENT", 0), 1, "{summary:?}");
-    assert_eq!(with("SERVER", 0), 1, "{summary:?}");
-    assert_eq!(with("CLIENT", 5), 1, "NOT_FOUND on the client: {summary:?}");
-    assert_eq!(with("SERVER", 5), 1, "NOT_FOUND on the server: {summary:?}");
-    for s in &named {
-        assert_eq!(attr_str(s, "rpc.system"), "grpc");
-        assert_eq!(attr_str(s, "rpc.service"), "helloworld.Greeter");
-        assert_eq!(attr_str(s, "rpc.method"), "SayHello");
-        assert_eq!(attr_str(s, "network.protocol.version"), "2");
+    // RED metrics in Istio's names say gRPC and carry the status.
+    let scrape = scrape(&agent);
+    for (status, at_least) in [("0", 2.0), ("5", 1.0), ("4", 1.0)] {
+        for reporter in ["source", "destination"] {
+            let labels = [
+                ("reporter", reporter),
+                ("request_protocol", "grpc"),
+                ("grpc_response_status", status),
+            ];
+            let n = metric_sum(&scrape, "istio_requests_total", &labels);
+            assert!(n >= at_least, "{labels:?}: {n}");
+        }
     }
-    let not_found = named
-        .iter()
-        .find(|s| kind(s) == "CLIENT" && grpc_attr(s) == Some(5))
-        .expect("client NOT_FOUND span");
-    assert_eq!(not_found["status"]["code"], "ERROR");
-    let deadline = named
-        .iter()
-        .filter(|s| kind(s) == "CLIENT" && grpc_attr(s) != Some(0) && grpc_attr(s) != Some(5))
-        .count();
-    assert_eq!(deadline, 1, "the call past its deadline has a span too: {summary:?}");
+}
+
+#[test]
+fn node_grpc_js_client_calls_to_a_python_server_give_linked_span_pairs() {
+    let _serial = serial();
+    let modules = grpc_js_modules();
+    let pods = PodPair::new();
+    let agent = Agent::start();
+    let addr = format!("{}:{PORT}", pods.ip_b);
+    let _server = python_server(&pods, &addr);
+    let mut client = PodPair::cmd(&pods.a, "node");
+    client.env("NODE_PATH", modules).args([&fixture("client.js"), &addr]);
+    calls_give_linked_span_pairs(&agent, &pods, client);
+}
+
+#[test]
+fn go_grpc_client_and_server_calls_give_linked_span_pairs() {
+    let _serial = serial();
+    let bin = go_echo().display().to_string();
+    let pods = PodPair::new();
+    let agent = Agent::start();
+    let addr = format!("{}:{PORT}", pods.ip_b);
+    let _server = go_server(&pods, &addr);
+    let mut client = PodPair::cmd(&pods.a, &bin);
+    client.args(["client", &addr]);
+    calls_give_linked_span_pairs(&agent, &pods, client);
 }
