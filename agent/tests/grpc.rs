@@ -213,3 +213,16 @@ fn go_grpc_client_and_server_calls_give_linked_span_pairs() {
     client.args(["client", &addr]);
     calls_give_linked_span_pairs(&agent, &pods, client);
 }
+
+#[test]
+fn python_grpcio_client_calls_to_a_go_server_give_linked_span_pairs() {
+    let _serial = serial();
+    go_echo();
+    let pods = PodPair::new();
+    let agent = Agent::start();
+    let addr = format!("{}:{PORT}", pods.ip_b);
+    let _server = go_server(&pods, &addr);
+    let mut client = PodPair::cmd(&pods.a, "python3");
+    client.args([&fixture("client.py"), &addr]);
+    calls_give_linked_span_pairs(&agent, &pods, client);
+}

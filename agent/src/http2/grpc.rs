@@ -157,12 +157,33 @@ mod tests {
     #[test]
     fn a_cancel_at_the_grpc_timeout_is_deadline_exceeded_and_before_it_cancelled() {
         let head = head_with_timeout(Some("299875u"));
-        let at = |ms: u64| reset_status(&head, Reset { code: 8, elapsed_ns: ms * 1_000_000 });
+        let at = |ms: u64| {
+            reset_status(
+                &head,
+                Reset {
+                    code: 8,
+                    elapsed_ns: ms * 1_000_000,
+                },
+            )
+        };
         assert_eq!(at(300), DEADLINE_EXCEEDED);
-        assert_eq!(at(295), DEADLINE_EXCEEDED, "the client's timer runs from before the write");
+        assert_eq!(
+            at(295),
+            DEADLINE_EXCEEDED,
+            "the client's timer runs from before the write"
+        );
         assert_eq!(at(100), CANCELLED);
         let untimed = head_with_timeout(None);
-        assert_eq!(reset_status(&untimed, Reset { code: 8, elapsed_ns: u64::MAX }), CANCELLED);
+        assert_eq!(
+            reset_status(
+                &untimed,
+                Reset {
+                    code: 8,
+                    elapsed_ns: u64::MAX
+                }
+            ),
+            CANCELLED
+        );
     }
 
     #[test]
@@ -180,10 +201,16 @@ mod tests {
     fn a_status_sent_before_the_reset_wins() {
         let head = head_with_timeout(Some("1m"));
         let trailers = Block {
-            fields: vec![super::super::hpack::Field::Known("grpc-status".to_owned(), "0".to_owned())],
+            fields: vec![super::super::hpack::Field::Known(
+                "grpc-status".to_owned(),
+                "0".to_owned(),
+            )],
             limited: false,
         };
-        let reset = Some(Reset { code: 8, elapsed_ns: 10_000_000 });
+        let reset = Some(Reset {
+            code: 8,
+            elapsed_ns: 10_000_000,
+        });
         let rpc = rpc(&head, None, Some(&trailers), reset).expect("grpc");
         assert_eq!(rpc.grpc_status, Some(0));
     }

@@ -265,7 +265,12 @@ impl Http2 {
         let Some(open) = self.streams.remove(&stream) else {
             return;
         };
-        let rpc = grpc::rpc(&open.request.head, open.response.as_ref(), open.trailers.as_ref(), reset);
+        let rpc = grpc::rpc(
+            &open.request.head,
+            open.response.as_ref(),
+            open.trailers.as_ref(),
+            reset,
+        );
         let response = match (open.response.as_ref().map(response_head), why) {
             (Some(Some(head)), _) => Response::Seen(Box::new(head)),
             // A response went by whose status could not be decoded.
