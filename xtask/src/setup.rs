@@ -29,7 +29,7 @@ const APT_PACKAGES: &[&str] = &[
 ];
 
 /// PyPI tools the tests use: (module to import, requirement).
-const PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "rotel==0.0.1a15")];
+const PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "rotel==0.0.1a15"), ("grpc", "grpcio==1.85.1")];
 
 pub fn run() -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
