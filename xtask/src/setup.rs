@@ -41,8 +41,11 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
 ];
 
-/// PyPI tools only the tests use: (module to import, requirement).
-const PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "rotel==0.0.1a15")];
+/// PyPI tools only the tests use: (module to import, requirement), one a line.
+const PIP_PACKAGES: &[(&str, &str)] = &[
+    ("rotel", "rotel==0.0.1a15"),
+    ("grpc", "grpcio==1.85.1"),
+];
 
 /// What `cargo xtask run` needs: the eBPF toolchain and bpf-linker.
 pub fn run() -> Result<()> {
