@@ -43,7 +43,9 @@ const APT_PACKAGES: &[&str] = &[
 
 /// PyPI tools only the tests use: (module to import, requirement), one a line.
 const PIP_PACKAGES: &[(&str, &str)] = &[
+    // The OTLP collector of the interop test.
     ("rotel", "rotel==0.0.1a15"),
+    // gRPC clients and servers of the gRPC tests.
     ("grpc", "grpcio==1.85.1"),
 ];
 
