@@ -103,12 +103,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             )
         })
         .transpose()?;
-    let live = config.ui_enabled(node.is_some()).then(|| {
-        crate::ui::Live::new(
-            (config.memory_limit / 32) as usize,
-            config.capture_query,
-        )
-    });
+    let live = config
+        .ui_enabled(node.is_some())
+        .then(|| crate::ui::Live::new((config.memory_limit / 32) as usize, config.capture_query));
     let admin = match config.metrics_addr.0 {
         Some(addr) => Some(
             admin::bind(

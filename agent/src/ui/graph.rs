@@ -66,7 +66,11 @@ impl Series {
         let newest = now_secs / BUCKET_SECS;
         let oldest = newest.saturating_sub(window_secs.div_ceil(BUCKET_SECS).saturating_sub(1));
         let mut t = Totals::default();
-        for b in self.0.iter().filter(|b| b.slot >= oldest && b.slot <= newest && b.requests > 0) {
+        for b in self
+            .0
+            .iter()
+            .filter(|b| b.slot >= oldest && b.slot <= newest && b.requests > 0)
+        {
             t.requests += u64::from(b.requests);
             t.errors += u64::from(b.errors);
             for (sum, n) in t.latency.iter_mut().zip(b.latency) {
@@ -349,13 +353,20 @@ mod tests {
         let mut g = Graph::default();
         let now = 10_000;
         for i in 0..100 {
-            g.record(&call("web", "api", "/users/*", if i == 99 { 900 } else { 2 }, i % 10 == 0), now);
+            g.record(
+                &call("web", "api", "/users/*", if i == 99 { 900 } else { 2 }, i % 10 == 0),
+                now,
+            );
         }
         g.record(&call("web", "api", "/users/*", 1, false), now - 600);
         let v = g.view(now, 60);
         assert_eq!(v.edges.len(), 1);
         let e = &v.edges[0];
-        assert_eq!((e.stats.requests, e.stats.errors), (100, 10), "the old call is outside 1 m");
+        assert_eq!(
+            (e.stats.requests, e.stats.errors),
+            (100, 10),
+            "the old call is outside 1 m"
+        );
         assert!((e.stats.rps - 100.0 / 60.0).abs() < 1e-9);
         let p50 = e.stats.p50_ms.expect("p50");
         assert!((2.0..2.9).contains(&p50), "p50 bucket bound {p50}");
@@ -378,7 +389,10 @@ mod tests {
         for i in 0..MAX_ROUTES_PER_NODE + 5 {
             g.record(&call("a", "svc0", &format!("/r{i}"), 1, false), 100);
         }
-        assert_eq!(g.routes.keys().filter(|(n, _)| n == "svc0").count(), MAX_ROUTES_PER_NODE);
+        assert_eq!(
+            g.routes.keys().filter(|(n, _)| n == "svc0").count(),
+            MAX_ROUTES_PER_NODE
+        );
         assert!(g.overflow >= 15);
     }
 

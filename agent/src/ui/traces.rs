@@ -35,7 +35,11 @@ impl SpanRow {
             + self.name.len()
             + self.route.len()
             + self.status.len()
-            + self.attributes.iter().map(|(k, v)| k.len() + v.len() + 48).sum::<usize>()
+            + self
+                .attributes
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 48)
+                .sum::<usize>()
     }
 
     fn duration_ms(&self) -> f64 {
@@ -139,7 +143,11 @@ impl Recent {
 }
 
 fn matches(s: &SpanRow, q: &Query) -> bool {
-    let has = |filter: &Option<String>, value: &str| filter.as_ref().is_none_or(|f| f.is_empty() || value.contains(f.as_str()));
+    let has = |filter: &Option<String>, value: &str| {
+        filter
+            .as_ref()
+            .is_none_or(|f| f.is_empty() || value.contains(f.as_str()))
+    };
     let status = q.status.as_deref().unwrap_or("");
     let status_ok = match status {
         "" => true,
@@ -154,7 +162,10 @@ fn matches(s: &SpanRow, q: &Query) -> bool {
 }
 
 fn summary(id: &str, spans: &[&SpanRow]) -> TraceSummary {
-    let first = spans.iter().min_by_key(|s| s.start_unix_nano).expect("a trace has a span");
+    let first = spans
+        .iter()
+        .min_by_key(|s| s.start_unix_nano)
+        .expect("a trace has a span");
     let start = first.start_unix_nano;
     let end = spans.iter().map(|s| s.end_unix_nano).max().unwrap_or(start);
     let mut services: Vec<String> = spans.iter().map(|s| s.service.clone()).collect();
@@ -201,7 +212,10 @@ mod tests {
         r.push(row("t1", "b", "api", 2, 3, "503"));
         r.push(row("t2", "c", "web", 10, 50, "200"));
         let all = r.search(&Query::default());
-        assert_eq!(all.iter().map(|t| t.trace_id.as_str()).collect::<Vec<_>>(), ["t2", "t1"]);
+        assert_eq!(
+            all.iter().map(|t| t.trace_id.as_str()).collect::<Vec<_>>(),
+            ["t2", "t1"]
+        );
         let t1 = &all[1];
         assert_eq!((t1.spans, t1.error, t1.root_service.as_str()), (2, true, "web"));
         assert_eq!(t1.services, ["api", "web"]);
