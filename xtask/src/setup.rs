@@ -39,6 +39,8 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-server",
     // Scrapes the agent in the Kiali/Grafana query tests.
     "prometheus",
+    // The headless browser of the live-map test.
+    "chromium",
 ];
 
 /// PyPI tools only the tests use: (module to import, requirement), one a line.
@@ -47,6 +49,8 @@ const PIP_PACKAGES: &[(&str, &str)] = &[
     ("rotel", "rotel==0.0.1a15"),
     // gRPC clients and servers of the gRPC tests.
     ("grpc", "grpcio==1.85.1"),
+    // Drives headless Chromium over the DevTools protocol (live-map test).
+    ("websocket", "websocket-client==1.9.2"),
 ];
 
 /// What `cargo xtask run` needs: the eBPF toolchain and bpf-linker.
