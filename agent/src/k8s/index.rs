@@ -259,7 +259,7 @@ impl Index {
             peer.namespace = Some(pod.namespace.clone());
             peer.workload = Some(pod.workload_name());
             peer.pod = Some(pod.name.clone());
-            let mut istio = pod.istio.clone();
+            let mut istio = (*pod.istio).clone();
             istio.canonical_service.get_or_insert_with(|| pod.canonical_service());
             peer.istio = Some(istio);
         }

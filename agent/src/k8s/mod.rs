@@ -54,8 +54,9 @@ pub struct PodMeta {
     pub containers: Vec<(String, String)>,
     /// Annotated `meshless.io/trace: "false"`.
     pub opted_out: bool,
-    /// The labels Istio's metrics are named by.
-    pub istio: IstioLabels,
+    /// The labels Istio's metrics are named by (boxed: rarely read, and
+    /// it keeps watcher updates small).
+    pub istio: Box<IstioLabels>,
 }
 
 /// What Istio's standard metric labels take from a pod's labels.
@@ -210,7 +211,7 @@ mod tests {
             workload: Some((WorkloadKind::Deployment, "web".into())),
             containers: vec![],
             opted_out: false,
-            istio: IstioLabels::default(),
+            istio: Box::default(),
         };
         assert_eq!(pod.canonical_service(), "web");
         assert_eq!(pod.canonical_revision(), "latest");

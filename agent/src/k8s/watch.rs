@@ -182,7 +182,7 @@ pub fn pod_update(pod: Pod) -> Option<Update> {
         workload: workload(&pod),
         containers,
         opted_out: pod.annotations().get(OPT_OUT_ANNOTATION).is_some_and(|v| v == "false"),
-        istio: IstioLabels::from_labels(pod.labels()),
+        istio: Box::new(IstioLabels::from_labels(pod.labels())),
     }))
 }
 
