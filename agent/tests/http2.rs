@@ -88,18 +88,15 @@ fn a_hundred_concurrent_h2c_streams_on_one_connection_give_exactly_a_hundred_spa
             .map(|s| (kind(s), attr_str(s, "url.path")))
             .collect();
         assert!(wrong.is_empty(), "{wrong:?}");
-        // nginx writes its first responses with more iovecs than the kernel
-        // copies (MAX_IOVECS): a response head there may go uncaptured,
-        // which the span says (no status, capture truncated).
+        // nginx writes a burst of responses as one writev of many iovecs;
+        // the kernel walks up to 64 of them (bpf_loop), so every response
+        // head is captured.
         let uncaptured: Vec<_> = side
             .iter()
             .filter(|s| attr(s, "http.response.status_code").is_null())
+            .map(|s| (kind(s), attr_str(s, "url.path")))
             .collect();
-        assert!(
-            uncaptured.len() <= 2 && uncaptured.iter().all(|s| attr(s, "meshless.capture.truncated") == true),
-            "{} responses uncaptured",
-            uncaptured.len()
-        );
+        assert!(uncaptured.is_empty(), "responses uncaptured: {uncaptured:?}");
     }
     let ports: HashSet<u64> = clients.iter().map(|s| attr_u64(s, "client.port")).collect();
     assert_eq!(ports.len(), 1, "all streams on one connection");
@@ -146,7 +143,10 @@ fn an_agent_started_on_an_open_h2c_connection_traces_it_without_a_wrong_path() {
     wait_port(&pods.a, &pods.ip_b, PORT);
     let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/h2/session.js");
     let mut node = PodPair::cmd(&pods.a, "node");
-    node.args([script.to_str().expect("utf-8 path"), &format!("http://{}:{PORT}", pods.ip_b)]);
+    node.args([
+        script.to_str().expect("utf-8 path"),
+        &format!("http://{}:{PORT}", pods.ip_b),
+    ]);
     let mut node = Proc(
         node.stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -166,7 +166,13 @@ fn an_agent_started_on_an_open_h2c_connection_traces_it_without_a_wrong_path() {
 
     // 6 requests after the agent started; both ends traced.
     let spans = agent.collect(to_server(&pods.ip_b, PORT), 12, Duration::from_secs(15));
-    let sent = ["/ok/repeat", "/ok/repeat-post", "/ok/after-0", "/ok/after-1", "/ok/after-2"];
+    let sent = [
+        "/ok/repeat",
+        "/ok/repeat-post",
+        "/ok/after-0",
+        "/ok/after-1",
+        "/ok/after-2",
+    ];
     for side in ["SERVER", "CLIENT"] {
         let mine: Vec<_> = spans.iter().filter(|s| kind(s) == side).collect();
         let paths: Vec<&str> = mine.iter().map(|s| attr_str(s, "url.path")).collect();
@@ -191,16 +197,17 @@ fn an_agent_started_on_an_open_h2c_connection_traces_it_without_a_wrong_path() {
         }
         for s in &mine {
             let method = attr_str(s, "http.request.method");
-            let expected = if attr_str(s, "url.path") == "/ok/repeat-post" { "POST" } else { "GET" };
+            let expected = if attr_str(s, "url.path") == "/ok/repeat-post" {
+                "POST"
+            } else {
+                "GET"
+            };
             assert!(
                 attr_str(s, "url.path").is_empty() || method == expected,
                 "{side}: {} with method {method}",
                 attr_str(s, "url.path")
             );
         }
-        assert!(
-            mine.len() <= 6,
-            "{side}: at most one span per request: {paths:?}"
-        );
+        assert!(mine.len() <= 6, "{side}: at most one span per request: {paths:?}");
     }
 }

@@ -62,7 +62,12 @@ fn spans_of_renamed_threads_carry_the_process_name_and_the_thread_name() {
     let _serial = serial();
     let receiver = Receiver::start(Transport::Grpc);
     let pods = PodPair::new();
-    let agent = Agent::start_with(&["--otlp-endpoint", &receiver.endpoint(), "--traces-exporter", "otlp,console"]);
+    let agent = Agent::start_with(&[
+        "--otlp-endpoint",
+        &receiver.endpoint(),
+        "--traces-exporter",
+        "otlp,console",
+    ]);
     let port = 8461;
     let mut server = PodPair::cmd(&pods.b, "python3");
     server.args(["-c", SERVER, &pods.ip_b, &port.to_string()]);

@@ -222,7 +222,10 @@ mod tests {
         assert_eq!(&*me.executable, base.as_str());
         // The kernel cuts comm to 15 bytes of the executable's name.
         assert!(base.starts_with(&*me.name), "{} vs {base}", me.name);
-        assert_eq!(executable_name("/usr/bin/python3.11 (deleted)").as_deref(), Some("python3.11"));
+        assert_eq!(
+            executable_name("/usr/bin/python3.11 (deleted)").as_deref(),
+            Some("python3.11")
+        );
         assert_eq!(executable_name("/"), None);
         assert!(from_proc(u32::MAX).is_none());
     }
