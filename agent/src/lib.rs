@@ -24,3 +24,4 @@ pub mod sockets;
 pub mod span;
 pub mod stats;
 pub mod trace_context;
+pub mod ui;
