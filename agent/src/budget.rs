@@ -260,7 +260,9 @@ pub fn span_bytes(span: &Span) -> u64 {
         .sum();
     let strings = span.method.len()
         + span.target.len()
-        + span.process.comm.len()
+        + span.process.name.len()
+        + span.process.executable.len()
+        + span.process.thread.len()
         + span.trace_state.as_ref().map_or(0, String::len)
         + span.peer_comm.as_ref().map_or(0, String::len)
         + span.user_agent.as_ref().map_or(0, String::len);

@@ -1,5 +1,5 @@
 //! The span model shared by the correlator and the exporters.
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 pub use crate::http::Target;
 use crate::trace_context::{SpanId, TraceId};
@@ -22,13 +22,19 @@ impl SpanKind {
     }
 }
 
-/// The traced process, as the kernel saw it.
+/// The traced process and the thread that handled the request.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Process {
     pub pid: u32,
     pub tid: u32,
-    /// The thread's comm (executable name, up to 15 bytes).
-    pub comm: String,
+    /// The process's name: its main thread's comm, as `ps` shows it (up to
+    /// 15 bytes). Names the workload outside Kubernetes.
+    pub name: Arc<str>,
+    /// Base name of the executable (semconv `process.executable.name`).
+    pub executable: Arc<str>,
+    /// The handling thread's own name (its comm; runtimes name threads
+    /// `event_engine`, `http-nio-8080-exec-1`…): semconv `thread.name`.
+    pub thread: String,
     pub cgroup_id: u64,
 }
 
@@ -56,8 +62,8 @@ pub struct Span {
     pub client: Option<SocketAddr>,
     pub server: Option<SocketAddr>,
     pub process: Process,
-    /// Executable name of the process at the other end, when it runs on
-    /// this node and the call was linked.
+    /// Name of the process at the other end ([`Process::name`]), when it
+    /// runs on this node and the call was linked.
     pub peer_comm: Option<String>,
     /// Where a client's call really went when that differs from the address
     /// it dialled (a Service IP DNATed to a server on this node), as the

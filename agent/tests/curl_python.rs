@@ -38,7 +38,8 @@ fn curl_to_python_gives_one_client_and_one_server_span_per_request_in_one_trace(
         assert_eq!((client.len(), server.len()), (1, 1), "{path}: {of_path:#?}");
         let (c, s) = (client[0], server[0]);
         assert_eq!(attr_str(c, "process.executable.name"), "curl");
-        assert_eq!(attr_str(s, "process.executable.name"), "python3");
+        // semconv: the base name of /proc/<pid>/exe (python3 -> python3.11).
+        assert!(attr_str(s, "process.executable.name").starts_with("python3"), "{s}");
         assert_eq!(c["trace_id"], s["trace_id"], "same trace for both sides of {path}");
         assert_eq!(
             s["parent_span_id"], c["span_id"],

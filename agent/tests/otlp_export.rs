@@ -385,7 +385,9 @@ mod direct {
             process: Process {
                 pid: 4242,
                 tid: 4242,
-                comm: "direct-test".into(),
+                name: "direct-test".into(),
+                executable: "direct-test".into(),
+                thread: String::new(),
                 cgroup_id: 1,
             },
             peer_comm: None,

@@ -8,6 +8,7 @@ pub mod confirm;
 pub mod event;
 pub mod expiry;
 pub mod loader;
+pub mod names;
 pub mod preflight;
 pub mod sequence;
 

@@ -167,8 +167,9 @@ pub struct Config {
     #[arg(long, env = env::RESOURCE_ATTRIBUTES, help_heading = "Export")]
     pub resource_attributes: Option<String>,
 
-    /// Rename workloads: `exe=service,exe2=service2` sets `service.name` of
-    /// processes by executable name (default: the executable name itself).
+    /// Rename workloads: `name=service,name2=service2` sets `service.name`
+    /// of processes by name as `ps` shows it, or by executable name
+    /// (default: the process name itself).
     #[arg(long, env = env::SERVICE_NAMES, help_heading = "Export")]
     pub service_names: Option<String>,
 

@@ -39,13 +39,13 @@ impl Conn {
 
     /// Approximate heap bytes this connection holds.
     pub fn state_bytes(&self) -> usize {
-        std::mem::size_of::<Self>() + self.process.comm.len() + self.protocol.as_ref().map_or(0, |p| p.state_bytes())
+        std::mem::size_of::<Self>() + self.protocol.as_ref().map_or(0, |p| p.state_bytes())
     }
 
     /// Feeds one syscall's bytes.
     pub fn data(&mut self, segment: Segment) -> Output {
         self.last_ktime_ns = self.last_ktime_ns.max(segment.ktime_ns);
-        self.process.tid = segment.tid;
+        self.process.tid = segment.thread.tid;
         let protocol = self
             .protocol
             .get_or_insert_with(|| protocol::detect(&segment.payload, segment.direction));

@@ -23,7 +23,7 @@ use link::{LinkKey, Links};
 use protocol::{Exchange, Output, Response, Segment};
 
 use crate::{
-    capture::{ConnKey, Event, EventBody},
+    capture::{names::ProcessNames, ConnKey, Event, EventBody},
     clock::Clock,
     privacy::HeaderPolicy,
     sockets,
@@ -79,6 +79,8 @@ pub struct Correlator {
     last_sweep_ns: u64,
     /// Sum of the connections' `state_bytes`, refreshed at each sweep.
     state_bytes: usize,
+    /// Names of the processes seen (not of their threads).
+    names: ProcessNames,
     /// Told about each process seen (it sets the kernel's linking policy).
     new_process: Option<std::sync::mpsc::SyncSender<crate::propagation::Seen>>,
     #[cfg(test)]
@@ -100,6 +102,7 @@ impl Correlator {
             generations: HashMap::default(),
             links: Links::default(),
             aliases: Aliases::default(),
+            names: ProcessNames::default(),
             new_process: None,
             #[cfg(test)]
             pending: Vec::new(),
@@ -131,6 +134,7 @@ impl Correlator {
         match ev.body {
             EventBody::Close => self.end_conn(key, Some(Unanswered::ConnectionClosed), ev.ktime_ns, spans),
             EventBody::Exec => {
+                self.names.forget(key.tgid);
                 if let Some(tx) = &self.new_process {
                     let _ = tx.try_send(crate::propagation::Seen::Exec(key.tgid));
                 }
@@ -143,7 +147,16 @@ impl Correlator {
                 self.retire_old_generation(key, spans);
                 if !self.conns.contains_key(&key) {
                     self.make_room(spans);
-                    let conn = new_conn(&ev.conn, &ev.comm.to_string_lossy(), ev.cgroup_id, ev.tid, ev.socket);
+                    let name = self.names.get(key.tgid, ev.tid, &ev.comm, ev.ktime_ns);
+                    let process = Process {
+                        pid: key.tgid,
+                        tid: ev.tid,
+                        name: name.name,
+                        executable: name.executable,
+                        thread: String::new(),
+                        cgroup_id: ev.cgroup_id,
+                    };
+                    let conn = new_conn(&ev.conn, process, ev.socket);
                     self.conns.insert(key, conn);
                     self.generations.insert((key.tgid, key.fd), key.conn_id);
                     if let Some(tx) = &self.new_process {
@@ -167,7 +180,10 @@ impl Correlator {
                     payload,
                     len,
                     ktime_ns: ev.ktime_ns,
-                    tid: ev.tid,
+                    thread: protocol::Thread {
+                        tid: ev.tid,
+                        comm: ev.comm,
+                    },
                     ctx: ev.ctx,
                 });
                 // Disjoint fields: the connection stays in the table.
@@ -214,6 +230,10 @@ impl Correlator {
         }
         self.links.purge(now_ktime_ns);
         self.aliases.purge(now_ktime_ns);
+        self.names.purge(now_ktime_ns);
+        Stats::set(&self.env.stats.process_names_cached, self.names.len() as u64);
+        Stats::set(&self.env.stats.process_names_evictions, self.names.evictions);
+        Stats::set(&self.env.stats.process_names_stand_ins, self.names.stand_ins);
         Stats::set(&self.env.stats.conns_tracked, self.conns.len() as u64);
     }
 
@@ -322,7 +342,7 @@ fn absorb(links: &mut Links, aliases: &mut Aliases, env: &SpanEnv, conn: &Conn, 
     let now = conn.last_ktime_ns;
     if !out.server_requests.is_empty() {
         if let (Some(client), Some(server)) = conn.endpoints(SpanKind::Server) {
-            links.server_seen(client, server, &conn.process.comm, now);
+            links.server_seen(client, server, &conn.process.name, now);
             // A server request that will adopt a local client's ids moves
             // to the client's trace now, before the calls it makes are seen:
             // they inherit the kernel's trace id for it.
@@ -336,7 +356,7 @@ fn absorb(links: &mut Links, aliases: &mut Aliases, env: &SpanEnv, conn: &Conn, 
     if let (Some(client), Some(server)) = conn.endpoints(SpanKind::Client) {
         for (seq, ctx) in out.client_requests {
             let key = LinkKey::new(client, server, seq);
-            let (done, alias) = links.client_seen(key, ctx, now, &conn.process.comm);
+            let (done, alias) = links.client_seen(key, ctx, now, &conn.process.name);
             if let Some(from) = alias {
                 aliases.insert(from, ctx.trace_id, now);
             }
@@ -382,7 +402,7 @@ fn link_key(conn: &Conn, ex: &Exchange) -> Option<LinkKey> {
     }
 }
 
-fn new_conn(key: &ConnKey, comm: &str, cgroup_id: u64, tid: u32, socket: crate::capture::SocketInfo) -> Conn {
+fn new_conn(key: &ConnKey, process: Process, socket: crate::capture::SocketInfo) -> Conn {
     let (mut local, mut remote) = (socket.local, socket.remote);
     if local.is_none() || remote.is_none() {
         // The kernel side could not learn the addresses (e.g. accept4 with a
@@ -392,12 +412,6 @@ fn new_conn(key: &ConnKey, comm: &str, cgroup_id: u64, tid: u32, socket: crate::
             remote = remote.or(Some(r));
         }
     }
-    let process = Process {
-        pid: key.tgid,
-        tid,
-        comm: comm.to_owned(),
-        cgroup_id,
-    };
     Conn::new(process, local, remote)
 }
 
@@ -440,7 +454,8 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
         client,
         server,
         process: Process {
-            tid: request.tid,
+            tid: request.thread.tid,
+            thread: request.thread.comm.to_string_lossy(),
             ..conn.process.clone()
         },
         peer_comm: None,

@@ -25,9 +25,16 @@ pub struct Segment {
     /// Bytes the syscall moved (at least `payload.len()`).
     pub len: u64,
     pub ktime_ns: u64,
-    pub tid: u32,
+    pub thread: Thread,
     /// The context the kernel chose, if these bytes start a request.
     pub ctx: Option<KernelCtx>,
+}
+
+/// The thread that made a syscall: its id and its name (comm) then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thread {
+    pub tid: u32,
+    pub comm: crate::capture::event::Comm,
 }
 
 /// A connection's parser and matcher: one value per connection.
@@ -64,7 +71,8 @@ pub fn detect(first: &[u8], direction: Direction) -> Box<dyn Protocol> {
 pub struct Request {
     pub head: Box<Head>,
     pub kind: SpanKind,
-    pub tid: u32,
+    /// The thread that sent or received the request head.
+    pub thread: Thread,
     /// What both sides of the connection call this request: its index
     /// (HTTP/1) or stream id (HTTP/2). Same-node linking keys on it.
     pub seq: u64,

@@ -17,7 +17,8 @@ pub enum Value {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
     pub capture_query: bool,
-    /// Add `process.*` attributes (console; OTLP carries them in the resource).
+    /// Add `process.*` attributes (console; OTLP carries them in the
+    /// resource). `thread.*` are always added: they differ per span.
     pub process: bool,
 }
 
@@ -115,10 +116,14 @@ pub fn of(span: &Span, opts: Options) -> Attributes {
             put("rpc.grpc.status_code", Value::Int(i64::from(code)));
         }
     }
+    // Per span, not per process: the resource cannot carry the thread.
+    put("thread.id", Value::Int(i64::from(span.process.tid)));
+    if !span.process.thread.is_empty() {
+        put("thread.name", s(span.process.thread.clone()));
+    }
     if opts.process {
-        put("thread.id", Value::Int(i64::from(span.process.tid)));
         put("process.pid", Value::Int(i64::from(span.process.pid)));
-        put("process.executable.name", s(span.process.comm.clone()));
+        put("process.executable.name", s(&*span.process.executable));
     }
     if span.truncated {
         put("meshless.capture.truncated", Value::Bool(true));

@@ -63,7 +63,7 @@ pub fn to_human(span: &Span) -> String {
         kind = span.kind.as_str(),
         method = crate::http::cut(&span.method, 64),
         target = crate::http::cut(span.path(), 1024),
-        comm = span.process.comm,
+        comm = span.process.name,
         pid = span.process.pid,
         client = addr(span.client),
         server = addr(span.server),

@@ -1,7 +1,7 @@
 //! The OpenTelemetry resource of each traced workload. One agent exports
 //! spans for many services, so each span carries its own process's
 //! resource, never the agent's.
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::Resource;
@@ -21,13 +21,15 @@ pub struct Resources {
     node_name: Option<String>,
 }
 
-/// Identifies a workload for grouping spans by resource: (pid, exe, pod uid).
-pub type WorkloadKey = (u32, String, String);
+/// Identifies a workload for grouping spans by resource: (pid, process
+/// name, executable, pod uid).
+pub type WorkloadKey = (u32, Arc<str>, Arc<str>, String);
 
 /// The resource key of a span.
 pub fn key_of(span: &Span) -> WorkloadKey {
     let uid = span.k8s.as_ref().map(|k| k.pod.uid.clone()).unwrap_or_default();
-    (span.process.pid, span.process.comm.clone(), uid)
+    let p = &span.process;
+    (p.pid, p.name.clone(), p.executable.clone(), uid)
 }
 
 impl Resources {
@@ -45,20 +47,27 @@ impl Resources {
         }
     }
 
-    /// `service.name` of a process: a configured rename, else its executable name.
-    pub fn service_name(&self, comm: &str) -> String {
-        self.service_names.get(comm).cloned().unwrap_or_else(|| comm.to_owned())
+    /// `service.name` of a process by its name: a configured rename, else
+    /// the name itself.
+    pub fn service_name(&self, name: &str) -> String {
+        self.service_names.get(name).cloned().unwrap_or_else(|| name.to_owned())
     }
 
     /// `service.name` of a span's workload: a configured rename of the
-    /// executable, else the pod's app label / workload, else the executable.
+    /// process (by name, else by executable), else the pod's app label /
+    /// workload, else the process's name.
     pub fn service_of(&self, span: &Span) -> String {
-        if let Some(name) = self.service_names.get(&span.process.comm) {
+        let p = &span.process;
+        let renamed = self
+            .service_names
+            .get(&*p.name)
+            .or_else(|| self.service_names.get(&*p.executable));
+        if let Some(name) = renamed {
             return name.clone();
         }
         span.k8s
             .as_ref()
-            .map_or_else(|| span.process.comm.clone(), |k| k.pod.service_name())
+            .map_or_else(|| p.name.to_string(), |k| k.pod.service_name())
     }
 
     pub fn get(&mut self, span: &Span) -> Resource {
@@ -74,7 +83,7 @@ impl Resources {
             KeyValue::new("service.name", self.service_of(span)),
             KeyValue::new("host.name", self.host_name.clone()),
             KeyValue::new("process.pid", i64::from(p.pid)),
-            KeyValue::new("process.executable.name", p.comm.clone()),
+            KeyValue::new("process.executable.name", p.executable.to_string()),
         ];
         if let Some(k) = &span.k8s {
             let pod = &k.pod;

@@ -6,7 +6,7 @@ use meshless_common::Direction;
 
 use super::{Flow, Head, HttpStream, Item};
 use crate::{
-    correlate::protocol::{Exchange, Output, Protocol, Request, Response, Segment, SpanContext},
+    correlate::protocol::{Exchange, Output, Protocol, Request, Response, Segment, SpanContext, Thread},
     span::{SpanKind, Unanswered},
     trace_context::KernelCtx,
 };
@@ -135,7 +135,7 @@ impl Http1 {
             payload,
             len,
             ktime_ns: ktime,
-            tid,
+            thread,
             ctx,
         } = segment;
         let mut out = Output::default();
@@ -157,7 +157,7 @@ impl Http1 {
             self.lose_skipped(direction, skipped, &mut out);
         }
         self.stream(direction).push(payload, missing, ktime);
-        self.drain(direction, tid, ktime, &mut out);
+        self.drain(direction, thread, ktime, &mut out);
         if self.resyncing[way(direction)].is_some() {
             self.resyncing[way(direction)] = self.stream(direction).desynced().then_some(ktime);
         }
@@ -243,7 +243,7 @@ impl Http1 {
         }
     }
 
-    fn drain(&mut self, direction: Direction, tid: u32, ktime: u64, out: &mut Output) {
+    fn drain(&mut self, direction: Direction, thread: Thread, ktime: u64, out: &mut Output) {
         let other = match direction {
             Direction::Ingress => Direction::Egress,
             Direction::Egress => Direction::Ingress,
@@ -269,7 +269,7 @@ impl Http1 {
                 }
                 (Item::Gap { ktime_ns }, Some(Flow::Responses)) => self.lose_responses(ktime_ns, true, out),
                 (Item::Gap { ktime_ns }, _) => self.lose_requests(ktime_ns, out),
-                (Item::Head(head), Some(Flow::Requests)) => self.request_head(direction, head, tid, out),
+                (Item::Head(head), Some(Flow::Requests)) => self.request_head(direction, head, thread, out),
                 (Item::Head(head), _) => self.response_head(direction, head, ktime, out),
                 (Item::End { ktime_ns }, Some(Flow::Responses)) => self.finish_response(ktime_ns, out),
                 (Item::End { ktime_ns }, _) => self.last_request_end_ns = ktime_ns,
@@ -362,7 +362,7 @@ impl Http1 {
         head.at_segment_start.then_some(ctx)
     }
 
-    fn request_head(&mut self, direction: Direction, head: Box<Head>, tid: u32, out: &mut Output) {
+    fn request_head(&mut self, direction: Direction, head: Box<Head>, thread: Thread, out: &mut Output) {
         let kind = match direction {
             Direction::Ingress => SpanKind::Server,
             Direction::Egress => SpanKind::Client,
@@ -423,7 +423,7 @@ impl Http1 {
         self.pending.push_back(Request {
             head,
             kind,
-            tid,
+            thread,
             seq,
             ctx,
             version,

@@ -10,7 +10,7 @@ use super::{
     hpack::{Block, Field},
 };
 use crate::{
-    correlate::protocol::{Exchange, Output, Protocol, Request, Response, Segment, SpanContext},
+    correlate::protocol::{Exchange, Output, Protocol, Request, Response, Segment, SpanContext, Thread},
     http::{Head, HeadKind},
     span::{SpanKind, Unanswered},
 };
@@ -115,14 +115,14 @@ impl Http2 {
         }
     }
 
-    fn frame(&mut self, direction: Direction, frame: Frame, tid: u32, out: &mut Output) {
+    fn frame(&mut self, direction: Direction, frame: Frame, thread: Thread, out: &mut Output) {
         match frame {
             Frame::Headers {
                 stream,
                 block,
                 end_stream,
                 ktime_ns,
-            } => self.headers(direction, stream, block, end_stream, ktime_ns, tid, out),
+            } => self.headers(direction, stream, block, end_stream, ktime_ns, thread, out),
             Frame::DataEnd { stream, ktime_ns } => {
                 if Some(direction) != self.requests {
                     self.finish(stream, ktime_ns, None, out);
@@ -152,7 +152,7 @@ impl Http2 {
         block: Option<Block>,
         end_stream: bool,
         ktime_ns: u64,
-        tid: u32,
+        thread: Thread,
         out: &mut Output,
     ) {
         let says_request = block
@@ -167,7 +167,7 @@ impl Http2 {
         let is_request = says_request || (!says_response && self.requests == Some(direction));
         if is_request {
             if !self.streams.contains_key(&stream) {
-                self.request(direction, stream, block, ktime_ns, tid, out);
+                self.request(direction, stream, block, ktime_ns, thread, out);
             }
             return;
         }
@@ -199,7 +199,7 @@ impl Http2 {
         stream: u32,
         block: Option<Block>,
         ktime_ns: u64,
-        tid: u32,
+        thread: Thread,
         out: &mut Output,
     ) {
         let kind = match direction {
@@ -222,7 +222,7 @@ impl Http2 {
         let request = Request {
             head: Box::new(head),
             kind,
-            tid,
+            thread,
             seq,
             ctx,
             version: "2",
@@ -304,7 +304,7 @@ impl Protocol for Http2 {
         self.way(segment.direction)
             .push(&segment.payload, missing, segment.ktime_ns, &mut frames);
         for frame in frames {
-            self.frame(segment.direction, frame, segment.tid, &mut out);
+            self.frame(segment.direction, frame, segment.thread, &mut out);
         }
         self.absorb_faults(&mut out);
         out

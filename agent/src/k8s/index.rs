@@ -446,7 +446,9 @@ mod tests {
             process: crate::span::Process {
                 pid: u32::MAX,
                 tid: 1,
-                comm: "app".into(),
+                name: "app".into(),
+                executable: "app".into(),
+                thread: String::new(),
                 cgroup_id,
             },
             peer_comm: None,
