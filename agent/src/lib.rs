@@ -23,4 +23,5 @@ pub mod route;
 pub mod sockets;
 pub mod span;
 pub mod stats;
+pub mod tls;
 pub mod trace_context;

@@ -45,6 +45,7 @@ pub mod env {
     pub const NAMESPACES: &str = "MESHLESS_NAMESPACES";
     pub const EXCLUDE_NAMESPACES: &str = "MESHLESS_EXCLUDE_NAMESPACES";
     pub const PROPAGATION: &str = "MESHLESS_PROPAGATION";
+    pub const TLS: &str = "MESHLESS_TLS";
     pub const CGROUP: &str = "MESHLESS_CGROUP";
 }
 
@@ -231,6 +232,11 @@ pub struct Config {
     #[arg(long, value_enum, env = env::PROPAGATION, default_value = "tcp-options", help_heading = "Trace context")]
     pub propagation: Propagation,
 
+    /// Trace HTTPS by reading plaintext at OpenSSL (`libssl.so.*`) with
+    /// uprobes: `on` (default) or `off` (TLS connections give no spans).
+    #[arg(long, value_enum, env = env::TLS, default_value = "on")]
+    pub tls: OnOff,
+
     /// Trace only processes in this cgroup2 subtree (absolute path, e.g.
     /// /sys/fs/cgroup/kubepods.slice, or relative to the cgroup2 mount).
     /// The TCP-option program is attached there too. Default: everything.
@@ -266,6 +272,12 @@ impl Config {
             ),
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 /// Trace-context propagation between nodes.

@@ -398,7 +398,9 @@ fn new_conn(key: &ConnKey, comm: &str, cgroup_id: u64, tid: u32, socket: crate::
         comm: comm.to_owned(),
         cgroup_id,
     };
-    Conn::new(process, local, remote)
+    let mut conn = Conn::new(process, local, remote);
+    conn.tls = socket.tls;
+    conn
 }
 
 fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) -> Span {
@@ -436,6 +438,7 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
         target,
         status_code: response.head().and_then(|h| h.status()),
         protocol_version: request.version,
+        tls: conn.tls,
         rpc,
         client,
         server,
