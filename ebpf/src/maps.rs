@@ -366,6 +366,11 @@ pub static TLS_CALLS: HashMap<u64, TlsCall> = HashMap::with_max_entries(16384, 0
 #[map(name = "TLS_FDS")]
 pub static TLS_FDS: LruHashMap<GoKey, u32> = LruHashMap::with_max_entries(16384, 0);
 
+/// The finished SSL call being emitted, as syscall arguments (per CPU: the
+/// BPF stack is too small for it next to the emitting code).
+#[map(name = "TLS_ARGS")]
+pub static TLS_ARGS: PerCpuArray<Args> = PerCpuArray::with_max_entries(1, 0);
+
 /// Slot 0: `meshless_tls_server_ctx` (like `SERVER_CTX`, for uprobes: a
 /// tail call stays within one program type).
 #[map(name = "TLS_SERVER_CTX")]

@@ -21,10 +21,7 @@ use crate::{
     capture::{emit_data, emit_held, known_addrs},
     context::{client_request, starts_request},
     follow::tracked_conn,
-    maps::{
-        Args, BUF_PLAIN, CONNS, FOLLOW, GoKey, TLS_CALLS, TLS_COUNTERS, TLS_FDS, TLS_NO_FD, TLS_SERVER_CTX, TlsCall,
-        conn_key,
-    },
+    maps::{BUF_PLAIN, CONNS, FOLLOW, GoKey, TLS_ARGS, TLS_CALLS, TLS_COUNTERS, TLS_FDS, TLS_NO_FD, TLS_SERVER_CTX, TlsCall, conn_key},
 };
 
 fn tls_count(counter: TlsCounter) {
@@ -113,69 +110,76 @@ fn known_fd(tgid: u32, ssl: u64) -> u32 {
     unsafe { TLS_FDS.get(&key) }.copied().unwrap_or(TLS_NO_FD)
 }
 
+/// Bytes a finished SSL call moved (0: none or failed).
+#[inline(always)]
+fn moved(ctx: &RetProbeContext, ex: bool, len_ptr: u64) -> u64 {
+    // SAFETY: the context of a uretprobe is the user pt_regs.
+    let ret = unsafe { (*ctx.regs).rax } as i64;
+    if !ex {
+        return if ret > 0 { ret as u64 } else { 0 };
+    }
+    if ret != 1 {
+        return 0;
+    }
+    // SAFETY: user pointer read through the checked helper.
+    unsafe { bpf_probe_read_user(len_ptr as *const u64) }.unwrap_or(0)
+}
+
+/// The socket of an SSL call: the fd its syscalls named (remembered for
+/// the `SSL *`), else the one remembered, else `TLS_NO_FD`.
+#[inline(never)]
+fn call_fd(tgid: u32, ssl: u64, seen: u32) -> u32 {
+    if seen == TLS_NO_FD {
+        return known_fd(tgid, ssl);
+    }
+    let key = GoKey { tgid, _pad: 0, ptr: ssl };
+    let _ = TLS_FDS.insert(&key, &seen, 0);
+    seen
+}
+
 /// Emits the plaintext of a finished SSL call as a Data event of its socket.
+/// (The call is read in place, not copied: the stack is shared with the
+/// emitting code below, and the BPF stack limit is 512 bytes.)
 #[inline(always)]
 fn leave(ctx: &RetProbeContext, ex: bool) -> u32 {
     let Some((id, tgid, tid)) = current() else {
         return 0;
     };
-    // SAFETY: copied out before the entry is removed.
-    let Some(call) = (unsafe { TLS_CALLS.get(&id) }).copied() else {
+    // SAFETY: map values stay valid for the program's run.
+    let Some(call) = (unsafe { TLS_CALLS.get(&id) }) else {
         return 0;
     };
+    let n = moved(ctx, ex, call.len_ptr);
+    let fd = if n == 0 { TLS_NO_FD } else { call_fd(tgid, call.ssl, call.fd) };
+    let Some(args) = TLS_ARGS.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch, used by one program at a time on this CPU.
+    let args = unsafe { &mut *args };
+    let ingress = call.direction == Direction::Ingress as u32;
+    args.ptr = call.buf;
+    args.count = n;
+    args.fd = fd;
+    args.layout = BUF_PLAIN;
+    args.syscall = if ingress { Syscall::Read } else { Syscall::Write } as u32;
+    args.direction = call.direction;
+    args.ctx = call.ctx;
     let _ = TLS_CALLS.remove(&id);
-    // SAFETY: the context of a uretprobe is the user pt_regs.
-    let ret = unsafe { (*ctx.regs).rax } as i64;
-    let n = if ex {
-        if ret != 1 {
-            return 0;
-        }
-        // SAFETY: user pointer read through the checked helper.
-        match unsafe { bpf_probe_read_user(call.len_ptr as *const u64) } {
-            Ok(n) => n,
-            Err(_) => return 0,
-        }
-    } else if ret > 0 {
-        ret as u64
-    } else {
-        return 0;
-    };
     if n == 0 {
         return 0;
     }
     tls_count(TlsCounter::Calls);
-    let skey = GoKey {
-        tgid,
-        _pad: 0,
-        ptr: call.ssl,
-    };
-    let fd = if call.fd != TLS_NO_FD {
-        let _ = TLS_FDS.insert(&skey, &call.fd, 0);
-        call.fd
-    } else {
-        known_fd(tgid, call.ssl)
-    };
     if fd == TLS_NO_FD {
         tls_count(TlsCounter::NoSocket);
         return 0;
     }
-    let ingress = call.direction == Direction::Ingress as u32;
-    let args = Args {
-        ptr: call.buf,
-        count: n,
-        fd,
-        layout: BUF_PLAIN,
-        syscall: if ingress { Syscall::Read } else { Syscall::Write } as u32,
-        direction: call.direction,
-        ctx: call.ctx,
-    };
     let key = conn_key(tgid, fd);
     let Some(f) = FOLLOW.get_ptr_mut(0) else {
         return 0;
     };
     // SAFETY: per-CPU scratch, used by one program at a time on this CPU.
     let f = unsafe { &mut *f };
-    if !tracked_conn(key, &args, n as usize, true, f) {
+    if !tracked_conn(key, args, n as usize, true, f) {
         return 0;
     }
     if f.state.flags & FLAG_TLS == 0 {
@@ -187,11 +191,11 @@ fn leave(ctx: &RetProbeContext, ex: bool) -> u32 {
     }
     let mut flags = f.flags;
     if f.has_held != 0 {
-        emit_held(tgid, tid, &args, &f.held, &f.state, flags);
+        emit_held(tgid, tid, args, &f.held, &f.state, flags);
         flags &= !FLAG_NEW_CONN;
     }
     tls_count(TlsCounter::Events);
-    emit_data(ctx, &TLS_SERVER_CTX, id, &args, n as usize, &f.state, flags);
+    emit_data(ctx, &TLS_SERVER_CTX, id, args, n as usize, &f.state, flags);
     0
 }
 
