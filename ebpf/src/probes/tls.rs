@@ -79,6 +79,8 @@ fn enter(ctx: &ProbeContext, direction: Direction, ex: bool) -> u32 {
         ktime_ns: unsafe { bpf_ktime_get_ns() },
         ctx: TraceCtx::default(),
     };
+    // `num` is a C int for SSL_write (upper half of RDX undefined).
+    let num = if ex { num } else { num as u32 as u64 };
     if direction == Direction::Egress && num >= 8 {
         // A request written here gets its context now, like a plaintext
         // write at sys_enter (before its bytes leave).
@@ -113,8 +115,10 @@ fn known_fd(tgid: u32, ssl: u64) -> u32 {
 /// Bytes a finished SSL call moved (0: none or failed).
 #[inline(always)]
 fn moved(ctx: &RetProbeContext, ex: bool, len_ptr: u64) -> u64 {
+    // The functions return a C int: only EAX is defined (-1 arrives as
+    // 0xffffffff with the upper half clear, nginx's WANT_READ).
     // SAFETY: the context of a uretprobe is the user pt_regs.
-    let ret = unsafe { (*ctx.regs).rax } as i64;
+    let ret = unsafe { (*ctx.regs).rax } as u32 as i32;
     if !ex {
         return if ret > 0 { ret as u64 } else { 0 };
     }
