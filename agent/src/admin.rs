@@ -1,4 +1,5 @@
-//! The admin server: Prometheus `/metrics`, `/healthz` and `/readyz`.
+//! The admin server: Prometheus `/metrics`, `/healthz` and `/readyz`, and
+//! with `--ui` the live map and trace view (`/`, `/api/*`, see [`crate::ui`]).
 //!
 //! `/healthz` fails (503, with the reason) when a supervised stage died or
 //! stalled ([`crate::health`]): a liveness probe then restarts the agent.
@@ -28,6 +29,7 @@ pub async fn bind(
     prometheus: Arc<Prometheus>,
     ready: Ready,
     health: Health,
+    ui: Option<Router>,
 ) -> Result<(SocketAddr, impl std::future::Future<Output = ()>), AdminError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -39,6 +41,10 @@ pub async fn bind(
         .route("/healthz", get(move || async move { healthz(&h) }))
         .route("/readyz", get(move || async move { readyz(&ready, &health) }))
         .with_state(prometheus);
+    let app = match ui {
+        Some(ui) => app.merge(ui),
+        None => app,
+    };
     let serve = async move {
         if let Err(error) = axum::serve(listener, app).await {
             tracing::warn!(%error, "admin server stopped");

@@ -103,8 +103,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             )
         })
         .transpose()?;
+    let live = config
+        .ui_enabled(node.is_some())
+        .then(|| crate::ui::Live::new((config.memory_limit / 32) as usize, config.capture_query));
     let admin = match config.metrics_addr.0 {
-        Some(addr) => Some(admin::bind(addr, prometheus.clone(), ready.clone(), health.clone()).await?),
+        Some(addr) => Some(
+            admin::bind(
+                addr,
+                prometheus.clone(),
+                ready.clone(),
+                health.clone(),
+                live.clone().map(crate::ui::api::router),
+            )
+            .await?,
+        ),
         None => None,
     };
 
@@ -150,6 +162,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let metrics_at = admin.as_ref().map_or_else(|| "off".to_owned(), |(a, _)| a.to_string());
+    let ui_at = live.as_ref().and(admin.as_ref()).map(|(a, _)| browsable(*a));
     if let Some((_, serve)) = admin {
         tokio::spawn(serve);
     }
@@ -222,6 +235,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         stats: stats.clone(),
         k8s,
         ready,
+        live,
     };
     let mut correlator = Correlator::new(limits, settings.headers.clone(), stats.clone());
     if let Some(tx) = classify {
@@ -245,6 +259,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         scope = %scope.path.display(),
         "meshless ready: tracing HTTP/1.x on every socket (Ctrl-C to stop)"
     );
+    if let Some(addr) = ui_at {
+        info!("live service map and traces: http://{addr}/");
+    }
 
     let report_every = Duration::from_secs(config.stats_interval_secs);
     let mut terminate =
@@ -339,6 +356,8 @@ struct Router {
     stats: Arc<Stats>,
     k8s: Option<Index>,
     ready: admin::Ready,
+    /// The live map and trace view (`--ui`).
+    live: Option<crate::ui::Live>,
 }
 
 impl Router {
@@ -370,7 +389,13 @@ impl Router {
             if let Some(m) = &self.otlp_metrics {
                 m.record(&span, &service);
             }
+            if let Some(live) = &self.live {
+                live.observe(&span, &peers);
+            }
             if self.sampler.sample(&span) {
+                if let Some(live) = &self.live {
+                    live.keep(&span, &service, &peers);
+                }
                 kept.push(span);
             } else {
                 Stats::inc(&self.stats.spans_sampled_out);
@@ -570,5 +595,14 @@ impl Supervisor {
             error!(problems = %now.join("; "), "a pipeline stage failed: /healthz reports unhealthy");
         }
         self.last = now;
+    }
+}
+
+/// An address a browser on this machine can open (0.0.0.0 → 127.0.0.1).
+fn browsable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match addr.ip() {
+        ip if ip.is_unspecified() && addr.is_ipv4() => (std::net::Ipv4Addr::LOCALHOST, addr.port()).into(),
+        ip if ip.is_unspecified() => (std::net::Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
     }
 }

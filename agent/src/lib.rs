@@ -25,3 +25,4 @@ pub mod span;
 pub mod stats;
 pub mod tls;
 pub mod trace_context;
+pub mod ui;

@@ -455,7 +455,17 @@ fn a_request_read_byte_by_byte_beside_another_never_links_its_call_to_the_other(
     for i in 0..ROUNDS {
         let mut a = spawn(client.cmd(
             "curl",
-            &["-s", "-o", "/dev/null", "--retry", "20", "--retry-connrefused", "--retry-delay", "1", &url(i, "a")],
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "--retry",
+                "20",
+                "--retry-connrefused",
+                "--retry-delay",
+                "1",
+                &url(i, "a"),
+            ],
         ));
         std::thread::sleep(Duration::from_millis(400));
         let code = run(client.cmd("curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &url(i, "b")]));
@@ -486,7 +496,10 @@ fn a_request_read_byte_by_byte_beside_another_never_links_its_call_to_the_other(
         wrong += usize::from(call("a").is_child_of(b));
         c_linked += usize::from(call("c").is_child_of(server("c")));
     }
-    assert_eq!(wrong, 0, "calls for byte-by-byte requests linked to the other request\n{report}");
+    assert_eq!(
+        wrong, 0,
+        "calls for byte-by-byte requests linked to the other request\n{report}"
+    );
     assert!(
         c_linked == ROUNDS,
         "the call of the one request in flight afterwards links to it: {c_linked} of {ROUNDS}\n{report}"

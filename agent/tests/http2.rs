@@ -130,3 +130,87 @@ fn curl_with_prior_knowledge_gives_an_h2_span_pair() {
     let comms: HashSet<&str> = spans.iter().map(|s| attr_str(s, "process.executable.name")).collect();
     assert_eq!(comms, HashSet::from(["curl", "nginx"]));
 }
+
+/// An agent started while an HTTP/2 connection is open (its preface and
+/// the HPACK dynamic tables built before the agent) follows the
+/// connection from its next request on: static-table and literal fields
+/// are read, references into the tables it never saw stay unknown (the
+/// span says so), and no span ever carries another request's path.
+#[test]
+fn an_agent_started_on_an_open_h2c_connection_traces_it_without_a_wrong_path() {
+    use std::io::{BufRead, BufReader, Write};
+    let _serial = serial();
+    let pods = PodPair::new();
+    let scratch = Scratch::new("nginx-h2c-mid");
+    let _nginx = start_nginx_h2c(&pods.b, &pods.ip_b, &scratch.0);
+    wait_port(&pods.a, &pods.ip_b, PORT);
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/h2/session.js");
+    let mut node = PodPair::cmd(&pods.a, "node");
+    node.args([
+        script.to_str().expect("utf-8 path"),
+        &format!("http://{}:{PORT}", pods.ip_b),
+    ]);
+    let mut node = Proc(
+        node.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn node"),
+    );
+    let mut out = BufReader::new(node.0.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("node says ready");
+    assert_eq!(line.trim(), "ready", "the session's first requests worked");
+
+    let agent = Agent::start();
+    writeln!(node.0.stdin.as_mut().expect("stdin")).expect("go on");
+    line.clear();
+    out.read_line(&mut line).expect("node says done");
+    assert_eq!(line.trim(), "done", "the session's later requests worked");
+
+    // 6 requests after the agent started; both ends traced.
+    let spans = agent.collect(to_server(&pods.ip_b, PORT), 12, Duration::from_secs(15));
+    let sent = [
+        "/ok/repeat",
+        "/ok/repeat-post",
+        "/ok/after-0",
+        "/ok/after-1",
+        "/ok/after-2",
+    ];
+    for side in ["SERVER", "CLIENT"] {
+        let mine: Vec<_> = spans.iter().filter(|s| kind(s) == side).collect();
+        let paths: Vec<&str> = mine.iter().map(|s| attr_str(s, "url.path")).collect();
+        let unknown = mine.iter().filter(|s| attr_str(s, "url.path").is_empty());
+        assert!(
+            paths.iter().all(|p| p.is_empty() || sent.contains(p)),
+            "{side}: a path never sent: {paths:?}"
+        );
+        assert!(
+            unknown.clone().all(|s| attr(s, "meshless.capture.truncated") == true),
+            "{side}: a span with an unknown path says it is incomplete"
+        );
+        for i in 0..3 {
+            let p = format!("/ok/after-{i}");
+            let after: Vec<_> = mine.iter().filter(|s| attr_str(s, "url.path") == p).collect();
+            assert!(
+                after.len() == 1
+                    && attr_str(after[0], "http.request.method") == "GET"
+                    && attr_u64(after[0], "http.response.status_code") == 200,
+                "{side}: {p} traced once, right: {after:#?}\nall paths: {paths:?}"
+            );
+        }
+        for s in &mine {
+            let method = attr_str(s, "http.request.method");
+            let expected = if attr_str(s, "url.path") == "/ok/repeat-post" {
+                "POST"
+            } else {
+                "GET"
+            };
+            assert!(
+                attr_str(s, "url.path").is_empty() || method == expected,
+                "{side}: {} with method {method}",
+                attr_str(s, "url.path")
+            );
+        }
+        assert!(mine.len() <= 6, "{side}: at most one span per request: {paths:?}");
+    }
+}

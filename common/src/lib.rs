@@ -158,7 +158,7 @@ pub const TRACE_OPT_LEN: usize = 28;
 /// kernel side can bound lengths with a mask the verifier understands.
 pub const MAX_CAPTURE: usize = 2048;
 /// How many iovecs of a readv/writev/sendmsg/recvmsg are copied at most.
-pub const MAX_IOVECS: usize = 4;
+pub const MAX_IOVECS: usize = 64;
 
 /// What an event says happened.
 #[repr(u32)]

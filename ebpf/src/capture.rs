@@ -1,14 +1,17 @@
 //! Copying payload prefixes of followed connections into ring-buffer events.
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user, generated},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user, generated,
+        generated::bpf_loop,
+    },
 };
 use meshless_common::{
     ConnAddrs, Counter, Direction, EventKind, FLAG_ACCEPTED, FLAG_CONTINUATION, FLAG_HTTP2, FLAG_NEW_CONN, FLAG_TRUNCATED, HEADER_SIZE,
     MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS, TraceCtx,
 };
 
-use aya_ebpf::{EbpfContext, maps::ProgramArray};
+use aya_ebpf::{EbpfContext, cty::c_void, maps::ProgramArray};
 
 use crate::{
     context,
@@ -95,65 +98,80 @@ fn copy_payload(buf: *mut u8, args: &Args, total: usize) -> usize {
         }
         return want;
     }
-    let mut off = 0usize;
-    for i in 0..MAX_IOVECS {
-        if i as u64 >= cnt || off >= want {
-            break;
-        }
-        // SAFETY: user pointer read through the checked helper.
-        let Ok(iov) = (unsafe { bpf_probe_read_user((ptr as *const IoVec).wrapping_add(i)) }) else {
-            break;
-        };
-        let room = want - off;
-        let n = if iov.len as usize > room {
-            room
-        } else {
-            iov.len as usize
-        };
-        // `off < MAX_CAPTURE` and `n <= MAX_CAPTURE`: in bounds of the 2x buffer.
-        let dst = buf.wrapping_add(off & (MAX_CAPTURE - 1));
-        if read_user(dst, iov.base, n).is_err() {
-            count(Counter::ReadUserFailed);
-            break;
-        }
-        off += n;
-    }
-    off
+    copy_iovecs_from(ptr, cnt, 0, want)
 }
 
-/// Copies up to `want` (<= MAX_CAPTURE) bytes that start `skip` bytes into
-/// the data of the iovecs at `ptr` (HTTP/2 frames batched by writev);
-/// returns the number of bytes copied.
+/// State of an iovec walk, shared with the bpf_loop callback (lives on
+/// the caller's stack).
+#[repr(C)]
+struct IovWalk {
+    /// The user's iovec array and its length.
+    ptr: u64,
+    cnt: u64,
+    /// Data bytes still to pass over before copying starts.
+    skip: u64,
+    /// Bytes copied so far (offset into the scratch event's data).
+    off: u64,
+    /// Bytes wanted in all (<= MAX_CAPTURE).
+    want: u64,
+}
+
+/// Copies into the scratch event up to `want` (<= MAX_CAPTURE) bytes that
+/// start `skip` bytes into the data of the iovecs at `ptr`; returns the
+/// number of bytes copied. The walk runs in a bpf_loop callback, so the
+/// verifier checks one iovec's copy once whatever MAX_IOVECS is: gRPC
+/// C-core writes a HEADERS frame as dozens of tiny iovecs.
 #[inline(never)]
-fn copy_iovecs_from(buf: *mut u8, ptr: u64, cnt: u64, skip: usize, want: usize) -> usize {
-    let mut skip = skip;
-    let mut off = 0usize;
-    for i in 0..MAX_IOVECS {
-        if i as u64 >= cnt || off >= want || want > MAX_CAPTURE {
-            break;
-        }
-        // SAFETY: user pointer read through the checked helper.
-        let Ok(iov) = (unsafe { bpf_probe_read_user((ptr as *const IoVec).wrapping_add(i)) }) else {
-            break;
-        };
-        let len = iov.len as usize;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let avail = len - skip;
-        let room = want - off;
-        let n = if avail > room { room } else { avail };
-        // `off < MAX_CAPTURE` and `n <= MAX_CAPTURE`: in bounds of the 2x buffer.
-        let dst = buf.wrapping_add(off & (MAX_CAPTURE - 1));
-        if read_user(dst, iov.base + skip as u64, n).is_err() {
-            count(Counter::ReadUserFailed);
-            break;
-        }
-        skip = 0;
-        off += n;
+fn copy_iovecs_from(ptr: u64, cnt: u64, skip: usize, want: usize) -> usize {
+    let want = if want > MAX_CAPTURE { MAX_CAPTURE } else { want };
+    let mut walk = IovWalk {
+        ptr,
+        cnt,
+        skip: skip as u64,
+        off: 0,
+        want: want as u64,
+    };
+    let iters = if cnt < MAX_IOVECS as u64 { cnt as u32 } else { MAX_IOVECS as u32 };
+    // SAFETY: the callback is a static BPF function; the context is this
+    // stack slot, valid for the whole call.
+    unsafe {
+        bpf_loop(iters, copy_iovec as *mut c_void, (&mut walk as *mut IovWalk).cast(), 0);
     }
-    off
+    (walk.off as usize) & (MAX_CAPTURE * 2 - 1)
+}
+
+/// One iovec of a walk (index `i`); returns 1 to stop.
+#[inline(never)]
+extern "C" fn copy_iovec(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the `IovWalk` given to it.
+    let walk = unsafe { &mut *(ctx as *mut IovWalk) };
+    if i >= walk.cnt || walk.off >= walk.want {
+        return 1;
+    }
+    // SAFETY: user pointer read through the checked helper.
+    let Ok(iov) = (unsafe { bpf_probe_read_user((walk.ptr as *const IoVec).wrapping_add(i as usize)) }) else {
+        return 1;
+    };
+    if walk.skip >= iov.len {
+        walk.skip -= iov.len;
+        return 0;
+    }
+    let avail = iov.len - walk.skip;
+    let room = walk.want - walk.off;
+    let n = if avail > room { room } else { avail };
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // `off < MAX_CAPTURE` and `n <= MAX_CAPTURE`: in bounds of the 2x buffer.
+    // SAFETY: per-CPU scratch of this program.
+    let dst = unsafe { (*ev).data.as_mut_ptr() }.wrapping_add(walk.off as usize & (MAX_CAPTURE - 1));
+    if read_user(dst, iov.base + walk.skip, n as usize).is_err() {
+        count(Counter::ReadUserFailed);
+        return 1;
+    }
+    walk.skip = 0;
+    walk.off += n;
+    0
 }
 
 fn read_user(dst: *mut u8, src: u64, len: usize) -> Result<(), i64> {
@@ -306,7 +324,7 @@ fn emit_continuation(ev: &mut crate::maps::EventBuf) {
         let want = if rest > MAX_CAPTURE { MAX_CAPTURE } else { rest };
         let last = off + MAX_CAPTURE >= MAX_CAPTURE + MAX_CONTINUATION || rest <= MAX_CAPTURE;
         let got = if !plain {
-            copy_iovecs_from(ev.data.as_mut_ptr(), ptr, iov_count, off, want)
+            copy_iovecs_from(ptr, iov_count, off, want)
         } else if read_user(ev.data.as_mut_ptr(), ptr + off as u64, want).is_ok() {
             want
         } else {

@@ -8,7 +8,8 @@
 //! fully; this only keeps the kernel from following streams that are
 //! certainly not HTTP. The HTTP/2 client preface ("PRI * HTTP/2.0") passes
 //! as a request line; [`is_h2_preface`] marks such connections so their
-//! frames are captured past the first MAX_CAPTURE bytes of a syscall.
+//! frames are captured past the first MAX_CAPTURE bytes of a syscall, and
+//! [`is_h2_headers`] finds HTTP/2 connections that were open before.
 use aya_ebpf::helpers::generated;
 
 /// Bytes of a stream the detector looks at (and the look-ahead holds).
@@ -134,6 +135,28 @@ const H2_PREFACE: [u8; WINDOW] = *b"PRI * HTTP/2.0\r\n";
 #[inline(always)]
 pub fn is_h2_preface(b: &[u8; WINDOW], n: usize) -> bool {
     n >= WINDOW && *b == H2_PREFACE
+}
+
+/// True when the bytes begin an HTTP/2 HEADERS frame (a whole header
+/// block: END_HEADERS set; only defined flags; a client-initiated stream;
+/// a length within the default maximum frame size). This is how a
+/// connection opened before the agent started (its preface long gone) is
+/// recognised: a new request's HEADERS usually starts a write. Random or
+/// TLS bytes match with odds of about one in 10^9 per syscall, and
+/// userspace still has to decode the block.
+#[inline(always)]
+pub fn is_h2_headers(b: &[u8; WINDOW], n: usize) -> bool {
+    const END_HEADERS: u8 = 0x4;
+    const DEFINED: u8 = 0x1 | END_HEADERS | 0x8 | 0x20;
+    let len = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+    n >= 10
+        && b[3] == 1
+        && b[4] & END_HEADERS != 0
+        && b[4] & !DEFINED == 0
+        && b[5] & 0x80 == 0
+        && b[8] & 1 == 1
+        && len > 0
+        && len <= 16384
 }
 
 /// "HTTP/1." at `s`: Response; a proper prefix of it: NeedMore.

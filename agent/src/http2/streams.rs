@@ -128,7 +128,7 @@ impl Http2 {
                     self.finish(stream, ktime_ns, None, out);
                 }
             }
-            Frame::Reset { stream, ktime_ns, .. } => self.finish(stream, ktime_ns, Some(Unanswered::Reset), out),
+            Frame::Reset { stream, code, ktime_ns } => self.reset(stream, code, ktime_ns, out),
             Frame::GoAway {
                 last_stream, ktime_ns, ..
             } => {
@@ -237,12 +237,40 @@ impl Http2 {
         );
     }
 
+    /// Ends a stream that either side reset.
+    fn reset(&mut self, stream: u32, code: u32, ktime_ns: u64, out: &mut Output) {
+        let Some(open) = self.streams.get(&stream) else {
+            return;
+        };
+        let reset = grpc::Reset {
+            code,
+            elapsed_ns: ktime_ns.saturating_sub(open.request.head.start_ktime_ns),
+        };
+        self.end(stream, ktime_ns, Some(Unanswered::Reset), Some(reset), out);
+    }
+
     /// Ends a stream: with its response when seen, else as `why`.
     fn finish(&mut self, stream: u32, ktime_ns: u64, why: Option<Unanswered>, out: &mut Output) {
+        self.end(stream, ktime_ns, why, None, out);
+    }
+
+    fn end(
+        &mut self,
+        stream: u32,
+        ktime_ns: u64,
+        why: Option<Unanswered>,
+        reset: Option<grpc::Reset>,
+        out: &mut Output,
+    ) {
         let Some(open) = self.streams.remove(&stream) else {
             return;
         };
-        let rpc = grpc::rpc(&open.request.head, open.response.as_ref(), open.trailers.as_ref());
+        let rpc = grpc::rpc(
+            &open.request.head,
+            open.response.as_ref(),
+            open.trailers.as_ref(),
+            reset,
+        );
         let response = match (open.response.as_ref().map(response_head), why) {
             (Some(Some(head)), _) => Response::Seen(Box::new(head)),
             // A response went by whose status could not be decoded.

@@ -259,6 +259,9 @@ impl Index {
             peer.namespace = Some(pod.namespace.clone());
             peer.workload = Some(pod.workload_name());
             peer.pod = Some(pod.name.clone());
+            let mut istio = pod.istio.clone();
+            istio.canonical_service.get_or_insert_with(|| pod.canonical_service());
+            peer.istio = Some(istio);
         }
         if let Some((ns, svc, pod)) = self.endpoint_by_ip.get(&ip) {
             peer.namespace.get_or_insert_with(|| ns.clone());
@@ -305,6 +308,7 @@ impl Index {
             let p = peer.get_or_insert_with(PeerK8s::default);
             p.pod = real.pod.or(p.pod.take());
             p.workload = real.workload.or(p.workload.take());
+            p.istio = real.istio.or(p.istio.take());
             p.namespace = p.namespace.take().or(real.namespace);
             p.service_fqdn = p.service_fqdn.take().or(real.service_fqdn);
         }
@@ -340,6 +344,7 @@ mod tests {
             workload: Some((super::super::WorkloadKind::Deployment, "web".into())),
             containers: vec![],
             opted_out: false,
+            istio: Default::default(),
         }
     }
 

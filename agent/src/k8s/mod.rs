@@ -54,6 +54,37 @@ pub struct PodMeta {
     pub containers: Vec<(String, String)>,
     /// Annotated `meshless.io/trace: "false"`.
     pub opted_out: bool,
+    /// The labels Istio's metrics are named by.
+    pub istio: IstioLabels,
+}
+
+/// What Istio's standard metric labels take from a pod's labels.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IstioLabels {
+    /// `app`, else `app.kubernetes.io/name` (`*_app`).
+    pub app: Option<String>,
+    /// `version`, else `app.kubernetes.io/version` (`*_version`).
+    pub version: Option<String>,
+    /// `service.istio.io/canonical-name`, else `app.kubernetes.io/name`, else `app`.
+    pub canonical_service: Option<String>,
+    /// `service.istio.io/canonical-revision`, else `app.kubernetes.io/version`, else `version`.
+    pub canonical_revision: Option<String>,
+}
+
+impl IstioLabels {
+    pub fn from_labels(labels: &std::collections::BTreeMap<String, String>) -> Self {
+        let first = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k).cloned());
+        IstioLabels {
+            app: first(&["app", "app.kubernetes.io/name"]),
+            version: first(&["version", "app.kubernetes.io/version"]),
+            canonical_service: first(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]),
+            canonical_revision: first(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ]),
+        }
+    }
 }
 
 impl PodMeta {
@@ -70,6 +101,22 @@ impl PodMeta {
         self.workload
             .as_ref()
             .map_or_else(|| self.name.clone(), |(_, n)| n.clone())
+    }
+
+    /// Istio's canonical service: the label, else the workload name.
+    pub fn canonical_service(&self) -> String {
+        self.istio
+            .canonical_service
+            .clone()
+            .unwrap_or_else(|| self.workload_name())
+    }
+
+    /// Istio's canonical revision: the label, else `latest`.
+    pub fn canonical_revision(&self) -> String {
+        self.istio
+            .canonical_revision
+            .clone()
+            .unwrap_or_else(|| "latest".to_owned())
     }
 
     pub fn container_name(&self, container_id: Option<&str>) -> Option<String> {
@@ -116,9 +163,57 @@ pub struct PeerK8s {
     pub pod: Option<String>,
     /// `<service>.<namespace>.svc.cluster.local` when the peer is behind a service.
     pub service_fqdn: Option<String>,
+    /// Istio's labels of the peer pod, when it runs on this node.
+    pub istio: Option<IstioLabels>,
 }
 
 /// The cluster-local DNS name of a service.
 pub fn fqdn(service: &str, namespace: &str) -> String {
     format!("{service}.{namespace}.svc.cluster.local")
+}
+
+/// (service, namespace) of a name made by [`fqdn`].
+pub fn split_fqdn(fqdn: &str) -> Option<(&str, &str)> {
+    fqdn.strip_suffix(".svc.cluster.local")?.split_once('.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn istio_names_come_from_istio_labels_first_then_the_recommended_labels() {
+        let l = IstioLabels::from_labels(&labels(&[
+            ("app.kubernetes.io/name", "web"),
+            ("app.kubernetes.io/version", "v2"),
+            ("service.istio.io/canonical-name", "storefront"),
+        ]));
+        assert_eq!(l.canonical_service.as_deref(), Some("storefront"));
+        assert_eq!(l.canonical_revision.as_deref(), Some("v2"));
+        assert_eq!(l.app.as_deref(), Some("web"));
+        assert_eq!(l.version.as_deref(), Some("v2"));
+    }
+
+    #[test]
+    fn without_labels_the_canonical_service_is_the_workload_and_the_revision_latest() {
+        let pod = PodMeta {
+            uid: "u".into(),
+            name: "web-5d4f8b7c9-x7k2p".into(),
+            namespace: "shop".into(),
+            node: "n".into(),
+            ips: vec![],
+            app_label: None,
+            workload: Some((WorkloadKind::Deployment, "web".into())),
+            containers: vec![],
+            opted_out: false,
+            istio: IstioLabels::default(),
+        };
+        assert_eq!(pod.canonical_service(), "web");
+        assert_eq!(pod.canonical_revision(), "latest");
+        assert_eq!(split_fqdn(&fqdn("web", "shop")), Some(("web", "shop")));
+    }
 }

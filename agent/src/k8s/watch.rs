@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use super::{
     cgroup,
     index::{Kind, Update},
-    PodMeta, ServiceMeta, SliceMeta, WorkloadKind,
+    IstioLabels, PodMeta, ServiceMeta, SliceMeta, WorkloadKind,
 };
 
 /// Annotation that keeps a pod out of tracing when set to "false".
@@ -182,6 +182,7 @@ pub fn pod_update(pod: Pod) -> Option<Update> {
         workload: workload(&pod),
         containers,
         opted_out: pod.annotations().get(OPT_OUT_ANNOTATION).is_some_and(|v| v == "false"),
+        istio: IstioLabels::from_labels(pod.labels()),
     }))
 }
 

@@ -10,7 +10,7 @@ use prometheus_client::{
 
 use super::{
     bounded::{Bounded, SeriesLimits},
-    duration_secs, Peers, ISTIO_BUCKETS, SEMCONV_BUCKETS,
+    duration_secs, Peers, ISTIO_BUCKETS, SEMCONV_BUCKETS, UNKNOWN,
 };
 use crate::{
     span::{Span, SpanKind},
@@ -108,23 +108,52 @@ impl Prometheus {
             SpanKind::Client => "source",
         };
         let flags = span.unanswered.map_or("-", |u| u.response_flags(span.kind));
+        let (src, dst) = (&peers.source, &peers.destination);
+        // Istio's standard label set, in its order and with its placeholders
+        // (no mTLS identity here: principals are unknown, and the
+        // destination reports its connection security policy as none).
         let istio = vec![
             ("reporter", reporter.to_owned()),
             ("source_workload", peers.source_workload.clone()),
             ("source_workload_namespace", peers.source_namespace.clone()),
+            ("source_principal", UNKNOWN.to_owned()),
+            ("source_app", src.app.clone()),
+            ("source_version", src.version.clone()),
+            ("source_cluster", src.cluster.clone()),
+            ("source_canonical_service", src.canonical_service.clone()),
+            ("source_canonical_revision", src.canonical_revision.clone()),
             ("destination_workload", peers.destination_workload.clone()),
             ("destination_workload_namespace", peers.destination_namespace.clone()),
+            ("destination_principal", UNKNOWN.to_owned()),
+            ("destination_app", dst.app.clone()),
+            ("destination_version", dst.version.clone()),
             ("destination_service", peers.destination_service.clone()),
+            ("destination_service_name", peers.destination_service_name.clone()),
+            (
+                "destination_service_namespace",
+                peers.destination_service_namespace.clone(),
+            ),
+            ("destination_cluster", dst.cluster.clone()),
+            ("destination_canonical_service", dst.canonical_service.clone()),
+            ("destination_canonical_revision", dst.canonical_revision.clone()),
             (
                 "request_protocol",
                 if span.rpc.is_some() { "grpc" } else { "http" }.to_owned(),
             ),
+            ("response_code", status),
             (
                 "grpc_response_status",
                 span.grpc_status().map(|c| c.to_string()).unwrap_or_default(),
             ),
-            ("response_code", status),
             ("response_flags", flags.to_owned()),
+            (
+                "connection_security_policy",
+                match span.kind {
+                    SpanKind::Server => "none",
+                    SpanKind::Client => UNKNOWN,
+                }
+                .to_owned(),
+            ),
         ];
         self.istio_requests.with(istio.clone(), |c| {
             c.inc();

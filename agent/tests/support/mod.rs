@@ -5,6 +5,8 @@
 
 pub mod chain;
 pub mod fake_k8s;
+pub mod gate;
+pub mod kube_real;
 pub mod nodes;
 pub mod otlp;
 mod pods;

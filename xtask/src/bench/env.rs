@@ -20,6 +20,9 @@ pub const SIDECAR_PORT: u16 = 15006;
 /// OTLP port of the collector: inside the server pod for Envoy, on the
 /// host's loopback for meshless (each mode gets its own rotel).
 pub const OTLP_PORT: u16 = 14317;
+/// The agent's Prometheus endpoint (host loopback), scraped for its own
+/// counters around each measured window.
+pub const AGENT_METRICS_PORT: u16 = 19464;
 
 /// A started process, killed (and reaped) on drop.
 pub struct Proc {
@@ -209,22 +212,59 @@ http {{
     Ok(p)
 }
 
+/// What an inbound sidecar fronts: the port it listens on, the app's port
+/// behind it, and whether the app speaks gRPC (HTTP/2 upstream).
+pub struct Sidecar {
+    pub listen: u16,
+    pub app: u16,
+    pub grpc: bool,
+}
+
+/// The sidecar in front of nginx.
+pub const HTTP_SIDECAR: Sidecar = Sidecar {
+    listen: SIDECAR_PORT,
+    app: APP_PORT,
+    grpc: false,
+};
+
 /// Envoy as an inbound sidecar in the server pod: HTTP connection manager,
 /// OpenTelemetry tracer sampling 100%, exporting OTLP/gRPC to the pod's rotel.
-pub fn start_envoy(envoy: &Path, dir: &Path, base_id: u32) -> Result<Proc> {
+/// For gRPC the upstream is HTTP/2 and the `grpc_stats` filter counts calls
+/// per method and status, as a gRPC-aware mesh sidecar is set up (the
+/// downstream codec is `AUTO`: h2c prior knowledge is detected).
+pub fn start_envoy(envoy: &Path, dir: &Path, base_id: u32, sidecar: &Sidecar) -> Result<Proc> {
+    let Sidecar { listen, app, grpc } = *sidecar;
+    let (grpc_filter, app_protocol) = if grpc {
+        (
+            r#"
+          - name: envoy.filters.http.grpc_stats
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig
+              emit_filter_state: true
+              stats_for_all_methods: true"#,
+            r#"
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }"#,
+        )
+    } else {
+        ("", "")
+    };
     let conf = format!(
         r#"admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: 15000 }} }}
 static_resources:
   listeners:
   - name: inbound
-    address: {{ socket_address: {{ address: 0.0.0.0, port_value: {SIDECAR_PORT} }} }}
+    address: {{ socket_address: {{ address: 0.0.0.0, port_value: {listen} }} }}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: inbound
+          codec_type: AUTO
           generate_request_id: true
           tracing:
             random_sampling: {{ value: 100 }}
@@ -243,19 +283,19 @@ static_resources:
               routes:
               - match: {{ prefix: "/" }}
                 route: {{ cluster: app }}
-          http_filters:
+          http_filters:{grpc_filter}
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:
   - name: app
     type: STATIC
-    connect_timeout: 1s
+    connect_timeout: 1s{app_protocol}
     load_assignment:
       cluster_name: app
       endpoints:
       - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {APP_PORT} }} }} }}
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {app} }} }} }}
   - name: otel
     type: STATIC
     connect_timeout: 1s
@@ -270,7 +310,7 @@ static_resources:
         - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {OTLP_PORT} }} }} }}
 "#
     );
-    let path = dir.join("envoy.yaml");
+    let path = dir.join(if grpc { "envoy-grpc.yaml" } else { "envoy.yaml" });
     fs::write(&path, conf)?;
     let mut c = cmd(Some(SERVER_NS), &envoy.display().to_string());
     c.args([
@@ -284,7 +324,7 @@ static_resources:
         "error",
     ]);
     let p = spawn("envoy", c, &dir.join("envoy.log"))?;
-    wait_port(CLIENT_NS, SERVER_IP, SIDECAR_PORT, "Envoy")?;
+    wait_port(CLIENT_NS, SERVER_IP, listen, "Envoy")?;
     Ok(p)
 }
 
@@ -335,7 +375,7 @@ pub fn start_meshless(bin: &Path, dir: &Path, extra: &[&str]) -> Result<Proc> {
     c.args(["--otlp-endpoint", &format!("http://127.0.0.1:{OTLP_PORT}")])
         .args([
             "--metrics-addr",
-            "off",
+            &format!("127.0.0.1:{AGENT_METRICS_PORT}"),
             "--stats-interval-secs",
             "0",
             "--metrics-exporter",
@@ -354,6 +394,22 @@ pub fn start_meshless(bin: &Path, dir: &Path, extra: &[&str]) -> Result<Proc> {
         sleep(Duration::from_millis(100));
     }
     bail!("meshless did not become ready (see {})", log.display())
+}
+
+/// One of the agent's own counters (`meshless_<name>_total`) from its
+/// Prometheus endpoint; None if it cannot be read.
+pub fn agent_counter(name: &str) -> Option<u64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", AGENT_METRICS_PORT)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let prefix = format!("meshless_{name}_total ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
 }
 
 /// CPU time (user + system) of a process, in clock ticks (1/100 s).

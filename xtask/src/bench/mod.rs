@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: overhead of meshless against an Envoy sidecar,
-//! measured side by side in one run. See docs/bench/README.md.
+//! measured side by side in one run, for an HTTP/1.1 and a gRPC workload.
+//! See docs/bench/README.md.
 mod env;
+mod grpc;
 mod report;
 
 use std::{
@@ -41,6 +43,46 @@ pub struct BenchArgs {
     /// Where results go (default docs/bench; --quick uses target/bench-quick).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Workloads to measure: `http` (HTTP/1.1 to nginx, load by oha) and
+    /// `grpc` (unary gRPC to a tonic server over h2c, load by grpc-load).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "http,grpc")]
+    pub workloads: Vec<Workload>,
+    /// HTTP/2 connections of the gRPC load generator (calls are multiplexed).
+    #[arg(long, default_value_t = 2)]
+    pub grpc_connections: u32,
+}
+
+/// What traffic is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    Http,
+    Grpc,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Http => "HTTP/1.1",
+            Workload::Grpc => "gRPC unary",
+        }
+    }
+
+    /// Modes measured for this workload (propagation on/off is an HTTP-only comparison).
+    pub fn modes(self) -> &'static [Mode] {
+        match self {
+            Workload::Http => &Mode::ALL,
+            Workload::Grpc => &[Mode::Baseline, Mode::Sidecar, Mode::Meshless],
+        }
+    }
+
+    /// (app port, sidecar) of this workload's server.
+    fn target(self) -> (u16, &'static Sidecar) {
+        match self {
+            Workload::Http => (APP_PORT, &HTTP_SIDECAR),
+            Workload::Grpc => (grpc::GRPC_PORT, &grpc::GRPC_SIDECAR),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -83,9 +125,10 @@ impl Mode {
     }
 }
 
-/// One measured (mode, rate, round).
+/// One measured (workload, mode, rate, round).
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
+    pub workload: Workload,
     pub mode: Mode,
     pub rate: u32,
     pub round: u32,
@@ -100,6 +143,13 @@ pub struct Run {
     pub collector_rss_mib: Option<f64>,
     pub spans: Option<u64>,
     pub completeness: Option<f64>,
+    /// Requests (calls) that got no answer: transport errors, timeouts.
+    pub failed: u64,
+    /// Agent/proxy CPU time per answered request, µs.
+    pub cpu_us_per_request: Option<f64>,
+    /// Ring-buffer events the agent read per answered request (all traffic
+    /// on the machine counts, so run the bench on a quiet machine).
+    pub events_per_request: Option<f64>,
 }
 
 /// One closed-loop (max throughput) run.
@@ -115,6 +165,8 @@ struct Tools {
     envoy: PathBuf,
     rotel: PathBuf,
     meshless: PathBuf,
+    /// Built only when the gRPC workload runs.
+    grpc_load: Option<PathBuf>,
 }
 
 pub fn run(root: &Path, mut args: BenchArgs) -> Result<()> {
@@ -123,6 +175,10 @@ pub fn run(root: &Path, mut args: BenchArgs) -> Result<()> {
         args.duration = 2;
         args.rounds = 1;
         args.connections = 4;
+        args.grpc_connections = 1;
+    }
+    if args.workloads.is_empty() {
+        bail!("--workloads: name at least one of http, grpc");
     }
     let out = args.out.clone().unwrap_or_else(|| {
         if args.quick {
@@ -131,7 +187,7 @@ pub fn run(root: &Path, mut args: BenchArgs) -> Result<()> {
             root.join("docs/bench")
         }
     });
-    let tools = prepare(root)?;
+    let tools = prepare(root, &args)?;
     let work = root.join("target/bench-work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -144,43 +200,55 @@ pub fn run(root: &Path, mut args: BenchArgs) -> Result<()> {
     step("creating the client and server pods (network namespaces)");
     let _pods = Pods::create()?;
     let _nginx = start_nginx(&work)?;
+    let _grpc_server = match &tools.grpc_load {
+        Some(bin) => Some(grpc::start_server(bin, &work)?),
+        None => None,
+    };
 
     let per_run = args.duration + 12;
-    let total = u64::from(args.rounds) * args.rates.len() as u64 * Mode::ALL.len() as u64 + 3;
+    let rows: u64 = args.workloads.iter().map(|w| w.modes().len() as u64).sum();
+    let closed_loop = if args.workloads.contains(&Workload::Http) {
+        Mode::ALL.len() as u64
+    } else {
+        0
+    };
+    let total = u64::from(args.rounds) * args.rates.len() as u64 * rows + closed_loop;
     let started = Instant::now();
     let mut done = 0u64;
     let mut runs = Vec::new();
     'rounds: for round in 0..args.rounds {
         for &rate in &args.rates {
-            for i in 0..Mode::ALL.len() {
+            for (workload, mode) in interleaved(&args.workloads, round) {
                 if stop.load(Ordering::SeqCst) {
                     break 'rounds;
                 }
-                // Interleave: each round starts with a different mode.
-                let mode = Mode::ALL[(i + round as usize) % Mode::ALL.len()];
                 let left = (total - done) * per_run;
                 step(&format!(
-                    "[{}/{total}] round {}/{} · {rate} req/s · {} · ~{}m{:02}s left",
+                    "[{}/{total}] round {}/{} · {rate} req/s · {} · {} · ~{}m{:02}s left",
                     done + 1,
                     round + 1,
                     args.rounds,
+                    workload.name(),
                     mode.name(),
                     left / 60,
                     left % 60
                 ));
-                let run = measure(&tools, &work, mode, rate, round, &args).unwrap_or_else(|e| Run {
+                let run = measure(&tools, &work, workload, mode, rate, round, &args).unwrap_or_else(|e| Run {
                     error: Some(format!("{e:#}")),
-                    ..Run::empty(mode, rate, round)
+                    ..Run::empty(workload, mode, rate, round)
                 });
                 if let Some(e) = &run.error {
                     eprintln!("    {} failed: {e}", mode.name());
                 } else {
                     eprintln!(
-                        "    p50 {:.3} ms  p99 {:.3} ms  {:.0} req/s  completeness {}",
+                        "    p50 {:.3} ms  p99 {:.3} ms  {:.0} req/s  completeness {}  CPU/request {}  events/request {}{}",
                         run.latency_ms[0],
                         run.latency_ms[2],
                         run.achieved_rps,
-                        run.completeness.map_or("-".into(), |c| format!("{:.2}%", c * 100.0))
+                        run.completeness.map_or("-".into(), |c| format!("{:.2}%", c * 100.0)),
+                        run.cpu_us_per_request.map_or("-".into(), |c| format!("{c:.1} µs")),
+                        run.events_per_request.map_or("-".into(), |e| format!("{e:.2}")),
+                        if run.failed > 0 { format!("  {} FAILED", run.failed) } else { String::new() },
                     );
                 }
                 runs.push(run);
@@ -190,7 +258,7 @@ pub fn run(root: &Path, mut args: BenchArgs) -> Result<()> {
     }
     let mut max_runs = Vec::new();
     for mode in Mode::ALL {
-        if stop.load(Ordering::SeqCst) {
+        if closed_loop == 0 || stop.load(Ordering::SeqCst) {
             break;
         }
         step(&format!(
@@ -218,9 +286,22 @@ pub fn run(root: &Path, mut args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The (workload, mode) pairs of one round and rate, workloads alternating
+/// and each round starting with a different mode, so machine noise hits
+/// every mode alike.
+fn interleaved(workloads: &[Workload], round: u32) -> Vec<(Workload, Mode)> {
+    let mut rows = Vec::new();
+    for &w in workloads {
+        let modes = w.modes();
+        rows.extend((0..modes.len()).map(|i| (w, modes[(i + round as usize) % modes.len()])));
+    }
+    rows
+}
+
 impl Run {
-    fn empty(mode: Mode, rate: u32, round: u32) -> Run {
+    fn empty(workload: Workload, mode: Mode, rate: u32, round: u32) -> Run {
         Run {
+            workload,
             mode,
             rate,
             round,
@@ -234,11 +315,14 @@ impl Run {
             collector_rss_mib: None,
             spans: None,
             completeness: None,
+            failed: 0,
+            cpu_us_per_request: None,
+            events_per_request: None,
         }
     }
 }
 
-fn prepare(root: &Path) -> Result<Tools> {
+fn prepare(root: &Path, args: &BenchArgs) -> Result<Tools> {
     crate::setup::run()?;
     crate::setup::bench_tools()?;
     crate::setup::mount_tracefs()?;
@@ -248,12 +332,18 @@ fn prepare(root: &Path) -> Result<Tools> {
             .current_dir(root)
             .args(["build", "--release", "-p", "meshless"]),
     )?;
+    let grpc_load = if args.workloads.contains(&Workload::Grpc) {
+        Some(grpc::build(root)?)
+    } else {
+        None
+    };
     let oha = crate::setup::cargo_bin("oha");
     Ok(Tools {
         oha,
         envoy: pip_file("envoy", "_bin/envoy")?,
         rotel: pip_file("rotel", "rotel-agent")?,
         meshless: root.join("target/release/meshless"),
+        grpc_load,
     })
 }
 
@@ -291,24 +381,25 @@ struct Running {
     rotel_log: Option<PathBuf>,
 }
 
-fn start_mode(t: &Tools, work: &Path, mode: Mode, tag: &str) -> Result<Running> {
+fn start_mode(t: &Tools, work: &Path, workload: Workload, mode: Mode, tag: &str) -> Result<Running> {
     let rotel_log = work.join(format!("rotel-{tag}.log"));
+    let (app_port, sidecar) = workload.target();
     Ok(match mode {
         Mode::Baseline => Running {
             procs: vec![],
-            port: APP_PORT,
+            port: app_port,
             proxy: None,
             collector: None,
             rotel_log: None,
         },
         Mode::Sidecar => {
             let rotel = start_rotel(&t.rotel, Some(SERVER_NS), &rotel_log)?;
-            let envoy = start_envoy(&t.envoy, work, 7000 + std::process::id() % 1000)?;
+            let envoy = start_envoy(&t.envoy, work, 7000 + std::process::id() % 1000, sidecar)?;
             Running {
                 proxy: Some(envoy.pid()),
                 collector: Some(rotel.pid()),
                 procs: vec![envoy, rotel],
-                port: SIDECAR_PORT,
+                port: sidecar.listen,
                 rotel_log: Some(rotel_log),
             }
         }
@@ -320,7 +411,7 @@ fn start_mode(t: &Tools, work: &Path, mode: Mode, tag: &str) -> Result<Running> 
                 proxy: Some(agent.pid()),
                 collector: Some(rotel.pid()),
                 procs: vec![agent, rotel],
-                port: APP_PORT,
+                port: app_port,
                 rotel_log: Some(rotel_log),
             }
         }
@@ -344,32 +435,79 @@ fn oha(t: &Tools, port: u16, secs: u64, rate: Option<u32>, conns: u32) -> Result
         c.args(["-q", &rate.to_string(), "--latency-correction"]);
     }
     c.arg(&url);
-    let out = c.output().context("running oha")?;
-    if !out.status.success() {
-        bail!("oha failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    serde_json::from_slice(&out.stdout).context("parsing oha's JSON output")
+    json_output(c, "oha")
 }
 
+/// Runs a load generator that prints its summary as JSON on stdout.
+fn json_output(mut c: Command, what: &str) -> Result<serde_json::Value> {
+    let out = c.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| format!("parsing {what}'s JSON output"))
+}
+
+/// Load of `workload` against `port` for `secs`; oha-shaped JSON either way.
+fn load(
+    t: &Tools,
+    workload: Workload,
+    port: u16,
+    secs: u64,
+    rate: Option<u32>,
+    args: &BenchArgs,
+) -> Result<serde_json::Value> {
+    match (workload, &t.grpc_load, rate) {
+        (Workload::Http, _, _) => oha(t, port, secs, rate, args.connections),
+        (Workload::Grpc, Some(bin), Some(rate)) => grpc::load(bin, port, secs, rate, args.grpc_connections),
+        (Workload::Grpc, None, _) => bail!("grpc-load was not built"),
+        (Workload::Grpc, _, None) => bail!("the gRPC load runs at fixed rates only"),
+    }
+}
+
+/// Answered requests. oha: HTTP status counts; grpc-load: gRPC status counts.
 fn requests_ok(v: &serde_json::Value) -> u64 {
     v["statusCodeDistribution"]
         .as_object()
         .map_or(0, |m| m.values().filter_map(serde_json::Value::as_u64).sum())
 }
 
-fn measure(t: &Tools, work: &Path, mode: Mode, rate: u32, round: u32, args: &BenchArgs) -> Result<Run> {
-    let tag = format!("{}-{rate}-{round}", mode.name());
-    let running = start_mode(t, work, mode, &tag)?;
+/// Requests that got no answer (connection errors, timeouts). oha's
+/// "aborted due to deadline" are the requests still in flight when its
+/// duration ends: cut off by the load generator, not failed.
+fn requests_failed(v: &serde_json::Value) -> u64 {
+    v["errorDistribution"].as_object().map_or(0, |m| {
+        m.iter()
+            .filter(|(why, _)| !why.contains("aborted due to deadline"))
+            .filter_map(|(_, n)| n.as_u64())
+            .sum()
+    })
+}
+
+fn measure(
+    t: &Tools,
+    work: &Path,
+    workload: Workload,
+    mode: Mode,
+    rate: u32,
+    round: u32,
+    args: &BenchArgs,
+) -> Result<Run> {
+    let tag = format!("{workload:?}-{}-{rate}-{round}", mode.name()).replace([' ', ','], "");
+    let running = start_mode(t, work, workload, mode, &tag)?;
     // Warm up connections, caches and the collector pipeline, then let
     // the warm-up's spans drain before counting.
-    oha(t, running.port, 1, Some(rate), args.connections)?;
+    load(t, workload, running.port, 1, Some(rate), args)?;
     sleep(Duration::from_millis(if mode == Mode::Sidecar { 6000 } else { 1500 }));
     let spans_before = running.rotel_log.as_deref().map(spans_received);
+    let agent = matches!(mode, Mode::Meshless | Mode::MeshlessNoPropagation);
+    let events = || if agent { agent_counter("events_read") } else { None };
     let ticks = |p: Option<u32>| p.map(cpu_ticks);
+    let events0 = events();
     let (proxy0, coll0, t0) = (ticks(running.proxy), ticks(running.collector), Instant::now());
-    let v = oha(t, running.port, args.duration, Some(rate), args.connections)?;
+    let v = load(t, workload, running.port, args.duration, Some(rate), args)?;
     let elapsed = t0.elapsed().as_secs_f64();
     let (proxy1, coll1) = (ticks(running.proxy), ticks(running.collector));
+    let events1 = events();
     // Envoy's tracer flushes every 5 s; give both exporters time.
     if mode != Mode::Baseline {
         sleep(Duration::from_secs(7));
@@ -385,7 +523,9 @@ fn measure(t: &Tools, work: &Path, mode: Mode, rate: u32, round: u32, args: &Ben
     };
     let lat = &v["latencyPercentiles"];
     let ms = |k: &str| lat[k].as_f64().unwrap_or(f64::NAN) * 1000.0;
+    let per_request = |n: f64| (requests > 0).then(|| n / requests as f64);
     let run = Run {
+        workload,
         mode,
         rate,
         round,
@@ -399,13 +539,23 @@ fn measure(t: &Tools, work: &Path, mode: Mode, rate: u32, round: u32, args: &Ben
         collector_rss_mib: running.collector.map(peak_rss_mib),
         spans,
         completeness: spans.map(|s| s as f64 / (requests * mode.spans_per_request()).max(1) as f64),
+        failed: requests_failed(&v),
+        // Clock ticks are 10 ms: 1 tick = 10 000 µs.
+        cpu_us_per_request: match (proxy0, proxy1) {
+            (Some(a), Some(b)) => per_request(b.saturating_sub(a) as f64 * 10_000.0),
+            _ => None,
+        },
+        events_per_request: match (events0, events1) {
+            (Some(a), Some(b)) => per_request(b.saturating_sub(a) as f64),
+            _ => None,
+        },
     };
     drop(running.procs);
     Ok(run)
 }
 
 fn max_throughput(t: &Tools, work: &Path, mode: Mode, args: &BenchArgs) -> Result<MaxRun> {
-    let running = start_mode(t, work, mode, &format!("{}-max", mode.name()))?;
+    let running = start_mode(t, work, Workload::Http, mode, &format!("{}-max", mode.name()))?;
     let v = oha(t, running.port, args.duration.clamp(1, 10), None, args.connections)?;
     drop(running.procs);
     Ok(MaxRun {

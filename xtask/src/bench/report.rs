@@ -6,11 +6,12 @@ use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
 use serde::Serialize;
 
-use super::{BenchArgs, MaxRun, Mode, Run};
+use super::{BenchArgs, MaxRun, Mode, Run, Workload};
 
-/// Median of rounds for one (mode, rate).
+/// Median of rounds for one (workload, mode, rate).
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
+    pub workload: Workload,
     pub mode: Mode,
     pub rate: u32,
     pub rounds_ok: usize,
@@ -27,6 +28,10 @@ pub struct Summary {
     pub collector_cpu_pct: Option<f64>,
     pub collector_rss_mib: Option<f64>,
     pub completeness: Option<f64>,
+    /// Unanswered requests, summed over rounds.
+    pub failed: u64,
+    pub cpu_us_per_request: Option<f64>,
+    pub events_per_request: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -55,6 +60,8 @@ pub struct Report {
     pub duration_secs: u64,
     pub rounds: u32,
     pub connections: u32,
+    pub workloads: Vec<Workload>,
+    pub grpc_connections: u32,
     pub wall_secs: u64,
     pub summary: Vec<Summary>,
     pub closed_loop: Vec<MaxSummary>,
@@ -123,6 +130,37 @@ fn today() -> String {
         .unwrap_or_default()
 }
 
+/// Median over the rounds of one (workload, mode, rate).
+fn summarise(runs: &[Run], workload: Workload, mode: Mode, rate: u32) -> Summary {
+    let all: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.workload == workload && r.mode == mode && r.rate == rate)
+        .collect();
+    let ok: Vec<&Run> = all.iter().copied().filter(|r| r.error.is_none()).collect();
+    let med = |f: &dyn Fn(&Run) -> Option<f64>| median(ok.iter().filter_map(|r| f(r)).collect());
+    let lat = |i: usize| med(&|r| Some(r.latency_ms[i])).unwrap_or(f64::NAN);
+    Summary {
+        workload,
+        mode,
+        rate,
+        rounds_ok: ok.len(),
+        errors: all.iter().filter_map(|r| r.error.clone()).collect(),
+        achieved_rps: med(&|r| Some(r.achieved_rps)).unwrap_or(0.0),
+        latency_ms: [lat(0), lat(1), lat(2), lat(3)],
+        spread_p50_ms: spread(&ok.iter().map(|r| r.latency_ms[0]).collect::<Vec<_>>()),
+        spread_p99_ms: spread(&ok.iter().map(|r| r.latency_ms[2]).collect::<Vec<_>>()),
+        added_ms: None,
+        proxy_cpu_pct: med(&|r| r.proxy_cpu_pct),
+        proxy_rss_mib: med(&|r| r.proxy_rss_mib),
+        collector_cpu_pct: med(&|r| r.collector_cpu_pct),
+        collector_rss_mib: med(&|r| r.collector_rss_mib),
+        completeness: med(&|r| r.completeness),
+        failed: ok.iter().map(|r| r.failed).sum(),
+        cpu_us_per_request: med(&|r| r.cpu_us_per_request),
+        events_per_request: med(&|r| r.events_per_request),
+    }
+}
+
 impl Report {
     pub fn build(
         args: &BenchArgs,
@@ -132,40 +170,23 @@ impl Report {
         wall: Duration,
     ) -> Self {
         let mut summary = Vec::new();
-        for &rate in &args.rates {
-            for mode in Mode::ALL {
-                let all: Vec<&Run> = runs.iter().filter(|r| r.mode == mode && r.rate == rate).collect();
-                let ok: Vec<&Run> = all.iter().copied().filter(|r| r.error.is_none()).collect();
-                let med = |f: &dyn Fn(&Run) -> Option<f64>| median(ok.iter().filter_map(|r| f(r)).collect());
-                let lat = |i: usize| med(&|r| Some(r.latency_ms[i])).unwrap_or(f64::NAN);
-                summary.push(Summary {
-                    mode,
-                    rate,
-                    rounds_ok: ok.len(),
-                    errors: all.iter().filter_map(|r| r.error.clone()).collect(),
-                    achieved_rps: med(&|r| Some(r.achieved_rps)).unwrap_or(0.0),
-                    latency_ms: [lat(0), lat(1), lat(2), lat(3)],
-                    spread_p50_ms: spread(&ok.iter().map(|r| r.latency_ms[0]).collect::<Vec<_>>()),
-                    spread_p99_ms: spread(&ok.iter().map(|r| r.latency_ms[2]).collect::<Vec<_>>()),
-                    added_ms: None,
-                    proxy_cpu_pct: med(&|r| r.proxy_cpu_pct),
-                    proxy_rss_mib: med(&|r| r.proxy_rss_mib),
-                    collector_cpu_pct: med(&|r| r.collector_cpu_pct),
-                    collector_rss_mib: med(&|r| r.collector_rss_mib),
-                    completeness: med(&|r| r.completeness),
-                });
+        for &workload in &args.workloads {
+            for &rate in &args.rates {
+                for &mode in workload.modes() {
+                    summary.push(summarise(&runs, workload, mode, rate));
+                }
             }
         }
-        let baselines: Vec<(u32, [f64; 4])> = summary
+        let baselines: Vec<(Workload, u32, [f64; 4])> = summary
             .iter()
             .filter(|s| s.mode == Mode::Baseline && s.rounds_ok > 0)
-            .map(|s| (s.rate, s.latency_ms))
+            .map(|s| (s.workload, s.rate, s.latency_ms))
             .collect();
         for s in summary
             .iter_mut()
             .filter(|s| s.mode != Mode::Baseline && s.rounds_ok > 0)
         {
-            if let Some((_, base)) = baselines.iter().find(|(r, _)| *r == s.rate) {
+            if let Some((_, _, base)) = baselines.iter().find(|(w, r, _)| *w == s.workload && *r == s.rate) {
                 let mut added = [0.0; 4];
                 for i in 0..4 {
                     added[i] = s.latency_ms[i] - base[i];
@@ -190,6 +211,9 @@ impl Report {
             })
             .collect();
         let mut command = "cargo xtask bench".to_owned();
+        if args.workloads.len() == 1 {
+            command.push_str(&format!(" --workloads {:?}", args.workloads[0]).to_lowercase());
+        }
         if args.quick {
             command.push_str(" --quick");
         } else {
@@ -211,6 +235,8 @@ impl Report {
             duration_secs: args.duration,
             rounds: args.rounds,
             connections: args.connections,
+            workloads: args.workloads.clone(),
+            grpc_connections: args.grpc_connections,
             wall_secs: wall.as_secs(),
             summary,
             closed_loop,
@@ -219,18 +245,49 @@ impl Report {
     }
 
     pub fn markdown(&self) -> String {
+        let mut md = format!(
+            "Measured {} on {} ({} × {}, kernel {}) with `{}`: {} s per run, {} rounds (median; spread = max − min), latency corrected for coordinated omission (from each request's intended send time).\n",
+            self.date, self.machine.cpu, self.machine.cpus, "vCPU", self.machine.kernel, self.command, self.duration_secs, self.rounds
+        );
+        for &workload in &self.workloads {
+            let how = match workload {
+                Workload::Http => format!("HTTP/1.1 to nginx, {} keep-alive connections, oha", self.connections),
+                Workload::Grpc => format!(
+                    "unary `helloworld.Greeter/SayHello` to a tonic server over h2c, {} HTTP/2 connection(s), open loop, grpc-load",
+                    self.grpc_connections
+                ),
+            };
+            md.push_str(&format!("\n### {} ({how})\n\n", workload.name()));
+            self.table(&mut md, workload);
+        }
+        if !self.closed_loop.is_empty() {
+            md.push_str("\nClosed loop, HTTP/1.1 (as fast as possible, same connections):\n\n| mode | req/s | lost vs baseline |\n|---|---:|---:|\n");
+        }
+        for m in &self.closed_loop {
+            match &m.error {
+                Some(e) => md.push_str(&format!("| {} | failed: {} | |\n", m.mode.name(), e.replace('|', "/"))),
+                None => md.push_str(&format!(
+                    "| {} | {:.0} | {} |\n",
+                    m.mode.name(),
+                    m.rps,
+                    m.lost_vs_baseline_pct.map_or("-".to_owned(), |p| format!("{p:.1}%"))
+                )),
+            }
+        }
+        md.push_str("\nCompleteness = spans the collector received ÷ spans expected (meshless: 2 per request or call, a client and a server span; sidecar: 1, the inbound span). CPU/req = agent or proxy CPU time ÷ answered requests. Events/req = ring-buffer events the agent read ÷ answered requests (machine-wide: other traffic on the machine counts too).\n");
+        md
+    }
+
+    /// One table row per (rate, mode) of `workload`.
+    fn table(&self, md: &mut String, workload: Workload) {
         let f = |v: f64| if v.is_finite() { format!("{v:.3}") } else { "-".into() };
         let o = |v: Option<f64>, d: usize| v.map_or("-".to_owned(), |v| format!("{v:.d$}"));
-        let mut md = format!(
-            "Measured {} on {} ({} × {}, kernel {}) with `{}`: {} s per run, {} rounds (median; spread = max − min), {} keep-alive connections, HTTP/1.1 to nginx, latency corrected for coordinated omission (oha).\n\n",
-            self.date, self.machine.cpu, self.machine.cpus, "vCPU", self.machine.kernel, self.command, self.duration_secs, self.rounds, self.connections
-        );
-        md.push_str("| rate | mode | achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | added p50 | added p99 | spread p50/p99 | agent/proxy CPU % | agent/proxy RSS MiB | collector CPU % | completeness |\n");
-        md.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-        for s in &self.summary {
+        md.push_str("| rate | mode | achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | added p50 | added p99 | spread p50/p99 | agent/proxy CPU % | CPU µs/req | agent/proxy RSS MiB | events/req | collector CPU % | completeness |\n");
+        md.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for s in self.summary.iter().filter(|s| s.workload == workload) {
             if s.rounds_ok == 0 {
                 md.push_str(&format!(
-                    "| {} | {} | failed: {} | | | | | | | | | | | |\n",
+                    "| {} | {} | failed: {} | | | | | | | | | | | | | |\n",
                     s.rate,
                     s.mode.name(),
                     s.errors.first().map_or("", String::as_str).replace('|', "/")
@@ -238,8 +295,13 @@ impl Report {
                 continue;
             }
             let added = |i: usize| s.added_ms.map_or("-".to_owned(), |a| format!("{:+.3}", a[i]));
+            let failed = if s.failed > 0 {
+                format!(" ({} unanswered)", s.failed)
+            } else {
+                String::new()
+            };
             md.push_str(&format!(
-                "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {} | {} |\n",
+                "| {} | {} | {:.0}{failed} | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {} | {} | {} | {} |\n",
                 s.rate,
                 s.mode.name(),
                 s.achieved_rps,
@@ -252,39 +314,37 @@ impl Report {
                 f(s.spread_p50_ms),
                 f(s.spread_p99_ms),
                 o(s.proxy_cpu_pct, 1),
+                o(s.cpu_us_per_request, 1),
                 o(s.proxy_rss_mib, 1),
+                o(s.events_per_request, 2),
                 o(s.collector_cpu_pct, 1),
                 s.completeness.map_or("-".to_owned(), |c| format!("{:.2}%", c * 100.0)),
             ));
         }
-        md.push_str("\nClosed loop (as fast as possible, same connections):\n\n| mode | req/s | lost vs baseline |\n|---|---:|---:|\n");
-        for m in &self.closed_loop {
-            match &m.error {
-                Some(e) => md.push_str(&format!("| {} | failed: {} | |\n", m.mode.name(), e.replace('|', "/"))),
-                None => md.push_str(&format!(
-                    "| {} | {:.0} | {} |\n",
-                    m.mode.name(),
-                    m.rps,
-                    m.lost_vs_baseline_pct.map_or("-".to_owned(), |p| format!("{p:.1}%"))
-                )),
-            }
-        }
-        md.push_str("\nCompleteness = spans the collector received ÷ spans expected (meshless: 2 per request, a client and a server span; sidecar: 1, the inbound span).\n");
-        md
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {
         fs::write(dir.join("results.json"), serde_json::to_string_pretty(self)?)?;
         fs::write(dir.join("results.md"), self.markdown())?;
-        self.plot(&dir.join("overhead.svg")).context("drawing the plot")?;
+        for &workload in &self.workloads {
+            let name = match workload {
+                Workload::Http => "overhead.svg",
+                Workload::Grpc => "overhead-grpc.svg",
+            };
+            self.plot(&dir.join(name), workload).context("drawing the plot")?;
+        }
         Ok(())
     }
 
-    fn plot(&self, path: &Path) -> Result<()> {
+    fn plot(&self, path: &Path, workload: Workload) -> Result<()> {
         let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
         let (left, right) = root.split_horizontally(560);
-        let added: Vec<&Summary> = self.summary.iter().filter(|s| s.added_ms.is_some()).collect();
+        let added: Vec<&Summary> = self
+            .summary
+            .iter()
+            .filter(|s| s.workload == workload && s.added_ms.is_some())
+            .collect();
         let ymax = added
             .iter()
             .flat_map(|s| s.added_ms.unwrap_or_default())
@@ -296,7 +356,10 @@ impl Report {
             .fold(0.0f64, f64::min)
             .min(0.0);
         let mut chart = ChartBuilder::on(&left)
-            .caption("latency added over baseline (ms)", ("sans-serif", 18))
+            .caption(
+                format!("{}: latency added over baseline (ms)", workload.name()),
+                ("sans-serif", 18),
+            )
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(50)
@@ -336,7 +399,11 @@ impl Report {
             .draw()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
 
-        let cpu: Vec<&Summary> = self.summary.iter().filter(|s| s.proxy_cpu_pct.is_some()).collect();
+        let cpu: Vec<&Summary> = self
+            .summary
+            .iter()
+            .filter(|s| s.workload == workload && s.proxy_cpu_pct.is_some())
+            .collect();
         let cmax = cpu.iter().filter_map(|s| s.proxy_cpu_pct).fold(5.0f64, f64::max) * 1.15;
         let rmax = self.rates.iter().copied().max().unwrap_or(1) as f64 * 1.1;
         let mut chart = ChartBuilder::on(&right)
@@ -351,7 +418,7 @@ impl Report {
             .x_desc("req/s")
             .draw()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        for mode in [Mode::Sidecar, Mode::Meshless, Mode::MeshlessNoPropagation] {
+        for &mode in workload.modes().iter().filter(|m| **m != Mode::Baseline) {
             let color = match mode {
                 Mode::Sidecar => RED,
                 Mode::Meshless => BLUE,
@@ -385,18 +452,15 @@ impl Report {
     /// and both tracers must have delivered spans.
     pub fn check_quick(&self) -> Result<()> {
         for s in &self.summary {
+            let what = format!("{} {}", s.workload.name(), s.mode.name());
             if s.rounds_ok == 0 {
-                bail!("bench --quick: {} failed: {:?}", s.mode.name(), s.errors);
+                bail!("bench --quick: {what} failed: {:?}", s.errors);
             }
             if s.mode != Mode::Baseline && !s.completeness.is_some_and(|c| c > 0.5) {
-                bail!(
-                    "bench --quick: {} delivered too few spans ({:?})",
-                    s.mode.name(),
-                    s.completeness
-                );
+                bail!("bench --quick: {what} delivered too few spans ({:?})", s.completeness);
             }
             if s.latency_ms[0].is_nan() || s.latency_ms[0] <= 0.0 {
-                bail!("bench --quick: {} has no latency figures", s.mode.name());
+                bail!("bench --quick: {what} has no latency figures");
             }
         }
         Ok(())

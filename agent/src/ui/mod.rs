@@ -1,0 +1,176 @@
+//! The live service map and trace view the admin server serves (`--ui`):
+//! every request feeds the map ([`graph`], before sampling, like the RED
+//! metrics), every exported span the trace view ([`traces`], after
+//! sampling, with the exporters' attributes and redaction). Both are
+//! bounded in bytes; the page ([`api`]) polls JSON endpoints.
+pub mod api;
+pub mod graph;
+pub mod traces;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use crate::{
+    export::attributes::{self, Value},
+    metrics::{Peers, UNKNOWN},
+    span::{Span, SpanKind},
+};
+
+/// Bytes the trace view keeps by default.
+pub const DEFAULT_TRACE_BYTES: usize = 8 << 20;
+
+/// The map and recent traces, shared by the router (writer) and the admin
+/// server (reader).
+#[derive(Clone)]
+pub struct Live {
+    inner: Arc<Mutex<State>>,
+    capture_query: bool,
+}
+
+struct State {
+    graph: graph::Graph,
+    recent: traces::Recent,
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Live {
+    pub fn new(trace_bytes: usize, capture_query: bool) -> Self {
+        Live {
+            inner: Arc::new(Mutex::new(State {
+                graph: graph::Graph::default(),
+                recent: traces::Recent::new(trace_bytes),
+            })),
+            capture_query,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent counters behind.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a request on the map. A client span whose server was seen on
+    /// this node is left to the server's span, so a hop counts once.
+    pub fn observe(&self, span: &Span, peers: &Peers) {
+        if span.kind == SpanKind::Client && span.peer_comm.is_some() {
+            return;
+        }
+        let server_addr;
+        let target = match span.kind {
+            SpanKind::Client if peers.destination_workload == UNKNOWN => {
+                server_addr = span.server.map_or_else(|| UNKNOWN.to_owned(), |a| a.to_string());
+                server_addr.as_str()
+            }
+            _ => peers.destination_workload.as_str(),
+        };
+        let error = map_error(span);
+        let call = graph::Call {
+            source: &peers.source_workload,
+            target,
+            route: &route_of(span),
+            duration_us: span.end_unix_nano.saturating_sub(span.start_unix_nano) / 1000,
+            error,
+            trace_id: span.trace_id.to_string(),
+        };
+        self.state().graph.record(&call, now_secs());
+    }
+
+    /// Keeps an exported span for the trace view.
+    pub fn keep(&self, span: &Span, service: &str, peers: &Peers) {
+        let opts = attributes::Options {
+            capture_query: self.capture_query,
+            process: true,
+        };
+        let attributes = attributes::of(span, opts)
+            .into_iter()
+            .map(|(k, v)| (k.into_owned(), text(v)))
+            .collect();
+        let peer = match span.kind {
+            SpanKind::Server => &peers.source_workload,
+            SpanKind::Client => &peers.destination_workload,
+        };
+        let peer = if peer == UNKNOWN {
+            span.peer().map_or_else(|| UNKNOWN.to_owned(), |a| a.to_string())
+        } else {
+            peer.clone()
+        };
+        let status = match (span.grpc_status(), span.status_code, span.unanswered) {
+            (Some(g), _, _) => format!("grpc {g}"),
+            (None, Some(s), _) => s.to_string(),
+            (None, None, Some(why)) => why.error_type().to_owned(),
+            (None, None, None) => String::new(),
+        };
+        let row = traces::SpanRow {
+            trace_id: span.trace_id.to_string(),
+            span_id: span.span_id.to_string(),
+            parent_id: span.parent_span_id.map(|p| p.to_string()),
+            kind: span.kind.as_str(),
+            service: service.to_owned(),
+            peer,
+            name: span.name(),
+            route: route_of(span),
+            start_unix_nano: span.start_unix_nano,
+            end_unix_nano: span.end_unix_nano,
+            status,
+            error: span.is_error(),
+            attributes,
+        };
+        self.state().recent.push(row);
+    }
+
+    /// Bytes held by the map and the trace view.
+    pub fn bytes(&self) -> usize {
+        let s = self.state();
+        s.graph.bytes() + s.recent.bytes()
+    }
+
+    pub fn graph(&self, window_secs: u64) -> graph::GraphView {
+        self.state().graph.view(now_secs(), window_secs)
+    }
+
+    pub fn search(&self, q: &traces::Query) -> Vec<traces::TraceSummary> {
+        self.state().recent.search(q)
+    }
+
+    pub fn trace(&self, id: &str) -> Vec<traces::SpanRow> {
+        self.state().recent.trace(id)
+    }
+}
+
+/// The route a map shows: `package.Service/Method` for gRPC, else the
+/// templated path (ids become `*`).
+fn route_of(span: &Span) -> String {
+    match span.rpc.as_ref().filter(|r| !r.service.is_empty()) {
+        Some(rpc) => format!("{}/{}", rpc.service, rpc.method),
+        None => crate::route::template(span.path()),
+    }
+}
+
+/// A failed call as the map counts it (as Kiali does: server errors, not
+/// 4xx): Some(what it answered).
+fn map_error(span: &Span) -> Option<String> {
+    if let Some(code) = span.grpc_status() {
+        // OTel's server-side gRPC errors: UNKNOWN, DEADLINE_EXCEEDED,
+        // UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
+        return matches!(code, 2 | 4 | 12 | 13 | 14 | 15).then(|| format!("grpc {code}"));
+    }
+    match (span.status_code, span.unanswered) {
+        (Some(s), _) if s >= 500 => Some(s.to_string()),
+        (None, Some(why)) => Some(why.error_type().to_owned()),
+        _ => None,
+    }
+}
+
+fn text(v: Value) -> String {
+    match v {
+        Value::Str(s) => s,
+        Value::Int(i) => i.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::StrArray(a) => a.join(", "),
+    }
+}
