@@ -100,14 +100,18 @@ fn curl_over_https_to_nginx_gives_one_https_span_pair_per_request_on_keepalive_w
     assert_eq!(statuses(&clients), want);
     assert!(spans.iter().all(|s| attr_str(s, "url.scheme") == "https"));
     assert!(spans.iter().all(|s| attr_str(s, "tls.protocol.name") == "tls"));
-    assert!(servers.iter().all(|s| attr_str(s, "process.executable.name") == "nginx"));
+    assert!(servers
+        .iter()
+        .all(|s| attr_str(s, "process.executable.name") == "nginx"));
     assert!(clients.iter().all(|s| attr_str(s, "client.address") == pods.ip_a));
     let ports: std::collections::HashSet<u64> = clients.iter().map(|s| attr_u64(s, "client.port")).collect();
     assert_eq!(ports.len(), 1, "all requests on one keep-alive connection");
     for s in &servers {
         let parent = s["parent_span_id"].as_str().expect("server span linked to curl's span");
         assert!(
-            clients.iter().any(|c| c["span_id"] == parent && c["trace_id"] == s["trace_id"]),
+            clients
+                .iter()
+                .any(|c| c["span_id"] == parent && c["trace_id"] == s["trace_id"]),
             "{s:#?}"
         );
     }

@@ -191,7 +191,15 @@ fn read_user(dst: *mut u8, src: u64, len: usize) -> Result<(), i64> {
 /// `ret`, so userspace sees one stream. A request a server read leaves
 /// through a tail call to slot 0 of `server_ctx` (a program of `ctx`'s type).
 #[inline(always)]
-pub fn emit_data<C: EbpfContext>(tp: &C, server_ctx: &ProgramArray, id: u64, args: &Args, ret: usize, state: &ConnState, flags: u32) {
+pub fn emit_data<C: EbpfContext>(
+    tp: &C,
+    server_ctx: &ProgramArray,
+    id: u64,
+    args: &Args,
+    ret: usize,
+    state: &ConnState,
+    flags: u32,
+) {
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
     let Some(ev) = SCRATCH.get_ptr_mut(0) else {
         return;

@@ -75,22 +75,18 @@ impl TlsProbes {
             .map_mut(TLS_SERVER_CTX_MAP)
             .ok_or(TlsError::Map(TLS_SERVER_CTX_MAP))?;
         let mut slots = ProgramArray::try_from(map).map_err(|_| TlsError::Map(TLS_SERVER_CTX_MAP))?;
-        slots
-            .set(0, &tail, 0)
-            .map_err(|e| TlsError::Load {
-                name: TLS_SERVER_CTX_PROGRAM,
-                detail: e.to_string(),
-            })?;
+        slots.set(0, &tail, 0).map_err(|e| TlsError::Load {
+            name: TLS_SERVER_CTX_PROGRAM,
+            detail: e.to_string(),
+        })?;
         let mut programs = Vec::new();
         for (name, _, _) in TLS_UPROBES {
             programs.push(load_program(ebpf, name)?);
         }
-        let pmu_type = read_sysfs(UPROBE_TYPE)?
-            .parse::<u32>()
-            .map_err(|e| TlsError::Pmu {
-                path: UPROBE_TYPE,
-                detail: e.to_string(),
-            })?;
+        let pmu_type = read_sysfs(UPROBE_TYPE)?.parse::<u32>().map_err(|e| TlsError::Pmu {
+            path: UPROBE_TYPE,
+            detail: e.to_string(),
+        })?;
         let bit = read_sysfs(UPROBE_RETPROBE)?;
         let retprobe_config = bit
             .strip_prefix("config:")
@@ -269,10 +265,12 @@ fn read_sysfs(path: &'static str) -> Result<String, TlsError> {
 /// Keeps attaching libraries of new processes on a thread of its own
 /// (reading /proc and ELF files must not stall the event path).
 pub fn spawn(mut probes: TlsProbes) -> std::io::Result<()> {
-    std::thread::Builder::new().name("tls-attach".into()).spawn(move || loop {
-        std::thread::sleep(SCAN_EVERY);
-        probes.scan();
-        probes.log_counters();
-    })?;
+    std::thread::Builder::new()
+        .name("tls-attach".into())
+        .spawn(move || loop {
+            std::thread::sleep(SCAN_EVERY);
+            probes.scan();
+            probes.log_counters();
+        })?;
     Ok(())
 }

@@ -9,7 +9,8 @@ use crate::{
     detect::{WINDOW, classify},
     follow::tracked_conn,
     maps::{
-        ARGS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_NONE, BUF_PLAIN, CONNS, FOLLOW, HELD, SERVER_CTX, VERDICTS, conn_key, count,
+        ARGS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_NONE, BUF_PLAIN, CONNS, FOLLOW, HELD, SERVER_CTX, VERDICTS, conn_key,
+        count,
     },
 };
 use meshless_common::{Counter, TraceCtx};

@@ -21,7 +21,10 @@ use crate::{
     capture::{emit_data, emit_held, known_addrs},
     context::{client_request, starts_request},
     follow::tracked_conn,
-    maps::{BUF_PLAIN, CONNS, FOLLOW, GoKey, TLS_ARGS, TLS_CALLS, TLS_COUNTERS, TLS_FDS, TLS_NO_FD, TLS_SERVER_CTX, TlsCall, conn_key},
+    maps::{
+        BUF_PLAIN, CONNS, FOLLOW, GoKey, TLS_ARGS, TLS_CALLS, TLS_COUNTERS, TLS_FDS, TLS_NO_FD, TLS_SERVER_CTX,
+        TlsCall, conn_key,
+    },
 };
 
 fn tls_count(counter: TlsCounter) {
@@ -93,7 +96,9 @@ fn enter(ctx: &ProbeContext, direction: Direction, ex: bool) -> u32 {
                 } else {
                     let key = conn_key(tgid, fd);
                     // SAFETY: map values stay valid for the program's run.
-                    unsafe { CONNS.get(&key) }.map(|s| &s.addrs).or_else(|| known_addrs(key))
+                    unsafe { CONNS.get(&key) }
+                        .map(|s| &s.addrs)
+                        .or_else(|| known_addrs(key))
                 };
                 client_request(id, addrs, &mut call.ctx);
             }
@@ -107,7 +112,11 @@ fn enter(ctx: &ProbeContext, direction: Direction, ex: bool) -> u32 {
 
 #[inline(always)]
 fn known_fd(tgid: u32, ssl: u64) -> u32 {
-    let key = GoKey { tgid, _pad: 0, ptr: ssl };
+    let key = GoKey {
+        tgid,
+        _pad: 0,
+        ptr: ssl,
+    };
     // SAFETY: copied out at once.
     unsafe { TLS_FDS.get(&key) }.copied().unwrap_or(TLS_NO_FD)
 }
@@ -136,7 +145,11 @@ fn call_fd(tgid: u32, ssl: u64, seen: u32) -> u32 {
     if seen == TLS_NO_FD {
         return known_fd(tgid, ssl);
     }
-    let key = GoKey { tgid, _pad: 0, ptr: ssl };
+    let key = GoKey {
+        tgid,
+        _pad: 0,
+        ptr: ssl,
+    };
     let _ = TLS_FDS.insert(&key, &seen, 0);
     seen
 }
@@ -154,7 +167,11 @@ fn leave(ctx: &RetProbeContext, ex: bool) -> u32 {
         return 0;
     };
     let n = moved(ctx, ex, call.len_ptr);
-    let fd = if n == 0 { TLS_NO_FD } else { call_fd(tgid, call.ssl, call.fd) };
+    let fd = if n == 0 {
+        TLS_NO_FD
+    } else {
+        call_fd(tgid, call.ssl, call.fd)
+    };
     let Some(args) = TLS_ARGS.get_ptr_mut(0) else {
         return 0;
     };
