@@ -113,6 +113,7 @@ fn event(tgid: u32, direction: Direction, payload: &str, t: u64, local: &str, re
             accepted: false,
             connected: false,
             ino: 0,
+            tls: false,
         },
         ctx: None,
         body: EventBody::Data {

@@ -142,6 +142,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let classify = propagation::Classifier::new(&mut ebpf, quiet.clone())
         .map(spawn_classifier)
         .transpose()?;
+    let https = config.tls == crate::config::OnOff::On && start_tls(&mut ebpf)?;
     Stats::set(
         &stats.kernel_ringbuf_size_bytes,
         u64::from(config.ringbuf_mib) * 1024 * 1024,
@@ -254,6 +255,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         otlp = settings.otlp_traces.as_ref().map_or("off", |t| t.endpoint.as_str()),
         kubernetes = node.as_deref().unwrap_or("off"),
         propagation = if propagate { "tcp-options" } else { "off" },
+        https,
         scope = %scope.path.display(),
         "meshless ready: tracing HTTP/1.x on every socket (Ctrl-C to stop)"
     );
@@ -298,6 +300,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     read_kernel_counters(&counters, &stats);
     log_stats(&stats, "final statistics");
     Ok(())
+}
+
+/// Attaches the TLS uprobes to the libssl files found now (before the
+/// agent says it is ready) and keeps finding new ones on a side thread.
+/// False when HTTPS cannot be traced (logged; plaintext still is).
+fn start_tls(ebpf: &mut aya::Ebpf) -> anyhow::Result<bool> {
+    let mut probes = match crate::tls::TlsProbes::load(ebpf) {
+        Ok(probes) => probes,
+        Err(error) => {
+            warn!(%error, "HTTPS is not traced");
+            return Ok(false);
+        }
+    };
+    probes.attach_host();
+    probes.scan();
+    info!(libraries = probes.attached(), "HTTPS: OpenSSL uprobes attached");
+    crate::tls::spawn(probes).context("starting the TLS attach thread")?;
+    Ok(true)
 }
 
 /// Queue of processes waiting for their linking policy.

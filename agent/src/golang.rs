@@ -216,7 +216,7 @@ impl GoProbes {
         let mut fds = Vec::new();
         for (program, offset) in self.programs.iter().zip(offsets) {
             if let Some(offset) = offset {
-                fds.push(perf_uprobe(self.pmu_type, &path, *offset, program)?);
+                fds.push(perf_uprobe(self.pmu_type, 0, &path, *offset, program)?);
             }
         }
         Ok(fds)
@@ -280,13 +280,21 @@ const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
 const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
 const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
 
-/// An entry uprobe at `offset` of the file `path` for every process,
-/// running `program`. aya's `UProbe::attach` needs the program mutably
-/// inside the `Ebpf`, which the wiring keeps; this attaches by fd instead.
-fn perf_uprobe(pmu_type: u32, path: &CString, offset: u64, program: &ProgramFd) -> std::io::Result<OwnedFd> {
+/// A uprobe at `offset` of the file `path` for every process, running
+/// `program` (`config`: 0, or the PMU's retprobe bit for a return probe).
+/// aya's `UProbe::attach` needs the program mutably inside the `Ebpf`,
+/// which the wiring keeps; this attaches by fd instead.
+pub(crate) fn perf_uprobe(
+    pmu_type: u32,
+    config: u64,
+    path: &CString,
+    offset: u64,
+    program: &ProgramFd,
+) -> std::io::Result<OwnedFd> {
     let attr = PerfEventAttr {
         kind: pmu_type,
         size: std::mem::size_of::<PerfEventAttr>() as u32,
+        config,
         config1: path.as_ptr() as u64,
         config2: offset,
         ..Default::default()
@@ -392,7 +400,7 @@ pub fn past_stack_check(code: &[u8], at: u64) -> u64 {
 }
 
 /// The file offset of a virtual address (uprobes are placed by offset).
-fn file_offset(elf: &object::File, addr: u64) -> Option<u64> {
+pub(crate) fn file_offset(elf: &object::File, addr: u64) -> Option<u64> {
     elf.sections().find_map(|s| {
         let (start, size) = (s.address(), s.size());
         let (offset, _) = s.file_range()?;

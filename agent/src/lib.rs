@@ -23,5 +23,6 @@ pub mod route;
 pub mod sockets;
 pub mod span;
 pub mod stats;
+pub mod tls;
 pub mod trace_context;
 pub mod ui;

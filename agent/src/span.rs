@@ -57,6 +57,8 @@ pub struct Span {
     pub status_code: Option<u16>,
     /// "1.0", "1.1" or "2".
     pub protocol_version: &'static str,
+    /// The exchange ran over TLS (its plaintext was read at the TLS library).
+    pub tls: bool,
     /// RPC facts (gRPC): service, method, status.
     pub rpc: Option<Rpc>,
     pub client: Option<SocketAddr>,

@@ -379,6 +379,7 @@ mod direct {
             target: format!("/direct/{i}"),
             status_code: Some(200),
             protocol_version: "1.1",
+            tls: false,
             rpc: None,
             client: Some("127.0.0.1:40000".parse().expect("addr")),
             server: Some("127.0.0.1:8080".parse().expect("addr")),

@@ -60,6 +60,53 @@ pub const GO_UPROBES: [(&str, &str); 3] = [
     ("meshless_go_request_write", "net/http.(*Request).write"),
 ];
 
+/// Uprobes on a TLS library: (program, symbol, 1 for a return probe).
+/// The entry and return probes of one function share a symbol.
+pub const TLS_UPROBES: [(&str, &str, bool); 8] = [
+    ("meshless_ssl_read", "SSL_read", false),
+    ("meshless_ssl_read_ret", "SSL_read", true),
+    ("meshless_ssl_read_ex", "SSL_read_ex", false),
+    ("meshless_ssl_read_ex_ret", "SSL_read_ex", true),
+    ("meshless_ssl_write", "SSL_write", false),
+    ("meshless_ssl_write_ret", "SSL_write", true),
+    ("meshless_ssl_write_ex", "SSL_write_ex", false),
+    ("meshless_ssl_write_ex_ret", "SSL_write_ex", true),
+];
+/// Program the TLS return probes tail-call for a request a server read,
+/// and the program array it sits in (slot 0).
+pub const TLS_SERVER_CTX_PROGRAM: &str = "meshless_tls_server_ctx";
+pub const TLS_SERVER_CTX_MAP: &str = "TLS_SERVER_CTX";
+/// Per-CPU TLS counters (index: a [`TlsCounter`]).
+pub const TLS_COUNTERS_MAP: &str = "TLS_COUNTERS";
+
+/// What the TLS uprobes count (index into [`TLS_COUNTERS_MAP`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsCounter {
+    /// SSL_read/SSL_write calls that returned plaintext.
+    Calls = 0,
+    /// Calls whose socket was never seen (a memory BIO, as Node.js uses):
+    /// their plaintext is not traced.
+    NoSocket = 1,
+    /// Plaintext events emitted.
+    Events = 2,
+    /// Calls in progress that could not be stashed (table full).
+    CallsTableFull = 3,
+}
+
+/// Number of [`TlsCounter`] slots.
+pub const TLS_COUNTER_SLOTS: u32 = 4;
+
+impl TlsCounter {
+    /// Every counter with a stable snake_case name.
+    pub const ALL: [(TlsCounter, &'static str); 4] = [
+        (TlsCounter::Calls, "tls_calls"),
+        (TlsCounter::NoSocket, "tls_no_socket"),
+        (TlsCounter::Events, "tls_events"),
+        (TlsCounter::CallsTableFull, "tls_calls_table_full"),
+    ];
+}
+
 /// Go linking counters (index into [`GO_COUNTERS_MAP`]).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,6 +222,11 @@ pub const FLAG_CONTINUATION: u32 = 1 << 7;
 /// Connection flag: the stream began with the HTTP/2 client preface; its
 /// syscalls (frames, not only request heads) get continuation events.
 pub const FLAG_HTTP2: u32 = 1 << 8;
+
+/// Event and connection flag: the payload is TLS plaintext read at the TLS
+/// library (OpenSSL's `SSL_read`/`SSL_write`), not the socket's bytes; the
+/// socket's own (encrypted) bytes are never emitted for such a connection.
+pub const FLAG_TLS: u32 = 1 << 9;
 
 /// Name of the map of per-(tgid, fd) verdicts "socket or not" (value: [`FdVerdict`]).
 pub const VERDICTS_MAP: &str = "VERDICTS";

@@ -11,14 +11,14 @@ use meshless_common::{
     MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS, TraceCtx,
 };
 
-use aya_ebpf::{cty::c_void, programs::TracePointContext};
+use aya_ebpf::{EbpfContext, cty::c_void, maps::ProgramArray};
 
 use crate::{
     context,
     detect::{Http, WINDOW, classify, read_head},
     maps::{
         ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, CONT, COUNTERS, ConnState, EVENTS, Held,
-        SCRATCH, SERVER_CTX, conn_key, count, wakeup_bytes,
+        SCRATCH, conn_key, count, wakeup_bytes,
     },
 };
 
@@ -188,9 +188,18 @@ fn read_user(dst: *mut u8, src: u64, len: usize) -> Result<(), i64> {
 /// the first MAX_CAPTURE bytes, and for a plain-buffer request head longer
 /// than that, up to MAX_CONTINUATION more bytes as contiguous events (so a
 /// `traceparent` after a big cookie is seen). The events' `len`s add up to
-/// `ret`, so userspace sees one stream.
+/// `ret`, so userspace sees one stream. A request a server read leaves
+/// through a tail call to slot 0 of `server_ctx` (a program of `ctx`'s type).
 #[inline(always)]
-pub fn emit_data(tp: &TracePointContext, id: u64, args: &Args, ret: usize, state: &ConnState, flags: u32) {
+pub fn emit_data<C: EbpfContext>(
+    tp: &C,
+    server_ctx: &ProgramArray,
+    id: u64,
+    args: &Args,
+    ret: usize,
+    state: &ConnState,
+    flags: u32,
+) {
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
     let Some(ev) = SCRATCH.get_ptr_mut(0) else {
         return;
@@ -242,7 +251,7 @@ pub fn emit_data(tp: &TracePointContext, id: u64, args: &Args, ret: usize, state
             // Does not return when it works; on failure the event goes out
             // without a context below.
             // SAFETY: the slot holds a tracepoint program like this one.
-            unsafe { SERVER_CTX.tail_call(tp, 0) };
+            unsafe { server_ctx.tail_call(tp, 0) };
         } else if args.direction == Direction::Ingress as u32
             && context::starts_request(&[
                 b'A', first[0], first[1], first[2], first[3], first[4], first[5], first[6],
@@ -265,7 +274,7 @@ pub fn emit_data(tp: &TracePointContext, id: u64, args: &Args, ret: usize, state
         // net/http's background read took the next request's first byte:
         // its context is decided now (this event starts the request).
         // SAFETY: as above.
-        unsafe { SERVER_CTX.tail_call(tp, 0) };
+        unsafe { server_ctx.tail_call(tp, 0) };
     }
     // Reaching here, bytes a server read did not start a request the
     // kernel could see (requests are tail-called above).

@@ -336,3 +336,45 @@ pub static GO_PENDING: LruHashMap<u64, GoCtx> = LruHashMap::with_max_entries(163
 /// Go linking counters (`GoCounter` slots).
 #[map(name = "GO_COUNTERS")]
 pub static GO_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(meshless_common::GO_COUNTER_SLOTS, 0);
+
+/// An `SSL_read`/`SSL_write` call in progress on a thread (keyed by
+/// pid_tgid): what its return probe needs, and the socket the thread's
+/// read/write syscalls named meanwhile.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsCall {
+    pub ssl: u64,
+    pub buf: u64,
+    /// `size_t *` of the `_ex` variants (bytes moved), 0 otherwise.
+    pub len_ptr: u64,
+    /// The fd of a read/write made during the call, `TLS_NO_FD` if none.
+    pub fd: u32,
+    pub direction: u32,
+    /// When the call started (an entry whose return was never seen expires).
+    pub ktime_ns: u64,
+    /// Client side: the context decided for a request written by this call.
+    pub ctx: TraceCtx,
+}
+
+pub const TLS_NO_FD: u32 = u32::MAX;
+
+#[map(name = "TLS_CALLS")]
+pub static TLS_CALLS: HashMap<u64, TlsCall> = HashMap::with_max_entries(16384, 0);
+
+/// The socket fd of an `SSL *` of a process: an `SSL_read` served from
+/// OpenSSL's buffer makes no syscall, so the fd seen earlier is used.
+#[map(name = "TLS_FDS")]
+pub static TLS_FDS: LruHashMap<GoKey, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// The finished SSL call being emitted, as syscall arguments (per CPU: the
+/// BPF stack is too small for it next to the emitting code).
+#[map(name = "TLS_ARGS")]
+pub static TLS_ARGS: PerCpuArray<Args> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slot 0: `meshless_tls_server_ctx` (like `SERVER_CTX`, for uprobes: a
+/// tail call stays within one program type).
+#[map(name = "TLS_SERVER_CTX")]
+pub static TLS_SERVER_CTX: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+#[map(name = "TLS_COUNTERS")]
+pub static TLS_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(meshless_common::TLS_COUNTER_SLOTS, 0);

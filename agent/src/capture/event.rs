@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use bytes::Bytes;
 use meshless_common::{
     ConnAddrs, Direction, EventHeader, EventKind, AF_INET, AF_INET6, FLAG_ACCEPTED, FLAG_CONNECTED, FLAG_LOCAL_ADDR,
-    FLAG_NEW_CONN, FLAG_REMOTE_ADDR, FLAG_UNCONFIRMED, HEADER_SIZE,
+    FLAG_NEW_CONN, FLAG_REMOTE_ADDR, FLAG_TLS, FLAG_UNCONFIRMED, HEADER_SIZE,
 };
 
 /// Identity of one connection: a (process, fd) pair and the kernel's
@@ -25,6 +25,8 @@ pub struct SocketInfo {
     pub connected: bool,
     /// Socket inode (`socket:[N]`) as the kernel read it; 0 when unknown.
     pub ino: u64,
+    /// The payload is TLS plaintext read at the TLS library (HTTPS).
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +120,7 @@ impl Event {
                 accepted: h.flags & FLAG_ACCEPTED != 0,
                 connected: h.flags & FLAG_CONNECTED != 0,
                 ino: h.sock_ino,
+                tls: h.flags & FLAG_TLS != 0,
             },
             ctx: crate::trace_context::KernelCtx::from_wire(&h.ctx),
             body,

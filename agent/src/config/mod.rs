@@ -46,6 +46,7 @@ pub mod env {
     pub const NAMESPACES: &str = "MESHLESS_NAMESPACES";
     pub const EXCLUDE_NAMESPACES: &str = "MESHLESS_EXCLUDE_NAMESPACES";
     pub const PROPAGATION: &str = "MESHLESS_PROPAGATION";
+    pub const TLS: &str = "MESHLESS_TLS";
     pub const CGROUP: &str = "MESHLESS_CGROUP";
 }
 
@@ -240,6 +241,13 @@ pub struct Config {
     #[arg(long, value_enum, env = env::PROPAGATION, default_value = "tcp-options", help_heading = "Trace context")]
     pub propagation: Propagation,
 
+    /// Trace HTTPS by reading plaintext at OpenSSL (`libssl.so.*`) with
+    /// uprobes: `on`, or `off` (default: TLS connections give no spans).
+    /// Off by default for now: each SSL call then costs the app ~29 µs on
+    /// VMs that single-step the probed instruction (docs/tls.md).
+    #[arg(long, value_enum, env = env::TLS, default_value = "off")]
+    pub tls: OnOff,
+
     /// Trace only processes in this cgroup2 subtree (absolute path, e.g.
     /// /sys/fs/cgroup/kubepods.slice, or relative to the cgroup2 mount).
     /// The TCP-option program is attached there too. Default: everything.
@@ -285,6 +293,12 @@ impl Config {
             ),
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 /// Trace-context propagation between nodes.

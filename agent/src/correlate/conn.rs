@@ -11,6 +11,8 @@ pub struct Conn {
     pub local: Option<SocketAddr>,
     pub remote: Option<SocketAddr>,
     pub last_ktime_ns: u64,
+    /// Its payload is TLS plaintext (HTTPS).
+    pub tls: bool,
     /// Where the kernel's event numbering of this connection stands.
     pub sequence: crate::capture::Sequence,
     /// Decided by the first data event.
@@ -24,6 +26,7 @@ impl Conn {
             local,
             remote,
             last_ktime_ns: 0,
+            tls: false,
             sequence: crate::capture::Sequence::default(),
             protocol: None,
         }

@@ -46,6 +46,7 @@ fn event(e: Ev<'_>) -> Event {
             accepted: false,
             connected: false,
             ino: 0,
+            tls: false,
         },
         body: EventBody::Data {
             direction: e.dir,

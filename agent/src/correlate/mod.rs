@@ -412,7 +412,9 @@ fn new_conn(key: &ConnKey, process: Process, socket: crate::capture::SocketInfo)
             remote = remote.or(Some(r));
         }
     }
-    Conn::new(process, local, remote)
+    let mut conn = Conn::new(process, local, remote);
+    conn.tls = socket.tls;
+    conn
 }
 
 fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) -> Span {
@@ -450,6 +452,7 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
         target,
         status_code: response.head().and_then(|h| h.status()),
         protocol_version: request.version,
+        tls: conn.tls,
         rpc,
         client,
         server,

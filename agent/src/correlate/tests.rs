@@ -25,6 +25,7 @@ fn data(tgid: u32, fd: u32, dir: Direction, bytes: &'static [u8], t: u64, local:
             accepted: false,
             connected: false,
             ino: 0,
+            tls: false,
         },
         body: EventBody::Data {
             direction: dir,

@@ -58,7 +58,7 @@ pub fn of(span: &Span, opts: Options) -> Attributes {
     if let Some(path) = target.path {
         put("url.path", capped(path, MAX_URL_PART, &mut cut));
     }
-    put("url.scheme", s("http"));
+    put("url.scheme", s(if span.tls { "https" } else { "http" }));
     if opts.capture_query {
         if let Some(q) = target.query {
             put("url.query", capped(q, MAX_URL_PART, &mut cut));
@@ -100,6 +100,11 @@ pub fn of(span: &Span, opts: Options) -> Attributes {
     // network.transport (tcp) and network.protocol.name (http) are left
     // out: semconv requires them only when they differ from these defaults.
     put("network.protocol.version", s(span.protocol_version));
+    if span.tls {
+        // semconv tls.*: the session is TLS (the library does not tell
+        // the agent the version it negotiated).
+        put("tls.protocol.name", s("tls"));
+    }
     if let Some(ua) = &span.user_agent {
         put("user_agent.original", capped(ua, MAX_VALUE, &mut cut));
     }

@@ -65,6 +65,7 @@ impl Peer {
                 accepted: false,
                 connected: false,
                 ino: 0,
+                tls: false,
             },
             body: EventBody::Data {
                 direction,

@@ -440,6 +440,7 @@ mod tests {
             target: "/".into(),
             status_code: Some(200),
             protocol_version: "1.1",
+            tls: false,
             rpc: None,
             client: "10.0.0.9:5000".parse().ok(),
             server: "10.0.0.5:80".parse().ok(),

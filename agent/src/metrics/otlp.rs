@@ -58,7 +58,7 @@ impl OtlpMetrics {
     pub fn record(&self, span: &Span, service_name: &str) {
         let mut attrs = vec![
             KeyValue::new("http.request.method", span.method_label().to_owned()),
-            KeyValue::new("url.scheme", "http"),
+            KeyValue::new("url.scheme", if span.tls { "https" } else { "http" }),
             KeyValue::new("network.protocol.name", "http"),
             KeyValue::new("network.protocol.version", span.protocol_version),
             KeyValue::new("service.name", service_name.to_owned()),

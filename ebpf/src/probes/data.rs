@@ -8,7 +8,10 @@ use crate::{
     context::{client_request, starts_request},
     detect::{WINDOW, classify},
     follow::tracked_conn,
-    maps::{ARGS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_NONE, BUF_PLAIN, CONNS, FOLLOW, HELD, VERDICTS, conn_key, count},
+    maps::{
+        ARGS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_NONE, BUF_PLAIN, CONNS, FOLLOW, HELD, SERVER_CTX, VERDICTS, conn_key,
+        count,
+    },
 };
 use meshless_common::{Counter, TraceCtx};
 
@@ -52,6 +55,10 @@ fn stash(ctx: &TracePointContext, syscall: Syscall, direction: Direction, layout
         return 0;
     }
     let fd = arg(ctx, 0) as u32;
+    if super::tls::inside_ssl_call(id, fd) {
+        // TLS records of an SSL call: its return probe emits the plaintext.
+        return 0;
+    }
     let mut args = Args {
         ptr: arg(ctx, 1),
         count: arg(ctx, 2),
@@ -110,12 +117,17 @@ fn finish(ctx: &TracePointContext) -> u32 {
     // SAFETY: per-CPU scratch, used by one program at a time on this CPU.
     let f = unsafe { &mut *f };
     if tracked_conn(key, &args, n as usize, detect, f) {
+        if f.state.flags & meshless_common::FLAG_TLS != 0 {
+            // Ciphertext outside an SSL call (handshake, alerts): the
+            // connection's plaintext comes from the TLS probes.
+            return 0;
+        }
         let mut flags = f.flags;
         if f.has_held != 0 {
             emit_held(tgid, id as u32, &args, &f.held, &f.state, flags);
             flags &= !meshless_common::FLAG_NEW_CONN;
         }
-        emit_data(ctx, id, &args, n as usize, &f.state, flags);
+        emit_data(ctx, &SERVER_CTX, id, &args, n as usize, &f.state, flags);
     }
     0
 }

@@ -4,6 +4,7 @@ pub mod data;
 pub mod go;
 pub mod lifecycle;
 pub mod sockops;
+pub mod tls;
 
 use aya_ebpf::{
     EbpfContext,

@@ -1,0 +1,276 @@
+//! HTTPS: uprobes on OpenSSL's `SSL_read`/`SSL_write` (and `_ex`) read the
+//! plaintext, which flows into the same parsers as plaintext HTTP (see
+//! ebpf/src/probes/tls.rs for how it is tied to its socket).
+//!
+//! A uprobe sits on a file (device + inode), so each libssl file is
+//! attached once and then covers every process that maps it, also those
+//! started later. Files are found in the host's usual library paths at
+//! start and in `/proc/<pid>/maps` of new processes (through
+//! `/proc/<pid>/root`, which reaches container images), on a side thread.
+pub mod library;
+
+use std::{
+    ffi::CString,
+    os::{fd::OwnedFd, unix::fs::MetadataExt},
+    path::Path,
+    time::Duration,
+};
+
+use aya::{
+    maps::{MapData, PerCpuArray, ProgramArray},
+    programs::{ProgramFd, UProbe},
+    Ebpf,
+};
+use meshless_common::{TlsCounter, TLS_COUNTERS_MAP, TLS_SERVER_CTX_MAP, TLS_SERVER_CTX_PROGRAM, TLS_UPROBES};
+use tracing::{debug, info, warn};
+
+/// Why the TLS uprobes cannot be used (HTTPS is then not traced).
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("program {0} is missing from the eBPF object (rebuild)")]
+    MissingProgram(&'static str),
+    #[error("loading uprobe program {name}: {detail}")]
+    Load { name: &'static str, detail: String },
+    #[error("map {0} is missing from the eBPF object or has another layout (rebuild)")]
+    Map(&'static str),
+    #[error("reading {path}: {detail}; is CONFIG_UPROBE_EVENTS on?")]
+    Pmu { path: &'static str, detail: String },
+}
+
+/// Library files attached at most (distinct OpenSSL builds on one node).
+const MAX_LIBRARIES: usize = 64;
+/// Processes remembered as scanned; beyond it the set starts over.
+const MAX_PROCESSES: usize = 65_536;
+/// How often a process's maps are read: libraries are loaded at start or
+/// soon after (Python imports `ssl` when a module needs it).
+const SCANS_PER_PROCESS: u8 = 3;
+/// Time between scans of /proc for new processes.
+pub const SCAN_EVERY: Duration = Duration::from_secs(2);
+
+const UPROBE_TYPE: &str = "/sys/bus/event_source/devices/uprobe/type";
+const UPROBE_RETPROBE: &str = "/sys/bus/event_source/devices/uprobe/format/retprobe";
+
+/// The loaded TLS programs and the library files they are attached to.
+pub struct TlsProbes {
+    /// Program fds in `TLS_UPROBES` order.
+    programs: Vec<ProgramFd>,
+    pmu_type: u32,
+    /// `config` bit that makes a uprobe a return probe.
+    retprobe_config: u64,
+    /// (device, inode) → perf event fds (closed on drop), or None when the
+    /// file cannot be probed (remembered so it is not read again).
+    libraries: foldhash::HashMap<(u64, u64), Option<Vec<OwnedFd>>>,
+    /// pid → how many times its maps were read.
+    scanned: foldhash::HashMap<u32, u8>,
+    counters: Option<PerCpuArray<MapData, u64>>,
+    last_counts: Vec<u64>,
+    last_log: std::time::Instant,
+}
+
+impl TlsProbes {
+    /// Loads (verifies) the uprobe programs; attaching happens per library.
+    pub fn load(ebpf: &mut Ebpf) -> Result<TlsProbes, TlsError> {
+        let tail = load_program(ebpf, TLS_SERVER_CTX_PROGRAM)?;
+        let map = ebpf
+            .map_mut(TLS_SERVER_CTX_MAP)
+            .ok_or(TlsError::Map(TLS_SERVER_CTX_MAP))?;
+        let mut slots = ProgramArray::try_from(map).map_err(|_| TlsError::Map(TLS_SERVER_CTX_MAP))?;
+        slots.set(0, &tail, 0).map_err(|e| TlsError::Load {
+            name: TLS_SERVER_CTX_PROGRAM,
+            detail: e.to_string(),
+        })?;
+        let mut programs = Vec::new();
+        for (name, _, _) in TLS_UPROBES {
+            programs.push(load_program(ebpf, name)?);
+        }
+        let pmu_type = read_sysfs(UPROBE_TYPE)?.parse::<u32>().map_err(|e| TlsError::Pmu {
+            path: UPROBE_TYPE,
+            detail: e.to_string(),
+        })?;
+        let bit = read_sysfs(UPROBE_RETPROBE)?;
+        let retprobe_config = bit
+            .strip_prefix("config:")
+            .and_then(|b| b.parse::<u32>().ok())
+            .filter(|b| *b < 64)
+            .map(|b| 1u64 << b)
+            .ok_or(TlsError::Pmu {
+                path: UPROBE_RETPROBE,
+                detail: format!("unexpected format `{bit}`"),
+            })?;
+        let counters = ebpf
+            .take_map(TLS_COUNTERS_MAP)
+            .and_then(|m| PerCpuArray::try_from(m).ok());
+        Ok(TlsProbes {
+            programs,
+            pmu_type,
+            retprobe_config,
+            libraries: foldhash::HashMap::default(),
+            scanned: foldhash::HashMap::default(),
+            counters,
+            last_counts: Vec::new(),
+            last_log: std::time::Instant::now(),
+        })
+    }
+
+    /// Number of library files with probes attached.
+    pub fn attached(&self) -> usize {
+        self.libraries.values().filter(|l| l.is_some()).count()
+    }
+
+    /// Attaches the host's usual libssl files (processes started later map them).
+    pub fn attach_host(&mut self) {
+        for path in library::HOST_CANDIDATES {
+            let path = Path::new(path);
+            if path.exists() {
+                self.attach_file(path, None);
+            }
+        }
+    }
+
+    /// Reads the maps of processes not scanned often enough yet and
+    /// attaches the libssl files they map; forgets processes that ended.
+    pub fn scan(&mut self) {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let me = std::process::id();
+        let mut alive = foldhash::HashSet::default();
+        for entry in dir.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            alive.insert(pid);
+            if pid == me {
+                continue;
+            }
+            let scans = self.scanned.entry(pid).or_insert(0);
+            if *scans >= SCANS_PER_PROCESS {
+                continue;
+            }
+            *scans += 1;
+            let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+                continue;
+            };
+            for path in library::mapped_libssl(&maps) {
+                self.attach_file(&library::via_root(pid, path), Some(pid));
+            }
+        }
+        self.scanned.retain(|pid, _| alive.contains(pid));
+        if self.scanned.len() > MAX_PROCESSES {
+            self.scanned.clear();
+        }
+    }
+
+    /// Attaches every probe to one library file, once per file.
+    fn attach_file(&mut self, path: &Path, pid: Option<u32>) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        let id = (meta.dev(), meta.ino());
+        if self.libraries.contains_key(&id) {
+            return;
+        }
+        if self.libraries.len() >= MAX_LIBRARIES {
+            debug!(path = %path.display(), limit = MAX_LIBRARIES, "too many TLS libraries: not attached");
+            return;
+        }
+        let attached = match library::symbols(path).map_err(|e| e.to_string()).and_then(|symbols| {
+            self.attach_symbols(path, &symbols.offsets)
+                .map_err(|e| format!("attaching uprobes to {}: {e}", path.display()))
+        }) {
+            Ok(fds) => {
+                info!(path = %path.display(), pid, uprobes = fds.len(), "TLS library: tracing HTTPS through it");
+                Some(fds)
+            }
+            Err(error) => {
+                warn!(pid, %error, "TLS library not traced");
+                None
+            }
+        };
+        self.libraries.insert(id, attached);
+    }
+
+    /// Return probes first: an entry probe whose call returns unseen would
+    /// leave the thread marked as inside an SSL call.
+    fn attach_symbols(&self, path: &Path, offsets: &[Option<u64>]) -> std::io::Result<Vec<OwnedFd>> {
+        let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+        let mut fds = Vec::new();
+        for want_return in [true, false] {
+            for (i, (_, _, is_return)) in TLS_UPROBES.iter().enumerate() {
+                let (Some(offset), true) = (offsets[i], *is_return == want_return) else {
+                    continue;
+                };
+                let config = if *is_return { self.retprobe_config } else { 0 };
+                fds.push(crate::golang::perf_uprobe(
+                    self.pmu_type,
+                    config,
+                    &cpath,
+                    offset,
+                    &self.programs[i],
+                )?);
+            }
+        }
+        Ok(fds)
+    }
+
+    /// Logs the TLS counters when they changed, at most every few seconds.
+    pub fn log_counters(&mut self) {
+        let Some(map) = &self.counters else {
+            return;
+        };
+        if self.last_log.elapsed() < Duration::from_secs(5) {
+            return;
+        }
+        self.last_log = std::time::Instant::now();
+        let counts: Vec<u64> = TlsCounter::ALL
+            .iter()
+            .map(|(c, _)| map.get(&(*c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0))
+            .collect();
+        if counts != self.last_counts {
+            let text: Vec<String> = TlsCounter::ALL
+                .iter()
+                .zip(&counts)
+                .map(|((_, name), v)| format!("{name}={v}"))
+                .collect();
+            info!("tls counters {}", text.join(" "));
+            self.last_counts = counts;
+        }
+    }
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<ProgramFd, TlsError> {
+    let fail = |detail: String| TlsError::Load { name, detail };
+    let program: &mut UProbe = ebpf
+        .program_mut(name)
+        .ok_or(TlsError::MissingProgram(name))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| fail(e.to_string()))?;
+    program.load().map_err(|e| fail(e.to_string()))?;
+    program
+        .fd()
+        .map_err(|e| fail(e.to_string()))?
+        .try_clone()
+        .map_err(|e| fail(e.to_string()))
+}
+
+fn read_sysfs(path: &'static str) -> Result<String, TlsError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|e| TlsError::Pmu {
+            path,
+            detail: e.to_string(),
+        })
+}
+
+/// Keeps attaching libraries of new processes on a thread of its own
+/// (reading /proc and ELF files must not stall the event path).
+pub fn spawn(mut probes: TlsProbes) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("tls-attach".into())
+        .spawn(move || loop {
+            std::thread::sleep(SCAN_EVERY);
+            probes.scan();
+            probes.log_counters();
+        })?;
+    Ok(())
+}
