@@ -243,7 +243,7 @@ impl Span {
 /// OTel RPC semconv: a client span is an error for any status but OK; a
 /// server span only for statuses that mean the server failed (UNKNOWN,
 /// DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS).
-fn grpc_is_error(kind: SpanKind, code: u32) -> bool {
+pub(crate) fn grpc_is_error(kind: SpanKind, code: u32) -> bool {
     match kind {
         SpanKind::Client => code != 0,
         SpanKind::Server => matches!(code, 2 | 4 | 12 | 13 | 14 | 15),

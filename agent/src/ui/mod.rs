@@ -155,9 +155,8 @@ fn route_of(span: &Span) -> String {
 /// 4xx): Some(what it answered).
 fn map_error(span: &Span) -> Option<String> {
     if let Some(code) = span.grpc_status() {
-        // OTel's server-side gRPC errors: UNKNOWN, DEADLINE_EXCEEDED,
-        // UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
-        return matches!(code, 2 | 4 | 12 | 13 | 14 | 15).then(|| format!("grpc {code}"));
+        // What a server counts as failed, from whichever side it was seen.
+        return crate::span::grpc_is_error(SpanKind::Server, code).then(|| format!("grpc {code}"));
     }
     match (span.status_code, span.unanswered) {
         (Some(s), _) if s >= 500 => Some(s.to_string()),
