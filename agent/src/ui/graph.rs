@@ -172,7 +172,8 @@ pub struct Call<'a> {
     pub duration_us: u64,
     /// Some(status text) when the call failed.
     pub error: Option<String>,
-    pub trace_id: String,
+    /// Spelled out only for a failed call (kept in its recent errors).
+    pub trace_id: &'a crate::trace_context::TraceId,
 }
 
 struct Edge {
@@ -250,7 +251,7 @@ impl Graph {
                 unix_secs: now_secs,
                 route: crate::http::cut(call.route, 256).to_owned(),
                 status: status.clone(),
-                trace_id: call.trace_id.clone(),
+                trace_id: call.trace_id.to_string(),
             });
         }
         let rkey = (call.target.to_owned(), call.route.to_owned());
@@ -337,6 +338,8 @@ impl Graph {
 mod tests {
     use super::*;
 
+    const TRACE: crate::trace_context::TraceId = crate::trace_context::TraceId([7; 16]);
+
     fn call<'a>(source: &'a str, target: &'a str, route: &'a str, ms: u64, error: bool) -> Call<'a> {
         Call {
             source,
@@ -344,7 +347,7 @@ mod tests {
             route,
             duration_us: ms * 1000,
             error: error.then(|| "500".to_owned()),
-            trace_id: "t".into(),
+            trace_id: &TRACE,
         }
     }
 

@@ -75,7 +75,7 @@ impl Live {
             route: &route_of(span),
             duration_us: span.end_unix_nano.saturating_sub(span.start_unix_nano) / 1000,
             error,
-            trace_id: span.trace_id.to_string(),
+            trace_id: &span.trace_id,
         };
         self.state().graph.record(&call, now_secs());
     }
