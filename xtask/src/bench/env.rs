@@ -380,6 +380,10 @@ pub fn start_meshless(bin: &Path, dir: &Path, extra: &[&str]) -> Result<Proc> {
             "0",
             "--metrics-exporter",
             "none",
+            // As deployed on a node (the DaemonSet): the live map is a dev-VM
+            // feature and off in Kubernetes.
+            "--ui",
+            "off",
         ]);
     let p = spawn("meshless", c, &log)?;
     let deadline = Instant::now() + Duration::from_secs(20);
