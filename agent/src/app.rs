@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin,
-    budget::{self, Charged, Reason, Share},
+    budget::Share,
     capture::{self, loader, EventBatch},
     clock::Clock,
     config::{otel::ExportSettings, Config, LogFormat},
@@ -31,11 +31,11 @@ use crate::{
     health::{Health, Heartbeat},
     k8s::{
         self,
-        index::{Index, NamespaceFilter, Verdict},
+        index::{Index, NamespaceFilter},
     },
-    metrics::{OtlpMetrics, Peers, Prometheus},
+    metrics::{OtlpMetrics, Prometheus},
     propagation,
-    span::Span,
+    pipeline::{ChannelSink, Pipeline, Router, Sink},
     stats::Stats,
 };
 
@@ -70,12 +70,6 @@ pub fn init_logging(config: &Config) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-}
-
-/// Where routed spans go.
-struct Sinks {
-    console: Option<mpsc::Sender<SpanBatch>>,
-    otlp: Option<mpsc::Sender<SpanBatch>>,
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -167,6 +161,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(serve);
     }
 
+    let recorder = match &config.record {
+        Some(path) => {
+            warn!(file = %path.display(), "recording raw ring-buffer records (payloads included)");
+            Some(capture::record::Recorder::create(path).with_context(|| format!("creating {}", path.display()))?)
+        }
+        None => None,
+    };
     let (capture_to_correlate, events_rx) = mpsc::channel::<EventBatch>(CHANNEL_BATCHES);
     tokio::spawn(expiry.run(capture_to_correlate.downgrade(), stats.clone()));
     let capture = tokio::spawn(capture::run(
@@ -176,17 +177,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         stats.clone(),
         capture::Confirmer::spawn(verdicts),
         health.stage("capture"),
+        recorder,
     ));
 
     let mut export_threads = Vec::new();
-    let mut sinks = Sinks {
-        console: None,
-        otlp: None,
-    };
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if settings.console {
         let (tx, rx) = mpsc::channel::<SpanBatch>(CHANNEL_BATCHES);
         let hb = health.stage_with("export-console", pending(&tx));
-        sinks.console = Some(tx);
+        sinks.push(Box::new(ChannelSink { tx, stats: stats.clone() }));
         let (format, query, st) = (config.console_format, settings.capture_query, stats.clone());
         export_threads.push(
             std::thread::Builder::new()
@@ -197,7 +196,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     if let (Some(exporter), Some(target)) = (span_exporter, &settings.otlp_traces) {
         let (tx, rx) = mpsc::channel::<SpanBatch>(CHANNEL_BATCHES);
-        sinks.otlp = Some(tx);
+        sinks.push(Box::new(ChannelSink { tx, stats: stats.clone() }));
         let hb = health.stage("export-otlp");
         let resources = Resources::new(
             settings.resource_attributes.clone(),
@@ -242,9 +241,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         correlator.notify_new_processes(tx);
     }
     let correlate = tokio::spawn(correlate_stage(
-        correlator,
+        Pipeline::new(correlator, router),
         events_rx,
-        router,
         health.stage("correlate"),
     ));
     info!(
@@ -346,119 +344,26 @@ fn spawn_classifier(
     Ok(tx)
 }
 
-/// Records metrics for every span, samples, and fans out to the exporters.
-struct Router {
-    sinks: Sinks,
-    sampler: crate::export::sampler::Sampler,
-    prometheus: Arc<Prometheus>,
-    otlp_metrics: Option<OtlpMetrics>,
-    names: Resources,
-    stats: Arc<Stats>,
-    k8s: Option<Index>,
-    ready: admin::Ready,
-    /// The live map and trace view (`--ui`).
-    live: Option<crate::ui::Live>,
-}
-
-impl Router {
-    /// Applies pending metadata updates; reports readiness once synced.
-    fn tick(&mut self) {
-        if let Some(ix) = &mut self.k8s {
-            ix.refresh();
-            if ix.synced() {
-                self.ready.store(true, Ordering::Relaxed);
-            }
-        }
-    }
-
-    fn route(&mut self, spans: Vec<Span>) {
-        let mut kept = Vec::with_capacity(spans.len());
-        if let Some(ix) = &mut self.k8s {
-            ix.refresh();
-        }
-        for mut span in spans {
-            if let Some(ix) = &mut self.k8s {
-                if ix.enrich(&mut span) == Verdict::Drop {
-                    Stats::inc(&self.stats.spans_filtered);
-                    continue;
-                }
-            }
-            let service = self.names.service_of(&span);
-            let peers = Peers::of(&span, &service, |comm| self.names.service_name(comm));
-            self.prometheus.record(&span, &service, &peers);
-            if let Some(m) = &self.otlp_metrics {
-                m.record(&span, &service);
-            }
-            if let Some(live) = &self.live {
-                live.observe(&span, &peers);
-            }
-            if self.sampler.sample(&span) {
-                if let Some(live) = &self.live {
-                    live.keep(&span, &service, &peers);
-                }
-                kept.push(span);
-            } else {
-                Stats::inc(&self.stats.spans_sampled_out);
-            }
-        }
-        if kept.is_empty() {
-            return;
-        }
-        match (&self.sinks.console, &self.sinks.otlp) {
-            (Some(c), Some(o)) => {
-                send_spans(kept.clone(), c, &self.stats);
-                send_spans(kept, o, &self.stats);
-            }
-            (Some(only), None) | (None, Some(only)) => send_spans(kept, only, &self.stats),
-            (None, None) => {}
-        }
-    }
-}
-
 async fn correlate_stage(
-    mut correlator: Correlator,
+    mut pipeline: Pipeline,
     mut events_rx: mpsc::Receiver<EventBatch>,
-    mut router: Router,
     heartbeat: Heartbeat,
 ) -> Option<OtlpMetrics> {
     let mut tick = time::interval(TICK);
     tick.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
-    let mut spans = Vec::new();
     loop {
         heartbeat.beat();
         tokio::select! {
             batch = events_rx.recv() => match batch {
-                Some(mut batch) => batch.items.drain(..).for_each(|ev| correlator.handle(ev, &mut spans)),
+                Some(mut batch) => pipeline.events(batch.items.drain(..)),
                 None => break,
             },
-            _ = tick.tick() => {
-                correlator.tick(Clock::monotonic_now(), &mut spans);
-                router.tick();
-            }
-        }
-        if !spans.is_empty() {
-            router.route(std::mem::take(&mut spans));
+            _ = tick.tick() => pipeline.tick(Clock::monotonic_now()),
         }
     }
-    correlator.flush(&mut spans);
-    router.route(spans);
+    let mut router = pipeline.finish();
     heartbeat.finish();
     router.otlp_metrics.take()
-}
-
-/// Hands spans to an exporter if their bytes fit the budget and the
-/// exporter keeps up; otherwise sheds them, counted.
-fn send_spans(batch: Vec<Span>, tx: &mpsc::Sender<SpanBatch>, stats: &Stats) {
-    let n = batch.len() as u64;
-    let bytes = batch.iter().map(budget::span_bytes).sum();
-    let Some(charge) = stats.budget.charge(Share::Spans, bytes) else {
-        Stats::add(&stats.spans_dropped, n);
-        return stats.budget.shed(Reason::SpanBudget, n);
-    };
-    if tx.try_send(Charged::new(batch, charge)).is_err() {
-        Stats::add(&stats.spans_dropped, n);
-        stats.budget.shed(Reason::SpanQueue, n);
-    }
 }
 
 /// Niceness of the exporter threads: encoding and sending spans should

@@ -2,7 +2,8 @@
 //!
 //! Pipeline (see docs/architecture.md):
 //! `capture` (kernel ring buffer) → `http` (parsing) → `correlate` (spans)
-//! → `export` (console). `app` wires the stages together.
+//! → `export` (console). `app` wires the stages together; `pipeline` is
+//! what runs after capture, drivable without the kernel.
 pub mod admin;
 pub mod app;
 pub mod budget;
@@ -17,6 +18,7 @@ pub mod http;
 pub mod http2;
 pub mod k8s;
 pub mod metrics;
+pub mod pipeline;
 pub mod privacy;
 pub mod propagation;
 pub mod route;

@@ -1,30 +1,37 @@
 //! Low-cardinality route templates for span names: path segments that look
 //! like identifiers (numbers, UUIDs, hashes, long tokens) become `*`.
 
+/// Longest template kept (bytes).
+const MAX_TEMPLATE: usize = 128;
+
 /// Templates a URL path, e.g. `/users/42/orders/9f8e…` → `/users/*/orders/*`.
 pub fn template(path: &str) -> String {
+    let mut out = String::with_capacity(path.len().min(MAX_TEMPLATE));
+    let _ = write_template(path, &mut out);
+    out
+}
+
+/// [`template`] written into `out` (the OTLP encoder writes span names
+/// straight into its buffer).
+pub fn write_template(path: &str, out: &mut impl std::fmt::Write) -> std::fmt::Result {
     if path.is_empty() {
-        return "/".to_owned();
+        return out.write_str("/");
     }
     if !path.starts_with('/') {
         // Absolute-form or `*` targets: keep only a bounded, id-free prefix.
-        return if path == "*" { "*".to_owned() } else { "/*".to_owned() };
+        return out.write_str(if path == "*" { "*" } else { "/*" });
     }
-    let mut out = String::with_capacity(path.len().min(128));
+    let mut room = MAX_TEMPLATE;
     for (i, seg) in path.split('/').enumerate().take(16) {
-        if i > 0 {
-            out.push('/');
+        for piece in [if i > 0 { "/" } else { "" }, if is_identifier(seg) { "*" } else { seg }] {
+            if piece.len() > room {
+                return out.write_str(crate::http::cut(piece, room));
+            }
+            out.write_str(piece)?;
+            room -= piece.len();
         }
-        out.push_str(if is_identifier(seg) { "*" } else { seg });
     }
-    if out.len() > 128 {
-        let mut cut = 128;
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        out.truncate(cut);
-    }
-    out
+    Ok(())
 }
 
 fn is_identifier(seg: &str) -> bool {
@@ -52,5 +59,14 @@ mod tests {
         assert_eq!(template("/api/v2/items"), "/api/v2/items");
         assert_eq!(template(""), "/");
         assert_eq!(template("/"), "/");
+    }
+
+    #[test]
+    fn cuts_long_templates_at_128_bytes_on_a_char_boundary() {
+        let long = format!("/{}", "é".repeat(100));
+        let t = template(&long);
+        assert_eq!(t.len(), 127);
+        assert!(long.starts_with(&t));
+        assert_eq!(template(&format!("/{}", "a".repeat(300))).len(), 128);
     }
 }

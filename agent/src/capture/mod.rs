@@ -10,6 +10,7 @@ pub mod expiry;
 pub mod loader;
 pub mod names;
 pub mod preflight;
+pub mod record;
 pub mod sequence;
 
 use std::{sync::Arc, time::Duration};
@@ -46,6 +47,7 @@ pub async fn run(
     stats: Arc<Stats>,
     confirmer: Confirmer,
     heartbeat: Heartbeat,
+    mut recorder: Option<record::Recorder>,
 ) -> std::io::Result<()> {
     #[allow(deprecated)] // AsyncFd::new is deprecated in tokio 1.54 in favour of a builder.
     let mut fd = AsyncFd::new(events)?;
@@ -66,7 +68,7 @@ pub async fn run(
             _ = tick.tick() => {}
         }
         heartbeat.beat();
-        if !drain(fd.get_mut(), &events_tx, &stats, &confirmer) {
+        if !drain(fd.get_mut(), &events_tx, &stats, &confirmer, recorder.as_mut()) {
             heartbeat.finish();
             return Ok(());
         }
@@ -79,11 +81,15 @@ fn drain(
     events_tx: &mpsc::Sender<EventBatch>,
     stats: &Stats,
     confirmer: &Confirmer,
+    mut recorder: Option<&mut record::Recorder>,
 ) -> bool {
     let mut batch = Vec::new();
     let mut bytes = 0;
     while let Some(record) = ring.next() {
         Stats::inc(&stats.events_read);
+        if let Some(r) = recorder.as_deref_mut() {
+            r.write(&record);
+        }
         if let Some((tgid, fd)) = event::unconfirmed(&record) {
             confirmer.ask(tgid, fd);
         }
@@ -102,6 +108,9 @@ fn drain(
         {
             return false;
         }
+    }
+    if let Some(r) = recorder {
+        r.flush();
     }
     batch.is_empty() || send(batch, bytes, events_tx, stats)
 }

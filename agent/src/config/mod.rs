@@ -88,6 +88,12 @@ pub struct Config {
     #[arg(long, default_value_t = 256)]
     pub wakeup_kib: u64,
 
+    /// Development: also append every ring-buffer record to this file, for
+    /// the replay benchmark (`cargo bench -p meshless --bench replay`).
+    /// Holds payload bytes of the traffic: never on a real node.
+    #[arg(long, hide = true)]
+    pub record: Option<std::path::PathBuf>,
+
     /// Most connections tracked at once; the least recently active is
     /// dropped (and counted) beyond it.
     #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(16..))]

@@ -83,6 +83,8 @@ pub struct Correlator {
     names: ProcessNames,
     /// Told about each process seen (it sets the kernel's linking policy).
     new_process: Option<std::sync::mpsc::SyncSender<crate::propagation::Seen>>,
+    /// Asks the host for a socket's addresses the kernel did not report.
+    lookup: SocketLookup,
     #[cfg(test)]
     pending: Vec<Span>,
 }
@@ -95,15 +97,33 @@ struct SpanEnv {
     headers: HeaderPolicy,
 }
 
+/// (local, remote) of socket `fd` of process `pid` with inode `ino`, as
+/// the host answers it ([`sockets::lookup`]; a replay answers from its
+/// recording or not at all).
+pub type SocketLookup = fn(u32, u32, u64) -> Option<(std::net::SocketAddr, std::net::SocketAddr)>;
+
 impl Correlator {
     pub fn new(limits: Limits, headers: HeaderPolicy, stats: Arc<Stats>) -> Self {
+        Self::with_host(limits, headers, stats, crate::capture::names::from_proc, sockets::lookup)
+    }
+
+    /// A correlator that asks `names` and `lookup` instead of /proc and
+    /// the live sockets (replays, tests).
+    pub fn with_host(
+        limits: Limits,
+        headers: HeaderPolicy,
+        stats: Arc<Stats>,
+        names: crate::capture::names::Source,
+        lookup: SocketLookup,
+    ) -> Self {
         Self {
             conns: HashMap::default(),
             generations: HashMap::default(),
             links: Links::default(),
             aliases: Aliases::default(),
-            names: ProcessNames::default(),
+            names: ProcessNames::new(names),
             new_process: None,
+            lookup,
             #[cfg(test)]
             pending: Vec::new(),
             env: SpanEnv {
@@ -156,7 +176,7 @@ impl Correlator {
                         thread: String::new(),
                         cgroup_id: ev.cgroup_id,
                     };
-                    let conn = new_conn(&ev.conn, process, ev.socket);
+                    let conn = new_conn(&ev.conn, process, ev.socket, self.lookup);
                     self.conns.insert(key, conn);
                     self.generations.insert((key.tgid, key.fd), key.conn_id);
                     if let Some(tx) = &self.new_process {
@@ -402,12 +422,12 @@ fn link_key(conn: &Conn, ex: &Exchange) -> Option<LinkKey> {
     }
 }
 
-fn new_conn(key: &ConnKey, process: Process, socket: crate::capture::SocketInfo) -> Conn {
+fn new_conn(key: &ConnKey, process: Process, socket: crate::capture::SocketInfo, lookup: SocketLookup) -> Conn {
     let (mut local, mut remote) = (socket.local, socket.remote);
     if local.is_none() || remote.is_none() {
         // The kernel side could not learn the addresses (e.g. accept4 with a
         // NULL sockaddr, or a socket older than the agent): ask the socket.
-        if let Some((l, r)) = sockets::lookup(key.tgid, key.fd, socket.ino) {
+        if let Some((l, r)) = lookup(key.tgid, key.fd, socket.ino) {
             local = local.or(Some(l));
             remote = remote.or(Some(r));
         }

@@ -1,0 +1,175 @@
+//! The userspace pipeline after capture, drivable without the kernel:
+//! decoded events → correlate → route (enrich, metrics, sampling) → sinks.
+//!
+//! The agent runs it on the correlate task and feeds its sinks from
+//! channels to the exporter threads; the replay benchmark runs the same
+//! thing on one thread with an encoding sink that discards the bytes.
+use std::sync::{atomic::Ordering, Arc};
+
+use crate::{
+    admin,
+    budget::{self, Charged, Reason, Share},
+    capture::Event,
+    correlate::Correlator,
+    export::{otlp::SpanBatch, resource::Resources, sampler::Sampler},
+    k8s::index::{Index, Verdict},
+    metrics::{OtlpMetrics, Peers, Prometheus},
+    span::Span,
+    stats::Stats,
+};
+
+/// Where routed spans go: an exporter's queue, or (benchmarks) an encoder.
+pub trait Sink: Send {
+    fn send(&mut self, spans: Vec<Span>);
+}
+
+/// Hands spans to an exporter thread if their bytes fit the budget and the
+/// exporter keeps up; otherwise sheds them, counted.
+pub struct ChannelSink {
+    pub tx: tokio::sync::mpsc::Sender<SpanBatch>,
+    pub stats: Arc<Stats>,
+}
+
+impl Sink for ChannelSink {
+    fn send(&mut self, batch: Vec<Span>) {
+        let stats = &self.stats;
+        let n = batch.len() as u64;
+        let bytes = batch.iter().map(budget::span_bytes).sum();
+        let Some(charge) = stats.budget.charge(Share::Spans, bytes) else {
+            Stats::add(&stats.spans_dropped, n);
+            return stats.budget.shed(Reason::SpanBudget, n);
+        };
+        if self.tx.try_send(Charged::new(batch, charge)).is_err() {
+            Stats::add(&stats.spans_dropped, n);
+            stats.budget.shed(Reason::SpanQueue, n);
+        }
+    }
+}
+
+/// Records metrics for every span, samples, and fans out to the sinks.
+pub struct Router {
+    pub sinks: Vec<Box<dyn Sink>>,
+    pub sampler: Sampler,
+    pub prometheus: Arc<Prometheus>,
+    pub otlp_metrics: Option<OtlpMetrics>,
+    pub names: Resources,
+    pub stats: Arc<Stats>,
+    pub k8s: Option<Index>,
+    pub ready: admin::Ready,
+    /// The live map and trace view (`--ui`).
+    pub live: Option<crate::ui::Live>,
+}
+
+impl Router {
+    /// A router with metrics and sampling but no Kubernetes, UI or sinks.
+    pub fn plain(sampler: Sampler, names: Resources, stats: Arc<Stats>) -> Self {
+        Self {
+            sinks: Vec::new(),
+            sampler,
+            prometheus: Arc::new(Prometheus::new(stats.clone())),
+            otlp_metrics: None,
+            names,
+            stats,
+            k8s: None,
+            ready: admin::Ready::default(),
+            live: None,
+        }
+    }
+
+    /// Applies pending metadata updates; reports readiness once synced.
+    pub fn tick(&mut self) {
+        if let Some(ix) = &mut self.k8s {
+            ix.refresh();
+            if ix.synced() {
+                self.ready.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn route(&mut self, spans: Vec<Span>) {
+        let mut kept = Vec::with_capacity(spans.len());
+        if let Some(ix) = &mut self.k8s {
+            ix.refresh();
+        }
+        for mut span in spans {
+            if let Some(ix) = &mut self.k8s {
+                if ix.enrich(&mut span) == Verdict::Drop {
+                    Stats::inc(&self.stats.spans_filtered);
+                    continue;
+                }
+            }
+            let service = self.names.service_of(&span);
+            let peers = Peers::of(&span, &service, |comm| self.names.service_name(comm));
+            self.prometheus.record(&span, &service, &peers);
+            if let Some(m) = &self.otlp_metrics {
+                m.record(&span, &service);
+            }
+            if let Some(live) = &self.live {
+                live.observe(&span, &peers);
+            }
+            if self.sampler.sample(&span) {
+                if let Some(live) = &self.live {
+                    live.keep(&span, &service, &peers);
+                }
+                kept.push(span);
+            } else {
+                Stats::inc(&self.stats.spans_sampled_out);
+            }
+        }
+        if kept.is_empty() {
+            return;
+        }
+        if let Some((last, others)) = self.sinks.split_last_mut() {
+            for sink in others {
+                sink.send(kept.clone());
+            }
+            last.send(kept);
+        }
+    }
+}
+
+/// Correlation and routing on one thread.
+pub struct Pipeline {
+    pub correlator: Correlator,
+    pub router: Router,
+    spans: Vec<Span>,
+}
+
+impl Pipeline {
+    pub fn new(correlator: Correlator, router: Router) -> Self {
+        Self {
+            correlator,
+            router,
+            spans: Vec::new(),
+        }
+    }
+
+    /// Correlates a batch of events and routes the spans they finish.
+    pub fn events(&mut self, events: impl IntoIterator<Item = Event>) {
+        for ev in events {
+            self.correlator.handle(ev, &mut self.spans);
+        }
+        self.route();
+    }
+
+    /// Periodic work at kernel time `now_ktime_ns` (link waits, idle
+    /// connections, metadata updates).
+    pub fn tick(&mut self, now_ktime_ns: u64) {
+        self.correlator.tick(now_ktime_ns, &mut self.spans);
+        self.router.tick();
+        self.route();
+    }
+
+    /// Emits everything still held (shutdown) and returns the router.
+    pub fn finish(mut self) -> Router {
+        self.correlator.flush(&mut self.spans);
+        self.route();
+        self.router
+    }
+
+    fn route(&mut self) {
+        if !self.spans.is_empty() {
+            self.router.route(std::mem::take(&mut self.spans));
+        }
+    }
+}
