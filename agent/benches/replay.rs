@@ -19,7 +19,7 @@ use std::{
 use meshless::{
     capture::{record, Event},
     correlate::{Correlator, Limits},
-    export::{resource::Resources, sampler::Sampler},
+    export::{attributes::Options, encode::Encoder, resource::Resources, sampler::Sampler},
     pipeline::{Pipeline, Router, Sink},
     privacy::HeaderPolicy,
     span::{Span, SpanKind},
@@ -59,11 +59,9 @@ const BATCH: usize = 256;
 /// Event time between ticks, as the agent's 50 ms timer.
 const TICK_NS: u64 = 50_000_000;
 
-/// Encodes every batch as the OTLP exporter would, then drops the bytes.
-/// (Before the exporter encoded protobuf itself: SDK `SpanData` per span,
-/// grouped per workload, converted by opentelemetry-proto, prost-encoded.)
+/// Encodes every batch as the OTLP exporter does, then drops the bytes.
 struct Encode {
-    encoder: SdkEncoder,
+    encoder: Encoder,
     spans: Arc<AtomicU64>,
     servers: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
@@ -76,39 +74,6 @@ impl Sink for Encode {
         self.servers.fetch_add(servers as u64, Relaxed);
         let bytes = self.encoder.encode_discard(&spans);
         self.bytes.fetch_add(bytes as u64, Relaxed);
-    }
-}
-
-struct SdkEncoder(Resources);
-
-impl SdkEncoder {
-    fn encode_discard(&mut self, spans: &[Span]) -> usize {
-        use meshless::export::{attributes::Options, otlp, resource};
-        use opentelemetry_proto::{
-            tonic::collector::trace::v1::ExportTraceServiceRequest,
-            transform::{common::tonic::ResourceAttributesWithSchema, trace::tonic::group_spans_by_resource_and_scope},
-        };
-        use prost::Message;
-        let mut groups: std::collections::HashMap<resource::WorkloadKey, (opentelemetry_sdk::Resource, Vec<_>)> =
-            Default::default();
-        for span in spans {
-            let data = otlp::span_data(span, Options::default());
-            std::hint::black_box(otlp::encoded_len_estimate(&data));
-            groups
-                .entry(resource::key_of(span))
-                .or_insert_with(|| (self.0.get(span), Vec::new()))
-                .1
-                .push(data);
-        }
-        let mut bytes = 0;
-        for (res, data) in groups.into_values() {
-            let r: ResourceAttributesWithSchema = (&res).into();
-            let req = ExportTraceServiceRequest {
-                resource_spans: group_spans_by_resource_and_scope(data, &r),
-            };
-            bytes += req.encode_to_vec().len();
-        }
-        bytes
     }
 }
 
@@ -144,7 +109,7 @@ fn pipeline() -> (Pipeline, Counters, Arc<Stats>) {
         bytes: Arc::default(),
     };
     router.sinks.push(Box::new(Encode {
-        encoder: SdkEncoder(Resources::new(Vec::new(), Default::default(), None)),
+        encoder: Encoder::new(Resources::new(Vec::new(), Default::default(), None), Options::default()),
         spans: c.spans.clone(),
         servers: c.servers.clone(),
         bytes: c.bytes.clone(),
@@ -180,7 +145,11 @@ fn main() {
     let seconds: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3.0);
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
     let records = record::records(&bytes).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let times: Vec<u64> = records.iter().filter_map(|r| Event::decode(r).ok()).map(|e| e.ktime_ns).collect();
+    let times: Vec<u64> = records
+        .iter()
+        .filter_map(|r| Event::decode(r).ok())
+        .map(|e| e.ktime_ns)
+        .collect();
     let first = times.iter().min().copied().unwrap_or(0);
     let last = times.iter().max().copied().unwrap_or(0);
     // Each pass starts a second after the previous one ended: idle
@@ -206,14 +175,27 @@ fn main() {
     let events = rounds * records.len() as u64;
     let per_s = |n: u64| n as f64 / cpu.as_secs_f64();
     println!("recording        {path}: {} records", records.len());
-    println!("rounds           {rounds} ({:.2} s CPU, {:.2} s wall)", cpu.as_secs_f64(), wall.as_secs_f64());
+    println!(
+        "rounds           {rounds} ({:.2} s CPU, {:.2} s wall)",
+        cpu.as_secs_f64(),
+        wall.as_secs_f64()
+    );
     println!("events/s/core    {:.0}", per_s(events));
     println!("spans/s/core     {:.0}", per_s(spans));
-    println!("requests/s/core  {:.0} (server spans; each also has a client span)", per_s(requests));
-    println!("µs/request       {:.2}", cpu.as_secs_f64() * 1e6 / requests.max(1) as f64);
+    println!(
+        "requests/s/core  {:.0} (server spans; each also has a client span)",
+        per_s(requests)
+    );
+    println!(
+        "µs/request       {:.2}",
+        cpu.as_secs_f64() * 1e6 / requests.max(1) as f64
+    );
     println!("allocs/request   {:.1}", allocs as f64 / requests.max(1) as f64);
     println!("allocs/span      {:.1}", allocs as f64 / spans.max(1) as f64);
-    println!("OTLP bytes/span  {:.0}", c.bytes.load(Relaxed) as f64 / c.spans.load(Relaxed).max(1) as f64);
+    println!(
+        "OTLP bytes/span  {:.0}",
+        c.bytes.load(Relaxed) as f64 / c.spans.load(Relaxed).max(1) as f64
+    );
     let snap = stats.snapshot();
     let get = |k: &str| snap.iter().find(|(n, _)| *n == k).map_or(0, |(_, v)| *v);
     println!(

@@ -104,7 +104,13 @@ pub type SocketLookup = fn(u32, u32, u64) -> Option<(std::net::SocketAddr, std::
 
 impl Correlator {
     pub fn new(limits: Limits, headers: HeaderPolicy, stats: Arc<Stats>) -> Self {
-        Self::with_host(limits, headers, stats, crate::capture::names::from_proc, sockets::lookup)
+        Self::with_host(
+            limits,
+            headers,
+            stats,
+            crate::capture::names::from_proc,
+            sockets::lookup,
+        )
     }
 
     /// A correlator that asks `names` and `lookup` instead of /proc and

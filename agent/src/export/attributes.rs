@@ -31,23 +31,88 @@ pub const MAX_VALUE: usize = 1024;
 /// Set when some attribute value above was cut to its limit.
 pub const TRUNCATED_ATTRIBUTE: &str = "meshless.attributes.truncated";
 
-fn s(v: impl Into<String>) -> Value {
-    Value::Str(v.into())
+/// An attribute value borrowed from the span (what encoders walk).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Attr<'a> {
+    Str(&'a str),
+    Int(i64),
+    Bool(bool),
+    /// A one-element string array (semconv header attributes).
+    StrArray1(&'a str),
+}
+
+impl Attr<'_> {
+    fn to_owned(self) -> Value {
+        match self {
+            Attr::Str(s) => Value::Str(s.to_owned()),
+            Attr::Int(i) => Value::Int(i),
+            Attr::Bool(b) => Value::Bool(b),
+            Attr::StrArray1(s) => Value::StrArray(vec![s.to_owned()]),
+        }
+    }
+}
+
+/// Short text formatted on the stack (addresses, numbers): no allocation
+/// per attribute.
+pub struct Text {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl Text {
+    pub fn of(v: impl std::fmt::Display) -> Text {
+        let mut t = Text { buf: [0; 64], len: 0 };
+        // Display of an address or a number never exceeds 64 bytes; if it
+        // did, the text is cut (Write fails and what fits is kept).
+        let _ = std::fmt::Write::write_fmt(&mut t, format_args!("{v}"));
+        t
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only whole &str pieces are copied in, so this is valid UTF-8.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+impl std::fmt::Write for Text {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        if end > self.buf.len() {
+            return Err(std::fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
 }
 
 /// `v` cut to `max` bytes (on a char boundary); `cut` records that it was.
-fn capped(v: &str, max: usize, cut: &mut bool) -> Value {
+fn capped<'a>(v: &'a str, max: usize, cut: &mut bool) -> Attr<'a> {
     let kept = crate::http::cut(v, max);
     *cut |= kept.len() < v.len();
-    s(kept)
+    Attr::Str(kept)
 }
 
-/// The span's attributes.
+/// The span's attributes, owned (console, UI).
 pub fn of(span: &Span, opts: Options) -> Attributes {
     let mut a: Attributes = Vec::with_capacity(20);
+    visit(span, opts, |prefix, key, v| {
+        let key = match (prefix, key) {
+            ("", _) => Cow::Owned(key.to_owned()),
+            _ => Cow::Owned(format!("{prefix}{key}")),
+        };
+        a.push((key, v.to_owned()));
+    });
+    a
+}
+
+/// Calls `put(key_prefix, key, value)` for each of the span's attributes,
+/// in order, borrowing what it can from the span (the OTLP encoder writes
+/// them straight into its buffer). The prefix is empty except for headers.
+pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'_>)) {
     let mut cut = false;
-    let mut put = |k: &'static str, v: Value| a.push((Cow::Borrowed(k), v));
-    put("http.request.method", s(span.method_label()));
+    let mut put = |k: &str, v: Attr<'_>| emit("", k, v);
+    put("http.request.method", Attr::Str(span.method_label()));
     if !span.method_is_known() {
         put(
             "http.request.method_original",
@@ -58,94 +123,102 @@ pub fn of(span: &Span, opts: Options) -> Attributes {
     if let Some(path) = target.path {
         put("url.path", capped(path, MAX_URL_PART, &mut cut));
     }
-    put("url.scheme", s(if span.tls { "https" } else { "http" }));
+    put("url.scheme", Attr::Str(if span.tls { "https" } else { "http" }));
     if opts.capture_query {
         if let Some(q) = target.query {
             put("url.query", capped(q, MAX_URL_PART, &mut cut));
         }
     }
     if let Some(code) = span.status_code {
-        put("http.response.status_code", Value::Int(i64::from(code)));
+        put("http.response.status_code", Attr::Int(i64::from(code)));
     }
     if let (Some(host), port) = (target.host, target.port) {
         // An absolute-form or authority-form target names the server
         // (semconv: the target's host wins over the connection's address).
         put("server.address", capped(host, MAX_VALUE, &mut cut));
         if let Some(port) = port.or(span.server.map(|s| s.port())) {
-            put("server.port", Value::Int(i64::from(port)));
+            put("server.port", Attr::Int(i64::from(port)));
         }
     } else if let Some(server) = span.server {
         // A client span names the service it called when the cluster knows it.
-        let name = match (span.kind, span.peer_k8s.as_ref().and_then(|p| p.service_fqdn.clone())) {
-            (crate::span::SpanKind::Client, Some(fqdn)) => fqdn,
-            _ => server.ip().to_string(),
+        let fqdn = match span.kind {
+            crate::span::SpanKind::Client => span.peer_k8s.as_ref().and_then(|p| p.service_fqdn.as_deref()),
+            crate::span::SpanKind::Server => None,
         };
-        put("server.address", s(name));
-        put("server.port", Value::Int(i64::from(server.port())));
+        match fqdn {
+            Some(fqdn) => put("server.address", Attr::Str(fqdn)),
+            None => put("server.address", Attr::Str(Text::of(server.ip()).as_str())),
+        }
+        put("server.port", Attr::Int(i64::from(server.port())));
     }
     if let Some(real) = span.resolved_server {
         // No semconv attribute names the NAT target; server.address stays
         // what the client dialled.
-        put("meshless.server.resolved.address", s(real.ip().to_string()));
-        put("meshless.server.resolved.port", Value::Int(i64::from(real.port())));
+        put(
+            "meshless.server.resolved.address",
+            Attr::Str(Text::of(real.ip()).as_str()),
+        );
+        put("meshless.server.resolved.port", Attr::Int(i64::from(real.port())));
     }
     if let Some(client) = span.client {
-        put("client.address", s(client.ip().to_string()));
-        put("client.port", Value::Int(i64::from(client.port())));
+        put("client.address", Attr::Str(Text::of(client.ip()).as_str()));
+        put("client.port", Attr::Int(i64::from(client.port())));
     }
     if let Some(peer) = span.peer() {
-        put("network.peer.address", s(peer.ip().to_string()));
-        put("network.peer.port", Value::Int(i64::from(peer.port())));
+        put("network.peer.address", Attr::Str(Text::of(peer.ip()).as_str()));
+        put("network.peer.port", Attr::Int(i64::from(peer.port())));
     }
     // network.transport (tcp) and network.protocol.name (http) are left
     // out: semconv requires them only when they differ from these defaults.
-    put("network.protocol.version", s(span.protocol_version));
+    put("network.protocol.version", Attr::Str(span.protocol_version));
     if span.tls {
         // semconv tls.*: the session is TLS (the library does not tell
         // the agent the version it negotiated).
-        put("tls.protocol.name", s("tls"));
+        put("tls.protocol.name", Attr::Str("tls"));
     }
     if let Some(ua) = &span.user_agent {
         put("user_agent.original", capped(ua, MAX_VALUE, &mut cut));
     }
-    if let Some(error_type) = span.error_type() {
-        put("error.type", s(error_type));
+    if span.is_error() {
+        match (span.grpc_status(), span.status_code, span.unanswered) {
+            (Some(code), _, _) => put("error.type", Attr::Str(Text::of(code).as_str())),
+            (None, Some(code), _) => put("error.type", Attr::Str(Text::of(code).as_str())),
+            (None, None, Some(why)) => put("error.type", Attr::Str(why.error_type())),
+            (None, None, None) => {}
+        }
     }
     if let Some(rpc) = &span.rpc {
-        put("rpc.system", s("grpc"));
+        put("rpc.system", Attr::Str("grpc"));
         if !rpc.service.is_empty() {
             put("rpc.service", capped(&rpc.service, MAX_VALUE, &mut cut));
             put("rpc.method", capped(&rpc.method, MAX_VALUE, &mut cut));
         }
         if let Some(code) = rpc.grpc_status {
-            put("rpc.grpc.status_code", Value::Int(i64::from(code)));
+            put("rpc.grpc.status_code", Attr::Int(i64::from(code)));
         }
     }
     // Per span, not per process: the resource cannot carry the thread.
-    put("thread.id", Value::Int(i64::from(span.process.tid)));
+    put("thread.id", Attr::Int(i64::from(span.process.tid)));
     if !span.process.thread.is_empty() {
-        put("thread.name", s(span.process.thread.clone()));
+        put("thread.name", Attr::Str(&span.process.thread));
     }
     if opts.process {
-        put("process.pid", Value::Int(i64::from(span.process.pid)));
-        put("process.executable.name", s(&*span.process.executable));
+        put("process.pid", Attr::Int(i64::from(span.process.pid)));
+        put("process.executable.name", Attr::Str(&span.process.executable));
     }
     if span.truncated {
-        put("meshless.capture.truncated", Value::Bool(true));
+        put("meshless.capture.truncated", Attr::Bool(true));
     }
     if cut {
-        put(TRUNCATED_ATTRIBUTE, Value::Bool(true));
+        put(TRUNCATED_ATTRIBUTE, Attr::Bool(true));
     }
+    drop(put);
     for (prefix, headers) in [
         ("http.request.header.", &span.request_headers),
         ("http.response.header.", &span.response_headers),
     ] {
         for (name, value) in headers.iter() {
-            a.push((
-                Cow::Owned(format!("{prefix}{name}")),
-                Value::StrArray(vec![value.clone()]),
-            ));
+            emit(prefix, name, Attr::StrArray1(value));
         }
     }
-    a
 }

@@ -1,33 +1,24 @@
-//! OTLP trace export (gRPC or HTTP/protobuf) with the opentelemetry-otlp
-//! exporter. Spans keep the kernel-observed times and the ids the
-//! correlator assigned, so they are turned into `SpanData` directly rather
-//! than going through a tracer. The queue in front is bounded: while the
-//! collector is away new spans are dropped and counted, memory stays flat,
-//! and export resumes by itself when the collector is back.
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+//! OTLP trace export (gRPC or HTTP/protobuf). Spans keep the
+//! kernel-observed times and the ids the correlator assigned; they are
+//! encoded as protobuf directly ([`super::encode`]), one request per batch
+//! with every workload in it, and sent by [`super::transport`]. The queue
+//! in front is bounded: while the collector is away new spans are dropped
+//! and counted, memory stays flat, and export resumes by itself when the
+//! collector is back.
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
-use opentelemetry::{
-    trace::{SpanContext, SpanKind as OtelKind, Status, TraceFlags, TraceState},
-    InstrumentationScope, KeyValue, Value as OtelValue,
-};
+use bytes::Bytes;
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 use tokio::{sync::mpsc, time};
 use tracing::{debug, warn};
 
-use super::{
-    attributes::{self, Value},
-    resource::{self, Resources, WorkloadKey},
-};
+pub use super::transport::SpanExporter;
+use super::{attributes, encode::Encoder, resource::Resources};
 use crate::{
     budget::{self, Charged, Reason, Share},
-    config::otel::{OtlpTarget, Protocol},
+    config::otel::OtlpTarget,
     health::Heartbeat,
-    span::{Span, SpanKind},
+    span::Span,
     stats::Stats,
 };
 
@@ -51,12 +42,8 @@ pub enum OtlpError {
     Build { endpoint: String, reason: String },
 }
 
-pub fn build_span_exporter(t: &OtlpTarget) -> Result<opentelemetry_otlp::SpanExporter, OtlpError> {
-    let built = match t.protocol {
-        Protocol::Grpc => grpc_config(opentelemetry_otlp::SpanExporter::builder().with_tonic(), t)?.build(),
-        Protocol::HttpProtobuf => http_config(opentelemetry_otlp::SpanExporter::builder().with_http(), t).build(),
-    };
-    built.map_err(|e| build_error(t, e.to_string()))
+pub fn build_span_exporter(t: &OtlpTarget) -> Result<SpanExporter, OtlpError> {
+    SpanExporter::new(t).map_err(|reason| build_error(t, reason))
 }
 
 pub fn build_error(t: &OtlpTarget, reason: String) -> OtlpError {
@@ -88,7 +75,7 @@ pub fn http_config<B: WithExportConfig + WithHttpConfig>(b: B, t: &OtlpTarget) -
         .with_retry_policy(retry_policy())
 }
 
-/// Retries of one export request, as the OTel exporters do: the exporter
+/// Retries of one metrics export request, as the OTel exporters do: the exporter
 /// classifies failures by the OTLP spec (gRPC UNAVAILABLE, DEADLINE_EXCEEDED,
 /// RESOURCE_EXHAUSTED with RetryInfo...; HTTP 429/502/503/504, honouring
 /// Retry-After) and backs off exponentially with jitter. All attempts
@@ -103,7 +90,7 @@ pub fn retry_policy() -> opentelemetry_otlp::RetryPolicy {
         .with_max_jitter(Duration::from_millis(200))
 }
 
-fn metadata(headers: &[(String, String)]) -> Result<tonic::metadata::MetadataMap, String> {
+pub(super) fn metadata(headers: &[(String, String)]) -> Result<tonic::metadata::MetadataMap, String> {
     let mut map = tonic::metadata::MetadataMap::new();
     for (k, v) in headers {
         let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
@@ -116,7 +103,7 @@ fn metadata(headers: &[(String, String)]) -> Result<tonic::metadata::MetadataMap
     Ok(map)
 }
 
-fn tls(t: &OtlpTarget) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+pub(super) fn tls(t: &OtlpTarget) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
     if t.insecure || !t.endpoint.starts_with("https://") {
         return Ok(None);
     }
@@ -130,42 +117,39 @@ fn tls(t: &OtlpTarget) -> Result<Option<tonic::transport::ClientTlsConfig>, Stri
 
 /// The OTLP trace export stage.
 pub struct OtlpTraces {
-    exporter: opentelemetry_otlp::SpanExporter,
+    exporter: SpanExporter,
     endpoint: String,
-    resources: Resources,
-    opts: attributes::Options,
+    encoder: Encoder,
     queue: Queue,
     stats: Arc<Stats>,
     failing: bool,
 }
 
-/// One export request: spans of one workload, under the size limit.
+/// One export request: encoded spans of any workloads, under the size limit.
 struct Request {
-    resource: opentelemetry_sdk::Resource,
-    spans: Vec<SpanData>,
+    body: Bytes,
+    spans: u64,
     /// Bytes the spans hold against the export budget until the request ends.
     held: u64,
-    /// Estimated encoded size.
-    size: usize,
 }
 
 impl OtlpTraces {
     pub fn new(
-        exporter: opentelemetry_otlp::SpanExporter,
+        exporter: SpanExporter,
         endpoint: String,
         resources: Resources,
         capture_query: bool,
         capacity: usize,
         stats: Arc<Stats>,
     ) -> Self {
+        let opts = attributes::Options {
+            capture_query,
+            process: false,
+        };
         Self {
             exporter,
             endpoint,
-            resources,
-            opts: attributes::Options {
-                capture_query,
-                process: false,
-            },
+            encoder: Encoder::new(resources, opts),
             queue: Queue::new(capacity, stats.clone()),
             stats,
             failing: false,
@@ -206,64 +190,42 @@ impl OtlpTraces {
                 self.export(request, &mut spans_rx, &heartbeat).await;
             }
         }
-        let _ = self.exporter.shutdown();
         heartbeat.finish();
     }
 
-    /// Takes up to [`BATCH`] queued spans as requests, one per workload,
-    /// each under [`MAX_REQUEST_BYTES`] encoded.
+    /// Takes up to [`BATCH`] queued spans as encoded requests, each under
+    /// [`MAX_REQUEST_BYTES`]; a span larger than that alone is dropped,
+    /// counted.
     fn next_requests(&mut self) -> Vec<Request> {
-        let mut groups: HashMap<WorkloadKey, Request> = HashMap::new();
-        let mut order = Vec::new();
+        let (spans, held): (Vec<Span>, Vec<u64>) = self.queue.take(BATCH).into_iter().unzip();
         let mut requests = Vec::new();
-        for (span, held) in self.queue.take(BATCH) {
-            let key = resource::key_of(&span);
-            let data = span_data(&span, self.opts);
-            let size = encoded_len_estimate(&data);
-            if size > MAX_REQUEST_BYTES {
-                self.queue.release(held);
-                self.stats.budget.shed(Reason::ExportOversize, 1);
-                Stats::inc(&self.stats.otlp_spans_dropped);
-                continue;
-            }
-            let group = groups.entry(key.clone()).or_insert_with(|| {
-                order.push(key.clone());
-                Request {
-                    resource: self.resources.get(&span),
-                    spans: Vec::new(),
-                    held: 0,
-                    size: 0,
-                }
+        let oversize = self.encoder.encode(&spans, MAX_REQUEST_BYTES, |body, members| {
+            requests.push(Request {
+                body: Bytes::copy_from_slice(body),
+                spans: members.len() as u64,
+                held: members.iter().map(|&i| held[i as usize]).sum(),
             });
-            if group.size + size > MAX_REQUEST_BYTES {
-                requests.push(Request {
-                    resource: group.resource.clone(),
-                    spans: std::mem::take(&mut group.spans),
-                    held: std::mem::take(&mut group.held),
-                    size: std::mem::take(&mut group.size),
-                });
-            }
-            group.spans.push(data);
-            group.held += held;
-            group.size += size;
+        });
+        for i in oversize {
+            self.queue.release(held[i as usize]);
+            self.stats.budget.shed(Reason::ExportOversize, 1);
+            Stats::inc(&self.stats.otlp_spans_dropped);
         }
-        requests.extend(order.into_iter().filter_map(|k| groups.remove(&k)));
         requests
     }
 
-    /// Sends one request (the exporter retries retryable failures with
-    /// backoff, see [`retry_policy`]) while still taking in new spans;
-    /// false when `spans_rx` closed meanwhile.
+    /// Sends one request (retrying retryable failures with backoff, see
+    /// [`super::transport`]) while still taking in new spans; false when
+    /// `spans_rx` closed meanwhile.
     async fn export(
         &mut self,
         request: Request,
         spans_rx: &mut mpsc::Receiver<SpanBatch>,
         heartbeat: &Heartbeat,
     ) -> bool {
-        let count = request.spans.len() as u64;
-        self.exporter.set_resource(&request.resource);
-        let (exporter, queue) = (&self.exporter, &mut self.queue);
-        let sent = exporter.export(request.spans);
+        let count = request.spans;
+        let (exporter, queue) = (&mut self.exporter, &mut self.queue);
+        let sent = exporter.export(request.body);
         tokio::pin!(sent);
         let mut beat = time::interval(Duration::from_secs(1));
         let mut open = true;
@@ -354,100 +316,5 @@ impl Queue {
 impl Drop for Queue {
     fn drop(&mut self) {
         self.release(self.spans.iter().map(|(_, b)| b).sum());
-    }
-}
-
-/// An upper bound of a span's protobuf size in an export request: fixed
-/// fields, strings with their tags and length prefixes, and every
-/// attribute with its KeyValue/AnyValue envelopes. Estimated rather than
-/// encoded because the exporter encodes the request itself.
-pub fn encoded_len_estimate(span: &SpanData) -> usize {
-    const FIXED: usize = 128; // ids, times, kind, flags, status code, envelopes
-    const PER_ATTRIBUTE: usize = 20; // tags, length prefixes, AnyValue envelope
-    let attributes: usize = span
-        .attributes
-        .iter()
-        .map(|kv| {
-            let value = match &kv.value {
-                OtelValue::String(s) => s.as_str().len(),
-                OtelValue::Array(opentelemetry::Array::String(a)) => {
-                    a.iter().map(|s| s.as_str().len() + PER_ATTRIBUTE).sum()
-                }
-                _ => 16,
-            };
-            kv.key.as_str().len() + value + PER_ATTRIBUTE
-        })
-        .sum();
-    let status = match &span.status {
-        Status::Error { description } => description.len(),
-        _ => 0,
-    };
-    FIXED + span.name.len() + span.span_context.trace_state().header().len() + status + attributes
-}
-
-fn otel_value(v: Value) -> OtelValue {
-    match v {
-        Value::Str(s) => OtelValue::from(s),
-        Value::Int(i) => OtelValue::from(i),
-        Value::Bool(b) => OtelValue::from(b),
-        Value::StrArray(a) => OtelValue::Array(opentelemetry::Array::String(a.into_iter().map(Into::into).collect())),
-    }
-}
-
-fn unix(nanos: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos)
-}
-
-/// Our span as the SDK's exportable span data.
-pub fn span_data(span: &Span, opts: attributes::Options) -> SpanData {
-    let flags = if span.sampled {
-        TraceFlags::SAMPLED
-    } else {
-        TraceFlags::default()
-    };
-    let state = span
-        .trace_state
-        .as_deref()
-        .and_then(|s| s.parse::<TraceState>().ok())
-        .unwrap_or_default();
-    let ctx = SpanContext::new(
-        opentelemetry::trace::TraceId::from_bytes(span.trace_id.0),
-        opentelemetry::trace::SpanId::from_bytes(span.span_id.0),
-        flags,
-        false,
-        state,
-    );
-    let status = if span.is_error() {
-        Status::error(
-            span.status_code
-                .map_or_else(|| "no response".to_owned(), |c| format!("HTTP {c}")),
-        )
-    } else {
-        Status::Unset
-    };
-    SpanData {
-        span_context: ctx,
-        parent_span_id: span.parent_span_id.map_or(opentelemetry::trace::SpanId::INVALID, |p| {
-            opentelemetry::trace::SpanId::from_bytes(p.0)
-        }),
-        parent_span_is_remote: span.parent_is_remote,
-        span_kind: match span.kind {
-            SpanKind::Server => OtelKind::Server,
-            SpanKind::Client => OtelKind::Client,
-        },
-        name: span.name().into(),
-        start_time: unix(span.start_unix_nano),
-        end_time: unix(span.end_unix_nano),
-        attributes: attributes::of(span, opts)
-            .into_iter()
-            .map(|(k, v)| KeyValue::new(k, otel_value(v)))
-            .collect(),
-        dropped_attributes_count: 0,
-        events: SpanEvents::default(),
-        links: SpanLinks::default(),
-        status,
-        instrumentation_scope: InstrumentationScope::builder("meshless")
-            .with_version(env!("CARGO_PKG_VERSION"))
-            .build(),
     }
 }

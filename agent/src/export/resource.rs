@@ -6,18 +6,15 @@ use std::{collections::HashMap, sync::Arc};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::Resource;
 
+use super::attributes::Value;
 use crate::span::{Process, Span};
 
-/// Resources kept at most; the cache is cleared past it (rebuilt on demand).
-const MAX_CACHED: usize = 4096;
-
-/// Builds and caches per-process resources.
+/// Names the workloads: `service.name` and the resource attributes.
 #[derive(Debug)]
 pub struct Resources {
     host_name: String,
     extra: Vec<(String, String)>,
     service_names: HashMap<String, String>,
-    cache: HashMap<WorkloadKey, Resource>,
     node_name: Option<String>,
 }
 
@@ -32,6 +29,20 @@ pub fn key_of(span: &Span) -> WorkloadKey {
     (p.pid, p.name.clone(), p.executable.clone(), uid)
 }
 
+/// Whether `span` belongs to workload `key` (no copies made).
+pub fn is_of(key: &WorkloadKey, span: &Span) -> bool {
+    let p = &span.process;
+    let uid = span.k8s.as_ref().map_or("", |k| k.pod.uid.as_str());
+    key.0 == p.pid && *key.1 == *p.name && *key.2 == *p.executable && key.3 == uid
+}
+
+/// A hash of [`key_of`] computed without copies.
+pub fn hash_of(span: &Span, hasher: &impl std::hash::BuildHasher) -> u64 {
+    let p = &span.process;
+    let uid = span.k8s.as_ref().map_or("", |k| k.pod.uid.as_str());
+    hasher.hash_one((p.pid, &*p.name, &*p.executable, uid))
+}
+
 impl Resources {
     pub fn new(
         extra: Vec<(String, String)>,
@@ -42,7 +53,6 @@ impl Resources {
             host_name: host_name(),
             extra,
             service_names,
-            cache: HashMap::new(),
             node_name,
         }
     }
@@ -70,32 +80,27 @@ impl Resources {
             .map_or_else(|| p.name.to_string(), |k| k.pod.service_name())
     }
 
-    pub fn get(&mut self, span: &Span) -> Resource {
-        let key = key_of(span);
-        if let Some(r) = self.cache.get(&key) {
-            return r.clone();
-        }
-        if self.cache.len() >= MAX_CACHED {
-            self.cache.clear();
-        }
+    /// The resource attributes of a span's workload.
+    pub fn attributes_of(&self, span: &Span) -> Vec<(String, Value)> {
         let p: &Process = &span.process;
+        let s = |k: &str, v: String| (k.to_owned(), Value::Str(v));
         let mut attrs = vec![
-            KeyValue::new("service.name", self.service_of(span)),
-            KeyValue::new("host.name", self.host_name.clone()),
-            KeyValue::new("process.pid", i64::from(p.pid)),
-            KeyValue::new("process.executable.name", p.executable.to_string()),
+            s("service.name", self.service_of(span)),
+            s("host.name", self.host_name.clone()),
+            ("process.pid".to_owned(), Value::Int(i64::from(p.pid))),
+            s("process.executable.name", p.executable.to_string()),
         ];
         if let Some(k) = &span.k8s {
             let pod = &k.pod;
-            attrs.push(KeyValue::new("service.namespace", pod.namespace.clone()));
-            attrs.push(KeyValue::new("k8s.namespace.name", pod.namespace.clone()));
-            attrs.push(KeyValue::new("k8s.pod.name", pod.name.clone()));
-            attrs.push(KeyValue::new("k8s.pod.uid", pod.uid.clone()));
+            attrs.push(s("service.namespace", pod.namespace.clone()));
+            attrs.push(s("k8s.namespace.name", pod.namespace.clone()));
+            attrs.push(s("k8s.pod.name", pod.name.clone()));
+            attrs.push(s("k8s.pod.uid", pod.uid.clone()));
             if let Some(c) = &k.container {
-                attrs.push(KeyValue::new("k8s.container.name", c.clone()));
+                attrs.push(s("k8s.container.name", c.clone()));
             }
             if let Some((kind, name)) = &pod.workload {
-                attrs.push(KeyValue::new(kind.attribute(), name.clone()));
+                attrs.push(s(kind.attribute(), name.clone()));
             }
             let node = if pod.node.is_empty() {
                 self.node_name.clone()
@@ -103,26 +108,27 @@ impl Resources {
                 Some(pod.node.clone())
             };
             if let Some(node) = node {
-                attrs.push(KeyValue::new("k8s.node.name", node));
+                attrs.push(s("k8s.node.name", node));
             }
         }
-        attrs.extend(sdk_attributes());
-        attrs.extend(self.extra.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())));
-        let r = Resource::builder_empty().with_attributes(attrs).build();
-        self.cache.insert(key, r.clone());
-        r
+        attrs.extend(SDK_ATTRIBUTES.iter().map(|(k, v)| s(k, (*v).to_owned())));
+        attrs.extend(self.extra.iter().map(|(k, v)| s(k, v.clone())));
+        attrs
     }
 }
 
 /// `telemetry.sdk.*` and the agent that produced the data.
+const SDK_ATTRIBUTES: [(&str, &str); 5] = [
+    ("telemetry.sdk.name", "opentelemetry"),
+    ("telemetry.sdk.language", "rust"),
+    ("telemetry.sdk.version", "0.33"),
+    ("telemetry.distro.name", "meshless"),
+    ("telemetry.distro.version", env!("CARGO_PKG_VERSION")),
+];
+
+/// `telemetry.sdk.*` and the agent that produced the data.
 pub fn sdk_attributes() -> Vec<KeyValue> {
-    vec![
-        KeyValue::new("telemetry.sdk.name", "opentelemetry"),
-        KeyValue::new("telemetry.sdk.language", "rust"),
-        KeyValue::new("telemetry.sdk.version", "0.33"),
-        KeyValue::new("telemetry.distro.name", "meshless"),
-        KeyValue::new("telemetry.distro.version", env!("CARGO_PKG_VERSION")),
-    ]
+    SDK_ATTRIBUTES.iter().map(|(k, v)| KeyValue::new(*k, *v)).collect()
 }
 
 /// The agent's own resource (self-metrics).

@@ -9,7 +9,6 @@
 //! or expiry of its own; its `Family` is kept for storage and encoding and
 //! a side table remembers when each series was last written.
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -48,28 +47,40 @@ impl Default for SeriesLimits {
     }
 }
 
-#[derive(Debug, Default)]
-struct Tracker {
-    /// Second (since `epoch`) each series was last written.
-    last_write: HashMap<Labels, u64>,
+/// The series written, each with a handle on its metric (prometheus-client
+/// metrics share their storage between clones): a write finds its series
+/// with one fast hash of the labels, not a SipHash lookup in the family too.
+#[derive(Debug)]
+struct Tracker<M> {
+    series: foldhash::HashMap<Labels, Series<M>>,
     last_sweep: u64,
+}
+
+#[derive(Debug)]
+struct Series<M> {
+    metric: M,
+    /// Second (since `epoch`) the series was last written.
+    last_write: u64,
 }
 
 /// A `Family` with a series cap and expiry.
 #[derive(Debug)]
 pub struct Bounded<M> {
     family: Family<Labels, M, fn() -> M>,
-    tracker: Mutex<Tracker>,
+    tracker: Mutex<Tracker<M>>,
     limits: SeriesLimits,
     epoch: Instant,
     stats: Arc<Stats>,
 }
 
-impl<M: prometheus_client::metrics::TypedMetric> Bounded<M> {
+impl<M: prometheus_client::metrics::TypedMetric + Clone> Bounded<M> {
     pub fn new(constructor: fn() -> M, limits: SeriesLimits, stats: Arc<Stats>) -> Self {
         Self {
             family: Family::new_with_constructor(constructor),
-            tracker: Mutex::new(Tracker::default()),
+            tracker: Mutex::new(Tracker {
+                series: foldhash::HashMap::default(),
+                last_sweep: 0,
+            }),
             limits,
             epoch: Instant::now(),
             stats,
@@ -83,49 +94,50 @@ impl<M: prometheus_client::metrics::TypedMetric> Bounded<M> {
 
     /// Writes to the series of `labels`, or to the overflow series when the
     /// family is full.
-    pub fn with(&self, labels: Labels, write: impl FnOnce(&M)) {
+    pub fn with(&self, labels: &Labels, write: impl FnOnce(&M)) {
         self.with_at(labels, self.epoch.elapsed().as_secs(), write);
     }
 
     /// [`Bounded::with`] at a given second (tests drive time).
-    pub fn with_at(&self, labels: Labels, now_secs: u64, write: impl FnOnce(&M)) {
-        let chosen = {
-            // A poisoned lock only means another writer panicked; the table
-            // itself is still consistent.
-            let mut t = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
-            if now_secs.saturating_sub(t.last_sweep) >= SWEEP_EVERY_SECS {
-                t.last_sweep = now_secs;
-                self.expire(&mut t, now_secs);
-            }
-            if let Some(last) = t.last_write.get_mut(&labels) {
-                *last = now_secs;
-                labels
-            } else if t.last_write.len() < self.limits.max_series {
-                t.last_write.insert(labels.clone(), now_secs);
-                labels
-            } else {
-                Stats::inc(&self.stats.metric_series_overflow);
-                let overflow = overflow_labels();
-                // Tracked (so it expires too) but beyond the cap by one.
-                t.last_write.insert(overflow.clone(), now_secs);
-                overflow
-            }
+    pub fn with_at(&self, labels: &Labels, now_secs: u64, write: impl FnOnce(&M)) {
+        // A poisoned lock only means another writer panicked; the table
+        // itself is still consistent.
+        let mut t = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
+        if now_secs.saturating_sub(t.last_sweep) >= SWEEP_EVERY_SECS {
+            t.last_sweep = now_secs;
+            self.expire(&mut t, now_secs);
+        }
+        if let Some(series) = t.series.get_mut(labels) {
+            series.last_write = now_secs;
+            return write(&series.metric);
+        }
+        let chosen = if t.series.len() < self.limits.max_series {
+            labels.clone()
+        } else {
+            Stats::inc(&self.stats.metric_series_overflow);
+            // Tracked (so it expires too) but beyond the cap by one.
+            overflow_labels()
         };
-        write(&self.family.get_or_create(&chosen));
+        let series = t.series.entry(chosen).or_insert_with_key(|chosen| Series {
+            metric: self.family.get_or_create(chosen).clone(),
+            last_write: now_secs,
+        });
+        series.last_write = now_secs;
+        write(&series.metric);
     }
 
     /// Series currently kept (overflow series included).
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.tracker.lock().unwrap_or_else(|e| e.into_inner()).last_write.len()
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner()).series.len()
     }
 
-    fn expire(&self, t: &mut Tracker, now_secs: u64) {
+    fn expire(&self, t: &mut Tracker<M>, now_secs: u64) {
         let expiry = self.limits.expiry_secs;
         let family = &self.family;
         let stats = &self.stats;
-        t.last_write.retain(|labels, last| {
-            let keep = now_secs.saturating_sub(*last) < expiry;
+        t.series.retain(|labels, series| {
+            let keep = now_secs.saturating_sub(series.last_write) < expiry;
             if !keep {
                 family.remove(labels);
                 Stats::inc(&stats.metric_series_expired);
@@ -158,7 +170,7 @@ mod tests {
     fn series_past_the_cap_go_to_one_overflow_series_and_are_counted() {
         let (b, stats) = bounded(10);
         for i in 0..3000 {
-            b.with_at(labels(i), 0, |c| {
+            b.with_at(&labels(i), 0, |c| {
                 c.inc();
             });
         }
@@ -169,7 +181,7 @@ mod tests {
             2990
         );
         // Existing series keep counting.
-        b.with_at(labels(3), 1, |c| {
+        b.with_at(&labels(3), 1, |c| {
             c.inc();
         });
         assert_eq!(b.family.get_or_create(&labels(3)).get(), 2);
@@ -178,13 +190,13 @@ mod tests {
     #[test]
     fn series_not_written_for_the_expiry_period_are_removed() {
         let (b, stats) = bounded(10);
-        b.with_at(labels(1), 0, |c| {
+        b.with_at(&labels(1), 0, |c| {
             c.inc();
         });
-        b.with_at(labels(2), 500, |c| {
+        b.with_at(&labels(2), 500, |c| {
             c.inc();
         });
-        b.with_at(labels(2), 700, |c| {
+        b.with_at(&labels(2), 700, |c| {
             c.inc();
         });
         assert_eq!(b.len(), 1, "series 1 expired, series 2 is fresh");

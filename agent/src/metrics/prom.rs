@@ -102,7 +102,7 @@ impl Prometheus {
             SpanKind::Server => &self.server_duration,
             SpanKind::Client => &self.client_duration,
         };
-        durations.with(http, |h| h.observe(secs));
+        durations.with(&http, |h| h.observe(secs));
         let reporter = match span.kind {
             SpanKind::Server => "destination",
             SpanKind::Client => "source",
@@ -155,10 +155,10 @@ impl Prometheus {
                 .to_owned(),
             ),
         ];
-        self.istio_requests.with(istio.clone(), |c| {
+        self.istio_requests.with(&istio, |c| {
             c.inc();
         });
-        self.istio_duration.with(istio, |h| h.observe(secs * 1000.0));
+        self.istio_duration.with(&istio, |h| h.observe(secs * 1000.0));
     }
 
     /// The text exposition of every series.

@@ -1,0 +1,299 @@
+//! Spans → OTLP `ExportTraceServiceRequest` protobuf, written straight
+//! into one reused buffer: one request per batch with every workload's
+//! resource in it, split only to stay under the size a collector accepts.
+//! Each workload's resource is encoded once and cached.
+use foldhash::HashMap;
+
+use super::{
+    attributes::{self, Attr, Text},
+    proto::Writer,
+    resource::{self, Resources, WorkloadKey},
+};
+use crate::span::{Span, SpanKind};
+
+/// Encoded resources kept at most; the cache starts over past it.
+const MAX_CACHED: usize = 4096;
+
+/// Field numbers of the OTLP messages written here.
+mod field {
+    pub const REQUEST_RESOURCE_SPANS: u32 = 1;
+    pub const RESOURCE_SPANS_RESOURCE: u32 = 1;
+    pub const RESOURCE_SPANS_SCOPE_SPANS: u32 = 2;
+    pub const RESOURCE_ATTRIBUTES: u32 = 1;
+    pub const SCOPE_SPANS_SCOPE: u32 = 1;
+    pub const SCOPE_SPANS_SPANS: u32 = 2;
+    pub const SCOPE_NAME: u32 = 1;
+    pub const SCOPE_VERSION: u32 = 2;
+    pub const TRACE_ID: u32 = 1;
+    pub const SPAN_ID: u32 = 2;
+    pub const TRACE_STATE: u32 = 3;
+    pub const PARENT_SPAN_ID: u32 = 4;
+    pub const NAME: u32 = 5;
+    pub const KIND: u32 = 6;
+    pub const START: u32 = 7;
+    pub const END: u32 = 8;
+    pub const ATTRIBUTES: u32 = 9;
+    pub const STATUS: u32 = 15;
+    pub const FLAGS: u32 = 16;
+    pub const STATUS_MESSAGE: u32 = 2;
+    pub const STATUS_CODE: u32 = 3;
+    pub const KEY: u32 = 1;
+    pub const VALUE: u32 = 2;
+    pub const STRING_VALUE: u32 = 1;
+    pub const BOOL_VALUE: u32 = 2;
+    pub const INT_VALUE: u32 = 3;
+    pub const ARRAY_VALUE: u32 = 5;
+    pub const ARRAY_VALUES: u32 = 1;
+}
+
+/// OTLP `SpanKind` and `Status.code` values, and `SpanFlags` bits.
+const KIND_SERVER: u64 = 2;
+const KIND_CLIENT: u64 = 3;
+const STATUS_ERROR: u64 = 2;
+const FLAG_SAMPLED: u32 = 0x01;
+const FLAG_HAS_IS_REMOTE: u32 = 0x100;
+const FLAG_IS_REMOTE: u32 = 0x200;
+
+/// Builds export requests from spans.
+pub struct Encoder {
+    resources: Resources,
+    opts: attributes::Options,
+    /// Encoded `Resource` attributes by workload (keyed by a hash of the
+    /// workload, verified against the stored key).
+    cache: HashMap<u64, (WorkloadKey, Vec<u8>)>,
+    hasher: foldhash::fast::RandomState,
+    /// (workload hash, span index) of the batch, sorted to group workloads.
+    order: Vec<(u64, u32)>,
+    members: Vec<u32>,
+    w: Writer,
+}
+
+impl Encoder {
+    pub fn new(resources: Resources, opts: attributes::Options) -> Self {
+        Self {
+            resources,
+            opts,
+            cache: HashMap::default(),
+            hasher: foldhash::fast::RandomState::default(),
+            order: Vec::new(),
+            members: Vec::new(),
+            w: Writer::default(),
+        }
+    }
+
+    /// Encodes `spans` as requests of at most `max` bytes, handing each
+    /// to `out` with the indices of the spans in it; returns the indices
+    /// of spans too large for any request (not sent).
+    pub fn encode(&mut self, spans: &[Span], max: usize, mut out: impl FnMut(&[u8], &[u32])) -> Vec<u32> {
+        if self.cache.len() >= MAX_CACHED {
+            self.cache.clear();
+        }
+        let mut order = std::mem::take(&mut self.order);
+        order.clear();
+        for (i, span) in spans.iter().enumerate() {
+            order.push((self.resource(span), i as u32));
+        }
+        order.sort_unstable();
+        let mut oversize = Vec::new();
+        self.w.clear();
+        self.members.clear();
+        let mut group = None;
+        for &(h, i) in &order {
+            let span = &spans[i as usize];
+            if group != Some(h) {
+                if group.is_some() {
+                    self.close_group();
+                }
+                self.open_group(h);
+                group = Some(h);
+            }
+            if self.push_span(span, max) {
+                self.members.push(i);
+                continue;
+            }
+            if self.members.is_empty() {
+                oversize.push(i);
+                continue;
+            }
+            // The request is full: send it and start the next one here.
+            self.close_group();
+            out(&self.w.buf, &self.members);
+            self.w.clear();
+            self.members.clear();
+            self.open_group(h);
+            if self.push_span(span, max) {
+                self.members.push(i);
+            } else {
+                oversize.push(i);
+            }
+        }
+        if group.is_some() {
+            self.close_group();
+        }
+        if !self.members.is_empty() {
+            out(&self.w.buf, &self.members);
+        }
+        self.order = order;
+        oversize
+    }
+
+    /// Encodes and drops the bytes; returns how many there were (benchmarks).
+    pub fn encode_discard(&mut self, spans: &[Span]) -> usize {
+        let mut bytes = 0;
+        self.encode(spans, super::otlp::MAX_REQUEST_BYTES, |b, _| bytes += b.len());
+        bytes
+    }
+
+    /// The cache key of a span's resource, encoding the resource if new.
+    fn resource(&mut self, span: &Span) -> u64 {
+        let h = resource::hash_of(span, &self.hasher);
+        if self.cache.get(&h).is_some_and(|(key, _)| resource::is_of(key, span)) {
+            return h;
+        }
+        // A different workload with the same 64-bit hash replaces the
+        // entry (a collision this unlikely is not worth a second probe).
+        let mut w = Writer::default();
+        for (k, v) in self.resources.attributes_of(span) {
+            let v = match &v {
+                attributes::Value::Str(s) => Attr::Str(s),
+                attributes::Value::Int(i) => Attr::Int(*i),
+                attributes::Value::Bool(b) => Attr::Bool(*b),
+                attributes::Value::StrArray(a) => Attr::Str(a.first().map_or("", String::as_str)),
+            };
+            key_value(&mut w, field::RESOURCE_ATTRIBUTES, "", &k, v);
+        }
+        self.cache.insert(h, (resource::key_of(span), w.buf));
+        h
+    }
+
+    fn open_group(&mut self, h: u64) {
+        let w = &mut self.w;
+        w.begin(field::REQUEST_RESOURCE_SPANS);
+        w.begin(field::RESOURCE_SPANS_RESOURCE);
+        if let Some((_, attrs)) = self.cache.get(&h) {
+            w.raw(attrs);
+        }
+        w.end();
+        w.begin(field::RESOURCE_SPANS_SCOPE_SPANS);
+        w.begin(field::SCOPE_SPANS_SCOPE);
+        w.string(field::SCOPE_NAME, "meshless");
+        w.string(field::SCOPE_VERSION, env!("CARGO_PKG_VERSION"));
+        w.end();
+    }
+
+    fn close_group(&mut self) {
+        self.w.end(); // ScopeSpans
+        self.w.end(); // ResourceSpans
+    }
+
+    /// Appends a span if the request stays within `max` bytes.
+    fn push_span(&mut self, span: &Span, max: usize) -> bool {
+        let mark = self.w.written();
+        self.w.begin(field::SCOPE_SPANS_SPANS);
+        write_span(&mut self.w, span, self.opts);
+        self.w.end();
+        // Room for the lengths of the enclosing messages to grow.
+        if self.w.written() + 16 > max {
+            self.w.truncate(mark);
+            return false;
+        }
+        true
+    }
+}
+
+fn write_span(w: &mut Writer, span: &Span, opts: attributes::Options) {
+    use std::fmt::Write as _;
+    w.bytes(field::TRACE_ID, &span.trace_id.0);
+    w.bytes(field::SPAN_ID, &span.span_id.0);
+    if let Some(state) = span.trace_state.as_deref() {
+        // As the SDK did: a tracestate that does not parse is left out.
+        if let Ok(state) = state.parse::<opentelemetry::trace::TraceState>() {
+            w.string(field::TRACE_STATE, &state.header());
+        }
+    }
+    if let Some(parent) = span.parent_span_id {
+        w.bytes(field::PARENT_SPAN_ID, &parent.0);
+    }
+    w.begin(field::NAME);
+    match span.rpc.as_ref().filter(|r| !r.service.is_empty()) {
+        Some(rpc) => {
+            let _ = write!(w, "{}/{}", rpc.service, rpc.method);
+        }
+        None => {
+            let _ = w.write_str(span.method_label());
+            if let Some(path) = crate::span::Target::parse(&span.target).path {
+                let _ = w.write_str(" ");
+                let _ = crate::route::write_template(path, w);
+            }
+        }
+    }
+    w.end();
+    w.varint(
+        field::KIND,
+        match span.kind {
+            SpanKind::Server => KIND_SERVER,
+            SpanKind::Client => KIND_CLIENT,
+        },
+    );
+    w.fixed64(field::START, span.start_unix_nano);
+    w.fixed64(field::END, span.end_unix_nano);
+    attributes::visit(span, opts, |prefix, key, v| {
+        key_value(w, field::ATTRIBUTES, prefix, key, v)
+    });
+    w.begin(field::STATUS);
+    if span.is_error() {
+        match span.status_code {
+            Some(code) => w.string(field::STATUS_MESSAGE, Text::of(format_args!("HTTP {code}")).as_str()),
+            None => w.string(field::STATUS_MESSAGE, "no response"),
+        }
+        w.varint(field::STATUS_CODE, STATUS_ERROR);
+    }
+    w.end();
+    let mut flags = FLAG_HAS_IS_REMOTE;
+    if span.sampled {
+        flags |= FLAG_SAMPLED;
+    }
+    if span.parent_is_remote {
+        flags |= FLAG_IS_REMOTE;
+    }
+    w.fixed32(field::FLAGS, flags);
+}
+
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Length of a length-delimited field holding `n` bytes.
+fn delimited(n: usize) -> usize {
+    1 + varint_len(n as u64) + n
+}
+
+/// A `KeyValue` as field `field`, its lengths computed up front (no
+/// moving of bytes: attributes are most of a span).
+fn key_value(w: &mut Writer, field: u32, prefix: &str, key: &str, v: Attr<'_>) {
+    let key_len = prefix.len() + key.len();
+    let any_len = match v {
+        Attr::Str(s) => delimited(s.len()),
+        Attr::Int(i) => 1 + varint_len(i as u64),
+        Attr::Bool(_) => 2,
+        Attr::StrArray1(s) => delimited(delimited(delimited(s.len()))),
+    };
+    w.len_prefix(field, delimited(key_len) + delimited(any_len));
+    w.len_prefix(field::KEY, key_len);
+    w.raw(prefix.as_bytes());
+    w.raw(key.as_bytes());
+    w.len_prefix(field::VALUE, any_len);
+    match v {
+        Attr::Str(s) => w.string(field::STRING_VALUE, s),
+        Attr::Int(i) => w.varint(field::INT_VALUE, i as u64),
+        Attr::Bool(b) => w.varint(field::BOOL_VALUE, u64::from(b)),
+        Attr::StrArray1(s) => {
+            w.len_prefix(field::ARRAY_VALUE, delimited(delimited(s.len())));
+            w.len_prefix(field::ARRAY_VALUES, delimited(s.len()));
+            w.string(field::STRING_VALUE, s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,185 @@
+use std::collections::HashMap;
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::ExportTraceServiceRequest,
+    common::v1::{any_value::Value as Any, AnyValue},
+};
+use prost::Message;
+
+use super::*;
+use crate::{
+    span::{Process, Span, SpanKind},
+    trace_context::{SpanId, TraceId},
+};
+
+fn span(pid: u32, path: &str) -> Span {
+    Span {
+        trace_id: TraceId([1; 16]),
+        span_id: SpanId([2; 8]),
+        parent_span_id: Some(SpanId([3; 8])),
+        sampled: true,
+        parent_is_remote: true,
+        trace_state: Some("vendor=x".into()),
+        kind: SpanKind::Server,
+        start_unix_nano: 1_800_000_000_000_000_000,
+        end_unix_nano: 1_800_000_000_001_000_000,
+        method: "GET".into(),
+        target: path.into(),
+        status_code: Some(503),
+        protocol_version: "1.1",
+        tls: false,
+        rpc: None,
+        client: Some("10.0.0.1:40000".parse().expect("addr")),
+        server: Some("[::1]:8080".parse().expect("addr")),
+        process: Process {
+            pid,
+            tid: pid + 1,
+            name: "server".into(),
+            executable: "server-bin".into(),
+            thread: "worker".into(),
+            cgroup_id: 1,
+        },
+        peer_comm: None,
+        resolved_server: None,
+        k8s: None,
+        peer_k8s: None,
+        user_agent: Some("curl/8".into()),
+        request_headers: vec![("x-id".into(), "7".into())],
+        response_headers: Vec::new(),
+        truncated: false,
+        unanswered: None,
+    }
+}
+
+fn text(v: &Option<AnyValue>) -> String {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(Any::StringValue(s)) => s.clone(),
+        Some(Any::IntValue(i)) => i.to_string(),
+        Some(Any::BoolValue(b)) => b.to_string(),
+        Some(Any::ArrayValue(a)) => format!(
+            "{:?}",
+            a.values.iter().map(|v| text(&Some(v.clone()))).collect::<Vec<_>>()
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+fn encoder() -> Encoder {
+    Encoder::new(
+        Resources::new(
+            vec![("deployment.environment.name".into(), "test".into())],
+            Default::default(),
+            None,
+        ),
+        attributes::Options::default(),
+    )
+}
+
+fn decode_all(enc: &mut Encoder, spans: &[Span], max: usize) -> (Vec<ExportTraceServiceRequest>, Vec<u32>) {
+    let mut requests = Vec::new();
+    let oversize = enc.encode(spans, max, |bytes, members| {
+        let req = ExportTraceServiceRequest::decode(bytes).expect("valid protobuf");
+        let n: usize = req
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        assert_eq!(n, members.len());
+        assert!(bytes.len() <= max);
+        requests.push(req);
+    });
+    (requests, oversize)
+}
+
+#[test]
+fn a_span_decodes_with_the_official_protobufs_carrying_every_field() {
+    let (requests, oversize) = decode_all(&mut encoder(), &[span(40, "/users/42?q=1")], usize::MAX);
+    assert!(oversize.is_empty());
+    let [req] = &requests[..] else {
+        panic!("one request: {requests:?}")
+    };
+    let rs = &req.resource_spans[0];
+    let res: HashMap<_, _> = rs
+        .resource
+        .as_ref()
+        .expect("resource")
+        .attributes
+        .iter()
+        .map(|kv| (kv.key.clone(), text(&kv.value)))
+        .collect();
+    assert_eq!(res["service.name"], "server");
+    assert_eq!(res["process.pid"], "40");
+    assert_eq!(res["process.executable.name"], "server-bin");
+    assert_eq!(res["deployment.environment.name"], "test");
+    assert_eq!(res["telemetry.distro.name"], "meshless");
+    let scope = &rs.scope_spans[0];
+    assert_eq!(scope.scope.as_ref().map(|s| s.name.as_str()), Some("meshless"));
+    let s = &scope.spans[0];
+    assert_eq!(s.trace_id, vec![1; 16]);
+    assert_eq!(s.span_id, vec![2; 8]);
+    assert_eq!(s.parent_span_id, vec![3; 8]);
+    assert_eq!(s.trace_state, "vendor=x");
+    assert_eq!(s.name, "GET /users/*");
+    assert_eq!(s.kind, 2);
+    assert_eq!(s.flags, 0x301);
+    assert_eq!(
+        (s.start_time_unix_nano, s.end_time_unix_nano),
+        (1_800_000_000_000_000_000, 1_800_000_000_001_000_000)
+    );
+    let status = s.status.as_ref().expect("status");
+    assert_eq!((status.code, status.message.as_str()), (2, "HTTP 503"));
+    let attrs: HashMap<_, _> = s
+        .attributes
+        .iter()
+        .map(|kv| (kv.key.clone(), text(&kv.value)))
+        .collect();
+    assert_eq!(attrs["http.request.method"], "GET");
+    assert_eq!(attrs["url.path"], "/users/42");
+    assert!(!attrs.contains_key("url.query"));
+    assert_eq!(attrs["http.response.status_code"], "503");
+    assert_eq!(attrs["server.address"], "::1");
+    assert_eq!(attrs["server.port"], "8080");
+    assert_eq!(attrs["client.address"], "10.0.0.1");
+    assert_eq!(attrs["network.peer.port"], "40000");
+    assert_eq!(attrs["user_agent.original"], "curl/8");
+    assert_eq!(attrs["error.type"], "503");
+    assert_eq!(attrs["thread.name"], "worker");
+    assert_eq!(attrs["thread.id"], "41");
+    assert_eq!(attrs["http.request.header.x-id"], "[\"7\"]");
+    assert_eq!(attrs.len(), s.attributes.len(), "no attribute twice");
+}
+
+#[test]
+fn one_request_carries_every_workload_each_under_its_own_resource() {
+    let spans: Vec<Span> = (0..30).map(|i| span(100 + i % 3, &format!("/p/{i}"))).collect();
+    let (requests, _) = decode_all(&mut encoder(), &spans, usize::MAX);
+    assert_eq!(requests.len(), 1);
+    let mut pids: Vec<String> = requests[0]
+        .resource_spans
+        .iter()
+        .map(|rs| {
+            assert_eq!(rs.scope_spans[0].spans.len(), 10);
+            let attrs = &rs.resource.as_ref().expect("resource").attributes;
+            text(&attrs.iter().find(|kv| kv.key == "process.pid").expect("pid").value)
+        })
+        .collect();
+    pids.sort();
+    assert_eq!(pids, ["100", "101", "102"]);
+}
+
+#[test]
+fn requests_are_split_under_the_limit_and_an_oversized_span_is_refused() {
+    let mut spans: Vec<Span> = (0..40).map(|i| span(7, &format!("/p/{i}"))).collect();
+    spans[5].request_headers = vec![("x-big".into(), "b".repeat(5000))];
+    let (requests, oversize) = decode_all(&mut encoder(), &spans, 4000);
+    assert_eq!(oversize, vec![5]);
+    assert!(requests.len() > 1);
+    let n: usize = requests
+        .iter()
+        .flat_map(|r| &r.resource_spans)
+        .flat_map(|r| &r.scope_spans)
+        .map(|s| s.spans.len())
+        .sum();
+    assert_eq!(n, 39);
+}
