@@ -11,34 +11,12 @@ const PORT: u16 = 8082;
 
 /// nginx 1.22 serving HTTP/2 without TLS (prior knowledge only).
 fn start_nginx_h2c(ns: &str, ip: &str, dir: &std::path::Path) -> Proc {
-    let d = dir.display();
-    let conf = format!(
-        r#"daemon off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  http2_max_concurrent_streams 256;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  server {{
-    listen {ip}:{PORT} http2;
+    let server = format!(
+        r#"listen {ip}:{PORT} http2;
     location /ok {{ return 200 "ok\n"; }}
-    location = /fail {{ return 503; }}
-  }}
-}}
-"#
+    location = /fail {{ return 503; }}"#
     );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, conf).expect("nginx.conf");
-    let mut cmd = PodPair::cmd(ns, "nginx");
-    cmd.args(["-c", &path.display().to_string(), "-e", &format!("{d}/error.log")]);
-    spawn(cmd)
+    start_nginx_with(ns, dir, "http2_max_concurrent_streams 256;", &server)
 }
 
 #[test]
