@@ -212,7 +212,6 @@ pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'
     if cut {
         put(TRUNCATED_ATTRIBUTE, Attr::Bool(true));
     }
-    drop(put);
     for (prefix, headers) in [
         ("http.request.header.", &span.request_headers),
         ("http.response.header.", &span.response_headers),
