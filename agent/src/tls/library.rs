@@ -101,8 +101,9 @@ pub fn plan(code: &[u8], offsets: [Option<u64>; FUNCTIONS.len()]) -> Plan {
     let mut cheap = true;
     for (plain, ex) in [(0, 1), (2, 3)] {
         let at = |i: usize| offsets[i].and_then(|o| usize::try_from(o).ok());
-        match at(ex).and_then(|ex_at| internal_of_ex(code, ex_at)) {
-            Some((entry, callee)) if at(plain).is_none_or(|p| calls(code, p, callee)) => {
+        let found = at(ex).and_then(|ex_at| internal_of_ex(code, ex_at).map(|f| (ex_at, f)));
+        match found {
+            Some((ex_at, (entry, callee))) if at(plain).is_none_or(|p| calls(code, p, ex_at, callee)) => {
                 probes.extend(program_pair(FUNCTIONS[ex], entry as u64));
             }
             _ => {
@@ -145,9 +146,14 @@ fn internal_of_ex(code: &[u8], ex_at: usize) -> Option<(usize, usize)> {
 const PLAIN_WINDOW: usize = 96;
 
 /// True when the function at `at` calls `callee` within its first bytes
-/// (a byte `e8` whose 32-bit displacement lands exactly on `callee`).
-fn calls(code: &[u8], at: usize, callee: usize) -> bool {
-    (at..at.saturating_add(PLAIN_WINDOW)).any(|i| code.get(i) == Some(&0xe8) && call_target(code, i) == Some(callee))
+/// (a byte `e8` whose 32-bit displacement lands exactly on `callee`),
+/// not looking into the `_ex` function at `ex_at` when that follows.
+fn calls(code: &[u8], at: usize, ex_at: usize, callee: usize) -> bool {
+    let mut end = at.saturating_add(PLAIN_WINDOW);
+    if ex_at > at {
+        end = end.min(ex_at);
+    }
+    (at..end).any(|i| code.get(i) == Some(&0xe8) && call_target(code, i) == Some(callee))
 }
 
 /// True for a file name of OpenSSL's libssl (`libssl.so`, `libssl.so.3`,
