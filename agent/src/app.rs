@@ -142,8 +142,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let classify = propagation::Classifier::new(&mut ebpf, quiet.clone())
         .map(spawn_classifier)
         .transpose()?;
-    let https = config.tls != crate::config::TlsMode::Off
-        && start_tls(&mut ebpf, config.tls == crate::config::TlsMode::On)?;
+    let https =
+        config.tls != crate::config::TlsMode::Off && start_tls(&mut ebpf, config.tls == crate::config::TlsMode::On)?;
     Stats::set(
         &stats.kernel_ringbuf_size_bytes,
         u64::from(config.ringbuf_mib) * 1024 * 1024,

@@ -60,12 +60,10 @@ pub struct Pmu {
 
 impl Pmu {
     pub fn read() -> Result<Pmu, UprobeError> {
-        let kind = read_sysfs(UPROBE_TYPE)?
-            .parse::<u32>()
-            .map_err(|e| UprobeError::Pmu {
-                path: UPROBE_TYPE,
-                detail: e.to_string(),
-            })?;
+        let kind = read_sysfs(UPROBE_TYPE)?.parse::<u32>().map_err(|e| UprobeError::Pmu {
+            path: UPROBE_TYPE,
+            detail: e.to_string(),
+        })?;
         let bit = read_sysfs(UPROBE_RETPROBE)?;
         let retprobe = bit
             .strip_prefix("config:")
@@ -83,7 +81,13 @@ impl Pmu {
     /// every process, running `program`. aya's `UProbe::attach` needs the
     /// program mutably inside the `Ebpf`, which the wiring keeps; this
     /// attaches by fd instead. The probe lives as long as the returned fd.
-    pub fn attach(&self, path: &CString, offset: u64, is_return: bool, program: &ProgramFd) -> std::io::Result<OwnedFd> {
+    pub fn attach(
+        &self,
+        path: &CString,
+        offset: u64,
+        is_return: bool,
+        program: &ProgramFd,
+    ) -> std::io::Result<OwnedFd> {
         let attr = PerfEventAttr {
             kind: self.kind,
             size: std::mem::size_of::<PerfEventAttr>() as u32,

@@ -126,7 +126,10 @@ fn python_ssl_client_and_server_started_after_the_agent_give_https_spans_with_tr
     safety::self_signed_cert(&scratch.0);
     let agent = Agent::start_with(&["--tls", "on"]);
     assert!(
-        agent.stderr().iter().any(|l| l.contains("TLS library: tracing HTTPS") && l.contains("cheap=true")),
+        agent
+            .stderr()
+            .iter()
+            .any(|l| l.contains("TLS library: tracing HTTPS") && l.contains("cheap=true")),
         "the host libssl is probed on emulated instructions only: {:?}",
         agent.stderr()
     );
@@ -236,13 +239,22 @@ fn a_tls_server_in_a_chroot_with_its_own_libssl_copy_started_after_the_agent_is_
     let mut cmd = PodPair::cmd(&pods.b, "chroot");
     // The binary sits at the same path inside the rootfs.
     cmd.arg(&root).arg(&openssl);
-    cmd.args(["s_server", "-quiet", "-www", "-cert", "/cert.pem", "-key", "/key.pem", "-accept"]);
+    cmd.args([
+        "s_server",
+        "-quiet",
+        "-www",
+        "-cert",
+        "/cert.pem",
+        "-key",
+        "/key.pem",
+        "-accept",
+    ]);
     cmd.arg(format!("{}:{PORT}", pods.ip_b));
     let _server = spawn(cmd);
     wait_port(&pods.a, &pods.ip_b, PORT);
     assert!(
-        wait_log(&agent, &["TLS library: tracing HTTPS", "/root/", "libssl.so"]),
-        "the chroot's libssl (another inode, reached through /proc/<pid>/root) is attached: {:?}",
+        wait_log(&agent, &["TLS library: tracing HTTPS", "rootfs/", "libssl.so"]),
+        "the chroot's libssl (another inode) is attached: {:?}",
         agent.stderr()
     );
 
@@ -289,7 +301,14 @@ h.HTTPServer(("{ip}", {PORT}), H).serve_forever()
     let _server = spawn(cmd);
     wait_port(&pods.a, &pods.ip_b, PORT);
     assert!(
-        wait_log(&agent, &["TLS library not traced", "exports no SSL_read/SSL_write symbols", "libssl.so.3"]),
+        wait_log(
+            &agent,
+            &[
+                "TLS library not traced",
+                "exports no SSL_read/SSL_write symbols",
+                "libssl.so.3"
+            ]
+        ),
         "{:?}",
         agent.stderr()
     );

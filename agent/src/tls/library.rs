@@ -23,11 +23,7 @@ pub struct Plan {
 impl Plan {
     /// True when at least one read and one write function are probed.
     pub fn usable(&self) -> bool {
-        let has = |name: &str| {
-            self.probes
-                .iter()
-                .any(|(i, _)| TLS_UPROBES[*i].1.starts_with(name))
-        };
+        let has = |name: &str| self.probes.iter().any(|(i, _)| TLS_UPROBES[*i].1.starts_with(name));
         has("SSL_read") && has("SSL_write")
     }
 }
@@ -162,28 +158,36 @@ pub fn is_libssl(name: &str) -> bool {
     name.starts_with("libssl.so")
 }
 
-/// Paths of libssl files mapped by a process, from `/proc/<pid>/maps`
-/// text (as the process sees them: in its own mount namespace).
-pub fn mapped_libssl(maps: &str) -> Vec<&str> {
-    let mut out: Vec<&str> = Vec::new();
+/// libssl files mapped by a process, from `/proc/<pid>/maps` text: the
+/// address range of one mapping of each (names the file in
+/// `/proc/<pid>/map_files/`) and the path as printed.
+pub fn mapped_libssl(maps: &str) -> Vec<(&str, &str)> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
     for line in maps.lines() {
         // address perms offset dev inode path
-        let Some(path) = line.split_whitespace().nth(5) else {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(path)) = (fields.next(), fields.nth(4)) else {
             continue;
         };
         let name = path.rsplit('/').next().unwrap_or(path);
-        if path.starts_with('/') && is_libssl(name) && !out.contains(&path) {
-            out.push(path);
+        if path.starts_with('/') && is_libssl(name) && !out.iter().any(|(_, p)| *p == path) {
+            out.push((range, path));
         }
     }
     out
 }
 
-/// Where a library a process maps can be opened from the agent: through
-/// the process's root, which also reaches files in other mount namespaces
-/// (containers).
-pub fn via_root(pid: u32, path: &str) -> PathBuf {
-    PathBuf::from(format!("/proc/{pid}/root{path}"))
+/// Where a library a process maps can be opened from the agent, best
+/// first: `/proc/<pid>/map_files/<range>` (the mapped file itself, in any
+/// mount namespace or chroot), then the printed path through the
+/// process's root (a container's view), then the printed path as is (a
+/// chroot: maps prints paths as the reader, the agent, sees them).
+pub fn candidates(pid: u32, range: &str, path: &str) -> [PathBuf; 3] {
+    [
+        PathBuf::from(format!("/proc/{pid}/map_files/{range}")),
+        PathBuf::from(format!("/proc/{pid}/root{path}")),
+        PathBuf::from(path),
+    ]
 }
 
 /// libssl files of the host that processes started later will likely map.
@@ -212,7 +216,10 @@ mod tests {
 7ffd00000000-7ffd00001000 rw-p 00000000 00:00 0 [stack]";
         assert_eq!(
             mapped_libssl(maps),
-            vec!["/usr/lib/x86_64-linux-gnu/libssl.so.3", "/opt/app/lib/libssl.so.1.1"]
+            vec![
+                ("7f0000000000-7f0000001000", "/usr/lib/x86_64-linux-gnu/libssl.so.3"),
+                ("7f0000007000-7f0000008000", "/opt/app/lib/libssl.so.1.1")
+            ]
         );
     }
 

@@ -108,7 +108,7 @@ impl TlsProbes {
         for path in library::HOST_CANDIDATES {
             let path = Path::new(path);
             if path.exists() {
-                self.attach_file(path, None);
+                self.attach_file(path, None, &path.display().to_string());
             }
         }
     }
@@ -137,8 +137,10 @@ impl TlsProbes {
             let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
                 continue;
             };
-            for path in library::mapped_libssl(&maps) {
-                self.attach_file(&library::via_root(pid, path), Some(pid));
+            for (range, path) in library::mapped_libssl(&maps) {
+                if let Some(file) = library::candidates(pid, range, path).into_iter().find(|p| p.exists()) {
+                    self.attach_file(&file, Some(pid), path);
+                }
             }
         }
         self.scanned.retain(|pid, _| alive.contains(pid));
@@ -147,8 +149,9 @@ impl TlsProbes {
         }
     }
 
-    /// Attaches every probe to one library file, once per file.
-    fn attach_file(&mut self, path: &Path, pid: Option<u32>) {
+    /// Attaches every probe to one library file, once per file (`path`
+    /// opens it; `shown` is its name in logs, as the process maps it).
+    fn attach_file(&mut self, path: &Path, pid: Option<u32>, shown: &str) {
         let Ok(meta) = std::fs::metadata(path) else {
             return;
         };
@@ -157,13 +160,17 @@ impl TlsProbes {
             return;
         }
         if self.libraries.len() >= MAX_LIBRARIES {
-            debug!(path = %path.display(), limit = MAX_LIBRARIES, "too many TLS libraries: not attached");
+            debug!(
+                path = shown,
+                limit = MAX_LIBRARIES,
+                "too many TLS libraries: not attached"
+            );
             return;
         }
         let attached = match library::symbols(path) {
             Ok(plan) if !plan.cheap && !self.expensive_too => {
                 info!(
-                    path = %path.display(),
+                    path = shown,
                     pid,
                     "TLS library not traced by default: its probes would single-step (~29 µs per SSL call on VMs); --tls on traces it anyway"
                 );
@@ -171,16 +178,22 @@ impl TlsProbes {
             }
             Ok(plan) => match self.attach_plan(path, &plan.probes) {
                 Ok(fds) => {
-                    info!(path = %path.display(), pid, uprobes = fds.len(), cheap = plan.cheap, "TLS library: tracing HTTPS through it");
+                    info!(
+                        path = shown,
+                        pid,
+                        uprobes = fds.len(),
+                        cheap = plan.cheap,
+                        "TLS library: tracing HTTPS through it"
+                    );
                     Some(fds)
                 }
                 Err(error) => {
-                    warn!(pid, path = %path.display(), %error, "TLS library not traced: attaching uprobes failed");
+                    warn!(pid, path = shown, %error, "TLS library not traced: attaching uprobes failed");
                     None
                 }
             },
             Err(error) => {
-                warn!(pid, %error, "TLS library not traced");
+                warn!(pid, path = shown, %error, "TLS library not traced");
                 None
             }
         };
