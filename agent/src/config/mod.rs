@@ -243,7 +243,7 @@ pub struct Config {
 
     /// Trace HTTPS by reading plaintext at OpenSSL (`libssl.so.*`) with
     /// uprobes: `auto` (default: every library whose probes sit on
-    /// instructions the kernel emulates, ~1-2 µs per SSL call), `on` (also
+    /// instructions the kernel emulates, ~1-3 µs per SSL call), `on` (also
     /// libraries where the probe single-steps: ~29 µs per call on VMs,
     /// docs/tls.md), or `off` (TLS connections give no spans).
     #[arg(long, value_enum, env = env::TLS, default_value = "auto")]
