@@ -148,7 +148,15 @@ fn start_web(pods: &PodPair, cg: &PodCgroup, ip: &str, port: u16, root: &std::pa
     let p = spawn(cg.cmd_in(
         &pods.b,
         "python3",
-        &["-m", "http.server", &port.to_string(), "--bind", ip, "--directory", root],
+        &[
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            ip,
+            "--directory",
+            root,
+        ],
     ));
     wait_port(&pods.a, ip, port);
     p
@@ -385,11 +393,7 @@ fn kiali_and_grafana_queries_show_the_call(prometheus: &Prometheus, call: impl F
         rate(r#"reporter="source",destination_service_namespace="shop",destination_service_name="web""#),
     ];
     // Every graph query finds the edge's 200s; the namespace graph its 404s too.
-    let wanted: Vec<(&String, &str)> = graph
-        .iter()
-        .map(|q| (q, "200"))
-        .chain([(&graph[0], "404")])
-        .collect();
+    let wanted: Vec<(&String, &str)> = graph.iter().map(|q| (q, "200")).chain([(&graph[0], "404")]).collect();
     let edge = |m: &Value, code: &str| {
         m["response_code"].as_str() == Some(code) && expected.iter().all(|(k, v)| m[*k].as_str() == Some(*v))
     };

@@ -121,11 +121,7 @@ fn at_5000_requests_a_second_the_page_stays_live_and_the_map_costs_the_agent_a_b
     let _serial = serial();
     let mut cluster = Cluster::new(1);
     let scope = cluster.node_cgroup(0).display().to_string();
-    let (load, front, back) = (
-        cluster.pod(0, "load"),
-        cluster.pod(0, "front"),
-        cluster.pod(0, "back"),
-    );
+    let (load, front, back) = (cluster.pod(0, "load"), cluster.pod(0, "front"), cluster.pod(0, "back"));
     let go = go_service();
     let (frontend, backend) = (go_named(&go, "frontend"), go_named(&go, "backend"));
     let _back = go_service_on(&backend, &back, 8090, None);
@@ -270,9 +266,15 @@ fn at_5000_requests_a_second_the_page_stays_live_and_the_map_costs_the_agent_a_b
     for (tab, p) in [("map", &page["map"]), ("traces", &page["traces"])] {
         let secs = p["seconds"].as_f64().unwrap_or(0.0);
         let updates = p["updates"].as_f64().unwrap_or(0.0);
-        assert!(updates >= secs / 2.0 / 2.0, "{tab}: {updates} updates in {secs:.0} s: {p}");
+        assert!(
+            updates >= secs / 2.0 / 2.0,
+            "{tab}: {updates} updates in {secs:.0} s: {p}"
+        );
         assert!(p["p50_ms"].as_f64().unwrap_or(f64::MAX) <= 50.0, "{tab}: frames {p}");
-        assert!(p["max_ms"].as_f64().unwrap_or(f64::MAX) <= 1_000.0, "{tab}: a frozen frame {p}");
+        assert!(
+            p["max_ms"].as_f64().unwrap_or(f64::MAX) <= 1_000.0,
+            "{tab}: a frozen frame {p}"
+        );
     }
     let edges = page["edges"].as_array().expect("edges on the page");
     for (s, t) in [("oha", "frontend"), ("frontend", "backend"), ("oha", "backend")] {
@@ -321,5 +323,8 @@ fn at_5000_requests_a_second_the_page_stays_live_and_the_map_costs_the_agent_a_b
         rss_on <= rss_off + 16.0,
         "the map's RSS {rss_on:.1} MiB vs {rss_off:.1} MiB without"
     );
-    assert!(rss_end <= rss_mid + 8.0, "RSS still growing: {rss_mid:.1} → {rss_end:.1} MiB");
+    assert!(
+        rss_end <= rss_mid + 8.0,
+        "RSS still growing: {rss_mid:.1} → {rss_end:.1} MiB"
+    );
 }

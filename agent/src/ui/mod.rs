@@ -87,7 +87,11 @@ impl Live {
     /// Keeps an exported span for the trace view, if admitted (decided
     /// before anything is built: most spans under load are not).
     pub fn keep(&self, span: &Span, service: &str, peers: &Peers) {
-        if !self.state().admission.admit(&span.trace_id, span.is_error(), now_secs()) {
+        if !self
+            .state()
+            .admission
+            .admit(&span.trace_id, span.is_error(), now_secs())
+        {
             return;
         }
         let opts = attributes::Options {
