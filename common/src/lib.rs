@@ -451,6 +451,8 @@ pub enum Counter {
     LookaheadHeld = 13,
     /// Connections cleaned up by dup2/dup3, close_range or process exit.
     ImplicitCloses = 14,
+    /// Bytes submitted to the ring buffer (headers and payloads).
+    EventBytes = 15,
     /// Trace options written into outgoing TCP segments.
     OptWritten = 16,
     /// Trace options that did not fit into a segment (no header room).
@@ -467,6 +469,9 @@ pub enum Counter {
     /// start of (byte-by-byte heads, TLS, HTTP/2): its process links no
     /// outbound call while it is outstanding.
     CtxUnknownRequest = 22,
+    /// HTTP/2 syscalls that moved only connection-management frames
+    /// (SETTINGS, PING, WINDOW_UPDATE, PRIORITY) and gave no event.
+    H2ControlSkipped = 23,
 }
 
 /// Number of [`Counter`] slots.
@@ -474,7 +479,7 @@ pub const COUNTER_SLOTS: u32 = 24;
 
 impl Counter {
     /// Every counter, in index order, with a stable snake_case name.
-    pub const ALL: [(Counter, &'static str); 21] = [
+    pub const ALL: [(Counter, &'static str); 23] = [
         (Counter::EventsSent, "events_sent"),
         (Counter::RingbufFull, "ringbuf_full"),
         (Counter::Truncated, "truncated"),
@@ -489,6 +494,7 @@ impl Counter {
         (Counter::KernelReadFailed, "kernel_read_failed"),
         (Counter::LookaheadHeld, "lookahead_held"),
         (Counter::ImplicitCloses, "implicit_closes"),
+        (Counter::EventBytes, "event_bytes"),
         (Counter::OptWritten, "trace_opt_written"),
         (Counter::OptNoRoom, "trace_opt_no_room"),
         (Counter::OptParsed, "trace_opt_parsed"),
@@ -496,6 +502,7 @@ impl Counter {
         (Counter::CtxFromHeader, "ctx_from_header"),
         (Counter::CtxInProcess, "ctx_in_process"),
         (Counter::CtxUnknownRequest, "ctx_unknown_request"),
+        (Counter::H2ControlSkipped, "h2_control_skipped"),
     ];
 }
 
