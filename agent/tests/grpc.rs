@@ -18,7 +18,7 @@ use std::{
 };
 
 use serde_json::Value;
-use support::*;
+use support::{chain::go_echo, *};
 
 const PORT: u16 = 50051;
 const SERVICE: &str = "meshless.test.Echo";
@@ -36,30 +36,6 @@ fn fixture(name: &str) -> String {
 
 fn tmp(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name)
-}
-
-/// The Go fixture (server and client in one binary), built once per run
-/// with the module versions of its go.sum.
-fn go_echo() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = tmp("grpc-go-echo");
-        let cache = tmp("gocache");
-        let go = if Path::new("/usr/local/go/bin/go").exists() {
-            "/usr/local/go/bin/go"
-        } else {
-            "go"
-        };
-        let mut cmd = Command::new(go);
-        cmd.args(["build", "-o"])
-            .arg(&out)
-            .arg(".")
-            .current_dir(fixture("go"))
-            .env("GOCACHE", &cache)
-            .env("GOFLAGS", "-mod=readonly");
-        run(cmd);
-        out
-    })
 }
 
 /// node_modules with @grpc/grpc-js, installed under target/ on first use.
@@ -89,6 +65,14 @@ fn python_server(pods: &PodPair, addr: &str) -> Proc {
 fn go_server(pods: &PodPair, addr: &str) -> Proc {
     let mut server = PodPair::cmd(&pods.b, &go_echo().display().to_string());
     server.args(["server", addr]);
+    spawn(server)
+}
+
+fn node_server(pods: &PodPair, addr: &str) -> Proc {
+    let mut server = PodPair::cmd(&pods.b, "node");
+    server
+        .env("NODE_PATH", grpc_js_modules())
+        .args([&fixture("server.js"), addr]);
     spawn(server)
 }
 
@@ -224,5 +208,19 @@ fn python_grpcio_client_calls_to_a_go_server_give_linked_span_pairs() {
     let _server = go_server(&pods, &addr);
     let mut client = PodPair::cmd(&pods.a, "python3");
     client.args([&fixture("client.py"), &addr]);
+    calls_give_linked_span_pairs(&agent, &pods, client);
+}
+
+#[test]
+fn go_grpc_client_calls_to_a_node_grpc_js_server_give_linked_span_pairs() {
+    let _serial = serial();
+    let bin = go_echo().display().to_string();
+    grpc_js_modules();
+    let pods = PodPair::new();
+    let agent = Agent::start();
+    let addr = format!("{}:{PORT}", pods.ip_b);
+    let _server = node_server(&pods, &addr);
+    let mut client = PodPair::cmd(&pods.a, &bin);
+    client.args(["client", &addr]);
     calls_give_linked_span_pairs(&agent, &pods, client);
 }

@@ -1,43 +1,22 @@
 //! HTTP/2 (h2c) on a real kernel: clients with prior knowledge (curl,
-//! h2load) against nginx serving h2c, many streams on one connection.
+//! h2load) against nginx serving h2c, many streams on one connection, and
+//! curl switching a connection to h2c with `Upgrade: h2c` (a Go server).
 mod support;
 
 use std::{collections::HashSet, time::Duration};
 
-use support::*;
+use support::{chain::go_echo, *};
 
 const PORT: u16 = 8082;
 
 /// nginx 1.22 serving HTTP/2 without TLS (prior knowledge only).
 fn start_nginx_h2c(ns: &str, ip: &str, dir: &std::path::Path) -> Proc {
-    let d = dir.display();
-    let conf = format!(
-        r#"daemon off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  http2_max_concurrent_streams 256;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  server {{
-    listen {ip}:{PORT} http2;
+    let server = format!(
+        r#"listen {ip}:{PORT} http2;
     location /ok {{ return 200 "ok\n"; }}
-    location = /fail {{ return 503; }}
-  }}
-}}
-"#
+    location = /fail {{ return 503; }}"#
     );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, conf).expect("nginx.conf");
-    let mut cmd = PodPair::cmd(ns, "nginx");
-    cmd.args(["-c", &path.display().to_string(), "-e", &format!("{d}/error.log")]);
-    spawn(cmd)
+    start_nginx_with(ns, dir, "http2_max_concurrent_streams 256;", &server)
 }
 
 #[test]
@@ -126,6 +105,63 @@ fn curl_with_prior_knowledge_gives_an_h2_span_pair() {
     }
     let comms: HashSet<&str> = spans.iter().map(|s| attr_str(s, "process.executable.name")).collect();
     assert_eq!(comms, HashSet::from(["curl", "nginx"]));
+}
+
+/// `curl --http2` on http:// asks to switch with `Upgrade: h2c`: the first
+/// request goes out as HTTP/1.1, the server answers 101 and then that
+/// request's response on HTTP/2 stream 1; the next request on the same
+/// connection is HTTP/2 stream 3. Both requests get a span on each side
+/// with their own path and status, and nothing else is made of the
+/// connection (no span for the 101, no stream mistaken for another).
+#[test]
+fn an_upgrade_to_h2c_gives_a_span_pair_per_request_on_both_protocols() {
+    const UPGRADE_PORT: u16 = 8083;
+    let _serial = serial();
+    let pods = PodPair::new();
+    let bin = go_echo().display().to_string();
+    let agent = Agent::start();
+    let _server = spawn({
+        let mut cmd = PodPair::cmd(&pods.b, &bin);
+        cmd.args(["h2c", &format!("{}:{UPGRADE_PORT}", pods.ip_b)]);
+        cmd
+    });
+    wait_port(&pods.a, &pods.ip_b, UPGRADE_PORT);
+
+    let base = format!("http://{}:{UPGRADE_PORT}", pods.ip_b);
+    let mut curl = PodPair::cmd(&pods.a, "curl");
+    curl.args(["-sv", "--http2", "-o", "/dev/null", "-o", "/dev/null"])
+        .arg(format!("{base}/up/first"))
+        .arg(format!("{base}/missing/second"));
+    let out = curl.output().expect("curl runs");
+    let trace = String::from_utf8_lossy(&out.stderr);
+    assert!(trace.contains("101"), "curl did not switch protocols:\n{trace}");
+
+    let spans = agent.collect(to_server(&pods.ip_b, UPGRADE_PORT), 4, Duration::from_secs(10));
+    let mut got: Vec<(&str, &str, u64, &str)> = spans
+        .iter()
+        .map(|s| {
+            (
+                kind(s),
+                attr_str(s, "url.path"),
+                attr_u64(s, "http.response.status_code"),
+                attr_str(s, "network.protocol.version"),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("CLIENT", "/missing/second", 404, "2"),
+            ("CLIENT", "/up/first", 200, "2"),
+            ("SERVER", "/missing/second", 404, "2"),
+            ("SERVER", "/up/first", 200, "2"),
+        ],
+        "{spans:#?}"
+    );
+    for s in &spans {
+        assert_eq!(attr_str(s, "http.request.method"), "GET");
+    }
 }
 
 /// An agent started while an HTTP/2 connection is open (its preface and

@@ -3,8 +3,9 @@
 //! curl → Python → Go → Java with its expected trace shape.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
+    sync::OnceLock,
 };
 
 use super::{nodes::*, run, spans::*, spawn, Proc};
@@ -31,21 +32,44 @@ pub fn go_service_stripped() -> PathBuf {
 
 fn go_service_built(name: &str, ldflags: &str) -> PathBuf {
     let out = tmp(name);
-    let cache = tmp("gocache");
-    let go = ["/usr/local/go/bin/go"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or("go");
-    let mut cmd = Command::new(go);
+    let mut cmd = go_command();
     cmd.args(["build", "-ldflags", ldflags, "-o"])
         .arg(&out)
         .arg(fixture("service.go"))
-        .env("GOCACHE", &cache)
-        .env("GOPATH", cache.join("gopath"))
+        .env("GOPATH", tmp("gocache").join("gopath"))
         .env("GO111MODULE", "off")
         .env("GOFLAGS", "");
     run(cmd);
     out
+}
+
+/// The Go module in tests/fixtures/grpc/go (a grpc-go server and client of
+/// meshless.test.Echo, and an HTTP server that accepts `Upgrade: h2c`),
+/// built once per test binary with the module versions of its go.sum.
+pub fn go_echo() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = tmp("grpc-go-echo");
+        let mut cmd = go_command();
+        cmd.args(["build", "-o"])
+            .arg(&out)
+            .arg(".")
+            .current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/grpc/go"))
+            .env("GOFLAGS", "-mod=readonly");
+        run(cmd);
+        out
+    })
+}
+
+/// Go 1.26 from /usr/local/go when present, with a build cache under target/.
+fn go_command() -> Command {
+    let go = ["/usr/local/go/bin/go"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("go");
+    let mut cmd = Command::new(go);
+    cmd.env("GOCACHE", tmp("gocache"));
+    cmd
 }
 
 /// Compiles the Java fixtures unless their classes are newer than the

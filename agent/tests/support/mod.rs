@@ -260,6 +260,21 @@ pub fn start_nginx(ns: &str, ip: &str, port: u16, dir: &std::path::Path) -> Proc
     std::fs::create_dir_all(dir.join("www")).expect("www dir");
     std::fs::write(dir.join("www/file.txt"), "x".repeat(10_000)).expect("static file");
     let d = dir.display();
+    let server = format!(
+        r#"listen {ip}:{port};
+    root {d}/www;
+    location = / {{ return 200 "ok\n"; }}
+    location = /ok {{ return 200 "ok\n"; }}
+    location = /fail {{ return 500; }}
+    location = /file.txt {{ }}"#
+    );
+    start_nginx_with(ns, dir, "keepalive_requests 100000;", &server)
+}
+
+/// Starts nginx in namespace `ns` (one worker, state and logs under
+/// `dir`) with one `server` block; `http` holds extra http-level directives.
+pub fn start_nginx_with(ns: &str, dir: &std::path::Path, http: &str, server: &str) -> Proc {
+    let d = dir.display();
     let conf = format!(
         r#"daemon off;
 worker_processes 1;
@@ -268,19 +283,14 @@ error_log {d}/error.log;
 events {{ worker_connections 1024; }}
 http {{
   access_log off;
-  keepalive_requests 100000;
+  {http}
   client_body_temp_path {d}/body;
   proxy_temp_path {d}/proxy;
   fastcgi_temp_path {d}/fastcgi;
   uwsgi_temp_path {d}/uwsgi;
   scgi_temp_path {d}/scgi;
   server {{
-    listen {ip}:{port};
-    root {d}/www;
-    location = / {{ return 200 "ok\n"; }}
-    location = /ok {{ return 200 "ok\n"; }}
-    location = /fail {{ return 500; }}
-    location = /file.txt {{ }}
+    {server}
   }}
 }}
 "#
