@@ -404,7 +404,7 @@ const _: () = assert!(core::mem::offset_of!(EventHeader, addrs) == 64);
 /// userspace expires (fds past the kernel's own sweeps, dead processes).
 /// The kernel side asserts the sizes of its value types against these.
 pub const CONNS_MAP: &str = "CONNS";
-pub const CONN_STATE_SIZE: usize = 96;
+pub const CONN_STATE_SIZE: usize = 80;
 /// Offsets in a `CONNS` value: the connection id and the socket inode.
 pub const CONN_STATE_ID_OFFSET: usize = 0;
 pub const CONN_STATE_INO_OFFSET: usize = 64;
@@ -469,9 +469,6 @@ pub enum Counter {
     /// start of (byte-by-byte heads, TLS, HTTP/2): its process links no
     /// outbound call while it is outstanding.
     CtxUnknownRequest = 22,
-    /// HTTP/2 syscalls that moved only connection-management frames
-    /// (SETTINGS, PING, WINDOW_UPDATE, PRIORITY) and gave no event.
-    H2ControlSkipped = 23,
 }
 
 /// Number of [`Counter`] slots.
@@ -479,7 +476,7 @@ pub const COUNTER_SLOTS: u32 = 24;
 
 impl Counter {
     /// Every counter, in index order, with a stable snake_case name.
-    pub const ALL: [(Counter, &'static str); 23] = [
+    pub const ALL: [(Counter, &'static str); 22] = [
         (Counter::EventsSent, "events_sent"),
         (Counter::RingbufFull, "ringbuf_full"),
         (Counter::Truncated, "truncated"),
@@ -502,7 +499,6 @@ impl Counter {
         (Counter::CtxFromHeader, "ctx_from_header"),
         (Counter::CtxInProcess, "ctx_in_process"),
         (Counter::CtxUnknownRequest, "ctx_unknown_request"),
-        (Counter::H2ControlSkipped, "h2_control_skipped"),
     ];
 }
 

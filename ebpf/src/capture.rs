@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use meshless_common::{
     ConnAddrs, Counter, Direction, EventKind, FLAG_ACCEPTED, FLAG_CONTINUATION, FLAG_HTTP2, FLAG_NEW_CONN, FLAG_TRUNCATED,
-    FLAG_UNCONFIRMED, HEADER_SIZE, MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS, TraceCtx,
+    HEADER_SIZE, MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS, TraceCtx,
 };
 
 use aya_ebpf::{EbpfContext, cty::c_void, maps::ProgramArray};
@@ -16,7 +16,6 @@ use aya_ebpf::{EbpfContext, cty::c_void, maps::ProgramArray};
 use crate::{
     context,
     detect::{Http, WINDOW, classify, read_head},
-    h2,
     maps::{
         ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, CONT, COUNTERS, ConnState, EVENTS, Held,
         SCRATCH, conn_key, count, count_n, wakeup_bytes,
@@ -211,50 +210,22 @@ pub fn emit_data<C: EbpfContext>(
     // first MAX_CAPTURE bytes are needed as much as a long request head.
     let h2 = state.flags & FLAG_HTTP2 != 0;
     let more = ret > MAX_CAPTURE && (h2 || (args.layout == BUF_PLAIN && starts_request(args)));
-    // The connection's entry (its sequence numbers; HTTP/2 framing, see `h2`).
-    // SAFETY: map values stay valid for the program's run.
-    let mut live = CONNS
-        .get_ptr_mut(&conn_key(tgid, args.fd))
-        .map(|p| unsafe { &mut *p })
-        .filter(|l| l.conn_id == state.conn_id);
-    let dir = h2::way(args.direction == Direction::Egress as u32);
-    let inside_data = match live.as_deref_mut() {
-        Some(l) if h2 => h2::take_inside_data(l, dir, ret),
-        _ => false,
-    };
-    let mut captured = if ret > 0 && !inside_data {
+    let captured = if ret > 0 {
         copy_payload(ev.data.as_mut_ptr(), args, ret)
     } else {
         0
     };
-    let mut flags = flags | state.flags;
-    let mut cut = inside_data;
-    if let Some(l) = live.as_deref_mut().filter(|_| h2 && !inside_data) {
-        let keep = h2::walk(l, dir, &ev.data, ret, captured);
-        if keep == h2::CONTROL_ONLY {
-            if flags & (FLAG_NEW_CONN | FLAG_UNCONFIRMED) == 0 {
-                // Nothing userspace reads, and framing continues after it:
-                // no event (and no sequence number, so none is missed).
-                count(Counter::H2ControlSkipped);
-                return;
-            }
-        } else if (keep as usize) < captured {
-            cut = true;
-            captured = keep as usize;
-        }
-    }
     let len = if more && captured == MAX_CAPTURE {
         MAX_CAPTURE
     } else {
         ret
     };
-    if captured < len && !cut {
+    let mut flags = flags | state.flags;
+    if captured < len {
         flags |= FLAG_TRUNCATED;
         count(Counter::Truncated);
     }
     fill_header(ev, tgid, tid, args.fd, EventKind::Data, state);
-    // Numbered here, with the entry at hand (submit would look it up again).
-    ev.header.seq = live.map_or(0, take_seq);
     ev.header.direction = args.direction;
     ev.header.syscall = args.syscall;
     ev.header.len = len as u32;
@@ -372,7 +343,6 @@ fn emit_continuation(ev: &mut crate::maps::EventBuf) {
         ev.header.len = len as u32;
         ev.header.captured = got as u32;
         ev.header.flags = if got < len { flags | FLAG_TRUNCATED } else { flags };
-        ev.header.seq = 0;
         submit(ev, got);
         count(Counter::ContinuationEvents);
         if last || got == 0 {
@@ -458,7 +428,6 @@ fn fill_header(ev: &mut crate::maps::EventBuf, tgid: u32, tid: u32, fd: u32, kin
     h.tid = tid;
     h.fd = fd;
     h.kind = kind as u32;
-    h.seq = 0;
     h.addrs = state.addrs;
     h.sock_ino = state.sock_ino;
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
@@ -487,33 +456,22 @@ fn next_seq(h: &meshless_common::EventHeader) -> u32 {
     let Some(state) = CONNS.get_ptr_mut(&conn_key(h.tgid, h.fd)) else {
         return 0;
     };
-    // SAFETY: map values stay valid for the program's run.
+    // SAFETY: map values stay valid for the program's run. Not atomic (the
+    // BPF v1 instruction set has no fetching add): two threads on one
+    // socket at the same instant may take the same number, which userspace
+    // treats like a loss (pairing restarts).
     let state = unsafe { &mut *state };
     if state.conn_id != h.conn_id {
         return 0;
     }
-    take_seq(state)
-}
-
-/// Takes the connection's next event number (never 0, which means
-/// unnumbered). Not atomic (the BPF v1 instruction set has no fetching
-/// add): two threads on one socket at the same instant may take the same
-/// number, which userspace treats like a loss (pairing restarts).
-#[inline(always)]
-fn take_seq(state: &mut ConnState) -> u32 {
-    state.seq = match state.seq.wrapping_add(1) {
-        0 => 1,
-        n => n,
-    };
+    state.seq = state.seq.wrapping_add(1);
     state.seq
 }
 
 /// Numbers the event (before reserving: a full ring buffer still uses up
 /// the number, which is how userspace learns of the loss) and sends it.
 fn submit(ev: &mut crate::maps::EventBuf, captured: usize) {
-    if ev.header.seq == 0 {
-        ev.header.seq = next_seq(&ev.header);
-    }
+    ev.header.seq = next_seq(&ev.header);
     let size = HEADER_SIZE + (captured & (MAX_CAPTURE * 2 - 1));
     let used = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
     high_water(used);

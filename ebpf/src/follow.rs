@@ -8,14 +8,13 @@
 //! until userspace has written a verdict.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use meshless_common::{
-    ConnAddrs, Counter, Direction, FLAG_HTTP2, FLAG_NEW_CONN, FLAG_UNCONFIRMED, FdVerdict, Syscall, VERDICT_NOT_SOCKET, VERDICT_PENDING,
+    ConnAddrs, Counter, FLAG_HTTP2, FLAG_NEW_CONN, FLAG_UNCONFIRMED, FdVerdict, Syscall, VERDICT_NOT_SOCKET, VERDICT_PENDING,
     VERDICT_SOCKET,
 };
 
 use crate::{
     capture::head,
     detect::{Http, WINDOW, classify, is_h2_headers, is_h2_preface},
-    h2,
     maps::{ACTIVE, ADDRS, Args, CONNS, ConnState, HELD, Held, VERDICTS, count, note_tgid},
     sock::{FdKind, fd_kind, read_sock_addrs},
 };
@@ -33,11 +32,6 @@ pub struct Followed {
     pub held: Held,
     /// The socket's `struct sock` address, 0 when unknown.
     sk: u64,
-    /// HTTP/2 directions (bit 0 ingress, bit 1 egress) whose framing is
-    /// not known at the start: the one not seen of a connection followed
-    /// mid-way.
-    h2_unsynced: u32,
-    _pad: u32,
     /// Held bytes followed by this syscall's first bytes (room for both).
     joined: [u8; WINDOW * 2],
 }
@@ -122,14 +116,11 @@ fn decide(key: u64, args: &Args, ret: usize, out: &mut Followed) -> u32 {
     window.copy_from_slice(&out.joined[..WINDOW]);
     let mut http = classify(&window, n);
     // Kept in `out.flags` until `new_state` makes it a connection flag.
-    out.h2_unsynced = 0;
     let h2 = if is_h2_preface(&window, n) {
         FLAG_HTTP2
     } else if http == Http::No && held.is_none() && is_h2_headers(&window, n) {
-        // An HTTP/2 connection that was open before the agent started:
-        // the other direction may be inside a frame.
+        // An HTTP/2 connection that was open before the agent started.
         http = Http::Request;
-        out.h2_unsynced = 1 << h2::way(args.direction != Direction::Egress as u32);
         FLAG_HTTP2
     } else {
         0
@@ -172,8 +163,6 @@ fn decide(key: u64, args: &Args, ret: usize, out: &mut Followed) -> u32 {
     }
     if had_held {
         out.has_held = 1;
-        // This syscall's bytes continue the held ones mid-stream.
-        out.h2_unsynced |= 1 << h2::way(args.direction == Direction::Egress as u32);
         let _ = HELD.remove(&key);
     }
     let confirmed = out.sk != 0 || socket_syscall(args.syscall) || verdict.is_some();
@@ -208,14 +197,6 @@ fn new_state(key: u64, out: &mut Followed) {
     out.state._pad = 0;
     out.state.seq = 0;
     out.state._pad2 = 0;
-    out.state.h2_left = [0; 2];
-    for (d, mode) in out.state.h2_mode.iter_mut().enumerate() {
-        *mode = if out.flags & FLAG_HTTP2 != 0 && out.h2_unsynced & (1 << d) == 0 {
-            h2::NEEDED
-        } else {
-            h2::UNSYNCED
-        };
-    }
     out.state.addrs = ConnAddrs::default();
     // SAFETY: map values stay valid for the program's run.
     if let Some(k) = unsafe { ADDRS.get(&key) } {

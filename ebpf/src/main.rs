@@ -12,7 +12,6 @@ mod context;
 mod detect;
 mod follow;
 mod golang;
-mod h2;
 mod maps;
 mod probes;
 mod sock;

@@ -84,10 +84,6 @@ pub struct ConnState {
     /// copy counts.
     pub seq: u32,
     pub _pad2: u32,
-    /// HTTP/2 framing per direction (ingress, egress), see `h2`: a mode
-    /// and the bytes of an open frame's payload the next syscall starts with.
-    pub h2_mode: [u32; 2],
-    pub h2_left: [u32; 2],
 }
 
 // Userspace reads these maps' values by size and offset (see common).
