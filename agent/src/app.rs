@@ -142,7 +142,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let classify = propagation::Classifier::new(&mut ebpf, quiet.clone())
         .map(spawn_classifier)
         .transpose()?;
-    let https = config.tls == crate::config::OnOff::On && start_tls(&mut ebpf)?;
+    let https =
+        config.tls != crate::config::TlsMode::Off && start_tls(&mut ebpf, config.tls == crate::config::TlsMode::On)?;
     Stats::set(
         &stats.kernel_ringbuf_size_bytes,
         u64::from(config.ringbuf_mib) * 1024 * 1024,
@@ -305,8 +306,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// Attaches the TLS uprobes to the libssl files found now (before the
 /// agent says it is ready) and keeps finding new ones on a side thread.
 /// False when HTTPS cannot be traced (logged; plaintext still is).
-fn start_tls(ebpf: &mut aya::Ebpf) -> anyhow::Result<bool> {
-    let mut probes = match crate::tls::TlsProbes::load(ebpf) {
+/// `expensive_too`: `--tls on` (also libraries whose probes single-step).
+fn start_tls(ebpf: &mut aya::Ebpf, expensive_too: bool) -> anyhow::Result<bool> {
+    let mut probes = match crate::tls::TlsProbes::load(ebpf, expensive_too) {
         Ok(probes) => probes,
         Err(error) => {
             warn!(%error, "HTTPS is not traced");

@@ -11,33 +11,28 @@
 use std::{
     ffi::CString,
     fs::File,
-    os::{
-        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
-        unix::fs::MetadataExt,
-    },
+    os::{fd::OwnedFd, unix::fs::MetadataExt},
     path::Path,
 };
 
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
-    programs::{ProgramFd, UProbe},
+    programs::ProgramFd,
     Ebpf,
 };
 use meshless_common::{GoCounter, GO_COUNTERS_MAP, GO_PENDING_MAP, GO_POINTER_MAPS, GO_UPROBES};
 use object::{Object, ObjectSection, ObjectSymbol};
 use tracing::{debug, info, warn};
 
+use crate::uprobe::{file_offset, load_program, Pmu, UprobeError};
+
 /// Why the Go uprobes cannot be used (Go processes then link per process).
 #[derive(Debug, thiserror::Error)]
 pub enum GoError {
-    #[error("program {0} is missing from the eBPF object (rebuild)")]
-    MissingProgram(&'static str),
-    #[error("loading uprobe program {name}: {detail}")]
-    Load { name: &'static str, detail: String },
+    #[error(transparent)]
+    Uprobe(#[from] UprobeError),
     #[error("map {0} is missing from the eBPF object or has another layout (rebuild)")]
     Map(&'static str),
-    #[error("reading the uprobe PMU type from {path}: {detail}; is CONFIG_UPROBE_EVENTS on?")]
-    Pmu { path: &'static str, detail: String },
 }
 
 /// What an executable is, for linking.
@@ -68,12 +63,11 @@ type GoCtx = [u8; 64];
 /// Executables with uprobes attached at most; beyond it Go processes keep
 /// the per-process policy (counted in the log).
 const MAX_BINARIES: usize = 256;
-const UPROBE_TYPE: &str = "/sys/bus/event_source/devices/uprobe/type";
 
 /// The loaded uprobe programs and the executables they are attached to.
 pub struct GoProbes {
     programs: Vec<ProgramFd>,
-    pmu_type: u32,
+    pmu: Pmu,
     /// (device, inode) → attached (perf event fds, closed on drop) or not.
     binaries: foldhash::HashMap<(u64, u64), Option<Vec<OwnedFd>>>,
     over_limit: u64,
@@ -89,27 +83,9 @@ impl GoProbes {
     pub fn load(ebpf: &mut Ebpf) -> Result<GoProbes, GoError> {
         let mut programs = Vec::new();
         for (name, _) in GO_UPROBES {
-            let fail = |detail: String| GoError::Load { name, detail };
-            let program: &mut UProbe = ebpf
-                .program_mut(name)
-                .ok_or(GoError::MissingProgram(name))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| fail(e.to_string()))?;
-            program.load().map_err(|e| fail(e.to_string()))?;
-            let fd = program
-                .fd()
-                .map_err(|e| fail(e.to_string()))?
-                .try_clone()
-                .map_err(|e| fail(e.to_string()))?;
-            programs.push(fd);
+            programs.push(load_program(ebpf, name)?);
         }
-        let pmu_type = std::fs::read_to_string(UPROBE_TYPE)
-            .map_err(|e| e.to_string())
-            .and_then(|s| s.trim().parse::<u32>().map_err(|e| e.to_string()))
-            .map_err(|detail| GoError::Pmu {
-                path: UPROBE_TYPE,
-                detail,
-            })?;
+        let pmu = Pmu::read()?;
         let counters = ebpf
             .take_map(GO_COUNTERS_MAP)
             .and_then(|m| PerCpuArray::try_from(m).ok());
@@ -124,7 +100,7 @@ impl GoProbes {
             .ok_or(GoError::Map(GO_PENDING_MAP))?;
         Ok(GoProbes {
             programs,
-            pmu_type,
+            pmu,
             binaries: foldhash::HashMap::default(),
             over_limit: 0,
             counters,
@@ -216,7 +192,7 @@ impl GoProbes {
         let mut fds = Vec::new();
         for (program, offset) in self.programs.iter().zip(offsets) {
             if let Some(offset) = offset {
-                fds.push(perf_uprobe(self.pmu_type, 0, &path, *offset, program)?);
+                fds.push(self.pmu.attach(&path, *offset, false, program)?);
             }
         }
         Ok(fds)
@@ -246,86 +222,6 @@ impl GoProbes {
             self.last_counts = counts;
         }
     }
-}
-
-/// perf_event_attr up to PERF_ATTR_SIZE_VER5 (what a uprobe needs).
-#[repr(C)]
-#[derive(Default)]
-struct PerfEventAttr {
-    kind: u32,
-    size: u32,
-    config: u64,
-    sample_period: u64,
-    sample_type: u64,
-    read_format: u64,
-    flags: u64,
-    wakeup_events: u32,
-    bp_type: u32,
-    /// uprobe_path
-    config1: u64,
-    /// probe_offset
-    config2: u64,
-    branch_sample_type: u64,
-    sample_regs_user: u64,
-    sample_stack_user: u32,
-    clockid: i32,
-    sample_regs_intr: u64,
-    aux_watermark: u32,
-    sample_max_stack: u16,
-    reserved: u16,
-}
-
-const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
-/// _IOW('$', 8, u32) and _IO('$', 0).
-const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
-const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
-
-/// A uprobe at `offset` of the file `path` for every process, running
-/// `program` (`config`: 0, or the PMU's retprobe bit for a return probe).
-/// aya's `UProbe::attach` needs the program mutably inside the `Ebpf`,
-/// which the wiring keeps; this attaches by fd instead.
-pub(crate) fn perf_uprobe(
-    pmu_type: u32,
-    config: u64,
-    path: &CString,
-    offset: u64,
-    program: &ProgramFd,
-) -> std::io::Result<OwnedFd> {
-    let attr = PerfEventAttr {
-        kind: pmu_type,
-        size: std::mem::size_of::<PerfEventAttr>() as u32,
-        config,
-        config1: path.as_ptr() as u64,
-        config2: offset,
-        ..Default::default()
-    };
-    // SAFETY: a valid attr and path that outlive the call; pid -1 with cpu
-    // 0 means every process (the BPF program runs on any CPU).
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_perf_event_open,
-            &attr as *const PerfEventAttr,
-            -1 as libc::pid_t,
-            0 as libc::c_int,
-            -1 as libc::c_int,
-            PERF_FLAG_FD_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd this function owns.
-    let event = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let prog = program.as_fd().as_raw_fd();
-    // SAFETY: ioctls on the perf event fd with the documented arguments.
-    unsafe {
-        if libc::ioctl(event.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, prog) != 0
-            || libc::ioctl(event.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(event)
 }
 
 /// Reads what linking needs to know from an executable.
@@ -397,15 +293,6 @@ pub fn past_stack_check(code: &[u8], at: u64) -> u64 {
         (Some(0x76), _) | (Some(0x0f), Some(0x86)) => jump_at as u64,
         _ => 0,
     }
-}
-
-/// The file offset of a virtual address (uprobes are placed by offset).
-pub(crate) fn file_offset(elf: &object::File, addr: u64) -> Option<u64> {
-    elf.sections().find_map(|s| {
-        let (start, size) = (s.address(), s.size());
-        let (offset, _) = s.file_range()?;
-        (addr >= start && addr < start + size).then(|| addr - start + offset)
-    })
 }
 
 /// The Go version in a `.go.buildinfo` section of Go >= 1.18 (strings

@@ -26,3 +26,4 @@ pub mod stats;
 pub mod tls;
 pub mod trace_context;
 pub mod ui;
+pub mod uprobe;

@@ -133,18 +133,56 @@ fn dnat(pods: &PodPair, vip: &str, port: u16) {
     run(cmd);
 }
 
-fn start_web(pods: &PodPair, cg: &PodCgroup, port: u16) -> Proc {
+/// The web server's document root: `/kiali` answers 200, any other path
+/// but `/` a 404 (a complete exchange still).
+fn docroot(api: &RealApi) -> std::path::PathBuf {
+    let dir = api.path("www");
+    std::fs::create_dir_all(&dir).expect("docroot");
+    std::fs::write(dir.join("kiali"), "ok\n").expect("docroot page");
+    dir
+}
+
+/// Python's http.server in pod b on `ip`:`port`, serving `root`.
+fn start_web(pods: &PodPair, cg: &PodCgroup, ip: &str, port: u16, root: &std::path::Path) -> Proc {
+    let root = root.to_str().expect("utf-8 path");
     let p = spawn(cg.cmd_in(
         &pods.b,
         "python3",
-        &["-m", "http.server", &port.to_string(), "--bind", &pods.ip_b],
+        &[
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            ip,
+            "--directory",
+            root,
+        ],
     ));
-    wait_port(&pods.a, &pods.ip_b, port);
+    wait_port(&pods.a, ip, port);
     p
 }
 
+/// A second address in pod b (10.X.Y.3, on the same veth), as a second
+/// endpoint of the Service would have.
+fn second_address(pods: &PodPair) -> String {
+    let mut show = PodPair::cmd(&pods.b, "ip");
+    show.args(["-o", "-4", "addr", "show"]);
+    let out = run(show);
+    let dev = out
+        .lines()
+        .find(|l| l.contains(&format!("inet {}/", pods.ip_b)))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("pod b's device: {out}"))
+        .to_owned();
+    let (net, _) = pods.ip_b.rsplit_once('.').expect("IPv4");
+    let ip = format!("{net}.3");
+    let mut add = PodPair::cmd(&pods.b, "ip");
+    add.args(["addr", "add", &format!("{ip}/24"), "dev", &dev]);
+    run(add);
+    ip
+}
+
 fn curl(pods: &PodPair, cg: &PodCgroup, url: &str) {
-    // Any path but `/` is a 404 from http.server: a complete exchange still.
     run(cg.cmd_in(&pods.a, "curl", &["-s", "-o", "/dev/null", url]));
 }
 
@@ -260,7 +298,7 @@ fn two_pods_calling_through_a_service_carry_metadata_from_the_real_api_and_pods_
     let web_cg = PodCgroup::create(Driver::Systemd, &shop.web_uid, WEB_CID);
     let load_cg = PodCgroup::create(Driver::Cgroupfs, &shop.load_uid, LOAD_CID);
     let other_cg = PodCgroup::create(Driver::Cgroupfs, &other_uid, OTHER_CID);
-    let _web = start_web(&pods, &web_cg, port);
+    let _web = start_web(&pods, &web_cg, &pods.ip_b, port, &docroot(&api));
     dnat(&pods, &shop.vip, port);
 
     curl(&pods, &load_cg, &format!("http://{}/via-service", shop.vip));
@@ -308,6 +346,7 @@ fn two_pods_calling_through_a_service_carry_metadata_from_the_real_api_and_pods_
     // Kiali's graph and the Istio dashboards work on what Prometheus scraped.
     kiali_and_grafana_queries_show_the_call(&prometheus, || {
         curl(&pods, &load_cg, &format!("http://{}/kiali", shop.vip));
+        curl(&pods, &load_cg, &format!("http://{}/kiali-missing", shop.vip));
     });
 }
 
@@ -318,9 +357,10 @@ destination_service_name,destination_workload_namespace,destination_workload,des
 destination_canonical_revision,request_protocol,response_code,grpc_response_status,response_flags";
 
 /// Kiali's namespace, workload and service graph queries return the
-/// loadgen → web edge with Istio's label values; the Istio Grafana
-/// dashboards' queries return data. `call` makes one more request (rates
-/// need increases between scrapes).
+/// loadgen → web edge with Istio's label values and its 200 traffic (and
+/// the namespace graph its 404s too, which Kiali colours as errors); the
+/// Istio Grafana dashboards' queries return data. `call` makes one more
+/// 200 and one more 404 request (rates need increases between scrapes).
 fn kiali_and_grafana_queries_show_the_call(prometheus: &Prometheus, call: impl Fn()) {
     let expected = [
         ("source_cluster", "Kubernetes"),
@@ -337,7 +377,6 @@ fn kiali_and_grafana_queries_show_the_call(prometheus: &Prometheus, call: impl F
         ("destination_canonical_service", "web"),
         ("destination_canonical_revision", "v2"),
         ("request_protocol", "http"),
-        ("response_code", "404"),
         ("response_flags", "-"),
     ];
     let rate = |selector: &str| format!("sum(rate(istio_requests_total{{{selector}}}[1m])) by ({KIALI_GROUP}) > 0");
@@ -353,16 +392,20 @@ fn kiali_and_grafana_queries_show_the_call(prometheus: &Prometheus, call: impl F
         // Its outbound side, as the caller reports it.
         rate(r#"reporter="source",destination_service_namespace="shop",destination_service_name="web""#),
     ];
-    let edge = |m: &Value| expected.iter().all(|(k, v)| m[*k].as_str() == Some(*v));
+    // Every graph query finds the edge's 200s; the namespace graph its 404s too.
+    let wanted: Vec<(&String, &str)> = graph.iter().map(|q| (q, "200")).chain([(&graph[0], "404")]).collect();
+    let edge = |m: &Value, code: &str| {
+        m["response_code"].as_str() == Some(code) && expected.iter().all(|(k, v)| m[*k].as_str() == Some(*v))
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut missing: Vec<(String, Vec<Value>)> = vec![];
+    let mut missing: Vec<(String, &str, Vec<Value>)> = vec![];
     for _ in 0..60 {
         call();
         std::thread::sleep(Duration::from_millis(1200));
-        missing = graph
+        missing = wanted
             .iter()
-            .map(|q| (q.clone(), prometheus.query(q)))
-            .filter(|(_, got)| !got.iter().any(|s| edge(&s["metric"])))
+            .map(|(q, code)| ((*q).clone(), *code, prometheus.query(q)))
+            .filter(|(_, code, got)| !got.iter().any(|s| edge(&s["metric"], code)))
             .collect();
         if missing.is_empty() || Instant::now() > deadline {
             break;
@@ -403,7 +446,8 @@ fn metadata_stays_right_across_pod_replacement_endpoint_changes_an_api_restart_a
     let _agent = start_agent(&gated.display().to_string(), &receiver);
     let load_cg = PodCgroup::create(Driver::Cgroupfs, &shop.load_uid, LOAD_CID);
     let web_cg = PodCgroup::create(Driver::Systemd, &shop.web_uid, WEB_CID);
-    let web = start_web(&pods, &web_cg, port);
+    let root = docroot(&api);
+    let web = start_web(&pods, &web_cg, &pods.ip_b, port, &root);
     dnat(&pods, &shop.vip, port);
     curl(&pods, &load_cg, &format!("http://{}/before", shop.vip));
     let (server, _) = call(&receiver, "/before");
@@ -445,7 +489,7 @@ fn metadata_stays_right_across_pod_replacement_endpoint_changes_an_api_restart_a
     gate.open();
 
     let new_cg = PodCgroup::create(Driver::Systemd, &new_uid, NEW_CID);
-    let _new = start_web(&pods, &new_cg, port);
+    let _new = start_web(&pods, &new_cg, &pods.ip_b, port, &root);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut i = 0;
     let (server, client) = loop {
@@ -476,6 +520,79 @@ fn metadata_stays_right_across_pod_replacement_endpoint_changes_an_api_restart_a
         "the agent relisted pods after its watch expired: {:?}",
         api.requests_by(AGENT_USER)
     );
+}
+
+#[test]
+fn an_endpointslice_updated_in_place_names_the_service_for_its_new_endpoints_and_no_longer_for_removed_ones() {
+    let _serial = serial();
+    let pods = PodPair::new();
+    let api = RealApi::start(&[NODE]);
+    let kubeconfig = install_meshless(&api);
+    let port = 8603;
+    let shop = shop(&api, &pods, port);
+    let receiver = Receiver::start(Transport::Grpc);
+    let _agent = start_agent(&kubeconfig, &receiver);
+    let load_cg = PodCgroup::create(Driver::Cgroupfs, &shop.load_uid, LOAD_CID);
+    let web_cg = PodCgroup::create(Driver::Systemd, &shop.web_uid, WEB_CID);
+    let second = second_address(&pods);
+    let root = docroot(&api);
+    let _web = start_web(&pods, &web_cg, &pods.ip_b, port, &root);
+    let _web2 = start_web(&pods, &web_cg, &second, port, &root);
+    // A direct call to an address (no Service IP): the client span's
+    // server.address is the Service whose EndpointSlice lists it, else the IP.
+    let named = |ip: &str, path: &str| -> String {
+        curl(&pods, &load_cg, &format!("http://{ip}:{port}{path}"));
+        call(&receiver, path).1.attr("server.address").unwrap_or_default()
+    };
+    const FQDN: &str = "web.shop.svc.cluster.local";
+    assert_eq!(named(&pods.ip_b, "/old-before"), FQDN);
+    assert_eq!(named(&second, "/new-before"), second, "not an endpoint yet");
+
+    let meta = || {
+        api.kubectl(&[
+            "get",
+            "endpointslice",
+            "-n",
+            "shop",
+            "web-abcde",
+            "-o",
+            "jsonpath={.metadata.uid} {.metadata.resourceVersion}",
+        ])
+    };
+    let before = meta();
+    // The same object, its endpoint replaced (one MODIFIED event), as the
+    // EndpointSlice controller does when a pod's address changes.
+    api.apply(&slice("web-abcde", &second, "web-5d4f8b7c9-x7k2p", port));
+    let after = meta();
+    let uid = |m: &str| m.split_whitespace().next().map(str::to_owned);
+    assert_eq!(uid(&after), uid(&before), "updated in place, not recreated");
+    assert_ne!(after, before, "the update changed the object");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0.. {
+        let got = named(&second, &format!("/new-after-{i}"));
+        if got == FQDN {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new endpoint never named the Service (last: {got}): {:?}",
+            api.requests_by(AGENT_USER)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Applied in the same update: the removed address is no longer claimed.
+    assert_eq!(
+        named(&pods.ip_b, "/old-after"),
+        pods.ip_b,
+        "a removed endpoint still names the Service"
+    );
+    let slice_lists = api
+        .requests_by(AGENT_USER)
+        .iter()
+        .filter(|(verb, uri, _)| verb == "list" && uri.starts_with("/apis/discovery.k8s.io/v1/endpointslices"))
+        .count();
+    assert_eq!(slice_lists, 1, "followed by the watch, without a relist");
 }
 
 /// Pod lists the agent made (a relist after `410 Gone` adds one).

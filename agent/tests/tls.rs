@@ -1,5 +1,6 @@
 //! HTTPS: plaintext read at OpenSSL by uprobes gives the same spans as
-//! plain HTTP (curl → nginx, Python ssl client → Python ssl server).
+//! plain HTTP (curl → nginx, Python ssl client → Python ssl server, a
+//! server whose libssl lives in a chroot), on by default (`--tls auto`).
 mod support;
 
 use std::{path::Path, time::Duration};
@@ -66,7 +67,7 @@ fn curl_over_https_to_nginx_gives_one_https_span_pair_per_request_on_keepalive_w
     let _serial = serial();
     let pods = PodPair::new();
     let scratch = Scratch::new("tls-nginx");
-    let agent = Agent::start_with(&["--tls", "on"]);
+    let agent = Agent::start();
     let _nginx = start_tls_nginx(&pods.b, &pods.ip_b, PORT, &scratch.0);
     wait_port(&pods.a, &pods.ip_b, PORT);
     let sha = safety::big_file(&scratch.0, "big.bin", 1 << 20);
@@ -124,6 +125,14 @@ fn python_ssl_client_and_server_started_after_the_agent_give_https_spans_with_tr
     let scratch = Scratch::new("tls-python");
     safety::self_signed_cert(&scratch.0);
     let agent = Agent::start_with(&["--tls", "on"]);
+    assert!(
+        agent
+            .stderr()
+            .iter()
+            .any(|l| l.contains("TLS library: tracing HTTPS") && l.contains("cheap=true")),
+        "the host libssl is probed on emulated instructions only: {:?}",
+        agent.stderr()
+    );
     let d = scratch.0.display();
     let server = format!(
         r#"
@@ -188,4 +197,147 @@ c.close()
         .expect("client span of /c");
     assert_eq!(c["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736", "{c:#?}");
     assert_eq!(c["parent_span_id"], "00f067aa0ba902b7");
+}
+
+/// Copies `file` to the same path under `root` (a fresh inode).
+fn copy_into(root: &Path, file: &Path) {
+    let to = root.join(file.strip_prefix("/").expect("absolute path"));
+    std::fs::create_dir_all(to.parent().expect("parent")).expect("rootfs dir");
+    std::fs::copy(file, &to).unwrap_or_else(|e| panic!("copy {}: {e}", file.display()));
+}
+
+/// Waits until the agent logs a line containing every one of `words`.
+fn wait_log(agent: &Agent, words: &[&str]) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if agent.stderr().iter().any(|l| words.iter().all(|w| l.contains(w))) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn a_tls_server_in_a_chroot_with_its_own_libssl_copy_started_after_the_agent_is_traced() {
+    let _serial = serial();
+    let pods = PodPair::new();
+    let scratch = Scratch::new("tls-chroot");
+    let root = scratch.0.join("rootfs");
+    let openssl = which("openssl");
+    copy_into(&root, &openssl);
+    let ldd = run({
+        let mut c = std::process::Command::new("ldd");
+        c.arg(&openssl);
+        c
+    });
+    for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
+        copy_into(&root, Path::new(lib));
+    }
+    safety::self_signed_cert(&root);
+    let agent = Agent::start();
+    let mut cmd = PodPair::cmd(&pods.b, "chroot");
+    // The binary sits at the same path inside the rootfs.
+    cmd.arg(&root).arg(&openssl);
+    cmd.args([
+        "s_server",
+        "-quiet",
+        "-www",
+        "-cert",
+        "/cert.pem",
+        "-key",
+        "/key.pem",
+        "-accept",
+    ]);
+    cmd.arg(format!("{}:{PORT}", pods.ip_b));
+    let _server = spawn(cmd);
+    wait_port(&pods.a, &pods.ip_b, PORT);
+    assert!(
+        wait_log(&agent, &["TLS library: tracing HTTPS", "rootfs/", "libssl.so"]),
+        "the chroot's libssl (another inode) is attached: {:?}",
+        agent.stderr()
+    );
+
+    let mut curl = PodPair::cmd(&pods.a, "curl");
+    curl.args(["-s", "-k", "-o", "/dev/null", &format!("https://{}:{PORT}/", pods.ip_b)]);
+    run(curl);
+
+    let spans = agent.collect(to_server(&pods.ip_b, PORT), 2, Duration::from_secs(10));
+    let servers: Vec<&Value> = spans.iter().filter(|s| kind(s) == "SERVER").collect();
+    assert_eq!(servers.len(), 1, "{spans:#?}\n{:?}", agent.stderr());
+    assert_eq!(attr_str(servers[0], "process.executable.name"), "openssl");
+    assert_eq!(attr_str(servers[0], "url.scheme"), "https");
+    assert_eq!(attr_u64(servers[0], "http.response.status_code"), 200);
+}
+
+#[test]
+fn a_libssl_named_file_without_ssl_symbols_is_logged_by_path_and_plaintext_http_of_that_process_is_still_traced() {
+    let _serial = serial();
+    let pods = PodPair::new();
+    let scratch = Scratch::new("tls-nosym");
+    let fake = scratch.0.join("libssl.so.3");
+    std::fs::copy(zlib(), &fake).expect("copy zlib as libssl.so.3");
+    let agent = Agent::start();
+    let server = format!(
+        r#"
+import ctypes, http.server as h
+ctypes.CDLL("{fake}")
+class H(h.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *a):
+        pass
+h.HTTPServer(("{ip}", {PORT}), H).serve_forever()
+"#,
+        fake = fake.display(),
+        ip = pods.ip_b
+    );
+    let mut cmd = PodPair::cmd(&pods.b, "python3");
+    cmd.args(["-c", &server]);
+    let _server = spawn(cmd);
+    wait_port(&pods.a, &pods.ip_b, PORT);
+    assert!(
+        wait_log(
+            &agent,
+            &[
+                "TLS library not traced",
+                "exports no SSL_read/SSL_write symbols",
+                "libssl.so.3"
+            ]
+        ),
+        "{:?}",
+        agent.stderr()
+    );
+
+    let mut curl = PodPair::cmd(&pods.a, "curl");
+    curl.args(["-s", "-o", "/dev/null", &format!("http://{}:{PORT}/plain", pods.ip_b)]);
+    run(curl);
+    let spans = agent.collect(to_server(&pods.ip_b, PORT), 2, Duration::from_secs(10));
+    assert_eq!(spans.len(), 2, "{spans:#?}\n{:?}", agent.stderr());
+    assert!(spans.iter().all(|s| attr_str(s, "url.scheme") == "http"));
+    assert!(spans.iter().all(|s| attr_str(s, "url.path") == "/plain"));
+}
+
+fn which(program: &str) -> std::path::PathBuf {
+    let out = run({
+        let mut c = std::process::Command::new("sh");
+        c.args(["-c", &format!("command -v {program}")]);
+        c
+    });
+    let path = std::fs::canonicalize(out.trim()).expect("program path");
+    assert!(path.is_absolute());
+    path
+}
+
+/// A shared library that is surely not OpenSSL.
+fn zlib() -> &'static Path {
+    ["/usr/lib/x86_64-linux-gnu/libz.so.1", "/lib/x86_64-linux-gnu/libz.so.1"]
+        .iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .expect("libz.so.1 on this machine")
 }

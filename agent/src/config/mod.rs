@@ -242,11 +242,12 @@ pub struct Config {
     pub propagation: Propagation,
 
     /// Trace HTTPS by reading plaintext at OpenSSL (`libssl.so.*`) with
-    /// uprobes: `on`, or `off` (default: TLS connections give no spans).
-    /// Off by default for now: each SSL call then costs the app ~29 µs on
-    /// VMs that single-step the probed instruction (docs/tls.md).
-    #[arg(long, value_enum, env = env::TLS, default_value = "off")]
-    pub tls: OnOff,
+    /// uprobes: `auto` (default: every library whose probes sit on
+    /// instructions the kernel emulates, ~1-3 µs per SSL call), `on` (also
+    /// libraries where the probe single-steps: ~29 µs per call on VMs,
+    /// docs/tls.md), or `off` (TLS connections give no spans).
+    #[arg(long, value_enum, env = env::TLS, default_value = "auto")]
+    pub tls: TlsMode,
 
     /// Trace only processes in this cgroup2 subtree (absolute path, e.g.
     /// /sys/fs/cgroup/kubepods.slice, or relative to the cgroup2 mount).
@@ -297,6 +298,14 @@ impl Config {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnOff {
+    On,
+    Off,
+}
+
+/// Which TLS libraries get plaintext uprobes (`--tls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsMode {
+    Auto,
     On,
     Off,
 }

@@ -4,8 +4,9 @@ use std::{collections::HashSet, net::IpAddr, sync::Arc};
 use foldhash::HashMap;
 use tokio::sync::mpsc;
 
-use super::{cgroup, fqdn, quiet::QuietPods, PeerK8s, PodMeta, ServiceMeta, SliceMeta, SpanK8s};
-use crate::span::{Span, SpanKind};
+use super::{cgroup, quiet::QuietPods, PodMeta, ServiceMeta, SliceMeta};
+
+mod enrich;
 
 /// Which resource a watcher follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,9 +58,6 @@ pub enum Verdict {
     Drop,
 }
 
-/// Most cgroup ids remembered (ids of gone containers are not reused soon).
-const MAX_CGROUPS: usize = 16_384;
-
 pub struct Index {
     updates: mpsc::Receiver<Update>,
     pods: HashMap<String, Arc<PodMeta>>,
@@ -77,9 +75,6 @@ pub struct Index {
     last_scan: Option<std::time::Instant>,
     quiet: QuietPods,
 }
-
-/// Least time between two scans of the cgroup tree.
-const RESCAN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Index {
     /// `quiet` is kept up to date with the pods this node must not trace.
@@ -212,128 +207,13 @@ impl Index {
             }
         }
     }
-
-    /// The pod a process runs in, via its cgroup.
-    pub fn pod_of(&mut self, pid: u32, cgroup_id: u64) -> Option<SpanK8s> {
-        if !self.cgroups.contains_key(&cgroup_id) {
-            if self.cgroups.len() >= MAX_CGROUPS {
-                self.cgroups.clear();
-            }
-            // A cgroup's path never changes, so the answer (pod or not) is
-            // cached. A process that already exited is found by scanning the
-            // pod cgroup trees for the id (an inode), at most once a second.
-            match cgroup::of_process(pid) {
-                Some(path) => {
-                    self.cgroups.insert(cgroup_id, cgroup::parse(&path));
-                }
-                None => self.scan_cgroups(),
-            }
-        }
-        let cg = self.cgroups.get(&cgroup_id)?.as_ref()?;
-        let pod = self.pods.get(&cg.pod_uid)?.clone();
-        let container = pod.container_name(cg.container_id.as_deref());
-        Some(SpanK8s {
-            pod,
-            container,
-            service_fqdn: None,
-        })
-    }
-
-    fn scan_cgroups(&mut self) {
-        let due = self.last_scan.is_none_or(|t| t.elapsed() >= RESCAN_AFTER);
-        let Some(root) = self.cgroup_root.as_ref().filter(|_| due) else {
-            return;
-        };
-        self.last_scan = Some(std::time::Instant::now());
-        for (id, path) in cgroup::scan(root) {
-            if let Some(found) = cgroup::parse(&path) {
-                self.cgroups.insert(id, Some(found));
-            }
-        }
-    }
-
-    /// What the cluster knows about an address.
-    pub fn peer(&self, ip: IpAddr) -> Option<PeerK8s> {
-        let mut peer = PeerK8s::default();
-        if let Some(pod) = self.pod_by_ip.get(&ip).and_then(|uid| self.pods.get(uid)) {
-            peer.namespace = Some(pod.namespace.clone());
-            peer.workload = Some(pod.workload_name());
-            peer.pod = Some(pod.name.clone());
-            let mut istio = (*pod.istio).clone();
-            istio.canonical_service.get_or_insert_with(|| pod.canonical_service());
-            peer.istio = Some(istio);
-        }
-        if let Some((ns, svc, pod)) = self.endpoint_by_ip.get(&ip) {
-            peer.namespace.get_or_insert_with(|| ns.clone());
-            if let Some(svc) = svc {
-                peer.service_fqdn = Some(fqdn(svc, ns));
-            }
-            if peer.pod.is_none() {
-                peer.pod.clone_from(pod);
-            }
-            if peer.workload.is_none() {
-                // A pod on another node: its workload from the pod name.
-                peer.workload = pod.as_deref().map(workload_from_pod_name);
-            }
-        }
-        if let Some((ns, name)) = self.service_by_ip.get(&ip) {
-            peer.namespace.get_or_insert_with(|| ns.clone());
-            peer.service_fqdn = Some(fqdn(name, ns));
-        }
-        (peer != PeerK8s::default()).then_some(peer)
-    }
-
-    /// Adds pod and peer metadata to a span; says whether to keep it.
-    pub fn enrich(&mut self, span: &mut Span) -> Verdict {
-        if let Some(mut k8s) = self.pod_of(span.process.pid, span.process.cgroup_id) {
-            if k8s.pod.opted_out || !self.filter.allows(&k8s.pod.namespace) {
-                return Verdict::Drop;
-            }
-            if span.kind == SpanKind::Server {
-                k8s.service_fqdn = span.server.and_then(|a| self.peer(a.ip())).and_then(|p| p.service_fqdn);
-            }
-            span.k8s = Some(k8s);
-        } else if !self.filter.include.is_empty() {
-            // Only selected namespaces are traced; this process is in none.
-            return Verdict::Drop;
-        }
-        let peer_ip = match span.kind {
-            SpanKind::Server => span.client,
-            SpanKind::Client => span.server,
-        };
-        let mut peer = peer_ip.and_then(|a| self.peer(a.ip()));
-        if let Some(real) = span.resolved_server.and_then(|a| self.peer(a.ip())) {
-            // A Service IP names the service; the pod it was DNATed to
-            // names the workload.
-            let p = peer.get_or_insert_with(PeerK8s::default);
-            p.pod = real.pod.or(p.pod.take());
-            p.workload = real.workload.or(p.workload.take());
-            p.istio = real.istio.or(p.istio.take());
-            p.namespace = p.namespace.take().or(real.namespace);
-            p.service_fqdn = p.service_fqdn.take().or(real.service_fqdn);
-        }
-        span.peer_k8s = peer;
-        Verdict::Keep
-    }
-}
-
-/// `web-7d4b9c8f6-x2x9z` → `web`: strips the ReplicaSet hash and pod suffix.
-fn workload_from_pod_name(name: &str) -> String {
-    let parts: Vec<&str> = name.split('-').collect();
-    if parts.len() >= 3 {
-        parts[..parts.len() - 2].join("-")
-    } else if parts.len() == 2 {
-        parts[0].to_owned()
-    } else {
-        name.to_owned()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn pod(uid: &str, name: &str, ip: &str) -> PodMeta {
+    pub(super) fn pod(uid: &str, name: &str, ip: &str) -> PodMeta {
         PodMeta {
             uid: uid.into(),
             name: name.into(),
@@ -348,7 +228,7 @@ mod tests {
         }
     }
 
-    fn index() -> Index {
+    pub(super) fn index() -> Index {
         let (_tx, rx) = mpsc::channel(1);
         Index::new(rx, NamespaceFilter::default(), QuietPods::default())
     }
@@ -361,52 +241,6 @@ mod tests {
         ix.apply(Update::PodGone { uid: "u1".into() });
         let peer = ix.peer("10.0.0.5".parse().expect("ip")).expect("known");
         assert_eq!(peer.pod.as_deref(), Some("web-b"));
-    }
-
-    #[test]
-    fn peers_are_named_by_endpointslice_and_cluster_ip() {
-        let mut ix = index();
-        ix.apply(Update::Service(ServiceMeta {
-            name: "orders".into(),
-            namespace: "shop".into(),
-            cluster_ips: vec!["10.96.0.10".parse().expect("ip")],
-        }));
-        ix.apply(Update::Slice(SliceMeta {
-            name: "orders-abc".into(),
-            namespace: "shop".into(),
-            service: Some("orders".into()),
-            endpoints: vec![("10.1.2.3".parse().expect("ip"), Some("orders-5d4f8b7c9-x7k2p".into()))],
-        }));
-        let by_vip = ix.peer("10.96.0.10".parse().expect("ip")).expect("vip");
-        assert_eq!(by_vip.service_fqdn.as_deref(), Some("orders.shop.svc.cluster.local"));
-        let by_endpoint = ix.peer("10.1.2.3".parse().expect("ip")).expect("endpoint");
-        assert_eq!(by_endpoint.workload.as_deref(), Some("orders"));
-        assert_eq!(
-            by_endpoint.service_fqdn.as_deref(),
-            Some("orders.shop.svc.cluster.local")
-        );
-        assert!(ix.peer("192.0.2.1".parse().expect("ip")).is_none());
-    }
-
-    #[test]
-    fn a_client_span_through_a_service_ip_names_the_service_and_the_pod_it_reached() {
-        let mut ix = index();
-        ix.apply(Update::Service(ServiceMeta {
-            name: "orders".into(),
-            namespace: "shop".into(),
-            cluster_ips: vec!["10.96.0.10".parse().expect("ip")],
-        }));
-        ix.apply(Update::Pod(pod("u9", "orders-5d4f8b7c9-x7k2p", "10.1.2.3")));
-        ix.cgroups.insert(21, None);
-        let mut span = span_in_cgroup(21);
-        span.kind = SpanKind::Client;
-        span.server = Some("10.96.0.10:80".parse().expect("addr"));
-        span.resolved_server = Some("10.1.2.3:8080".parse().expect("addr"));
-        assert_eq!(ix.enrich(&mut span), Verdict::Keep);
-        let peer = span.peer_k8s.expect("peer");
-        assert_eq!(peer.service_fqdn.as_deref(), Some("orders.shop.svc.cluster.local"));
-        assert_eq!(peer.pod.as_deref(), Some("orders-5d4f8b7c9-x7k2p"));
-        assert_eq!(peer.workload.as_deref(), Some("web"));
     }
 
     #[test]
@@ -423,115 +257,5 @@ mod tests {
         ix.apply(Update::Replace(Kind::Services, vec![]));
         ix.apply(Update::Replace(Kind::Slices, vec![]));
         assert!(ix.synced());
-    }
-
-    fn span_in_cgroup(cgroup_id: u64) -> Span {
-        Span {
-            trace_id: crate::trace_context::TraceId::random(),
-            span_id: crate::trace_context::SpanId::random(),
-            parent_span_id: None,
-            sampled: true,
-            parent_is_remote: false,
-            trace_state: None,
-            kind: SpanKind::Server,
-            start_unix_nano: 1,
-            end_unix_nano: 2,
-            method: "GET".into(),
-            target: "/".into(),
-            status_code: Some(200),
-            protocol_version: "1.1",
-            tls: false,
-            rpc: None,
-            client: "10.0.0.9:5000".parse().ok(),
-            server: "10.0.0.5:80".parse().ok(),
-            process: crate::span::Process {
-                pid: u32::MAX,
-                tid: 1,
-                name: "app".into(),
-                executable: "app".into(),
-                thread: String::new(),
-                cgroup_id,
-            },
-            peer_comm: None,
-            resolved_server: None,
-            k8s: None,
-            peer_k8s: None,
-            user_agent: None,
-            request_headers: vec![],
-            response_headers: vec![],
-            truncated: false,
-            unanswered: None,
-        }
-    }
-
-    #[test]
-    fn opted_out_pods_and_excluded_namespaces_are_dropped_others_kept_and_quiet() {
-        let (_tx, rx) = mpsc::channel(1);
-        let quiet_pods = QuietPods::default();
-        let mut ix = Index::new(
-            rx,
-            NamespaceFilter {
-                include: vec![],
-                exclude: vec!["kube-system".into()],
-            },
-            quiet_pods.clone(),
-        );
-        let mut quiet = pod("u1", "quiet-0", "10.0.0.5");
-        quiet.opted_out = true;
-        let mut system = pod("u2", "dns-0", "10.0.0.6");
-        system.namespace = "kube-system".into();
-        ix.apply(Update::Pod(quiet));
-        ix.apply(Update::Pod(system));
-        ix.apply(Update::Pod(pod("u3", "web-0", "10.0.0.7")));
-        for (id, uid) in [(11, "u1"), (12, "u2"), (13, "u3")] {
-            ix.cgroups.insert(
-                id,
-                Some(cgroup::PodCgroup {
-                    pod_uid: uid.into(),
-                    container_id: None,
-                }),
-            );
-        }
-        assert_eq!(ix.enrich(&mut span_in_cgroup(11)), Verdict::Drop, "annotation opt-out");
-        assert_eq!(ix.enrich(&mut span_in_cgroup(12)), Verdict::Drop, "excluded namespace");
-        let mut kept = span_in_cgroup(13);
-        assert_eq!(ix.enrich(&mut kept), Verdict::Keep);
-        assert_eq!(kept.k8s.map(|k| k.pod.name.clone()).as_deref(), Some("web-0"));
-        assert!(
-            quiet_pods.contains("u1") && quiet_pods.contains("u2"),
-            "no options from dropped pods"
-        );
-        assert!(!quiet_pods.contains("u3"));
-        ix.apply(Update::PodGone { uid: "u1".into() });
-        assert!(!quiet_pods.contains("u1"), "forgotten with the pod");
-        // A process outside any pod keeps its process metadata.
-        ix.cgroups.insert(14, None);
-        let mut host = span_in_cgroup(14);
-        assert_eq!(ix.enrich(&mut host), Verdict::Keep);
-        assert!(host.k8s.is_none());
-    }
-
-    #[test]
-    fn with_an_include_list_processes_outside_it_are_dropped() {
-        let (_tx, rx) = mpsc::channel(1);
-        let mut ix = Index::new(
-            rx,
-            NamespaceFilter {
-                include: vec!["shop".into()],
-                exclude: vec![],
-            },
-            QuietPods::default(),
-        );
-        ix.apply(Update::Pod(pod("u3", "web-0", "10.0.0.7")));
-        ix.cgroups.insert(
-            13,
-            Some(cgroup::PodCgroup {
-                pod_uid: "u3".into(),
-                container_id: None,
-            }),
-        );
-        ix.cgroups.insert(14, None);
-        assert_eq!(ix.enrich(&mut span_in_cgroup(13)), Verdict::Keep);
-        assert_eq!(ix.enrich(&mut span_in_cgroup(14)), Verdict::Drop);
     }
 }

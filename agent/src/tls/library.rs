@@ -8,22 +8,22 @@ use std::{
 use meshless_common::TLS_UPROBES;
 use object::{Object, ObjectSymbol};
 
-/// Where the probed SSL functions start in one library file (file
-/// offsets, in [`TLS_UPROBES`] order; `None`: the library lacks it).
+use crate::uprobe::{call_target, file_offset, past_endbr};
+
+/// Where the probes go in one library file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Symbols {
-    pub offsets: [Option<u64>; TLS_UPROBES.len()],
+pub struct Plan {
+    /// (index into [`TLS_UPROBES`], file offset), return probes included.
+    pub probes: Vec<(usize, u64)>,
+    /// Every entry probe sits on an instruction the kernel emulates, so a
+    /// call costs a breakpoint trap and no single step (docs/tls.md).
+    pub cheap: bool,
 }
 
-impl Symbols {
-    /// True when at least one read and one write function were found.
+impl Plan {
+    /// True when at least one read and one write function are probed.
     pub fn usable(&self) -> bool {
-        let has = |name: &str| {
-            TLS_UPROBES
-                .iter()
-                .zip(&self.offsets)
-                .any(|((_, sym, _), at)| sym.starts_with(name) && at.is_some())
-        };
+        let has = |name: &str| self.probes.iter().any(|(i, _)| TLS_UPROBES[*i].1.starts_with(name));
         has("SSL_read") && has("SSL_write")
     }
 }
@@ -43,9 +43,10 @@ pub enum LibraryError {
     NoSymbols(PathBuf),
 }
 
-/// Reads the SSL function offsets of a library (dynamic symbols first:
-/// a shared library exports them even when stripped of `.symtab`).
-pub fn symbols(path: &Path) -> Result<Symbols, LibraryError> {
+/// Reads where to probe a library: the SSL functions' offsets from its
+/// symbols (dynamic symbols first: a shared library exports them even
+/// when stripped of `.symtab`), then [`plan`].
+pub fn symbols(path: &Path) -> Result<Plan, LibraryError> {
     let file = File::open(path).map_err(|source| LibraryError::Open {
         path: path.to_owned(),
         source,
@@ -56,24 +57,99 @@ pub fn symbols(path: &Path) -> Result<Symbols, LibraryError> {
         source,
     })?;
     let elf = object::File::parse(&*map).map_err(|_| LibraryError::NotElf(path.to_owned()))?;
-    let mut offsets = [None; TLS_UPROBES.len()];
+    let mut offsets = [None; FUNCTIONS.len()];
     for symbol in elf.dynamic_symbols().chain(elf.symbols()) {
         if !symbol.is_definition() {
             continue;
         }
         let Ok(name) = symbol.name() else { continue };
-        for (i, (_, sym, _)) in TLS_UPROBES.iter().enumerate() {
-            if *sym == name && offsets[i].is_none() {
-                offsets[i] = crate::golang::file_offset(&elf, symbol.address());
+        for (i, function) in FUNCTIONS.iter().enumerate() {
+            if *function == name && offsets[i].is_none() {
+                offsets[i] = file_offset(&elf, symbol.address());
             }
         }
     }
-    let found = Symbols { offsets };
+    let found = plan(&map, offsets);
     if found.usable() {
         Ok(found)
     } else {
         Err(LibraryError::NoSymbols(path.to_owned()))
     }
+}
+
+/// The exported functions looked up: `SSL_read`, `SSL_read_ex`,
+/// `SSL_write`, `SSL_write_ex` (plain variant first, then `_ex`).
+const FUNCTIONS: [&str; 4] = ["SSL_read", "SSL_read_ex", "SSL_write", "SSL_write_ex"];
+
+/// Where to probe, given the file's bytes and the offsets of
+/// [`FUNCTIONS`].
+///
+/// Cheap when possible: OpenSSL >= 1.1.1 funnels `SSL_read` and
+/// `SSL_read_ex` into one internal `ssl_read_internal(s, buf, num,
+/// &readbytes)` (same for write), whose arguments are those of the `_ex`
+/// variant, and which starts with `push` (emulated). The `_ex` programs
+/// then go on that function alone: its entry probe and its return probe
+/// (the return address is still on top of the stack there). Otherwise
+/// every exported function gets an entry and a return probe at its first
+/// instruction, which usually single-steps (`sub $n,%rsp`).
+pub fn plan(code: &[u8], offsets: [Option<u64>; FUNCTIONS.len()]) -> Plan {
+    let mut probes = Vec::new();
+    let mut cheap = true;
+    for (plain, ex) in [(0, 1), (2, 3)] {
+        let at = |i: usize| offsets[i].and_then(|o| usize::try_from(o).ok());
+        let found = at(ex).and_then(|ex_at| internal_of_ex(code, ex_at).map(|f| (ex_at, f)));
+        match found {
+            Some((ex_at, (entry, callee))) if at(plain).is_none_or(|p| calls(code, p, ex_at, callee)) => {
+                probes.extend(program_pair(FUNCTIONS[ex], entry as u64));
+            }
+            _ => {
+                for i in [plain, ex] {
+                    let Some(o) = at(i) else { continue };
+                    cheap &= code.get(o..).and_then(crate::uprobe::emulated).is_some();
+                    probes.extend(program_pair(FUNCTIONS[i], o as u64));
+                }
+            }
+        }
+    }
+    Plan { probes, cheap }
+}
+
+/// The entry and return programs of `function`'s family at `offset`.
+fn program_pair(function: &str, offset: u64) -> impl Iterator<Item = (usize, u64)> + '_ {
+    TLS_UPROBES
+        .iter()
+        .enumerate()
+        .filter(move |(_, (_, sym, _))| *sym == function)
+        .map(move |(i, _)| (i, offset))
+}
+
+/// For an `_ex` function shaped `[endbr64] sub $n,%rsp; call f`: where
+/// to probe `f` (past its `endbr64`, on an emulated `push`) and where `f`
+/// starts. None for any other shape.
+fn internal_of_ex(code: &[u8], ex_at: usize) -> Option<(usize, usize)> {
+    let at = ex_at + past_endbr(code.get(ex_at..)?);
+    // sub $imm8,%rsp
+    let [0x48, 0x83, 0xec, _] = *code.get(at..at + 4)? else {
+        return None;
+    };
+    let callee = call_target(code, at + 4)?;
+    let entry = callee + past_endbr(&code[callee..]);
+    let body = code.get(entry..)?;
+    matches!(body, [0x50..=0x57, ..] | [0x41, 0x50..=0x57, ..]).then_some((entry, callee))
+}
+
+/// Bytes of a plain `SSL_read`/`SSL_write` searched for its call.
+const PLAIN_WINDOW: usize = 96;
+
+/// True when the function at `at` calls `callee` within its first bytes
+/// (a byte `e8` whose 32-bit displacement lands exactly on `callee`),
+/// not looking into the `_ex` function at `ex_at` when that follows.
+fn calls(code: &[u8], at: usize, ex_at: usize, callee: usize) -> bool {
+    let mut end = at.saturating_add(PLAIN_WINDOW);
+    if ex_at > at {
+        end = end.min(ex_at);
+    }
+    (at..end).any(|i| code.get(i) == Some(&0xe8) && call_target(code, i) == Some(callee))
 }
 
 /// True for a file name of OpenSSL's libssl (`libssl.so`, `libssl.so.3`,
@@ -82,28 +158,36 @@ pub fn is_libssl(name: &str) -> bool {
     name.starts_with("libssl.so")
 }
 
-/// Paths of libssl files mapped by a process, from `/proc/<pid>/maps`
-/// text (as the process sees them: in its own mount namespace).
-pub fn mapped_libssl(maps: &str) -> Vec<&str> {
-    let mut out: Vec<&str> = Vec::new();
+/// libssl files mapped by a process, from `/proc/<pid>/maps` text: the
+/// address range of one mapping of each (names the file in
+/// `/proc/<pid>/map_files/`) and the path as printed.
+pub fn mapped_libssl(maps: &str) -> Vec<(&str, &str)> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
     for line in maps.lines() {
         // address perms offset dev inode path
-        let Some(path) = line.split_whitespace().nth(5) else {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(path)) = (fields.next(), fields.nth(4)) else {
             continue;
         };
         let name = path.rsplit('/').next().unwrap_or(path);
-        if path.starts_with('/') && is_libssl(name) && !out.contains(&path) {
-            out.push(path);
+        if path.starts_with('/') && is_libssl(name) && !out.iter().any(|(_, p)| *p == path) {
+            out.push((range, path));
         }
     }
     out
 }
 
-/// Where a library a process maps can be opened from the agent: through
-/// the process's root, which also reaches files in other mount namespaces
-/// (containers).
-pub fn via_root(pid: u32, path: &str) -> PathBuf {
-    PathBuf::from(format!("/proc/{pid}/root{path}"))
+/// Where a library a process maps can be opened from the agent, best
+/// first: `/proc/<pid>/map_files/<range>` (the mapped file itself, in any
+/// mount namespace or chroot), then the printed path through the
+/// process's root (a container's view), then the printed path as is (a
+/// chroot: maps prints paths as the reader, the agent, sees them).
+pub fn candidates(pid: u32, range: &str, path: &str) -> [PathBuf; 3] {
+    [
+        PathBuf::from(format!("/proc/{pid}/map_files/{range}")),
+        PathBuf::from(format!("/proc/{pid}/root{path}")),
+        PathBuf::from(path),
+    ]
 }
 
 /// libssl files of the host that processes started later will likely map.
@@ -132,7 +216,10 @@ mod tests {
 7ffd00000000-7ffd00001000 rw-p 00000000 00:00 0 [stack]";
         assert_eq!(
             mapped_libssl(maps),
-            vec!["/usr/lib/x86_64-linux-gnu/libssl.so.3", "/opt/app/lib/libssl.so.1.1"]
+            vec![
+                ("7f0000000000-7f0000001000", "/usr/lib/x86_64-linux-gnu/libssl.so.3"),
+                ("7f0000007000-7f0000008000", "/opt/app/lib/libssl.so.1.1")
+            ]
         );
     }
 
@@ -146,11 +233,77 @@ mod tests {
     }
 
     #[test]
-    fn the_host_libssl_has_read_and_write_symbols_when_installed() {
+    fn the_host_libssl_is_probed_cheaply_on_its_internal_read_and_write_functions_when_installed() {
         let Some(path) = HOST_CANDIDATES.iter().map(Path::new).find(|p| p.exists()) else {
             return;
         };
         let found = symbols(path).expect("libssl symbols");
         assert!(found.usable(), "{found:?}");
+        assert!(found.cheap, "{found:?}");
+        assert_eq!(found.probes.len(), 4, "{found:?}");
+    }
+
+    /// A library laid out like Debian's OpenSSL 3: SSL_read at 0x00
+    /// (`sub; ...; call read_internal`), SSL_read_ex at 0x40 (`sub; call`),
+    /// read_internal at 0x80 (`push %r13`), the same for write at +0x100.
+    fn openssl3_like() -> Vec<u8> {
+        let mut code = vec![0xcc; 0x200];
+        for base in [0usize, 0x100] {
+            let callee = base + 0x80;
+            let call = |code: &mut Vec<u8>, at: usize| {
+                let rel = (callee as i64 - (at as i64 + 5)) as i32;
+                code[at] = 0xe8;
+                code[at + 1..at + 5].copy_from_slice(&rel.to_le_bytes());
+            };
+            code[base..base + 4].copy_from_slice(&[0x48, 0x83, 0xec, 0x18]);
+            call(&mut code, base + 0x1e);
+            code[base + 0x40..base + 0x44].copy_from_slice(&[0x48, 0x83, 0xec, 0x08]);
+            call(&mut code, base + 0x44);
+            code[callee..callee + 2].copy_from_slice(&[0x41, 0x55]);
+        }
+        code
+    }
+
+    fn offsets() -> [Option<u64>; 4] {
+        [Some(0), Some(0x40), Some(0x100), Some(0x140)]
+    }
+
+    #[test]
+    fn openssl_3_is_probed_on_the_push_of_its_internal_functions_with_the_ex_programs() {
+        let plan = plan(&openssl3_like(), offsets());
+        assert!(plan.cheap);
+        let names: Vec<(&str, u64)> = plan.probes.iter().map(|(i, at)| (TLS_UPROBES[*i].0, *at)).collect();
+        assert_eq!(
+            names,
+            vec![
+                ("meshless_ssl_read_ex", 0x80),
+                ("meshless_ssl_read_ex_ret", 0x80),
+                ("meshless_ssl_write_ex", 0x180),
+                ("meshless_ssl_write_ex_ret", 0x180),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_plain_function_that_does_not_call_the_internal_one_keeps_probes_on_every_entry() {
+        let mut code = openssl3_like();
+        code[0x1e] = 0x90; // SSL_read no longer calls read_internal
+        let plan = plan(&code, offsets());
+        assert!(!plan.cheap, "SSL_read starts with sub: single-stepped");
+        let at: Vec<u64> = plan.probes.iter().map(|(_, at)| *at).collect();
+        assert_eq!(at, vec![0, 0, 0x40, 0x40, 0x180, 0x180]);
+    }
+
+    #[test]
+    fn an_internal_function_not_starting_with_push_or_a_library_without_ex_functions_is_probed_at_the_entries() {
+        let mut code = openssl3_like();
+        code[0x80..0x84].copy_from_slice(&[0x48, 0x83, 0xec, 0x18]);
+        let plan_a = plan(&code, offsets());
+        assert!(!plan_a.cheap);
+        assert_eq!(plan_a.probes.len(), 6);
+        let plan_b = plan(&openssl3_like(), [Some(0), None, Some(0x100), None]);
+        assert!(!plan_b.cheap);
+        assert_eq!(plan_b.probes.len(), 4);
+        assert!(plan_b.usable());
     }
 }

@@ -18,23 +18,23 @@ use std::{
 
 use aya::{
     maps::{MapData, PerCpuArray, ProgramArray},
-    programs::{ProgramFd, UProbe},
+    programs::ProgramFd,
     Ebpf,
 };
 use meshless_common::{TlsCounter, TLS_COUNTERS_MAP, TLS_SERVER_CTX_MAP, TLS_SERVER_CTX_PROGRAM, TLS_UPROBES};
 use tracing::{debug, info, warn};
 
+use crate::uprobe::{load_program, Pmu, UprobeError};
+
 /// Why the TLS uprobes cannot be used (HTTPS is then not traced).
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("program {0} is missing from the eBPF object (rebuild)")]
-    MissingProgram(&'static str),
-    #[error("loading uprobe program {name}: {detail}")]
-    Load { name: &'static str, detail: String },
+    #[error(transparent)]
+    Uprobe(#[from] UprobeError),
+    #[error("loading {name}: {detail}")]
+    Slot { name: &'static str, detail: String },
     #[error("map {0} is missing from the eBPF object or has another layout (rebuild)")]
     Map(&'static str),
-    #[error("reading {path}: {detail}; is CONFIG_UPROBE_EVENTS on?")]
-    Pmu { path: &'static str, detail: String },
 }
 
 /// Library files attached at most (distinct OpenSSL builds on one node).
@@ -47,16 +47,13 @@ const SCANS_PER_PROCESS: u8 = 3;
 /// Time between scans of /proc for new processes.
 pub const SCAN_EVERY: Duration = Duration::from_secs(2);
 
-const UPROBE_TYPE: &str = "/sys/bus/event_source/devices/uprobe/type";
-const UPROBE_RETPROBE: &str = "/sys/bus/event_source/devices/uprobe/format/retprobe";
-
 /// The loaded TLS programs and the library files they are attached to.
 pub struct TlsProbes {
     /// Program fds in `TLS_UPROBES` order.
     programs: Vec<ProgramFd>,
-    pmu_type: u32,
-    /// `config` bit that makes a uprobe a return probe.
-    retprobe_config: u64,
+    pmu: Pmu,
+    /// Also probe libraries where that single-steps (slow on VMs).
+    expensive_too: bool,
     /// (device, inode) → perf event fds (closed on drop), or None when the
     /// file cannot be probed (remembered so it is not read again).
     libraries: foldhash::HashMap<(u64, u64), Option<Vec<OwnedFd>>>,
@@ -69,13 +66,15 @@ pub struct TlsProbes {
 
 impl TlsProbes {
     /// Loads (verifies) the uprobe programs; attaching happens per library.
-    pub fn load(ebpf: &mut Ebpf) -> Result<TlsProbes, TlsError> {
+    /// `expensive_too`: also attach where the probes single-step (libraries
+    /// whose code does not fit the cheap placement, see [`library::plan`]).
+    pub fn load(ebpf: &mut Ebpf, expensive_too: bool) -> Result<TlsProbes, TlsError> {
         let tail = load_program(ebpf, TLS_SERVER_CTX_PROGRAM)?;
         let map = ebpf
             .map_mut(TLS_SERVER_CTX_MAP)
             .ok_or(TlsError::Map(TLS_SERVER_CTX_MAP))?;
         let mut slots = ProgramArray::try_from(map).map_err(|_| TlsError::Map(TLS_SERVER_CTX_MAP))?;
-        slots.set(0, &tail, 0).map_err(|e| TlsError::Load {
+        slots.set(0, &tail, 0).map_err(|e| TlsError::Slot {
             name: TLS_SERVER_CTX_PROGRAM,
             detail: e.to_string(),
         })?;
@@ -83,27 +82,14 @@ impl TlsProbes {
         for (name, _, _) in TLS_UPROBES {
             programs.push(load_program(ebpf, name)?);
         }
-        let pmu_type = read_sysfs(UPROBE_TYPE)?.parse::<u32>().map_err(|e| TlsError::Pmu {
-            path: UPROBE_TYPE,
-            detail: e.to_string(),
-        })?;
-        let bit = read_sysfs(UPROBE_RETPROBE)?;
-        let retprobe_config = bit
-            .strip_prefix("config:")
-            .and_then(|b| b.parse::<u32>().ok())
-            .filter(|b| *b < 64)
-            .map(|b| 1u64 << b)
-            .ok_or(TlsError::Pmu {
-                path: UPROBE_RETPROBE,
-                detail: format!("unexpected format `{bit}`"),
-            })?;
+        let pmu = Pmu::read()?;
         let counters = ebpf
             .take_map(TLS_COUNTERS_MAP)
             .and_then(|m| PerCpuArray::try_from(m).ok());
         Ok(TlsProbes {
             programs,
-            pmu_type,
-            retprobe_config,
+            pmu,
+            expensive_too,
             libraries: foldhash::HashMap::default(),
             scanned: foldhash::HashMap::default(),
             counters,
@@ -122,7 +108,7 @@ impl TlsProbes {
         for path in library::HOST_CANDIDATES {
             let path = Path::new(path);
             if path.exists() {
-                self.attach_file(path, None);
+                self.attach_file(path, None, &path.display().to_string());
             }
         }
     }
@@ -151,8 +137,10 @@ impl TlsProbes {
             let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
                 continue;
             };
-            for path in library::mapped_libssl(&maps) {
-                self.attach_file(&library::via_root(pid, path), Some(pid));
+            for (range, path) in library::mapped_libssl(&maps) {
+                if let Some(file) = library::candidates(pid, range, path).into_iter().find(|p| p.exists()) {
+                    self.attach_file(&file, Some(pid), path);
+                }
             }
         }
         self.scanned.retain(|pid, _| alive.contains(pid));
@@ -161,8 +149,9 @@ impl TlsProbes {
         }
     }
 
-    /// Attaches every probe to one library file, once per file.
-    fn attach_file(&mut self, path: &Path, pid: Option<u32>) {
+    /// Attaches every probe to one library file, once per file (`path`
+    /// opens it; `shown` is its name in logs, as the process maps it).
+    fn attach_file(&mut self, path: &Path, pid: Option<u32>, shown: &str) {
         let Ok(meta) = std::fs::metadata(path) else {
             return;
         };
@@ -171,19 +160,40 @@ impl TlsProbes {
             return;
         }
         if self.libraries.len() >= MAX_LIBRARIES {
-            debug!(path = %path.display(), limit = MAX_LIBRARIES, "too many TLS libraries: not attached");
+            debug!(
+                path = shown,
+                limit = MAX_LIBRARIES,
+                "too many TLS libraries: not attached"
+            );
             return;
         }
-        let attached = match library::symbols(path).map_err(|e| e.to_string()).and_then(|symbols| {
-            self.attach_symbols(path, &symbols.offsets)
-                .map_err(|e| format!("attaching uprobes to {}: {e}", path.display()))
-        }) {
-            Ok(fds) => {
-                info!(path = %path.display(), pid, uprobes = fds.len(), "TLS library: tracing HTTPS through it");
-                Some(fds)
+        let attached = match library::symbols(path) {
+            Ok(plan) if !plan.cheap && !self.expensive_too => {
+                info!(
+                    path = shown,
+                    pid,
+                    "TLS library not traced by default: its probes would single-step (~29 µs per SSL call on VMs); --tls on traces it anyway"
+                );
+                None
             }
+            Ok(plan) => match self.attach_plan(path, &plan.probes) {
+                Ok(fds) => {
+                    info!(
+                        path = shown,
+                        pid,
+                        uprobes = fds.len(),
+                        cheap = plan.cheap,
+                        "TLS library: tracing HTTPS through it"
+                    );
+                    Some(fds)
+                }
+                Err(error) => {
+                    warn!(pid, path = shown, %error, "TLS library not traced: attaching uprobes failed");
+                    None
+                }
+            },
             Err(error) => {
-                warn!(pid, %error, "TLS library not traced");
+                warn!(pid, path = shown, %error, "TLS library not traced");
                 None
             }
         };
@@ -192,22 +202,15 @@ impl TlsProbes {
 
     /// Return probes first: an entry probe whose call returns unseen would
     /// leave the thread marked as inside an SSL call.
-    fn attach_symbols(&self, path: &Path, offsets: &[Option<u64>]) -> std::io::Result<Vec<OwnedFd>> {
+    fn attach_plan(&self, path: &Path, probes: &[(usize, u64)]) -> std::io::Result<Vec<OwnedFd>> {
         let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
         let mut fds = Vec::new();
         for want_return in [true, false] {
-            for (i, (_, _, is_return)) in TLS_UPROBES.iter().enumerate() {
-                let (Some(offset), true) = (offsets[i], *is_return == want_return) else {
-                    continue;
-                };
-                let config = if *is_return { self.retprobe_config } else { 0 };
-                fds.push(crate::golang::perf_uprobe(
-                    self.pmu_type,
-                    config,
-                    &cpath,
-                    offset,
-                    &self.programs[i],
-                )?);
+            for (i, offset) in probes {
+                let is_return = TLS_UPROBES[*i].2;
+                if is_return == want_return {
+                    fds.push(self.pmu.attach(&cpath, *offset, is_return, &self.programs[*i])?);
+                }
             }
         }
         Ok(fds)
@@ -236,30 +239,6 @@ impl TlsProbes {
             self.last_counts = counts;
         }
     }
-}
-
-fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<ProgramFd, TlsError> {
-    let fail = |detail: String| TlsError::Load { name, detail };
-    let program: &mut UProbe = ebpf
-        .program_mut(name)
-        .ok_or(TlsError::MissingProgram(name))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| fail(e.to_string()))?;
-    program.load().map_err(|e| fail(e.to_string()))?;
-    program
-        .fd()
-        .map_err(|e| fail(e.to_string()))?
-        .try_clone()
-        .map_err(|e| fail(e.to_string()))
-}
-
-fn read_sysfs(path: &'static str) -> Result<String, TlsError> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_owned())
-        .map_err(|e| TlsError::Pmu {
-            path,
-            detail: e.to_string(),
-        })
 }
 
 /// Keeps attaching libraries of new processes on a thread of its own

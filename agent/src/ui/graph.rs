@@ -182,12 +182,19 @@ struct Edge {
     last_secs: u64,
 }
 
-/// Edges and routes, bounded.
+/// Edges and routes, bounded. Keyed in two levels so that a call to a known
+/// edge and route is looked up with the call's borrowed names: only a new
+/// edge or route allocates (this runs for every request).
 #[derive(Default)]
 pub struct Graph {
-    edges: HashMap<(String, String), Edge>,
-    /// (callee, route) → series.
-    routes: HashMap<(String, String), (Series, u64)>,
+    /// caller → callee → edge.
+    edges: HashMap<String, HashMap<String, Edge>>,
+    edge_count: usize,
+    /// callee → route → (series, last seen).
+    routes: HashMap<String, HashMap<String, (Series, u64)>>,
+    route_count: usize,
+    /// When stale edges and routes were last forgotten.
+    expired_at: u64,
     /// Calls not kept because a cap was reached.
     pub overflow: u64,
 }
@@ -228,65 +235,90 @@ pub struct RouteView {
 
 impl Graph {
     pub fn record(&mut self, call: &Call, now_secs: u64) {
-        let key = (call.source.to_owned(), call.target.to_owned());
-        if !self.edges.contains_key(&key) {
+        if now_secs >= self.expired_at + BUCKET_SECS {
             self.expire(now_secs);
-            if self.edges.len() >= MAX_EDGES {
+        }
+        let known = self.edges.get(call.source).is_some_and(|t| t.contains_key(call.target));
+        if !known {
+            if self.edge_count >= MAX_EDGES {
                 self.overflow += 1;
                 return;
             }
+            self.edge_count += 1;
+            self.edges.entry(call.source.to_owned()).or_default().insert(
+                call.target.to_owned(),
+                Edge {
+                    series: Series::new(),
+                    errors: Vec::new(),
+                    last_secs: now_secs,
+                },
+            );
         }
-        let edge = self.edges.entry(key).or_insert_with(|| Edge {
-            series: Series::new(),
-            errors: Vec::new(),
-            last_secs: now_secs,
-        });
-        edge.last_secs = now_secs;
-        edge.series.record(now_secs, call.duration_us, call.error.is_some());
-        if let Some(status) = &call.error {
-            if edge.errors.len() == RECENT_ERRORS {
-                edge.errors.remove(0);
+        if let Some(edge) = self.edges.get_mut(call.source).and_then(|t| t.get_mut(call.target)) {
+            edge.last_secs = now_secs;
+            edge.series.record(now_secs, call.duration_us, call.error.is_some());
+            if let Some(status) = &call.error {
+                if edge.errors.len() == RECENT_ERRORS {
+                    edge.errors.remove(0);
+                }
+                edge.errors.push(RecentError {
+                    unix_secs: now_secs,
+                    route: crate::http::cut(call.route, 256).to_owned(),
+                    status: status.clone(),
+                    trace_id: call.trace_id.to_string(),
+                });
             }
-            edge.errors.push(RecentError {
-                unix_secs: now_secs,
-                route: crate::http::cut(call.route, 256).to_owned(),
-                status: status.clone(),
-                trace_id: call.trace_id.to_string(),
-            });
         }
-        let rkey = (call.target.to_owned(), call.route.to_owned());
-        if let Some((series, last)) = self.routes.get_mut(&rkey) {
+        let routes = self.routes.get(call.target);
+        if !routes.is_some_and(|r| r.contains_key(call.route)) {
+            let per_node = routes.map_or(0, HashMap::len);
+            if self.route_count >= MAX_ROUTES || per_node >= MAX_ROUTES_PER_NODE {
+                self.overflow += 1;
+                return;
+            }
+            self.route_count += 1;
+            self.routes
+                .entry(call.target.to_owned())
+                .or_default()
+                .insert(call.route.to_owned(), (Series::new(), now_secs));
+        }
+        if let Some((series, last)) = self.routes.get_mut(call.target).and_then(|r| r.get_mut(call.route)) {
             series.record(now_secs, call.duration_us, call.error.is_some());
             *last = now_secs;
-            return;
         }
-        let per_node = self.routes.keys().filter(|(n, _)| n == call.target).count();
-        if self.routes.len() >= MAX_ROUTES || per_node >= MAX_ROUTES_PER_NODE {
-            self.overflow += 1;
-            return;
-        }
-        let mut series = Series::new();
-        series.record(now_secs, call.duration_us, call.error.is_some());
-        self.routes.insert(rkey, (series, now_secs));
     }
 
-    /// Forgets edges and routes not seen for the whole 15 minutes.
+    /// Forgets edges and routes not seen for the whole 15 minutes (checked
+    /// once a bucket, so a full map makes room within 30 s of expiry).
     fn expire(&mut self, now_secs: u64) {
+        self.expired_at = now_secs;
         let horizon = now_secs.saturating_sub(BUCKET_SECS * BUCKETS as u64);
-        self.edges.retain(|_, e| e.last_secs >= horizon);
-        self.routes.retain(|_, (_, last)| *last >= horizon);
+        for targets in self.edges.values_mut() {
+            targets.retain(|_, e| e.last_secs >= horizon);
+        }
+        self.edges.retain(|_, t| !t.is_empty());
+        self.edge_count = self.edges.values().map(HashMap::len).sum();
+        for routes in self.routes.values_mut() {
+            routes.retain(|_, (_, last)| *last >= horizon);
+        }
+        self.routes.retain(|_, r| !r.is_empty());
+        self.route_count = self.routes.values().map(HashMap::len).sum();
     }
 
     /// Upper bound of the bytes held (the caps make it fixed).
     pub fn bytes(&self) -> usize {
         let series = std::mem::size_of::<[Red; BUCKETS]>();
-        (self.edges.len() + self.routes.len()) * (series + 128)
+        (self.edge_count + self.route_count) * (series + 128)
     }
 
     pub fn view(&self, now_secs: u64, window_secs: u64) -> GraphView {
         let mut nodes: HashMap<&str, Totals> = HashMap::new();
         let mut edges = Vec::new();
-        for ((source, target), e) in &self.edges {
+        for (source, target, e) in self
+            .edges
+            .iter()
+            .flat_map(|(s, targets)| targets.iter().map(move |(t, e)| (s, t, e)))
+        {
             let t = e.series.window(now_secs, window_secs);
             if t.requests == 0 {
                 continue;
@@ -307,9 +339,10 @@ impl Graph {
             .map(|(id, inbound)| {
                 let mut routes: Vec<RouteView> = self
                     .routes
-                    .iter()
-                    .filter(|((n, _), _)| n == id)
-                    .map(|((_, route), (s, _))| (route, s.window(now_secs, window_secs)))
+                    .get(id)
+                    .into_iter()
+                    .flatten()
+                    .map(|(route, (s, _))| (route, s.window(now_secs, window_secs)))
                     .filter(|(_, t)| t.requests > 0)
                     .map(|(route, t)| RouteView {
                         route: route.clone(),
@@ -388,14 +421,11 @@ mod tests {
         for i in 0..MAX_EDGES + 10 {
             g.record(&call("a", &format!("svc{i}"), "/", 1, false), 100);
         }
-        assert_eq!(g.edges.len(), MAX_EDGES);
+        assert_eq!(g.edge_count, MAX_EDGES);
         for i in 0..MAX_ROUTES_PER_NODE + 5 {
             g.record(&call("a", "svc0", &format!("/r{i}"), 1, false), 100);
         }
-        assert_eq!(
-            g.routes.keys().filter(|(n, _)| n == "svc0").count(),
-            MAX_ROUTES_PER_NODE
-        );
+        assert_eq!(g.routes["svc0"].len(), MAX_ROUTES_PER_NODE);
         assert!(g.overflow >= 15);
     }
 
@@ -406,8 +436,20 @@ mod tests {
             g.record(&call("a", &format!("svc{i}"), "/", 1, false), 100);
         }
         g.record(&call("a", "new", "/", 1, false), 100 + 16 * 60);
-        assert_eq!(g.edges.len(), 1, "old edges expired, the new one kept");
+        assert_eq!(g.edge_count, 1, "old edges expired, the new one kept");
         assert_eq!(g.overflow, 0);
+    }
+
+    #[test]
+    fn routes_unseen_for_fifteen_minutes_make_room_on_a_known_edge() {
+        let mut g = Graph::default();
+        for i in 0..MAX_ROUTES_PER_NODE {
+            g.record(&call("a", "svc", &format!("/old{i}"), 1, false), 100);
+        }
+        g.record(&call("a", "svc", "/new", 1, false), 100 + 16 * 60);
+        let v = g.view(100 + 16 * 60, 60);
+        assert_eq!(v.nodes.iter().find(|n| n.id == "svc").map(|n| n.routes.len()), Some(1));
+        assert_eq!((g.route_count, g.overflow), (1, 0), "the stale routes gave way");
     }
 
     #[test]

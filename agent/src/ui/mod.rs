@@ -2,7 +2,9 @@
 //! every request feeds the map ([`graph`], before sampling, like the RED
 //! metrics), every exported span the trace view ([`traces`], after
 //! sampling, with the exporters' attributes and redaction). Both are
-//! bounded in bytes; the page ([`api`]) polls JSON endpoints.
+//! bounded in bytes, and under load the trace view admits whole traces at
+//! a bounded rate ([`admit`]); the page ([`api`]) polls JSON endpoints.
+pub mod admit;
 pub mod api;
 pub mod graph;
 pub mod traces;
@@ -32,6 +34,7 @@ pub struct Live {
 struct State {
     graph: graph::Graph,
     recent: traces::Recent,
+    admission: admit::Admission,
 }
 
 pub fn now_secs() -> u64 {
@@ -44,6 +47,7 @@ impl Live {
             inner: Arc::new(Mutex::new(State {
                 graph: graph::Graph::default(),
                 recent: traces::Recent::new(trace_bytes),
+                admission: admit::Admission::new(trace_bytes),
             })),
             capture_query,
         }
@@ -80,8 +84,16 @@ impl Live {
         self.state().graph.record(&call, now_secs());
     }
 
-    /// Keeps an exported span for the trace view.
+    /// Keeps an exported span for the trace view, if admitted (decided
+    /// before anything is built: most spans under load are not).
     pub fn keep(&self, span: &Span, service: &str, peers: &Peers) {
+        if !self
+            .state()
+            .admission
+            .admit(&span.trace_id, span.is_error(), now_secs())
+        {
+            return;
+        }
         let opts = attributes::Options {
             capture_query: self.capture_query,
             process: true,
