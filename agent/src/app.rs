@@ -433,6 +433,7 @@ fn read_kernel_counters(counters: &aya::maps::PerCpuArray<aya::maps::MapData, u6
     for (name, value) in loader::read_counters(counters) {
         match name {
             "events_sent" => Stats::set(&stats.kernel_events_sent, value),
+            "event_bytes" => Stats::set(&stats.kernel_event_bytes, value),
             "truncated" => Stats::set(&stats.kernel_truncated, value),
             "trace_opt_written" => Stats::set(&stats.trace_opt_written, value),
             "trace_opt_no_room" => Stats::set(&stats.trace_opt_no_room, value),

@@ -55,6 +55,7 @@ counters! {
     otlp_spans_dropped: "Spans dropped by the OTLP exporter (queue full or export failed).",
     otlp_export_errors: "Failed OTLP export requests.",
     kernel_events_sent: "Events the kernel programs submitted.",
+    kernel_event_bytes: "Bytes the kernel programs submitted to the ring buffer (event headers and payloads).",
     kernel_ringbuf_full: "Events lost because the ring buffer was full.",
     kernel_truncated: "Payload captures cut to the capture size.",
     kernel_read_user_failed: "Payload copies from user memory that failed.",

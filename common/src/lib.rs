@@ -451,6 +451,8 @@ pub enum Counter {
     LookaheadHeld = 13,
     /// Connections cleaned up by dup2/dup3, close_range or process exit.
     ImplicitCloses = 14,
+    /// Bytes submitted to the ring buffer (headers and payloads).
+    EventBytes = 15,
     /// Trace options written into outgoing TCP segments.
     OptWritten = 16,
     /// Trace options that did not fit into a segment (no header room).
@@ -474,7 +476,7 @@ pub const COUNTER_SLOTS: u32 = 24;
 
 impl Counter {
     /// Every counter, in index order, with a stable snake_case name.
-    pub const ALL: [(Counter, &'static str); 21] = [
+    pub const ALL: [(Counter, &'static str); 22] = [
         (Counter::EventsSent, "events_sent"),
         (Counter::RingbufFull, "ringbuf_full"),
         (Counter::Truncated, "truncated"),
@@ -489,6 +491,7 @@ impl Counter {
         (Counter::KernelReadFailed, "kernel_read_failed"),
         (Counter::LookaheadHeld, "lookahead_held"),
         (Counter::ImplicitCloses, "implicit_closes"),
+        (Counter::EventBytes, "event_bytes"),
         (Counter::OptWritten, "trace_opt_written"),
         (Counter::OptNoRoom, "trace_opt_no_room"),
         (Counter::OptParsed, "trace_opt_parsed"),

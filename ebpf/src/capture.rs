@@ -7,8 +7,8 @@ use aya_ebpf::{
     },
 };
 use meshless_common::{
-    ConnAddrs, Counter, Direction, EventKind, FLAG_ACCEPTED, FLAG_CONTINUATION, FLAG_HTTP2, FLAG_NEW_CONN, FLAG_TRUNCATED, HEADER_SIZE,
-    MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS, TraceCtx,
+    ConnAddrs, Counter, Direction, EventKind, FLAG_ACCEPTED, FLAG_CONTINUATION, FLAG_HTTP2, FLAG_NEW_CONN, FLAG_TRUNCATED,
+    HEADER_SIZE, MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS, TraceCtx,
 };
 
 use aya_ebpf::{EbpfContext, cty::c_void, maps::ProgramArray};
@@ -18,7 +18,7 @@ use crate::{
     detect::{Http, WINDOW, classify, read_head},
     maps::{
         ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, CONT, COUNTERS, ConnState, EVENTS, Held,
-        SCRATCH, conn_key, count, wakeup_bytes,
+        SCRATCH, conn_key, count, count_n, wakeup_bytes,
     },
 };
 
@@ -484,6 +484,7 @@ fn submit(ev: &mut crate::maps::EventBuf, captured: usize) {
     let bytes = unsafe { core::slice::from_raw_parts((ev as *const crate::maps::EventBuf).cast::<u8>(), size) };
     if EVENTS.output::<[u8]>(bytes, flags as u64).is_ok() {
         count(Counter::EventsSent);
+        count_n(Counter::EventBytes, size as u64);
     } else {
         count(Counter::RingbufFull);
     }

@@ -205,6 +205,14 @@ pub fn count(counter: Counter) {
     }
 }
 
+/// Adds `n` to a counter.
+pub fn count_n(counter: Counter, n: u64) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *slot += n };
+    }
+}
+
 /// Notes that `tgid` has per-fd state to clean at exit.
 pub fn note_tgid(tgid: u32) {
     // SAFETY: presence check only.
