@@ -16,36 +16,15 @@ fn start_tls_nginx(ns: &str, ip: &str, port: u16, dir: &Path) -> Proc {
     std::fs::create_dir_all(dir.join("www")).expect("www dir");
     safety::self_signed_cert(dir);
     let d = dir.display();
-    let conf = format!(
-        r#"daemon off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  keepalive_requests 100000;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  server {{
-    listen {ip}:{port} ssl;
+    let server = format!(
+        r#"listen {ip}:{port} ssl;
     ssl_certificate {d}/cert.pem;
     ssl_certificate_key {d}/key.pem;
     root {d}/www;
     location = /ok {{ return 200 "ok\n"; }}
-    location = /fail {{ return 500; }}
-  }}
-}}
-"#
+    location = /fail {{ return 500; }}"#
     );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, conf).expect("nginx.conf");
-    let mut cmd = PodPair::cmd(ns, "nginx");
-    cmd.args(["-c", &path.display().to_string(), "-e", &format!("{d}/error.log")]);
-    spawn(cmd)
+    start_nginx_with(ns, dir, "keepalive_requests 100000;", &server)
 }
 
 fn statuses(spans: &[&Value]) -> Vec<(String, u64)> {

@@ -274,6 +274,16 @@ pub fn start_nginx(ns: &str, ip: &str, port: u16, dir: &std::path::Path) -> Proc
 /// Starts nginx in namespace `ns` (one worker, state and logs under
 /// `dir`) with one `server` block; `http` holds extra http-level directives.
 pub fn start_nginx_with(ns: &str, dir: &std::path::Path, http: &str, server: &str) -> Proc {
+    let conf = write_nginx_conf(dir, http, server);
+    let mut cmd = PodPair::cmd(ns, "nginx");
+    cmd.args(["-c", &conf, "-e", &format!("{}/error.log", dir.display())]);
+    spawn(cmd)
+}
+
+/// Writes `dir/nginx.conf` (one worker, pid, logs and temp files under
+/// `dir`) with `http` as extra http-level directives (more `server` blocks
+/// may go there too) and one `server` block; returns the file's path.
+pub fn write_nginx_conf(dir: &std::path::Path, http: &str, server: &str) -> String {
     let d = dir.display();
     let conf = format!(
         r#"daemon off;
@@ -297,9 +307,7 @@ http {{
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf).expect("nginx.conf");
-    let mut cmd = PodPair::cmd(ns, "nginx");
-    cmd.args(["-c", &path.display().to_string(), "-e", &format!("{d}/error.log")]);
-    spawn(cmd)
+    path.display().to_string()
 }
 
 /// GETs `path` from `addr` with HTTP/1.0 and returns the body.

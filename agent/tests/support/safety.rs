@@ -26,34 +26,15 @@ pub fn nginx(pod: &Pod, port: u16, dir: &Path, upstream: &str) -> Proc {
     } else {
         String::new()
     };
-    let conf = format!(
-        r#"daemon off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  sendfile on;
-  keepalive_requests 100000;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  server {{
-    listen {ip}:{port};
+    let http = format!("sendfile on;\n  keepalive_requests 100000;\n  {tls}");
+    let server = format!(
+        r#"listen {ip}:{port};
     root {d}/www;
     location /proxy/ {{ proxy_pass {upstream}/; proxy_http_version 1.1; }}
-    location /r/ {{ proxy_pass {upstream}; proxy_http_version 1.1; }}
-  }}
-  {tls}
-}}
-"#
+    location /r/ {{ proxy_pass {upstream}; proxy_http_version 1.1; }}"#
     );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, conf).expect("nginx.conf");
-    let (conf, log) = (path.display().to_string(), format!("{d}/error.log"));
+    let conf = super::write_nginx_conf(dir, &http, &server);
+    let log = format!("{d}/error.log");
     spawn(pod.cmd("nginx", &["-c", &conf, "-e", &log]))
 }
 
