@@ -58,14 +58,21 @@ pub fn symbols(path: &Path) -> Result<Plan, LibraryError> {
     })?;
     let elf = object::File::parse(&*map).map_err(|_| LibraryError::NotElf(path.to_owned()))?;
     let mut offsets = [None; FUNCTIONS.len()];
-    for symbol in elf.dynamic_symbols().chain(elf.symbols()) {
-        if !symbol.is_definition() {
-            continue;
+    // `.symtab` only when the exports lack them (a static OpenSSL in an
+    // executable that does not export it): it can be huge (node's).
+    for table in [elf.dynamic_symbols(), elf.symbols()] {
+        if offsets.iter().all(Option::is_some) {
+            break;
         }
-        let Ok(name) = symbol.name() else { continue };
-        for (i, function) in FUNCTIONS.iter().enumerate() {
-            if *function == name && offsets[i].is_none() {
-                offsets[i] = file_offset(&elf, symbol.address());
+        for symbol in table {
+            if !symbol.is_definition() {
+                continue;
+            }
+            let Ok(name) = symbol.name() else { continue };
+            for (i, function) in FUNCTIONS.iter().enumerate() {
+                if *function == name && offsets[i].is_none() {
+                    offsets[i] = file_offset(&elf, symbol.address());
+                }
             }
         }
     }
@@ -241,6 +248,18 @@ mod tests {
         assert!(found.usable(), "{found:?}");
         assert!(found.cheap, "{found:?}");
         assert_eq!(found.probes.len(), 4, "{found:?}");
+    }
+
+    #[test]
+    fn a_node_executable_with_its_own_openssl_is_probed_cheaply_at_its_four_exported_functions_when_installed() {
+        let node = Path::new("/usr/bin/node");
+        let Ok(found) = symbols(node) else {
+            // Debian's node links the system libssl, found by its name.
+            return;
+        };
+        assert!(found.usable(), "{found:?}");
+        assert!(found.cheap, "node's SSL_read/SSL_write start with push %rbp: {found:?}");
+        assert_eq!(found.probes.len(), 8, "entry + return on each: {found:?}");
     }
 
     /// A library laid out like Debian's OpenSSL 3: SSL_read at 0x00
