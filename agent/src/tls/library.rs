@@ -76,12 +76,45 @@ pub fn symbols(path: &Path) -> Result<Plan, LibraryError> {
             }
         }
     }
-    let found = plan(&map, offsets);
+    let code = code_of(&file, &elf, &offsets).map_err(|source| LibraryError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let found = plan(&code, offsets);
     if found.usable() {
         Ok(found)
     } else {
         Err(LibraryError::NoSymbols(path.to_owned()))
     }
+}
+
+/// The file's bytes up to the end of the sections holding `offsets`, read
+/// with `pread`, not taken from the mapping: where another tracer (or an
+/// earlier agent) has uprobes on the file, the kernel writes its `int3`s
+/// into every executable-capable mapping of it, this agent's included, and
+/// the probed `push` would read as `0xcc`. Bytes before the first such
+/// section stay zero (untouched pages of a zeroed allocation cost nothing).
+fn code_of(file: &File, elf: &object::File, offsets: &[Option<u64>]) -> std::io::Result<Vec<u8>> {
+    use object::ObjectSection;
+    use std::os::unix::fs::FileExt;
+    let (mut start, mut end) = (u64::MAX, 0u64);
+    for offset in offsets.iter().flatten() {
+        let range = elf
+            .sections()
+            .filter_map(|s| s.file_range())
+            .find(|(at, size)| (*at..at + size).contains(offset));
+        if let Some((at, size)) = range {
+            start = start.min(at);
+            end = end.max(at + size);
+        }
+    }
+    if start >= end {
+        return Ok(Vec::new());
+    }
+    let len = |v: u64| usize::try_from(v).map_err(std::io::Error::other);
+    let mut code = vec![0u8; len(end)?];
+    file.read_exact_at(&mut code[len(start)?..], start)?;
+    Ok(code)
 }
 
 /// The exported functions looked up: `SSL_read`, `SSL_read_ex`,
@@ -207,6 +240,11 @@ pub const HOST_CANDIDATES: &[&str] = &[
     "/usr/lib/libssl.so.3",
     "/lib/libssl.so.3",
 ];
+
+/// Executables that carry OpenSSL themselves (Node.js official builds),
+/// attached at start like [`HOST_CANDIDATES`]: a short-lived process
+/// would otherwise finish before the next scan sees it.
+pub const HOST_EXECUTABLES: &[&str] = &["/usr/bin/node", "/usr/local/bin/node", "/usr/bin/nodejs"];
 
 #[cfg(test)]
 mod tests {

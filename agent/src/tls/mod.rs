@@ -117,6 +117,12 @@ impl TlsProbes {
                 self.attach_file(path, None, &path.display().to_string(), true);
             }
         }
+        for path in library::HOST_EXECUTABLES {
+            let path = Path::new(path);
+            if path.exists() {
+                self.attach_file(path, None, &path.display().to_string(), false);
+            }
+        }
     }
 
     /// Reads the maps of processes not scanned often enough yet and
