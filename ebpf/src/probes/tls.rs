@@ -70,8 +70,23 @@ pub fn inside_ssl_call(id: u64, fd: u32, direction: Direction) -> bool {
         call.inside = 0;
         return false;
     }
-    call.fd = fd;
+    // The first socket: not a file or eventfd the call touches meanwhile
+    // (a certificate check reading /etc/localtime, a Node.js callback
+    // waking its loop); their bytes take the usual path.
+    if call.fd == TLS_NO_FD {
+        if not_a_socket(fd) {
+            return false;
+        }
+        call.fd = fd;
+    }
     true
+}
+
+/// True when the kernel says `fd` is open and not a socket (checked once
+/// per SSL call that makes syscalls; unknown counts as a socket).
+#[inline(never)]
+fn not_a_socket(fd: u32) -> bool {
+    matches!(fd_kind(fd), FdKind::Other)
 }
 
 /// (arg0..arg3) of a uprobe on a C function (System V amd64 ABI).
@@ -190,8 +205,9 @@ const READ_TIE_NS: u64 = 100 * 1_000_000;
 /// socket the thread read just before, when this `SSL *` is the first to
 /// read after it. A read already claimed by another `SSL *` is ambiguous:
 /// the plaintext is dropped (`tls_ambiguous`), never tied wrongly. Writes
-/// use the fd tied by the connection's reads (its handshake reads come
-/// before any application data is written).
+/// use the fd tied by the connection's reads, or tie it themselves when
+/// none is known yet (then only a read syscall just before, unclaimed,
+/// can be the one that completed their handshake).
 #[inline(always)]
 fn by_thread(tgid: u32, call: &mut TlsCall, n: u64) -> u32 {
     let key = GoKey {
@@ -210,14 +226,23 @@ fn by_thread(tgid: u32, call: &mut TlsCall, n: u64) -> u32 {
     let ingress = call.direction == Direction::Ingress as u32;
     // SAFETY: no preconditions.
     let fresh = unsafe { bpf_ktime_get_ns() }.saturating_sub(call.read_ns) < READ_TIE_NS;
-    if !ingress || call.read_fd == TLS_NO_FD || !fresh {
+    if call.read_fd == TLS_NO_FD || !fresh {
         return known;
     }
     if call.read_claim != 0 && call.read_claim != call.ssl {
+        if !ingress {
+            return known;
+        }
         if n > 0 {
             tls_count(TlsCounter::Ambiguous);
         }
         return TLS_NO_FD;
+    }
+    // A write ties only a connection not tied yet: a client's first
+    // request can be written (`ClearIn`) right after the read that
+    // finished its handshake, before any `SSL_read` on it.
+    if !ingress && known != TLS_NO_FD {
+        return known;
     }
     call.read_claim = call.ssl;
     if call.read_fd == known {
@@ -236,14 +261,19 @@ fn by_thread(tgid: u32, call: &mut TlsCall, n: u64) -> u32 {
 
 /// True when `fd` can carry TLS records: a socket not followed as
 /// plaintext HTTP (an eventfd, pipe or file read, or a plaintext
-/// connection read just before, is no evidence).
+/// connection read just before, is no evidence). An fd the kernel cannot
+/// classify (no BTF offsets, or closed meanwhile) is not taken either.
 #[inline(never)]
 fn ciphertext_socket(tgid: u32, fd: u32) -> bool {
     // SAFETY: copied out at once.
     if let Some(state) = unsafe { CONNS.get(&conn_key(tgid, fd)) } {
         return state.flags & FLAG_TLS != 0;
     }
-    !matches!(fd_kind(fd), FdKind::Other)
+    match fd_kind(fd) {
+        FdKind::Socket { .. } => true,
+        FdKind::Other => false,
+        FdKind::Unknown => false,
+    }
 }
 
 /// Emits the plaintext of a finished SSL call as a Data event of its socket.
