@@ -89,7 +89,9 @@ fn split(spans: &[Value]) -> (Vec<&Value>, Vec<&Value>) {
 /// Each server span's parent is a client span of the same trace.
 fn assert_parented(servers: &[&Value], clients: &[&Value]) {
     for s in servers {
-        let parent = s["parent_span_id"].as_str().unwrap_or_else(|| panic!("server span without parent: {s:#?}"));
+        let parent = s["parent_span_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("server span without parent: {s:#?}"));
         assert!(
             clients
                 .iter()
@@ -123,7 +125,10 @@ fn go_https_client_and_servers_started_after_the_agent_give_linked_https_spans_o
     wait_port(&pods.a, &pods.ip_b, BACK);
 
     let base = format!("https://{}:{FRONT}", pods.ip_b);
-    let urls: Vec<String> = ["/a", "/b", "/missing", "/c"].iter().map(|p| format!("{base}{p}")).collect();
+    let urls: Vec<String> = ["/a", "/b", "/missing", "/c"]
+        .iter()
+        .map(|p| format!("{base}{p}"))
+        .collect();
     let mut client = PodPair::cmd(&pods.a, bin.to_str().expect("utf-8 path"));
     client.arg("client").args(&urls);
     assert_eq!(run(client), "200\n200\n404\n200\n");
@@ -188,7 +193,11 @@ fn curl_to_a_go_https_server_and_a_go_client_to_nginx_over_tls_give_https_span_p
     let agent = Agent::start_with(&["--tls", "on"]);
     let _go = go_server(&bin, &pods.b, &pods.ip_b, FRONT, None);
     let _nginx = start_tls_nginx(&pods.b, &pods.ip_b, BACK, &scratch.0);
-    assert!(wait_log(&agent, &["Go executable: tracing HTTPS (crypto/tls)"]), "{:?}", agent.stderr());
+    assert!(
+        wait_log(&agent, &["Go executable: tracing HTTPS (crypto/tls)"]),
+        "{:?}",
+        agent.stderr()
+    );
     wait_port(&pods.a, &pods.ip_b, FRONT);
     wait_port(&pods.a, &pods.ip_b, BACK);
 
@@ -206,7 +215,9 @@ fn curl_to_a_go_https_server_and_a_go_client_to_nginx_over_tls_give_https_span_p
     assert_eq!(statuses(&servers), expected);
     assert_eq!(statuses(&clients), expected);
     assert!(spans.iter().all(|s| attr_str(s, "url.scheme") == "https"));
-    assert!(servers.iter().all(|s| attr_str(s, "process.executable.name") == "gotls"));
+    assert!(servers
+        .iter()
+        .all(|s| attr_str(s, "process.executable.name") == "gotls"));
     assert!(clients.iter().all(|s| attr_str(s, "process.executable.name") == "curl"));
     assert_parented(&servers, &clients);
 
@@ -221,7 +232,9 @@ fn curl_to_a_go_https_server_and_a_go_client_to_nginx_over_tls_give_https_span_p
     assert_eq!(statuses(&servers), expected);
     assert_eq!(statuses(&clients), expected);
     assert!(spans.iter().all(|s| attr_str(s, "url.scheme") == "https"));
-    assert!(clients.iter().all(|s| attr_str(s, "process.executable.name") == "gotls"));
+    assert!(clients
+        .iter()
+        .all(|s| attr_str(s, "process.executable.name") == "gotls"));
     assert_parented(&servers, &clients);
 }
 

@@ -77,7 +77,10 @@ pub const TLS_UPROBES: [(&str, &str, bool); 8] = [
 pub const GO_TLS_UPROBES: [(&str, &str); 3] = [
     ("meshless_go_tls_write", "crypto/tls.(*Conn).Write"),
     ("meshless_go_tls_read", "crypto/tls.(*Conn).Read"),
-    ("meshless_go_tls_read_copy", "crypto/tls.(*Conn).Read: call runtime.memmove"),
+    (
+        "meshless_go_tls_read_copy",
+        "crypto/tls.(*Conn).Read: call runtime.memmove",
+    ),
 ];
 /// Hash map of the itab hashes (u32 at itab + 16) of `*net.TCPConn` as a
 /// `net.Conn`, one per traced Go executable: a `tls.Conn` over anything

@@ -78,11 +78,9 @@ pub fn plan(path: &Path) -> Result<Plan, GoTlsError> {
     if elf.architecture() != object::Architecture::X86_64 {
         return Err(GoTlsError::Layout("not amd64 (register ABI offsets are for amd64)"));
     }
-    let version = info
-        .data()
-        .ok()
-        .and_then(go_version)
-        .ok_or(GoTlsError::Layout("built by Go older than 1.18 (no register ABI guarantee)"))?;
+    let version = info.data().ok().and_then(go_version).ok_or(GoTlsError::Layout(
+        "built by Go older than 1.18 (no register ABI guarantee)",
+    ))?;
     let mut found: [Option<(u64, u64)>; 4] = [None; 4];
     let mut any = false;
     for symbol in elf.symbols() {
@@ -98,7 +96,9 @@ pub fn plan(path: &Path) -> Result<Plan, GoTlsError> {
     let [Some(read), Some(write), Some(memmove), Some(itab)] = found else {
         return match found {
             [None, None, ..] => Err(GoTlsError::NoTls),
-            _ => Err(GoTlsError::Layout("crypto/tls, runtime.memmove or the *net.TCPConn itab missing")),
+            _ => Err(GoTlsError::Layout(
+                "crypto/tls, runtime.memmove or the *net.TCPConn itab missing",
+            )),
         };
     };
     let at = |addr: u64| file_offset(&elf, addr).ok_or(GoTlsError::Layout("symbol outside the file"));
@@ -173,7 +173,9 @@ pub fn memmove_call(code: &[u8], start: u64, memmove: u64) -> Result<u64, GoTlsE
     }
     match calls[..] {
         [one] => Ok(one),
-        _ => Err(GoTlsError::Layout("(*Conn).Read has no single runtime.memmove call (Go version not supported)")),
+        _ => Err(GoTlsError::Layout(
+            "(*Conn).Read has no single runtime.memmove call (Go version not supported)",
+        )),
     }
 }
 
