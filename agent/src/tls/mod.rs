@@ -10,6 +10,7 @@
 //! A process's executable is also read once per file: Node.js (official
 //! builds) carries its own OpenSSL inside the `node` binary and exports the
 //! SSL functions; a statically linked program may keep them in `.symtab`.
+pub mod go;
 pub mod library;
 
 use std::{
@@ -67,6 +68,8 @@ pub struct TlsProbes {
     counters: Option<PerCpuArray<MapData, u64>>,
     last_counts: Vec<u64>,
     last_log: std::time::Instant,
+    /// Go executables' crypto/tls (None when its programs did not load).
+    go: Option<go::GoTls>,
 }
 
 impl TlsProbes {
@@ -88,6 +91,9 @@ impl TlsProbes {
             programs.push(load_program(ebpf, name)?);
         }
         let pmu = Pmu::read()?;
+        let go = go::GoTls::load(ebpf, pmu)
+            .inspect_err(|error| warn!(%error, "HTTPS of Go programs (crypto/tls) is not traced"))
+            .ok();
         let counters = ebpf
             .take_map(TLS_COUNTERS_MAP)
             .and_then(|m| PerCpuArray::try_from(m).ok());
@@ -101,6 +107,7 @@ impl TlsProbes {
             counters,
             last_counts: Vec::new(),
             last_log: std::time::Instant::now(),
+            go,
         })
     }
 
@@ -146,6 +153,11 @@ impl TlsProbes {
                 continue;
             }
             *scans += 1;
+            if *scans == 1 {
+                if let Some(go) = &mut self.go {
+                    go.process(pid);
+                }
+            }
             let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
                 continue;
             };
