@@ -106,9 +106,7 @@ fn curl_to_a_node_https_server_started_after_the_agent_gives_https_span_pairs_on
     assert_eq!(statuses(&clients), want);
     assert!(spans.iter().all(|s| attr_str(s, "url.scheme") == "https"));
     assert!(spans.iter().all(|s| attr_str(s, "tls.protocol.name") == "tls"));
-    assert!(servers
-        .iter()
-        .all(|s| attr_str(s, "process.executable.name") == "node"));
+    assert!(servers.iter().all(|s| attr_str(s, "process.executable.name") == "node"));
     assert!(servers.iter().all(|s| attr_str(s, "client.address") == pods.ip_a));
     assert!(clients.iter().all(|s| attr_str(s, "server.address") == pods.ip_b));
     let ports: std::collections::HashSet<u64> = spans.iter().map(|s| attr_u64(s, "client.port")).collect();
@@ -167,7 +165,9 @@ const get = (p) => new Promise((ok, ko) => {{
     assert!(spans.iter().all(|s| attr_str(s, "process.executable.name") == "node"));
     assert!(clients.iter().all(|s| attr_str(s, "client.address") == pods.ip_a));
     for s in &servers {
-        let parent = s["parent_span_id"].as_str().expect("server span linked to the client's span");
+        let parent = s["parent_span_id"]
+            .as_str()
+            .expect("server span linked to the client's span");
         assert!(
             clients
                 .iter()
