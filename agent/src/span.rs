@@ -66,7 +66,7 @@ pub struct Span {
     pub process: Process,
     /// Name of the process at the other end ([`Process::name`]), when it
     /// runs on this node and the call was linked.
-    pub peer_comm: Option<String>,
+    pub peer_comm: Option<Arc<str>>,
     /// Where a client's call really went when that differs from the address
     /// it dialled (a Service IP DNATed to a server on this node), as the
     /// server's side saw it.

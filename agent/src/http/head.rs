@@ -1,4 +1,6 @@
 //! Parsing one HTTP/1.x header block with `httparse`.
+use smallvec::SmallVec;
+
 use super::Flow;
 
 /// Headers kept per message; the rest are counted in `Head::headers_dropped`.
@@ -55,42 +57,52 @@ pub struct Head {
 pub struct Headers {
     text: String,
     /// (name end, value end) in `text`; a name starts where the previous
-    /// field's value ends.
-    ends: Vec<(usize, usize)>,
+    /// field's value ends. Inline up to a typical header count.
+    ends: SmallVec<[(u32, u32); 8]>,
 }
 
 impl Headers {
     pub fn with_capacity(fields: usize, bytes: usize) -> Self {
         Self {
             text: String::with_capacity(bytes),
-            ends: Vec::with_capacity(fields),
+            ends: SmallVec::with_capacity(fields),
         }
     }
 
-    /// Appends a field as given.
+    /// Appends a field as given (a field past 4 GiB of header text is
+    /// dropped: offsets are 32-bit).
     pub fn push(&mut self, name: &str, value: &str) {
-        self.text.push_str(name);
-        let name_end = self.text.len();
-        self.text.push_str(value);
-        self.ends.push((name_end, self.text.len()));
+        self.push_with(name, value, false);
     }
 
     /// Appends a field, its name lower-cased.
     pub fn push_lowercase(&mut self, name: &str, value: &str) {
+        self.push_with(name, value, true);
+    }
+
+    fn push_with(&mut self, name: &str, value: &str, lowercase: bool) {
         let start = self.text.len();
+        let (Ok(name_end), Ok(value_end)) = (
+            u32::try_from(start + name.len()),
+            u32::try_from(start + name.len() + value.len()),
+        ) else {
+            return;
+        };
         self.text.push_str(name);
-        self.text[start..].make_ascii_lowercase();
-        let name_end = self.text.len();
+        if lowercase {
+            self.text[start..].make_ascii_lowercase();
+        }
         self.text.push_str(value);
-        self.ends.push((name_end, self.text.len()));
+        self.ends.push((name_end, value_end));
     }
 
     /// (name, value) of every field, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
-        let starts = std::iter::once(0).chain(self.ends.iter().map(|&(_, v)| v));
-        starts
-            .zip(&self.ends)
-            .map(|(start, &(name_end, value_end))| (&self.text[start..name_end], &self.text[name_end..value_end]))
+        let starts = std::iter::once(0).chain(self.ends.iter().map(|&(_, v)| v as usize));
+        starts.zip(&self.ends).map(|(start, &(name_end, value_end))| {
+            let (name_end, value_end) = (name_end as usize, value_end as usize);
+            (&self.text[start..name_end], &self.text[name_end..value_end])
+        })
     }
 
     /// First value of a header (exact name).
