@@ -130,6 +130,12 @@ impl Links {
     }
 
     /// Server spans whose wait is over, released as they are.
+    /// Server spans are waiting for their local client (a tick releases
+    /// them at their deadline).
+    pub fn has_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
     pub fn expired(&mut self, now_ns: u64) -> Vec<Span> {
         let due: Vec<LinkKey> = self
             .waiting

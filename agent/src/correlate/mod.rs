@@ -263,6 +263,11 @@ impl Correlator {
         Stats::set(&self.env.stats.conns_tracked, self.conns.len() as u64);
     }
 
+    /// Spans are held until a deadline only a tick can see pass.
+    pub fn has_waiting(&self) -> bool {
+        self.links.has_waiting()
+    }
+
     /// Emits everything still held (shutdown).
     pub fn flush(&mut self, spans: &mut Vec<Span>) {
         spans.extend(self.links.expired(u64::MAX));
