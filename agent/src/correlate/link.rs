@@ -98,10 +98,8 @@ impl Links {
 
     /// A server process read a request on the connection `client`→`server`.
     pub fn server_seen(&mut self, client: SocketAddr, server: SocketAddr, comm: &Arc<str>, ktime_ns: u64) {
-        self.servers.insert(
-            (client, server_part(client, server)),
-            (comm.clone(), server, ktime_ns),
-        );
+        self.servers
+            .insert((client, server_part(client, server)), (comm.clone(), server, ktime_ns));
     }
 
     /// The server process of the connection `client`→`server`, if on this

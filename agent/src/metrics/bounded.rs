@@ -128,7 +128,11 @@ impl<M: prometheus_client::metrics::TypedMetric + Clone> Bounded<M> {
             self.expire(t, now_secs);
         }
         let hash = t.hasher.hash_one(labels);
-        if let Some(series) = t.series.get_mut(&hash).and_then(|b| b.iter_mut().find(|s| s.is(labels))) {
+        if let Some(series) = t
+            .series
+            .get_mut(&hash)
+            .and_then(|b| b.iter_mut().find(|s| s.is(labels)))
+        {
             series.last_write = now_secs;
             return write(&series.metric);
         }

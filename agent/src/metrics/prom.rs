@@ -202,7 +202,9 @@ impl std::fmt::Display for ServerAddress<'_> {
 pub(super) fn client_server_address(span: &Span) -> ServerAddress<'_> {
     match span.target_authority() {
         Some((host, _)) => ServerAddress::Host(crate::http::cut(host, 256)),
-        None => span.server.map_or(ServerAddress::Unknown, |s| ServerAddress::Ip(s.ip())),
+        None => span
+            .server
+            .map_or(ServerAddress::Unknown, |s| ServerAddress::Ip(s.ip())),
     }
 }
 
