@@ -41,6 +41,10 @@ fn server_part(client: SocketAddr, server: SocketAddr) -> Option<SocketAddr> {
     client.ip().is_loopback().then_some(server)
 }
 
+/// A server seen on a connection: its process name, the address it
+/// accepted on, and when.
+type ServerSeen = (Arc<str>, SocketAddr, u64);
+
 #[derive(Debug, Default)]
 pub struct Links {
     /// Client requests seen: their context, time and process name.
@@ -52,7 +56,7 @@ pub struct Links {
     /// Server processes by (client end, server end), for naming the peer
     /// of client spans. A server reads a request before the client can
     /// read the response, so this is always known in time.
-    servers: HashMap<(SocketAddr, Option<SocketAddr>), (Arc<str>, SocketAddr, u64)>,
+    servers: HashMap<(SocketAddr, Option<SocketAddr>), ServerSeen>,
 }
 
 fn adopt(span: &mut Span, client: &SpanContext, comm: Arc<str>, ids: bool) {
