@@ -16,7 +16,7 @@ use support::{nodes::Cluster, *};
 const PORT: u16 = 8085;
 /// Size of the file downloaded.
 const BIG: usize = 1 << 20;
-/// Downloads on one connection.
+/// Downloads, one connection each.
 const DOWNLOADS: usize = 3;
 /// Requests written in one `send` by the batching client.
 const BATCHED: usize = 40;
@@ -68,17 +68,16 @@ fn an_h2c_download_is_traced_without_copying_its_data_payloads() {
     let _nginx = start_nginx_h2c(&server, &scratch.0);
     client.wait_port(&server.ip, PORT);
 
+    // One connection per download: curl 7.88 fails a second download on
+    // the same h2c connection to nginx (error 16), agent or not.
     let url = format!("http://{}:{PORT}/big", server.ip);
-    let mut args: Vec<&str> = Vec::new();
-    for i in 0..DOWNLOADS {
-        if i > 0 {
-            args.push("--next");
-        }
-        args.extend(["-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{size_download}\n", &url]);
+    for _ in 0..DOWNLOADS {
+        let out = run(client.cmd(
+            "curl",
+            &["-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{size_download}", &url],
+        ));
+        assert_eq!(out.trim(), BIG.to_string(), "curl downloaded the file whole");
     }
-    let out = run(client.cmd("curl", &args));
-    let sizes: Vec<&str> = out.lines().collect();
-    assert_eq!(sizes, vec![BIG.to_string().as_str(); DOWNLOADS], "curl downloaded every file whole");
 
     let spans = agent.collect(to_server(&server.ip, PORT), 2 * DOWNLOADS, Duration::from_secs(15));
     let mut sides: Vec<&str> = spans.iter().map(|s| kind(s)).collect();
@@ -90,13 +89,15 @@ fn an_h2c_download_is_traced_without_copying_its_data_payloads() {
         assert_eq!(attr_str(s, "network.protocol.version"), "2");
     }
 
-    // Both ends together moved 2 MiB per download. Copying DATA payloads
-    // (2 KiB of every syscall, 8 KiB of an HTTP/2 one) cost far more than
-    // this; frame headers and header blocks cost far less.
+    // Both ends together moved 2 MiB per download, in 8 KiB DATA frames
+    // (nginx's chunk size): a record per frame header on each end is
+    // 128 * 2 * (176 + 9) bytes = 46 KiB, plus records for reads that end
+    // inside a payload (measured: 55 KiB). Copying the first 8 KiB of every
+    // HTTP/2 syscall, as before, cost about 1.4 MiB.
     let bytes = settled_counter(&agent, "meshless_kernel_event_bytes_total");
     let per_download = bytes / DOWNLOADS as f64;
     assert!(
-        per_download < 48.0 * 1024.0,
+        per_download < 96.0 * 1024.0,
         "{per_download:.0} ring-buffer bytes per 1 MiB download (both ends)"
     );
     assert!(per_download > 0.0, "the kernel counted its bytes");
