@@ -74,7 +74,15 @@ fn an_h2c_download_is_traced_without_copying_its_data_payloads() {
     for _ in 0..DOWNLOADS {
         let out = run(client.cmd(
             "curl",
-            &["-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{size_download}", &url],
+            &[
+                "-s",
+                "--http2-prior-knowledge",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{size_download}",
+                &url,
+            ],
         ));
         assert_eq!(out.trim(), BIG.to_string(), "curl downloaded the file whole");
     }
@@ -187,7 +195,10 @@ fn header_blocks_deep_inside_one_large_h2_write_are_all_decoded() {
             .filter(|s| attr(s, "meshless.capture.truncated") == true)
             .map(|s| attr_str(s, "url.path"))
             .collect();
-        assert!(incomplete.is_empty(), "{side}: header blocks not decoded: {incomplete:?}");
+        assert!(
+            incomplete.is_empty(),
+            "{side}: header blocks not decoded: {incomplete:?}"
+        );
         assert!(
             mine.iter().all(|s| attr_u64(s, "http.response.status_code") == 200),
             "{side}: every status seen"
