@@ -7,8 +7,8 @@ use aya_ebpf::{
     },
 };
 use meshless_common::{
-    ConnAddrs, Counter, Direction, EventKind, FLAG_ACCEPTED, FLAG_CONTINUATION, FLAG_HTTP2, FLAG_NEW_CONN,
-    FLAG_TRUNCATED, HEADER_SIZE, MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS, TraceCtx,
+    ConnAddrs, Counter, Direction, EventKind, FLAG_ACCEPTED, FLAG_CONTINUATION, FLAG_HTTP2, FLAG_NEW_CONN, FLAG_TRUNCATED,
+    HEADER_SIZE, MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS, TraceCtx,
 };
 
 use aya_ebpf::{EbpfContext, cty::c_void, maps::ProgramArray};
@@ -17,8 +17,8 @@ use crate::{
     context,
     detect::{Http, WINDOW, classify, read_head},
     maps::{
-        ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, CONT, COUNTERS, ConnState, EVENTS, Held, SCRATCH,
-        conn_key, count, count_n, wakeup_bytes,
+        ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, CONT, COUNTERS, ConnState, EVENTS, Held,
+        SCRATCH, conn_key, count, count_n, wakeup_bytes,
     },
 };
 
@@ -131,11 +131,7 @@ fn copy_iovecs_from(ptr: u64, cnt: u64, skip: usize, want: usize) -> usize {
         off: 0,
         want: want as u64,
     };
-    let iters = if cnt < MAX_IOVECS as u64 {
-        cnt as u32
-    } else {
-        MAX_IOVECS as u32
-    };
+    let iters = if cnt < MAX_IOVECS as u64 { cnt as u32 } else { MAX_IOVECS as u32 };
     // SAFETY: the callback is a static BPF function; the context is this
     // stack slot, valid for the whole call.
     unsafe {

@@ -8,8 +8,8 @@
 //! until userspace has written a verdict.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use meshless_common::{
-    ConnAddrs, Counter, FLAG_HTTP2, FLAG_NEW_CONN, FLAG_UNCONFIRMED, FdVerdict, Syscall, VERDICT_NOT_SOCKET,
-    VERDICT_PENDING, VERDICT_SOCKET,
+    ConnAddrs, Counter, FLAG_HTTP2, FLAG_NEW_CONN, FLAG_UNCONFIRMED, FdVerdict, Syscall, VERDICT_NOT_SOCKET, VERDICT_PENDING,
+    VERDICT_SOCKET,
 };
 
 use crate::{

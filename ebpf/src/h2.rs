@@ -264,10 +264,7 @@ fn frame_header(w: &mut H2Walk, ev: &mut EventBuf, avail: u64) -> i64 {
     let dst = w.hdr.as_mut_ptr().wrapping_add((got & 15) as usize);
     // SAFETY: dst has room for n bytes, see above.
     let read = unsafe { generated::bpf_probe_read_user(dst.cast(), (n & 15) as u32, src as *const _) };
-    let copy = ev
-        .data
-        .as_mut_ptr()
-        .wrapping_add((w.copied as usize) & (MAX_CAPTURE - 1));
+    let copy = ev.data.as_mut_ptr().wrapping_add((w.copied as usize) & (MAX_CAPTURE - 1));
     if read != 0 || read_user(copy, src, n as usize).is_err() {
         count(Counter::ReadUserFailed);
         return 1;
@@ -333,10 +330,7 @@ fn payload(w: &mut H2Walk, ev: &mut EventBuf, avail: u64) -> i64 {
     }
     let room = MAX_CAPTURE as u64 - w.copied;
     let n = if n < room { n } else { room };
-    let dst = ev
-        .data
-        .as_mut_ptr()
-        .wrapping_add((w.copied as usize) & (MAX_CAPTURE - 1));
+    let dst = ev.data.as_mut_ptr().wrapping_add((w.copied as usize) & (MAX_CAPTURE - 1));
     if read_user(dst, w.base + w.in_off, n as usize).is_err() {
         count(Counter::ReadUserFailed);
         return 1;
