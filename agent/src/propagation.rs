@@ -284,7 +284,12 @@ pub fn is_go_binary(exe: &Path) -> bool {
     go
 }
 
-/// Maps a file read-only.
+/// Maps a file read-only, as it is on disk.
+///
+/// Shared, not private: the kernel writes the `int3` of every uprobe on a
+/// file into each private mapping of it that may execute (a private
+/// read-only mapping may), so another tool's probes — or a second agent's
+/// — would show up as `0xcc` bytes in code this agent decodes.
 ///
 /// # Safety
 /// The caller must not rely on the contents if the file changes.
@@ -294,13 +299,13 @@ pub(crate) unsafe fn memmap_file(file: &File) -> std::io::Result<Mapped> {
     if len == 0 {
         return Err(std::io::Error::other("empty file"));
     }
-    // SAFETY: a fresh private read-only mapping of a whole open file.
+    // SAFETY: a fresh shared read-only mapping of a whole open file.
     let ptr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
             libc::PROT_READ,
-            libc::MAP_PRIVATE,
+            libc::MAP_SHARED,
             file.as_raw_fd(),
             0,
         )
@@ -342,6 +347,60 @@ mod tests {
         assert!(err.to_string().contains("FIONREAD"), "{err}");
         assert!(check(Propagation::TcpOptions).expect("ok"));
         assert!(!check(Propagation::Off).expect("ok"));
+    }
+
+    /// A uprobe registered through tracefs on `file` at `offset`, removed on drop.
+    struct TracefsUprobe(String);
+
+    impl TracefsUprobe {
+        fn new(file: &std::path::Path, offset: u64) -> TracefsUprobe {
+            let group = format!("mlmap{}", std::process::id());
+            let def = format!("p:{group}/probe {}:{offset:#x}\n", file.display());
+            append("/sys/kernel/tracing/uprobe_events", &def);
+            append(&format!("/sys/kernel/tracing/events/{group}/probe/enable"), "1\n");
+            TracefsUprobe(group)
+        }
+    }
+
+    impl Drop for TracefsUprobe {
+        fn drop(&mut self) {
+            let g = &self.0;
+            let _ = std::fs::write(format!("/sys/kernel/tracing/events/{g}/probe/enable"), "0\n");
+            let _ = std::fs::OpenOptions::new()
+                .append(true)
+                .open("/sys/kernel/tracing/uprobe_events")
+                .and_then(|mut f| std::io::Write::write_all(&mut f, format!("-:{g}/probe\n").as_bytes()));
+        }
+    }
+
+    fn append(path: &str, text: &str) {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("{path}: {e} (root and tracefs needed: cargo xtask test mounts it)"));
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+
+    /// Real kernel: another tool's uprobe on a file must not change the
+    /// bytes this agent decodes (Go and TLS probe placement read them).
+    #[test]
+    fn a_file_with_someone_elses_uprobe_on_it_maps_with_its_bytes_as_on_disk() {
+        let dir = std::env::temp_dir().join(format!("meshless-map-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let copy = dir.join("true");
+        std::fs::copy("/bin/true", &copy).expect("copy /bin/true");
+        let bytes = std::fs::read(&copy).expect("read copy");
+        let elf = object::File::parse(&*bytes).expect("ELF");
+        let entry = crate::uprobe::file_offset(&elf, object::Object::entry(&elf)).expect("entry offset");
+        let at = usize::try_from(entry).expect("offset");
+        assert_ne!(bytes[at], 0xcc, "the entry is not already a breakpoint");
+        let probe = TracefsUprobe::new(&copy, entry);
+        let file = File::open(&copy).expect("open");
+        // SAFETY: nobody writes the copy.
+        let map = unsafe { memmap_file(&file) }.expect("map");
+        assert_eq!(map[at], bytes[at], "the probe's int3 leaked into the mapping");
+        drop(probe);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -13,11 +13,16 @@ const PORT: u16 = 8443;
 /// nginx with TLS only on `ip:port` in `ns`: `/ok` 200, `/fail` 500,
 /// files under `dir/www`, anything else 404.
 fn start_tls_nginx(ns: &str, ip: &str, port: u16, dir: &Path) -> Proc {
+    start_tls_nginx_listening(ns, &format!("{ip}:{port} ssl"), dir)
+}
+
+/// [`start_tls_nginx`] with the whole `listen` argument (e.g. `ssl http2`).
+fn start_tls_nginx_listening(ns: &str, listen: &str, dir: &Path) -> Proc {
     std::fs::create_dir_all(dir.join("www")).expect("www dir");
     safety::self_signed_cert(dir);
     let d = dir.display();
     let server = format!(
-        r#"listen {ip}:{port} ssl;
+        r#"listen {listen};
     ssl_certificate {d}/cert.pem;
     ssl_certificate_key {d}/key.pem;
     root {d}/www;
@@ -88,6 +93,53 @@ fn curl_over_https_to_nginx_gives_one_https_span_pair_per_request_on_keepalive_w
     assert_eq!(ports.len(), 1, "all requests on one keep-alive connection");
     for s in &servers {
         let parent = s["parent_span_id"].as_str().expect("server span linked to curl's span");
+        assert!(
+            clients
+                .iter()
+                .any(|c| c["span_id"] == parent && c["trace_id"] == s["trace_id"]),
+            "{s:#?}"
+        );
+    }
+}
+
+/// HTTP/2 negotiated by ALPN inside TLS: the plaintext at OpenSSL is an h2
+/// connection (preface, HPACK), followed like h2c.
+#[test]
+fn curl_over_https_with_alpn_h2_to_nginx_gives_h2_span_pairs_per_stream_with_a_404() {
+    let _serial = serial();
+    let pods = PodPair::new();
+    let scratch = Scratch::new("tls-nginx-h2");
+    let agent = Agent::start();
+    let listen = format!("{}:{PORT} ssl http2", pods.ip_b);
+    let _nginx = start_tls_nginx_listening(&pods.b, &listen, &scratch.0);
+    wait_port(&pods.a, &pods.ip_b, PORT);
+
+    let base = format!("https://{}:{PORT}", pods.ip_b);
+    let mut curl = PodPair::cmd(&pods.a, "curl");
+    curl.args(["-s", "-k", "--http2"]);
+    for p in ["/ok", "/ok", "/nope"] {
+        curl.args(["-o", "/dev/null", &format!("{base}{p}")]);
+    }
+    run(curl);
+
+    let spans = agent.collect(to_server(&pods.ip_b, PORT), 6, Duration::from_secs(10));
+    assert_eq!(spans.len(), 6, "{spans:#?}\n{:?}", agent.stderr());
+    let servers: Vec<&Value> = spans.iter().filter(|s| kind(s) == "SERVER").collect();
+    let clients: Vec<&Value> = spans.iter().filter(|s| kind(s) == "CLIENT").collect();
+    let want: Vec<(String, u64)> = vec![("/nope".into(), 404), ("/ok".into(), 200), ("/ok".into(), 200)];
+    assert_eq!(statuses(&servers), want);
+    assert_eq!(statuses(&clients), want);
+    for s in &spans {
+        assert_eq!(attr_str(s, "network.protocol.version"), "2", "{s:#?}");
+        assert_eq!(attr_str(s, "url.scheme"), "https", "{s:#?}");
+        assert_eq!(attr_str(s, "http.request.method"), "GET");
+    }
+    let ports: std::collections::HashSet<u64> = clients.iter().map(|s| attr_u64(s, "client.port")).collect();
+    assert_eq!(ports.len(), 1, "all streams on one connection");
+    for s in &servers {
+        let parent = s["parent_span_id"]
+            .as_str()
+            .expect("server span linked to curl's stream");
         assert!(
             clients
                 .iter()

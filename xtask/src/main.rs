@@ -142,7 +142,7 @@ fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
             rounds: 0,
             connections: 0,
             out: None,
-            workloads: vec![bench::Workload::Http, bench::Workload::Grpc],
+            workloads: vec![bench::Workload::Http, bench::Workload::Grpc, bench::Workload::Https],
             grpc_connections: 0,
         },
     )?;

@@ -16,6 +16,8 @@ pub const SERVER_NS: &str = "mlbench-srv";
 pub const CLIENT_IP: &str = "10.253.0.1";
 pub const SERVER_IP: &str = "10.253.0.2";
 pub const APP_PORT: u16 = 8080;
+/// nginx's HTTPS port (same response, TLS with the bench's self-signed certificate).
+pub const TLS_PORT: u16 = 8443;
 pub const SIDECAR_PORT: u16 = 15006;
 /// OTLP port of the collector: inside the server pod for Envoy, on the
 /// host's loopback for meshless (each mode gets its own rotel).
@@ -177,8 +179,10 @@ pub fn wait_port(ns: &str, ip: &str, port: u16, what: &str) -> Result<()> {
     bail!("{what} did not start listening on {ip}:{port}")
 }
 
-/// nginx serving a small fixed response on the app port (pod IP and loopback).
+/// nginx serving a small fixed response on the app port (pod IP and
+/// loopback), and the same over TLS on [`TLS_PORT`].
 pub fn start_nginx(dir: &Path) -> Result<Proc> {
+    self_signed_certificate(dir)?;
     let d = dir.display();
     let conf = format!(
         r#"daemon off;
@@ -200,6 +204,14 @@ http {{
     listen 127.0.0.1:{APP_PORT};
     location / {{ return 200 "hello from the app\n"; }}
   }}
+  server {{
+    listen {SERVER_IP}:{TLS_PORT} ssl;
+    ssl_certificate {d}/tls.crt;
+    ssl_certificate_key {d}/tls.key;
+    ssl_protocols TLSv1.3;
+    ssl_session_cache off;
+    location / {{ return 200 "hello from the app\n"; }}
+  }}
 }}
 "#
     );
@@ -209,7 +221,27 @@ http {{
     c.args(["-c", &path.display().to_string(), "-e", &format!("{d}/nginx-error.log")]);
     let p = spawn("nginx", c, &dir.join("nginx.log"))?;
     wait_port(CLIENT_NS, SERVER_IP, APP_PORT, "nginx")?;
+    wait_port(CLIENT_NS, SERVER_IP, TLS_PORT, "nginx (TLS)")?;
     Ok(p)
+}
+
+/// `tls.crt` and `tls.key` in `dir`: a throwaway P-256 certificate for the
+/// HTTPS workload, made with the openssl command-line tool.
+fn self_signed_certificate(dir: &Path) -> Result<()> {
+    let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-nodes", "-days", "2", "-newkey", "ec"])
+        .args(["-pkeyopt", "ec_paramgen_curve:prime256v1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .args(["-subj", &format!("/CN={SERVER_IP}")])
+        .output()
+        .context("running openssl to make the HTTPS workload's certificate (apt-get install openssl)")?;
+    if !out.status.success() {
+        bail!("openssl req failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 /// What an inbound sidecar fronts: the port it listens on, the app's port

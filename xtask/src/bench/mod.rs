@@ -43,9 +43,11 @@ pub struct BenchArgs {
     /// Where results go (default docs/bench; --quick uses target/bench-quick).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Workloads to measure: `http` (HTTP/1.1 to nginx, load by oha) and
-    /// `grpc` (unary gRPC to a tonic server over h2c, load by grpc-load).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "http,grpc")]
+    /// Workloads to measure: `http` (HTTP/1.1 to nginx, load by oha),
+    /// `grpc` (unary gRPC to a tonic server over h2c, load by grpc-load) and
+    /// `https` (HTTP/1.1 over TLS to nginx, load by oha; baseline and
+    /// meshless only: a sidecar terminating TLS is another architecture).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "http,grpc,https")]
     pub workloads: Vec<Workload>,
     /// HTTP/2 connections of the gRPC load generator (calls are multiplexed).
     #[arg(long, default_value_t = 2)]
@@ -58,6 +60,7 @@ pub struct BenchArgs {
 pub enum Workload {
     Http,
     Grpc,
+    Https,
 }
 
 impl Workload {
@@ -65,6 +68,7 @@ impl Workload {
         match self {
             Workload::Http => "HTTP/1.1",
             Workload::Grpc => "gRPC unary",
+            Workload::Https => "HTTPS (HTTP/1.1 over TLS)",
         }
     }
 
@@ -73,14 +77,29 @@ impl Workload {
         match self {
             Workload::Http => &Mode::ALL,
             Workload::Grpc => &[Mode::Baseline, Mode::Sidecar, Mode::Meshless],
+            Workload::Https => &[Mode::Baseline, Mode::Meshless],
         }
     }
 
     /// (app port, sidecar) of this workload's server.
-    fn target(self) -> (u16, &'static Sidecar) {
+    fn target(self) -> (u16, Option<&'static Sidecar>) {
         match self {
-            Workload::Http => (APP_PORT, &HTTP_SIDECAR),
-            Workload::Grpc => (grpc::GRPC_PORT, &grpc::GRPC_SIDECAR),
+            Workload::Http => (APP_PORT, Some(&HTTP_SIDECAR)),
+            Workload::Grpc => (grpc::GRPC_PORT, Some(&grpc::GRPC_SIDECAR)),
+            Workload::Https => (TLS_PORT, None),
+        }
+    }
+
+    /// Spans a fully traced request yields in `mode`: meshless traces both
+    /// sides (client and server span), the inbound sidecar one. Over TLS
+    /// meshless sees nginx's OpenSSL but not oha's rustls (not covered, see
+    /// docs/tls.md): one span, the server's.
+    fn spans_per_request(self, mode: Mode) -> u64 {
+        match (mode, self) {
+            (Mode::Baseline, _) => 0,
+            (Mode::Sidecar, _) => 1,
+            (Mode::Meshless | Mode::MeshlessNoPropagation, Workload::Https) => 1,
+            (Mode::Meshless | Mode::MeshlessNoPropagation, _) => 2,
         }
     }
 }
@@ -111,16 +130,6 @@ impl Mode {
             Mode::Sidecar => "sidecar",
             Mode::Meshless => "meshless",
             Mode::MeshlessNoPropagation => "meshless, propagation off",
-        }
-    }
-
-    /// Spans a fully traced request yields: meshless traces both sides
-    /// (client and server span), the inbound sidecar one.
-    fn spans_per_request(self) -> u64 {
-        match self {
-            Mode::Baseline => 0,
-            Mode::Sidecar => 1,
-            Mode::Meshless | Mode::MeshlessNoPropagation => 2,
         }
     }
 }
@@ -178,7 +187,7 @@ pub fn run(root: &Path, mut args: BenchArgs) -> Result<()> {
         args.grpc_connections = 1;
     }
     if args.workloads.is_empty() {
-        bail!("--workloads: name at least one of http, grpc");
+        bail!("--workloads: name at least one of http, grpc, https");
     }
     let out = args.out.clone().unwrap_or_else(|| {
         if args.quick {
@@ -393,6 +402,9 @@ fn start_mode(t: &Tools, work: &Path, workload: Workload, mode: Mode, tag: &str)
             rotel_log: None,
         },
         Mode::Sidecar => {
+            let Some(sidecar) = sidecar else {
+                bail!("{} has no sidecar comparison", workload.name());
+            };
             let rotel = start_rotel(&t.rotel, Some(SERVER_NS), &rotel_log)?;
             let envoy = start_envoy(&t.envoy, work, 7000 + std::process::id() % 1000, sidecar)?;
             Running {
@@ -420,8 +432,13 @@ fn start_mode(t: &Tools, work: &Path, workload: Workload, mode: Mode, tag: &str)
 
 /// Runs oha in the client pod; returns its JSON summary.
 fn oha(t: &Tools, port: u16, secs: u64, rate: Option<u32>, conns: u32) -> Result<serde_json::Value> {
-    let url = format!("http://{SERVER_IP}:{port}/");
+    let scheme = if port == TLS_PORT { "https" } else { "http" };
+    let url = format!("{scheme}://{SERVER_IP}:{port}/");
     let mut c = cmd(Some(CLIENT_NS), &t.oha.display().to_string());
+    if scheme == "https" {
+        // The bench's own self-signed certificate.
+        c.arg("--insecure");
+    }
     c.args([
         "--no-tui",
         "--output-format",
@@ -457,7 +474,7 @@ fn load(
     args: &BenchArgs,
 ) -> Result<serde_json::Value> {
     match (workload, &t.grpc_load, rate) {
-        (Workload::Http, _, _) => oha(t, port, secs, rate, args.connections),
+        (Workload::Http | Workload::Https, _, _) => oha(t, port, secs, rate, args.connections),
         (Workload::Grpc, Some(bin), Some(rate)) => grpc::load(bin, port, secs, rate, args.grpc_connections),
         (Workload::Grpc, None, _) => bail!("grpc-load was not built"),
         (Workload::Grpc, _, None) => bail!("the gRPC load runs at fixed rates only"),
@@ -538,7 +555,7 @@ fn measure(
         collector_cpu_pct: pct(coll0, coll1),
         collector_rss_mib: running.collector.map(peak_rss_mib),
         spans,
-        completeness: spans.map(|s| s as f64 / (requests * mode.spans_per_request()).max(1) as f64),
+        completeness: spans.map(|s| s as f64 / (requests * workload.spans_per_request(mode)).max(1) as f64),
         failed: requests_failed(&v),
         // Clock ticks are 10 ms: 1 tick = 10 000 µs.
         cpu_us_per_request: match (proxy0, proxy1) {

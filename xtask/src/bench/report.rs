@@ -256,6 +256,10 @@ impl Report {
                     "unary `helloworld.Greeter/SayHello` to a tonic server over h2c, {} HTTP/2 connection(s), open loop, grpc-load",
                     self.grpc_connections
                 ),
+                Workload::Https => format!(
+                    "HTTP/1.1 over TLS 1.3 to nginx (OpenSSL), {} keep-alive connections, oha (rustls, not traced: meshless sees the server side only, 1 span per request expected)",
+                    self.connections
+                ),
             };
             md.push_str(&format!("\n### {} ({how})\n\n", workload.name()));
             self.table(&mut md, workload);
@@ -274,7 +278,7 @@ impl Report {
                 )),
             }
         }
-        md.push_str("\nCompleteness = spans the collector received ÷ spans expected (meshless: 2 per request or call, a client and a server span; sidecar: 1, the inbound span). CPU/req = agent or proxy CPU time ÷ answered requests. Events/req = ring-buffer events the agent read ÷ answered requests (machine-wide: other traffic on the machine counts too).\n");
+        md.push_str("\nCompleteness = spans the collector received ÷ spans expected (meshless: 2 per request or call, a client and a server span — 1 over HTTPS, see above; sidecar: 1, the inbound span). CPU/req = agent or proxy CPU time ÷ answered requests. Events/req = ring-buffer events the agent read ÷ answered requests (machine-wide: other traffic on the machine counts too).\n");
         md
     }
 
@@ -330,6 +334,7 @@ impl Report {
             let name = match workload {
                 Workload::Http => "overhead.svg",
                 Workload::Grpc => "overhead-grpc.svg",
+                Workload::Https => "overhead-https.svg",
             };
             self.plot(&dir.join(name), workload).context("drawing the plot")?;
         }
