@@ -88,7 +88,7 @@ fn an_h2c_download_is_traced_without_copying_its_data_payloads() {
     }
 
     let spans = agent.collect(to_server(&server.ip, PORT), 2 * DOWNLOADS, Duration::from_secs(15));
-    let mut sides: Vec<&str> = spans.iter().map(|s| kind(s)).collect();
+    let mut sides: Vec<&str> = spans.iter().map(kind).collect();
     sides.sort_unstable();
     assert_eq!(sides, [vec!["CLIENT"; DOWNLOADS], vec!["SERVER"; DOWNLOADS]].concat());
     for s in &spans {

@@ -197,7 +197,11 @@ fn records_shaped_like_the_kernel_frame_walk_decode_every_header_block() {
     bytes.extend(frame(4, 0, 0, &[]));
     for i in 0..60u32 {
         let path = format!("/walk/{i}");
-        let fields = [(":method", "POST"), (":path", path.as_str()), ("x-pad", "padding-that-is-indexed")];
+        let fields = [
+            (":method", "POST"),
+            (":path", path.as_str()),
+            ("x-pad", "padding-that-is-indexed"),
+        ];
         let block = enc.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
         bytes.extend(frame(1, END_HEADERS, 2 * i + 1, &block));
         let body = vec![b'd'; if i % 3 == 0 { 40 } else { 5000 }];
