@@ -72,6 +72,20 @@ pub const TLS_UPROBES: [(&str, &str, bool); 8] = [
     ("meshless_ssl_write_ex", "SSL_write_ex", false),
     ("meshless_ssl_write_ex_ret", "SSL_write_ex", true),
 ];
+/// Uprobes on Go executables' `crypto/tls` (entry probes only, see
+/// agent/src/tls/go.rs): (program, what it is placed on).
+pub const GO_TLS_UPROBES: [(&str, &str); 3] = [
+    ("meshless_go_tls_write", "crypto/tls.(*Conn).Write"),
+    ("meshless_go_tls_read", "crypto/tls.(*Conn).Read"),
+    (
+        "meshless_go_tls_read_copy",
+        "crypto/tls.(*Conn).Read: call runtime.memmove",
+    ),
+];
+/// Hash map of the itab hashes (u32 at itab + 16) of `*net.TCPConn` as a
+/// `net.Conn`, one per traced Go executable: a `tls.Conn` over anything
+/// else has no socket fd to read.
+pub const GO_TLS_CONN_TYPES_MAP: &str = "GO_TLS_CONN_TYPES";
 /// Program the TLS return probes tail-call for a request a server read,
 /// and the program array it sits in (slot 0).
 pub const TLS_SERVER_CTX_PROGRAM: &str = "meshless_tls_server_ctx";

@@ -401,3 +401,21 @@ pub static TLS_SERVER_CTX: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 #[map(name = "TLS_COUNTERS")]
 pub static TLS_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(meshless_common::TLS_COUNTER_SLOTS, 0);
+
+/// A goroutine inside `crypto/tls.(*Conn).Read`: its `*tls.Conn` and
+/// buffer, until the copy of the plaintext into the buffer.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GoTlsRead {
+    pub conn: u64,
+    pub buf: u64,
+    pub len: u64,
+}
+
+#[map(name = "GO_TLS_READS")]
+pub static GO_TLS_READS: LruHashMap<GoKey, GoTlsRead> = LruHashMap::with_max_entries(16384, 0);
+
+/// Itab hashes of `*net.TCPConn` as a `net.Conn` (value unused), written
+/// by the agent per traced Go executable.
+#[map(name = "GO_TLS_CONN_TYPES")]
+pub static GO_TLS_CONN_TYPES: HashMap<u32, u32> = HashMap::with_max_entries(256, 0);

@@ -7,6 +7,7 @@
 //! started later. Files are found in the host's usual library paths at
 //! start and in `/proc/<pid>/maps` of new processes (through
 //! `/proc/<pid>/root`, which reaches container images), on a side thread.
+pub mod go;
 pub mod library;
 
 use std::{
@@ -62,6 +63,8 @@ pub struct TlsProbes {
     counters: Option<PerCpuArray<MapData, u64>>,
     last_counts: Vec<u64>,
     last_log: std::time::Instant,
+    /// Go executables' crypto/tls (None when its programs did not load).
+    go: Option<go::GoTls>,
 }
 
 impl TlsProbes {
@@ -83,6 +86,9 @@ impl TlsProbes {
             programs.push(load_program(ebpf, name)?);
         }
         let pmu = Pmu::read()?;
+        let go = go::GoTls::load(ebpf, pmu)
+            .inspect_err(|error| warn!(%error, "HTTPS of Go programs (crypto/tls) is not traced"))
+            .ok();
         let counters = ebpf
             .take_map(TLS_COUNTERS_MAP)
             .and_then(|m| PerCpuArray::try_from(m).ok());
@@ -95,6 +101,7 @@ impl TlsProbes {
             counters,
             last_counts: Vec::new(),
             last_log: std::time::Instant::now(),
+            go,
         })
     }
 
@@ -134,6 +141,11 @@ impl TlsProbes {
                 continue;
             }
             *scans += 1;
+            if *scans == 1 {
+                if let Some(go) = &mut self.go {
+                    go.process(pid);
+                }
+            }
             let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
                 continue;
             };

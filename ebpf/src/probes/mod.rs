@@ -5,6 +5,7 @@ pub mod go;
 pub mod lifecycle;
 pub mod sockops;
 pub mod tls;
+pub mod tls_go;
 
 use aya_ebpf::{
     EbpfContext,

@@ -27,7 +27,7 @@ use crate::{
     },
 };
 
-fn tls_count(counter: TlsCounter) {
+pub fn tls_count(counter: TlsCounter) {
     if let Some(slot) = TLS_COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *slot += 1 };
