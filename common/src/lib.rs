@@ -426,7 +426,7 @@ const _: () = assert!(core::mem::offset_of!(EventHeader, addrs) == 64);
 /// userspace expires (fds past the kernel's own sweeps, dead processes).
 /// The kernel side asserts the sizes of its value types against these.
 pub const CONNS_MAP: &str = "CONNS";
-pub const CONN_STATE_SIZE: usize = 80;
+pub const CONN_STATE_SIZE: usize = 104;
 /// Offsets in a `CONNS` value: the connection id and the socket inode.
 pub const CONN_STATE_ID_OFFSET: usize = 0;
 pub const CONN_STATE_INO_OFFSET: usize = 64;

@@ -24,9 +24,9 @@ use crate::{
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct IoVec {
-    base: u64,
-    len: u64,
+pub struct IoVec {
+    pub base: u64,
+    pub len: u64,
 }
 
 /// Offset of `msg_iov` and `msg_iovlen` in `struct user_msghdr` (64-bit).
@@ -34,7 +34,7 @@ const MSG_IOV_OFFSET: u64 = 16;
 
 /// Resolves a stashed buffer argument to (iovec array, iovec count), or a
 /// plain buffer as a single pseudo-iovec.
-fn iovecs(args: &Args) -> Option<(u64, u64, bool)> {
+pub fn iovecs(args: &Args) -> Option<(u64, u64, bool)> {
     match args.layout {
         BUF_PLAIN => Some((args.ptr, 1, true)),
         BUF_IOVEC => Some((args.ptr, args.count, false)),
@@ -174,7 +174,7 @@ extern "C" fn copy_iovec(i: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
-fn read_user(dst: *mut u8, src: u64, len: usize) -> Result<(), i64> {
+pub fn read_user(dst: *mut u8, src: u64, len: usize) -> Result<(), i64> {
     let len = (len & (MAX_CAPTURE * 2 - 1)) as u32;
     if len > MAX_CAPTURE as u32 {
         return Err(-1);
@@ -209,6 +209,12 @@ pub fn emit_data<C: EbpfContext>(
     // HTTP/2 batches many frames per syscall: header blocks past the
     // first MAX_CAPTURE bytes are needed as much as a long request head.
     let h2 = state.flags & FLAG_HTTP2 != 0;
+    if h2 && crate::h2::follow(id, args, ret as u64, state, flags) {
+        if args.ctx.flags == 0 && args.direction == Direction::Ingress as u32 && state.flags & FLAG_ACCEPTED != 0 {
+            context::unknown_read(id, args.fd);
+        }
+        return;
+    }
     let more = ret > MAX_CAPTURE && (h2 || (args.layout == BUF_PLAIN && starts_request(args)));
     let captured = if ret > 0 {
         copy_payload(ev.data.as_mut_ptr(), args, ret)
@@ -418,6 +424,16 @@ pub fn emit_close(tgid: u32, tid: u32, fd: u32, syscall: u32, state: &ConnState)
     submit(ev, 0);
 }
 
+/// Fills the scratch event's header for a Data record of this syscall
+/// (all but length, captured bytes, flags and sequence number).
+#[inline(always)]
+pub fn fill_header_of(ev: &mut crate::maps::EventBuf, id: u64, args: &Args, state: &ConnState) {
+    fill_header(ev, (id >> 32) as u32, id as u32, args.fd, EventKind::Data, state);
+    ev.header.direction = args.direction;
+    ev.header.syscall = args.syscall;
+    ev.header.ctx = args.ctx;
+}
+
 #[inline(always)]
 fn fill_header(ev: &mut crate::maps::EventBuf, tgid: u32, tid: u32, fd: u32, kind: EventKind, state: &ConnState) {
     let h = &mut ev.header;
@@ -470,7 +486,7 @@ fn next_seq(h: &meshless_common::EventHeader) -> u32 {
 
 /// Numbers the event (before reserving: a full ring buffer still uses up
 /// the number, which is how userspace learns of the loss) and sends it.
-fn submit(ev: &mut crate::maps::EventBuf, captured: usize) {
+pub fn submit(ev: &mut crate::maps::EventBuf, captured: usize) {
     ev.header.seq = next_seq(&ev.header);
     let size = HEADER_SIZE + (captured & (MAX_CAPTURE * 2 - 1));
     let used = EVENTS.query(BPF_RB_AVAIL_DATA as u64);

@@ -197,6 +197,7 @@ fn new_state(key: u64, out: &mut Followed) {
     out.state._pad = 0;
     out.state.seq = 0;
     out.state._pad2 = 0;
+    out.state.h2 = [crate::maps::H2Way::default(); 2];
     out.state.addrs = ConnAddrs::default();
     // SAFETY: map values stay valid for the program's run.
     if let Some(k) = unsafe { ADDRS.get(&key) } {

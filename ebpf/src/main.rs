@@ -12,6 +12,7 @@ mod context;
 mod detect;
 mod follow;
 mod golang;
+mod h2;
 mod maps;
 mod probes;
 mod sock;

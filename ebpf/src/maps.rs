@@ -84,6 +84,21 @@ pub struct ConnState {
     /// copy counts.
     pub seq: u32,
     pub _pad2: u32,
+    /// HTTP/2 framing per direction (ingress, egress), see `h2`.
+    pub h2: [H2Way; 2],
+}
+
+/// Where a direction of an HTTP/2 connection stands in its framing after
+/// the last syscall (see `h2`); all zero: unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct H2Way {
+    /// Payload bytes left of the open frame.
+    pub left: u32,
+    /// Synced, skipping, and header bytes seen (see `h2`).
+    pub bits: u32,
+    /// The first bytes of a frame header split across syscalls.
+    pub hdr: [u8; 4],
 }
 
 // Userspace reads these maps' values by size and offset (see common).

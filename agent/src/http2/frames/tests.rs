@@ -142,3 +142,108 @@ fn a_stray_continuation_loses_framing() {
     assert!(matches!(out[..], [Frame::Lost { .. }]));
     assert_eq!(s.faults.malformed, 1);
 }
+
+/// Splits a direction's bytes into records as the kernel's frame walk does
+/// (ebpf/src/h2.rs), for syscalls of the given sizes: each record's captured
+/// bytes are a prefix of its range, records hold at most 2 KiB, and DATA
+/// payloads over 256 bytes are not captured (a skipped payload ends a
+/// record's captured part). Returns (captured, bytes moved) per record.
+fn walk_records(stream: &[u8], syscalls: &[usize]) -> Vec<(Vec<u8>, u64)> {
+    const CAP: usize = 2048;
+    let mut records = Vec::new();
+    let (mut pos, mut left, mut skip, mut hdr) = (PREFACE.len(), 0usize, false, Vec::new());
+    records.push((PREFACE.to_vec(), PREFACE.len() as u64));
+    let mut sizes = syscalls.iter().cycle();
+    while pos < stream.len() {
+        let end = (pos + sizes.next().copied().unwrap_or(1)).min(stream.len());
+        let (mut cap, mut len, mut gap) = (Vec::new(), 0u64, false);
+        while pos < end {
+            let b = stream[pos];
+            let skipped = left > 0 && skip;
+            if !skipped && (gap || cap.len() >= CAP) {
+                records.push((std::mem::take(&mut cap), len));
+                (len, gap) = (0, false);
+            }
+            if skipped {
+                gap = true;
+                left -= 1;
+            } else {
+                cap.push(b);
+                if left > 0 {
+                    left -= 1;
+                } else {
+                    hdr.push(b);
+                    if hdr.len() == HEADER {
+                        left = u32::from_be_bytes([0, hdr[0], hdr[1], hdr[2]]) as usize;
+                        skip = hdr[3] == DATA && left > 256;
+                        hdr.clear();
+                    }
+                }
+            }
+            len += 1;
+            pos += 1;
+        }
+        records.push((cap, len));
+    }
+    records
+}
+
+#[test]
+fn records_shaped_like_the_kernel_frame_walk_decode_every_header_block() {
+    // Header blocks sharing one HPACK table, between DATA frames big and
+    // small, cut into syscalls of awkward sizes (inside frame headers too).
+    let mut enc = loona_hpack::Encoder::new();
+    let mut bytes = PREFACE.to_vec();
+    bytes.extend(frame(4, 0, 0, &[]));
+    for i in 0..60u32 {
+        let path = format!("/walk/{i}");
+        let fields = [
+            (":method", "POST"),
+            (":path", path.as_str()),
+            ("x-pad", "padding-that-is-indexed"),
+        ];
+        let block = enc.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+        bytes.extend(frame(1, END_HEADERS, 2 * i + 1, &block));
+        let body = vec![b'd'; if i % 3 == 0 { 40 } else { 5000 }];
+        bytes.extend(frame(0, END_STREAM, 2 * i + 1, &body));
+        if i % 7 == 0 {
+            bytes.extend(frame(8, 0, 0, &[0, 0, 1, 0]));
+        }
+    }
+    let records = walk_records(&bytes, &[16384, 7, 3000, 5, 9000, 1]);
+    let captured: usize = records.iter().map(|(c, _)| c.len()).sum();
+    let moved: u64 = records.iter().map(|(_, l)| l).sum();
+    assert_eq!(moved, bytes.len() as u64, "the records' lengths add up");
+    assert!(captured * 3 < bytes.len(), "big DATA payloads were not captured");
+    let mut s = FrameStream::new(true);
+    let mut out = Vec::new();
+    for (cap, len) in &records {
+        s.push(cap, len - cap.len() as u64, 1, &mut out);
+    }
+    assert!(!out.iter().any(|f| matches!(f, Frame::Lost { .. })), "framing kept");
+    let paths: Vec<String> = out.iter().filter_map(path_of).collect();
+    let want: Vec<String> = (0..60).map(|i| format!("/walk/{i}")).collect();
+    assert_eq!(paths, want, "every header block decoded, in order");
+    let ends = out.iter().filter(|f| matches!(f, Frame::DataEnd { .. })).count();
+    assert_eq!(ends, 60, "every DATA frame header seen");
+}
+
+#[test]
+fn a_record_cut_short_inside_a_header_block_loses_framing_and_the_table() {
+    let mut enc = loona_hpack::Encoder::new();
+    let fields = [(":method", "GET"), (":path", "/kept"), ("x-new", "only-in-the-table")];
+    let first = enc.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+    let second = enc.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+    let mut s = FrameStream::new(false);
+    let mut out = Vec::new();
+    let f1 = frame(1, END_HEADERS | END_STREAM, 1, &first);
+    // The walk ran out of steps: the rest of the syscall is not captured.
+    s.push(&f1[..12], (f1.len() - 12) as u64, 1, &mut out);
+    assert!(matches!(out.as_slice(), [Frame::Lost { .. }]));
+    out.clear();
+    s.push(&frame(1, END_HEADERS | END_STREAM, 3, &second), 0, 2, &mut out);
+    match out.as_slice() {
+        [Frame::Headers { block: Some(b), .. }] => assert!(b.has_unknown(), "fields from the lost table are unknown"),
+        other => panic!("{other:?}"),
+    }
+}
