@@ -41,7 +41,12 @@ use crate::{
 
 /// Batches in flight between stages (each batch holds up to 4096 items).
 const CHANNEL_BATCHES: usize = 256;
+/// The correlator's tick while traffic flows (link waits are released
+/// on it).
 const TICK: Duration = Duration::from_millis(50);
+/// The slowest tick, reached by doubling while nothing arrives and nothing
+/// waits: an idle agent wakes for it once a second, not 20 times.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 /// How often kernel counters are read (and losses reported).
 const KERNEL_CHECK: Duration = Duration::from_secs(2);
 /// How often freed heap memory is handed back to the kernel.
@@ -357,16 +362,31 @@ async fn correlate_stage(
     mut events_rx: mpsc::Receiver<EventBatch>,
     heartbeat: Heartbeat,
 ) -> Option<OtlpMetrics> {
-    let mut tick = time::interval(TICK);
-    tick.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
+    let mut period = TICK;
+    let mut next_tick = time::Instant::now() + period;
+    let mut quiet = true;
     loop {
         heartbeat.beat();
         tokio::select! {
             batch = events_rx.recv() => match batch {
-                Some(mut batch) => pipeline.events(batch.items.drain(..)),
+                Some(mut batch) => {
+                    pipeline.events(batch.items.drain(..));
+                    quiet = false;
+                    // Traffic again: tick at full rate from now on.
+                    if period > TICK {
+                        period = TICK;
+                        next_tick = next_tick.min(time::Instant::now() + TICK);
+                    }
+                }
                 None => break,
             },
-            _ = tick.tick() => pipeline.tick(Clock::monotonic_now()),
+            _ = time::sleep_until(next_tick) => {
+                pipeline.tick(Clock::monotonic_now());
+                let idle = quiet && !pipeline.correlator.has_waiting();
+                period = if idle { (period * 2).min(IDLE_TICK) } else { TICK };
+                quiet = true;
+                next_tick = time::Instant::now() + period;
+            }
         }
     }
     let mut router = pipeline.finish();

@@ -264,7 +264,7 @@ pub fn span_bytes(span: &Span) -> u64 {
         + span.process.executable.len()
         + span.process.thread.len()
         + span.trace_state.as_ref().map_or(0, String::len)
-        + span.peer_comm.as_ref().map_or(0, String::len)
+        + span.peer_comm.as_ref().map_or(0, |c| c.len())
         + span.user_agent.as_ref().map_or(0, String::len);
     let peer = span.peer_k8s.as_ref().map_or(0, |p| {
         [&p.namespace, &p.workload, &p.pod, &p.service_fqdn]

@@ -99,17 +99,17 @@ impl Router {
                 }
             }
             let service = self.names.service_of(&span);
-            let peers = Peers::of(&span, &service, |comm| self.names.service_name(comm));
-            self.prometheus.record(&span, &service, &peers);
+            let peers = Peers::of(&span, service, |comm| self.names.service_name(comm));
+            self.prometheus.record(&span, service, &peers);
             if let Some(m) = &self.otlp_metrics {
-                m.record(&span, &service);
+                m.record(&span, service);
             }
             if let Some(live) = &self.live {
                 live.observe(&span, &peers);
             }
             if self.sampler.sample(&span) {
                 if let Some(live) = &self.live {
-                    live.keep(&span, &service, &peers);
+                    live.keep(&span, service, &peers);
                 }
                 kept.push(span);
             } else {

@@ -34,29 +34,29 @@ impl HeaderPolicy {
     }
 
     /// Captured request headers (name, value), values redacted where required.
-    pub fn request(&self, headers: &[(String, String)]) -> Vec<(String, String)> {
+    pub fn request(&self, headers: &crate::http::Headers) -> Vec<(String, String)> {
         self.select(&self.request, headers)
     }
 
     /// Captured response headers.
-    pub fn response(&self, headers: &[(String, String)]) -> Vec<(String, String)> {
+    pub fn response(&self, headers: &crate::http::Headers) -> Vec<(String, String)> {
         self.select(&self.response, headers)
     }
 
-    fn select(&self, allow: &[String], headers: &[(String, String)]) -> Vec<(String, String)> {
+    fn select(&self, allow: &[String], headers: &crate::http::Headers) -> Vec<(String, String)> {
         if allow.is_empty() {
             return Vec::new();
         }
         headers
             .iter()
-            .filter(|(name, _)| allow.iter().any(|a| a == name))
+            .filter(|(name, _)| allow.iter().any(|a| a == *name))
             .map(|(name, value)| {
                 let value = if self.redact.iter().any(|r| r == name) {
-                    REDACTED.to_owned()
+                    REDACTED
                 } else {
-                    value.clone()
+                    value
                 };
-                (name.clone(), value)
+                (name.to_owned(), value.to_owned())
             })
             .collect()
     }
@@ -65,6 +65,10 @@ impl HeaderPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hs(pairs: &[(&str, &str)]) -> crate::http::Headers {
+        pairs.iter().copied().collect()
+    }
 
     fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
@@ -79,7 +83,7 @@ mod tests {
             "x-secret".into(),
         ];
         let p = HeaderPolicy::new(&allow, &["set-cookie".into()], &["X-Secret".into()]);
-        let got = p.request(&h(&[
+        let got = p.request(&hs(&[
             ("authorization", "Bearer t0k3n"),
             ("cookie", "sid=1"),
             ("x-tenant", "acme"),
@@ -96,7 +100,7 @@ mod tests {
             ])
         );
         assert_eq!(
-            p.response(&h(&[("set-cookie", "sid=2")])),
+            p.response(&hs(&[("set-cookie", "sid=2")])),
             h(&[("set-cookie", "REDACTED")])
         );
     }
@@ -104,6 +108,6 @@ mod tests {
     #[test]
     fn nothing_is_captured_without_an_allow_list() {
         let p = HeaderPolicy::new(&[], &[], &[]);
-        assert!(p.request(&h(&[("x-a", "1")])).is_empty());
+        assert!(p.request(&hs(&[("x-a", "1")])).is_empty());
     }
 }

@@ -66,7 +66,7 @@ pub struct Span {
     pub process: Process,
     /// Name of the process at the other end ([`Process::name`]), when it
     /// runs on this node and the call was linked.
-    pub peer_comm: Option<String>,
+    pub peer_comm: Option<Arc<str>>,
     /// Where a client's call really went when that differs from the address
     /// it dialled (a Service IP DNATed to a server on this node), as the
     /// server's side saw it.
@@ -137,6 +137,22 @@ impl Unanswered {
             // Envoy: upstream/downstream remote reset.
             (Unanswered::Reset | Unanswered::GoAway, SpanKind::Client) => "UR",
             (Unanswered::Reset | Unanswered::GoAway, SpanKind::Server) => "DR",
+        }
+    }
+}
+
+/// A span's semconv `error.type`: a status code, or why there was no response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorType {
+    Code(u32),
+    Reason(&'static str),
+}
+
+impl std::fmt::Display for ErrorType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ErrorType::Code(code) => write!(f, "{code}"),
+            ErrorType::Reason(why) => f.write_str(why),
         }
     }
 }
@@ -213,15 +229,20 @@ impl Span {
     /// The semconv `error.type`: the status code of an error response, or
     /// why there was no response.
     pub fn error_type(&self) -> Option<String> {
+        self.error_kind().map(|e| e.to_string())
+    }
+
+    /// [`Span::error_type`] without building the string.
+    pub fn error_kind(&self) -> Option<ErrorType> {
         if !self.is_error() {
             return None;
         }
         if let Some(code) = self.grpc_status() {
-            return Some(code.to_string());
+            return Some(ErrorType::Code(code));
         }
         match (self.status_code, self.unanswered) {
-            (Some(code), _) => Some(code.to_string()),
-            (None, Some(why)) => Some(why.error_type().to_owned()),
+            (Some(code), _) => Some(ErrorType::Code(u32::from(code))),
+            (None, Some(why)) => Some(ErrorType::Reason(why.error_type())),
             (None, None) => None,
         }
     }

@@ -114,18 +114,26 @@ pub enum TlsCounter {
     Events = 2,
     /// Calls in progress that could not be stashed (table full).
     CallsTableFull = 3,
+    /// Memory-BIO calls (Node.js) tied to their socket by the thread's
+    /// read syscall just before them.
+    ThreadTies = 4,
+    /// Memory-BIO reads not tied because the thread's last socket read was
+    /// claimed by another `SSL *` (dropped rather than risk a wrong tie).
+    Ambiguous = 5,
 }
 
 /// Number of [`TlsCounter`] slots.
-pub const TLS_COUNTER_SLOTS: u32 = 4;
+pub const TLS_COUNTER_SLOTS: u32 = 6;
 
 impl TlsCounter {
     /// Every counter with a stable snake_case name.
-    pub const ALL: [(TlsCounter, &'static str); 4] = [
+    pub const ALL: [(TlsCounter, &'static str); 6] = [
         (TlsCounter::Calls, "tls_calls"),
         (TlsCounter::NoSocket, "tls_no_socket"),
         (TlsCounter::Events, "tls_events"),
         (TlsCounter::CallsTableFull, "tls_calls_table_full"),
+        (TlsCounter::ThreadTies, "tls_thread_ties"),
+        (TlsCounter::Ambiguous, "tls_ambiguous"),
     ];
 }
 

@@ -378,12 +378,29 @@ pub struct TlsCall {
     pub ktime_ns: u64,
     /// Client side: the context decided for a request written by this call.
     pub ctx: TraceCtx,
+    /// Memory-BIO tie (Node.js): the `SSL *` whose read claimed `read_fd`
+    /// (0: none yet). Kept while the thread is between SSL calls.
+    pub read_claim: u64,
+    /// When the thread last started a read syscall outside an SSL call.
+    pub read_ns: u64,
+    /// The fd of that read, `TLS_NO_FD` if none.
+    pub read_fd: u32,
+    /// 1 while an SSL call is in progress, 0 for a thread kept between
+    /// calls (its SSL calls made no syscall: memory BIOs).
+    pub inside: u32,
 }
 
 pub const TLS_NO_FD: u32 = u32::MAX;
 
+/// SSL calls in progress, and threads whose SSL calls use memory BIOs
+/// (kept between calls for the tie to their socket reads; LRU: threads
+/// that end leave their entry behind).
 #[map(name = "TLS_CALLS")]
-pub static TLS_CALLS: HashMap<u64, TlsCall> = HashMap::with_max_entries(16384, 0);
+pub static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// `TLS_FDS` value bit: the fd was tied by the thread's socket read before
+/// a memory-BIO call, not seen inside a call (which always wins).
+pub const TLS_FD_BY_THREAD: u32 = 1 << 31;
 
 /// The socket fd of an `SSL *` of a process: an `SSL_read` served from
 /// OpenSSL's buffer makes no syscall, so the fd seen earlier is used.

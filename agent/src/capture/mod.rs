@@ -39,6 +39,27 @@ const MAX_BATCH_BYTES: u64 = 1 << 20;
 /// [`Share::Capture`] budget until the batch is dropped.
 pub type EventBatch = Charged<Vec<Event>>;
 
+/// Longest wait between drains when little arrives: an idle agent wakes
+/// ~10 times a second instead of once per `poll` (the kernel still wakes it
+/// at once when the buffer fills past its wakeup mark).
+const MAX_POLL: Duration = Duration::from_millis(100);
+/// A drain below this many bytes lengthens the wait (doubling up to
+/// [`MAX_POLL`]); above 4× it, the wait halves back towards `poll`. Keeps
+/// what accumulates between drains far below the kernel's wakeup mark, so
+/// a longer wait never makes the traced processes' syscalls wake us.
+const SMALL_DRAIN_BYTES: u64 = 16 * 1024;
+
+/// The wait before the next drain after one that read `bytes`.
+fn next_wait(wait: Duration, bytes: u64, poll: Duration) -> Duration {
+    if bytes < SMALL_DRAIN_BYTES {
+        (wait * 2).min(MAX_POLL.max(poll))
+    } else if bytes > 4 * SMALL_DRAIN_BYTES {
+        (wait / 2).max(poll)
+    } else {
+        wait
+    }
+}
+
 /// Reads the ring buffer until the receiver goes away.
 pub async fn run(
     events: RingBuf<MapData>,
@@ -51,10 +72,9 @@ pub async fn run(
 ) -> std::io::Result<()> {
     #[allow(deprecated)] // AsyncFd::new is deprecated in tokio 1.54 in favour of a builder.
     let mut fd = AsyncFd::new(events)?;
-    let mut tick = time::interval(poll);
-    tick.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
+    let mut wait = poll;
     loop {
-        tokio::select! {
+        let woken = tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = match guard {
                     Ok(guard) => guard,
@@ -64,28 +84,34 @@ pub async fn run(
                     }
                 };
                 guard.clear_ready();
+                true
             }
-            _ = tick.tick() => {}
-        }
+            _ = time::sleep(wait) => false,
+        };
         heartbeat.beat();
-        if !drain(fd.get_mut(), &events_tx, &stats, &confirmer, recorder.as_mut()) {
+        let Some(bytes) = drain(fd.get_mut(), &events_tx, &stats, &confirmer, recorder.as_mut()) else {
             heartbeat.finish();
             return Ok(());
-        }
+        };
+        // The kernel woke us: the buffer is filling, poll at full rate.
+        wait = if woken { poll } else { next_wait(wait, bytes, poll) };
     }
 }
 
-/// Drains every record; false when the pipeline has shut down.
+/// Drains every record; the bytes read, or None when the pipeline has
+/// shut down.
 fn drain(
     ring: &mut RingBuf<MapData>,
     events_tx: &mpsc::Sender<EventBatch>,
     stats: &Stats,
     confirmer: &Confirmer,
     mut recorder: Option<&mut record::Recorder>,
-) -> bool {
+) -> Option<u64> {
     let mut batch = Vec::new();
     let mut bytes = 0;
+    let mut read = 0;
     while let Some(record) = ring.next() {
+        read += record.len() as u64;
         Stats::inc(&stats.events_read);
         if let Some(r) = recorder.as_deref_mut() {
             r.write(&record);
@@ -106,13 +132,13 @@ fn drain(
         if (batch.len() >= MAX_BATCH || bytes >= MAX_BATCH_BYTES)
             && !send(std::mem::take(&mut batch), std::mem::take(&mut bytes), events_tx, stats)
         {
-            return false;
+            return None;
         }
     }
     if let Some(r) = recorder {
         r.flush();
     }
-    batch.is_empty() || send(batch, bytes, events_tx, stats)
+    (batch.is_empty() || send(batch, bytes, events_tx, stats)).then_some(read)
 }
 
 /// Hands a batch on if its bytes fit the budget and the channel has room;
@@ -132,5 +158,33 @@ fn send(batch: Vec<Event>, bytes: u64, events_tx: &mpsc::Sender<EventBatch>, sta
             true
         }
         Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLL: Duration = Duration::from_millis(10);
+
+    #[test]
+    fn small_drains_lengthen_the_wait_up_to_the_idle_limit() {
+        let mut wait = POLL;
+        for _ in 0..10 {
+            wait = next_wait(wait, 0, POLL);
+        }
+        assert_eq!(wait, MAX_POLL);
+    }
+
+    #[test]
+    fn large_drains_bring_the_wait_back_to_the_configured_poll() {
+        let mut wait = MAX_POLL;
+        for _ in 0..10 {
+            wait = next_wait(wait, 1 << 20, POLL);
+        }
+        assert_eq!(wait, POLL);
+        // A poll configured slower than the idle limit is kept.
+        let slow = Duration::from_millis(500);
+        assert_eq!(next_wait(slow, 0, slow), slow);
     }
 }

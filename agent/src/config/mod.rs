@@ -79,8 +79,9 @@ pub struct Config {
     #[arg(long, default_value = "128Mi", env = env::MEMORY_LIMIT, value_parser = parse_bytes)]
     pub memory_limit: u64,
 
-    /// How often the ring buffer is drained, in milliseconds. The kernel
-    /// only wakes the agent early when the buffer is filling up.
+    /// How often the ring buffer is drained under load, in milliseconds.
+    /// When little arrives the agent waits longer (up to 100 ms) to save
+    /// wakeups; the kernel wakes it early when the buffer is filling up.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub poll_interval_ms: u64,
 

@@ -3,7 +3,7 @@
 //! off, or a connection older than the agent): matched by the client's
 //! ip:port and the request index, which both ends agree on even when the
 //! client dialled a Service IP that was DNATed to the server.
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use foldhash::HashMap;
 
@@ -41,10 +41,14 @@ fn server_part(client: SocketAddr, server: SocketAddr) -> Option<SocketAddr> {
     client.ip().is_loopback().then_some(server)
 }
 
+/// A server seen on a connection: its process name, the address it
+/// accepted on, and when.
+type ServerSeen = (Arc<str>, SocketAddr, u64);
+
 #[derive(Debug, Default)]
 pub struct Links {
     /// Client requests seen: their context, time and process name.
-    clients: HashMap<LinkKey, (SpanContext, u64, String)>,
+    clients: HashMap<LinkKey, (SpanContext, u64, Arc<str>)>,
     waiting: HashMap<LinkKey, (Span, u64)>,
     /// Server requests that may still adopt a local client's ids: their
     /// kernel trace id and time.
@@ -52,10 +56,10 @@ pub struct Links {
     /// Server processes by (client end, server end), for naming the peer
     /// of client spans. A server reads a request before the client can
     /// read the response, so this is always known in time.
-    servers: HashMap<(SocketAddr, Option<SocketAddr>), (String, SocketAddr, u64)>,
+    servers: HashMap<(SocketAddr, Option<SocketAddr>), ServerSeen>,
 }
 
-fn adopt(span: &mut Span, client: &SpanContext, comm: String, ids: bool) {
+fn adopt(span: &mut Span, client: &SpanContext, comm: Arc<str>, ids: bool) {
     if ids {
         span.trace_id = client.trace_id;
         span.parent_span_id = Some(client.span_id);
@@ -73,14 +77,14 @@ impl Links {
         key: LinkKey,
         ctx: SpanContext,
         ktime_ns: u64,
-        comm: &str,
+        comm: &Arc<str>,
     ) -> (Option<Span>, Option<TraceId>) {
         let alias = self.started.remove(&key).map(|(t, _)| t);
         if let Some((mut span, _)) = self.waiting.remove(&key) {
-            adopt(&mut span, &ctx, comm.to_owned(), true);
+            adopt(&mut span, &ctx, comm.clone(), true);
             return (Some(span), alias);
         }
-        self.clients.insert(key, (ctx, ktime_ns, comm.to_owned()));
+        self.clients.insert(key, (ctx, ktime_ns, comm.clone()));
         (None, alias)
     }
 
@@ -97,17 +101,15 @@ impl Links {
     }
 
     /// A server process read a request on the connection `client`→`server`.
-    pub fn server_seen(&mut self, client: SocketAddr, server: SocketAddr, comm: &str, ktime_ns: u64) {
-        self.servers.insert(
-            (client, server_part(client, server)),
-            (comm.to_owned(), server, ktime_ns),
-        );
+    pub fn server_seen(&mut self, client: SocketAddr, server: SocketAddr, comm: &Arc<str>, ktime_ns: u64) {
+        self.servers
+            .insert((client, server_part(client, server)), (comm.clone(), server, ktime_ns));
     }
 
     /// The server process of the connection `client`→`server`, if on this
     /// node, and the address it accepted on (a pod's, when the client
     /// dialled a Service IP).
-    pub fn server_of(&self, client: SocketAddr, server: SocketAddr) -> Option<(String, SocketAddr)> {
+    pub fn server_of(&self, client: SocketAddr, server: SocketAddr) -> Option<(Arc<str>, SocketAddr)> {
         self.servers
             .get(&(client, server_part(client, server)))
             .map(|(comm, real, _)| (comm.clone(), *real))
@@ -130,6 +132,12 @@ impl Links {
     }
 
     /// Server spans whose wait is over, released as they are.
+    /// Server spans are waiting for their local client (a tick releases
+    /// them at their deadline).
+    pub fn has_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
     pub fn expired(&mut self, now_ns: u64) -> Vec<Span> {
         let due: Vec<LinkKey> = self
             .waiting

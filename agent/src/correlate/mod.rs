@@ -263,6 +263,11 @@ impl Correlator {
         Stats::set(&self.env.stats.conns_tracked, self.conns.len() as u64);
     }
 
+    /// Spans are held until a deadline only a tick can see pass.
+    pub fn has_waiting(&self) -> bool {
+        self.links.has_waiting()
+    }
+
     /// Emits everything still held (shutdown).
     pub fn flush(&mut self, spans: &mut Vec<Span>) {
         spans.extend(self.links.expired(u64::MAX));
@@ -445,7 +450,7 @@ fn new_conn(key: &ConnKey, process: Process, socket: crate::capture::SocketInfo,
 
 fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) -> Span {
     let Exchange {
-        request,
+        mut request,
         response,
         end_ktime_ns,
         rpc,
@@ -455,8 +460,9 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
     let end = end_ktime_ns
         .max(response.head().map_or(0, |h| h.start_ktime_ns))
         .max(start);
-    let (method, target) = match &request.head.kind {
-        crate::http::HeadKind::Request { method, target } => (method.clone(), target.clone()),
+    // The exchange ends here: its strings move into the span.
+    let (method, target) = match &mut request.head.kind {
+        crate::http::HeadKind::Request { method, target } => (std::mem::take(method), std::mem::take(target)),
         crate::http::HeadKind::Response { .. } => (String::new(), String::new()),
     };
     let ctx = request.ctx;

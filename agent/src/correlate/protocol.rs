@@ -8,6 +8,7 @@
 //! [`Exchange`]s (which become spans). docs/adding-a-protocol.md says which
 //! files a new protocol touches.
 use meshless_common::Direction;
+use smallvec::SmallVec;
 
 pub use super::context::SpanContext;
 use crate::{
@@ -112,14 +113,16 @@ pub struct Exchange {
     pub rpc: Option<Rpc>,
 }
 
-/// What a connection produced from one event.
+/// What a connection produced from one event. An event almost always
+/// yields at most one request and one exchange: they are stored inline, so
+/// an event costs no allocation here.
 #[derive(Debug, Default)]
 pub struct Output {
     /// Client requests seen: (seq, context), for linking with server spans.
-    pub client_requests: Vec<(u64, SpanContext)>,
+    pub client_requests: SmallVec<[(u64, SpanContext); 1]>,
     /// Requests this (server) process read.
-    pub server_requests: Vec<(u64, SpanContext)>,
-    pub exchanges: Vec<Exchange>,
+    pub server_requests: SmallVec<[(u64, SpanContext); 1]>,
+    pub exchanges: SmallVec<[Exchange; 1]>,
     pub malformed: u64,
     pub orphans: u64,
     /// Requests given up to keep pairing right (their responses were lost,

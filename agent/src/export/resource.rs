@@ -59,25 +59,33 @@ impl Resources {
 
     /// `service.name` of a process by its name: a configured rename, else
     /// the name itself.
-    pub fn service_name(&self, name: &str) -> String {
-        self.service_names.get(name).cloned().unwrap_or_else(|| name.to_owned())
+    pub fn service_name<'a>(&'a self, name: &'a str) -> &'a str {
+        self.service_names.get(name).map_or(name, String::as_str)
     }
 
     /// `service.name` of a span's workload: a configured rename of the
     /// process (by name, else by executable), else the pod's app label /
-    /// workload, else the process's name.
-    pub fn service_of(&self, span: &Span) -> String {
+    /// workload, else the process's name. Borrowed: named for every span.
+    pub fn service_of<'a>(&'a self, span: &'a Span) -> &'a str {
         let p = &span.process;
         let renamed = self
             .service_names
             .get(&*p.name)
             .or_else(|| self.service_names.get(&*p.executable));
         if let Some(name) = renamed {
-            return name.clone();
+            return name;
         }
-        span.k8s
-            .as_ref()
-            .map_or_else(|| p.name.to_string(), |k| k.pod.service_name())
+        match &span.k8s {
+            // As `PodMeta::service_name`: app label, else workload, else pod name.
+            Some(k) => {
+                let pod = &k.pod;
+                pod.app_label
+                    .as_deref()
+                    .or_else(|| pod.workload.as_ref().map(|(_, n)| n.as_str()))
+                    .unwrap_or(&pod.name)
+            }
+            None => &p.name,
+        }
     }
 
     /// The resource attributes of a span's workload.
@@ -85,7 +93,7 @@ impl Resources {
         let p: &Process = &span.process;
         let s = |k: &str, v: String| (k.to_owned(), Value::Str(v));
         let mut attrs = vec![
-            s("service.name", self.service_of(span)),
+            s("service.name", self.service_of(span).to_owned()),
             s("host.name", self.host_name.clone()),
             ("process.pid".to_owned(), Value::Int(i64::from(p.pid))),
             s("process.executable.name", p.executable.to_string()),

@@ -1,4 +1,6 @@
 //! Parsing one HTTP/1.x header block with `httparse`.
+use smallvec::SmallVec;
+
 use super::Flow;
 
 /// Headers kept per message; the rest are counted in `Head::headers_dropped`.
@@ -38,7 +40,7 @@ pub struct Head {
     /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version: u8,
     /// Header names lower-cased, in order.
-    pub headers: Vec<(String, String)>,
+    pub headers: Headers,
     pub headers_dropped: usize,
     /// The header block was not seen to its end.
     pub truncated: bool,
@@ -47,6 +49,90 @@ pub struct Head {
     /// The head began at the first byte of a syscall's payload (where the
     /// kernel decides a request's trace context).
     pub at_segment_start: bool,
+}
+
+/// The header fields of one message, in order, in one buffer (names and
+/// values back to back): a head costs two allocations, not two per field.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Headers {
+    text: String,
+    /// (name end, value end) in `text`; a name starts where the previous
+    /// field's value ends. Inline up to a typical header count.
+    ends: SmallVec<[(u32, u32); 8]>,
+}
+
+impl Headers {
+    pub fn with_capacity(fields: usize, bytes: usize) -> Self {
+        Self {
+            text: String::with_capacity(bytes),
+            ends: SmallVec::with_capacity(fields),
+        }
+    }
+
+    /// Appends a field as given (a field past 4 GiB of header text is
+    /// dropped: offsets are 32-bit).
+    pub fn push(&mut self, name: &str, value: &str) {
+        self.push_with(name, value, false);
+    }
+
+    /// Appends a field, its name lower-cased.
+    pub fn push_lowercase(&mut self, name: &str, value: &str) {
+        self.push_with(name, value, true);
+    }
+
+    fn push_with(&mut self, name: &str, value: &str, lowercase: bool) {
+        let start = self.text.len();
+        let (Ok(name_end), Ok(value_end)) = (
+            u32::try_from(start + name.len()),
+            u32::try_from(start + name.len() + value.len()),
+        ) else {
+            return;
+        };
+        self.text.push_str(name);
+        if lowercase {
+            self.text[start..].make_ascii_lowercase();
+        }
+        self.text.push_str(value);
+        self.ends.push((name_end, value_end));
+    }
+
+    /// (name, value) of every field, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        let starts = std::iter::once(0).chain(self.ends.iter().map(|&(_, v)| v as usize));
+        starts.zip(&self.ends).map(|(start, &(name_end, value_end))| {
+            let (name_end, value_end) = (name_end as usize, value_end as usize);
+            (&self.text[start..name_end], &self.text[name_end..value_end])
+        })
+    }
+
+    /// First value of a header (exact name).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+}
+
+impl<N: AsRef<str>, V: AsRef<str>> FromIterator<(N, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Self {
+        let mut headers = Headers::default();
+        for (n, v) in iter {
+            headers.push(n.as_ref(), v.as_ref());
+        }
+        headers
+    }
+}
+
+impl From<Vec<(String, String)>> for Headers {
+    fn from(v: Vec<(String, String)>) -> Self {
+        v.into_iter().collect()
+    }
 }
 
 /// How the end of a message's body is found.
@@ -68,7 +154,7 @@ impl Head {
 
     /// First value of a header (name in lower case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers.get(name)
     }
 
     pub fn method(&self) -> Option<&str> {
@@ -214,17 +300,22 @@ fn finish(
         Err(_) if truncated => {}
         Err(e) => return Err(error_name(e)),
     }
+    let raw = &raw[..raw.iter().take_while(|h| !h.name.is_empty()).count()];
+    fn value_of<'h>(h: &httparse::Header<'h>) -> &'h [u8] {
+        &h.value[..h.value.len().min(MAX_VALUE)]
+    }
+    // Sized once: all kept fields go into one buffer (two allocations per head).
+    let bytes: usize = raw.iter().map(|h| h.name.len() + value_of(h).len()).sum();
+    let mut headers = Headers::with_capacity(raw.len(), bytes.min(MAX_KEPT_HEADER_BYTES + 2 * MAX_VALUE));
     let mut kept_bytes = 0;
-    let mut headers = Vec::new();
-    for h in raw.iter().take_while(|h| !h.name.is_empty()) {
-        let name = h.name.to_ascii_lowercase();
-        let value = &h.value[..h.value.len().min(MAX_VALUE)];
-        kept_bytes += name.len() + value.len();
-        if kept_bytes > MAX_KEPT_HEADER_BYTES && !ESSENTIAL.contains(&name.as_str()) {
+    for h in raw {
+        let value = value_of(h);
+        kept_bytes += h.name.len() + value.len();
+        if kept_bytes > MAX_KEPT_HEADER_BYTES && !ESSENTIAL.iter().any(|n| n.eq_ignore_ascii_case(h.name)) {
             headers_dropped += 1;
             continue;
         }
-        headers.push((name, String::from_utf8_lossy(value).into_owned()));
+        headers.push_lowercase(h.name, &String::from_utf8_lossy(value));
     }
     Ok(Head {
         kind,

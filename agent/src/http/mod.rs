@@ -14,7 +14,7 @@ mod target;
 use std::collections::VecDeque;
 
 pub use fifo::{detect, Http1, MAX_PENDING};
-pub use head::{cut, Head, HeadKind, MAX_HEADERS};
+pub use head::{cut, Head, HeadKind, Headers, MAX_HEADERS};
 pub use target::Target;
 
 use chunked::{ChunkStep, Chunked};

@@ -146,7 +146,7 @@ mod tests {
                 target: "/pkg.Svc/M".to_owned(),
             },
             version: 2,
-            headers,
+            headers: headers.into(),
             headers_dropped: 0,
             truncated: false,
             start_ktime_ns: 0,

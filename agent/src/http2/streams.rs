@@ -382,7 +382,7 @@ fn request_head(block: Option<&Block>, ktime_ns: u64) -> Head {
     Head {
         kind: HeadKind::Request { method, target },
         version: 2,
-        headers,
+        headers: headers.into(),
         headers_dropped: 0,
         truncated,
         start_ktime_ns: ktime_ns,

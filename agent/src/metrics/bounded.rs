@@ -9,6 +9,7 @@
 //! or expiry of its own; its `Family` is kept for storage and encoding and
 //! a side table remembers when each series was last written.
 use std::{
+    hash::BuildHasher,
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -49,18 +50,34 @@ impl Default for SeriesLimits {
 
 /// The series written, each with a handle on its metric (prometheus-client
 /// metrics share their storage between clones): a write finds its series
-/// with one fast hash of the labels, not a SipHash lookup in the family too.
+/// by one fast hash of the borrowed label values, so writing to an existing
+/// series copies no label (owned labels are made once, for a new series).
 #[derive(Debug)]
 struct Tracker<M> {
-    series: foldhash::HashMap<Labels, Series<M>>,
+    /// By label hash; a bucket holds more than one series only on a collision.
+    series: foldhash::HashMap<u64, Vec<Series<M>>>,
+    len: usize,
+    hasher: foldhash::fast::RandomState,
     last_sweep: u64,
 }
 
 #[derive(Debug)]
 struct Series<M> {
+    labels: Labels,
     metric: M,
     /// Second (since `epoch`) the series was last written.
     last_write: u64,
+}
+
+impl<M> Series<M> {
+    fn is(&self, labels: &[(&'static str, &str)]) -> bool {
+        self.labels.len() == labels.len()
+            && self
+                .labels
+                .iter()
+                .zip(labels)
+                .all(|((k, v), (lk, lv))| k == lk && v == lv)
+    }
 }
 
 /// A `Family` with a series cap and expiry.
@@ -79,6 +96,8 @@ impl<M: prometheus_client::metrics::TypedMetric + Clone> Bounded<M> {
             family: Family::new_with_constructor(constructor),
             tracker: Mutex::new(Tracker {
                 series: foldhash::HashMap::default(),
+                len: 0,
+                hasher: foldhash::fast::RandomState::default(),
                 last_sweep: 0,
             }),
             limits,
@@ -94,34 +113,52 @@ impl<M: prometheus_client::metrics::TypedMetric + Clone> Bounded<M> {
 
     /// Writes to the series of `labels`, or to the overflow series when the
     /// family is full.
-    pub fn with(&self, labels: &Labels, write: impl FnOnce(&M)) {
+    pub fn with(&self, labels: &[(&'static str, &str)], write: impl FnOnce(&M)) {
         self.with_at(labels, self.epoch.elapsed().as_secs(), write);
     }
 
     /// [`Bounded::with`] at a given second (tests drive time).
-    pub fn with_at(&self, labels: &Labels, now_secs: u64, write: impl FnOnce(&M)) {
+    pub fn with_at(&self, labels: &[(&'static str, &str)], now_secs: u64, write: impl FnOnce(&M)) {
         // A poisoned lock only means another writer panicked; the table
         // itself is still consistent.
-        let mut t = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
+        let t = &mut *guard;
         if now_secs.saturating_sub(t.last_sweep) >= SWEEP_EVERY_SECS {
             t.last_sweep = now_secs;
-            self.expire(&mut t, now_secs);
+            self.expire(t, now_secs);
         }
-        if let Some(series) = t.series.get_mut(labels) {
+        let hash = t.hasher.hash_one(labels);
+        if let Some(series) = t
+            .series
+            .get_mut(&hash)
+            .and_then(|b| b.iter_mut().find(|s| s.is(labels)))
+        {
             series.last_write = now_secs;
             return write(&series.metric);
         }
-        let chosen = if t.series.len() < self.limits.max_series {
-            labels.clone()
+        let (chosen, hash) = if t.len < self.limits.max_series {
+            let owned: Labels = labels.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+            (owned, hash)
         } else {
             Stats::inc(&self.stats.metric_series_overflow);
             // Tracked (so it expires too) but beyond the cap by one.
-            overflow_labels()
+            let hash = t.hasher.hash_one(OVERFLOW);
+            (overflow_labels(), hash)
         };
-        let series = t.series.entry(chosen).or_insert_with_key(|chosen| Series {
-            metric: self.family.get_or_create(chosen).clone(),
-            last_write: now_secs,
-        });
+        let bucket = t.series.entry(hash).or_default();
+        let at = match bucket.iter().position(|s| s.labels == chosen) {
+            Some(at) => at,
+            None => {
+                bucket.push(Series {
+                    metric: self.family.get_or_create(&chosen).clone(),
+                    labels: chosen,
+                    last_write: now_secs,
+                });
+                t.len += 1;
+                bucket.len() - 1
+            }
+        };
+        let series = &mut bucket[at];
         series.last_write = now_secs;
         write(&series.metric);
     }
@@ -129,23 +166,32 @@ impl<M: prometheus_client::metrics::TypedMetric + Clone> Bounded<M> {
     /// Series currently kept (overflow series included).
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.tracker.lock().unwrap_or_else(|e| e.into_inner()).series.len()
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner()).len
     }
 
     fn expire(&self, t: &mut Tracker<M>, now_secs: u64) {
         let expiry = self.limits.expiry_secs;
         let family = &self.family;
         let stats = &self.stats;
-        t.series.retain(|labels, series| {
-            let keep = now_secs.saturating_sub(series.last_write) < expiry;
-            if !keep {
-                family.remove(labels);
-                Stats::inc(&stats.metric_series_expired);
-            }
-            keep
+        let mut removed = 0;
+        t.series.retain(|_, bucket| {
+            bucket.retain(|series| {
+                let keep = now_secs.saturating_sub(series.last_write) < expiry;
+                if !keep {
+                    family.remove(&series.labels);
+                    Stats::inc(&stats.metric_series_expired);
+                    removed += 1;
+                }
+                keep
+            });
+            !bucket.is_empty()
         });
+        t.len -= removed;
     }
 }
+
+/// The overflow series' labels, borrowed (hashed like any label set).
+const OVERFLOW: &[(&str, &str)] = &[("otel_metric_overflow", "true")];
 
 #[cfg(test)]
 mod tests {
@@ -155,6 +201,13 @@ mod tests {
 
     fn labels(i: usize) -> Labels {
         vec![("http_request_method", format!("M{i}"))]
+    }
+
+    fn with_at(b: &Bounded<Counter>, labels: &Labels, now_secs: u64) {
+        let borrowed: Vec<(&'static str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        b.with_at(&borrowed, now_secs, |c| {
+            c.inc();
+        });
     }
 
     fn bounded(max_series: usize) -> (Bounded<Counter>, Arc<Stats>) {
@@ -170,9 +223,7 @@ mod tests {
     fn series_past_the_cap_go_to_one_overflow_series_and_are_counted() {
         let (b, stats) = bounded(10);
         for i in 0..3000 {
-            b.with_at(&labels(i), 0, |c| {
-                c.inc();
-            });
+            with_at(&b, &labels(i), 0);
         }
         assert_eq!(b.len(), 11);
         assert_eq!(b.family.get_or_create(&overflow_labels()).get(), 2990);
@@ -181,24 +232,16 @@ mod tests {
             2990
         );
         // Existing series keep counting.
-        b.with_at(&labels(3), 1, |c| {
-            c.inc();
-        });
+        with_at(&b, &labels(3), 1);
         assert_eq!(b.family.get_or_create(&labels(3)).get(), 2);
     }
 
     #[test]
     fn series_not_written_for_the_expiry_period_are_removed() {
         let (b, stats) = bounded(10);
-        b.with_at(&labels(1), 0, |c| {
-            c.inc();
-        });
-        b.with_at(&labels(2), 500, |c| {
-            c.inc();
-        });
-        b.with_at(&labels(2), 700, |c| {
-            c.inc();
-        });
+        with_at(&b, &labels(1), 0);
+        with_at(&b, &labels(2), 500);
+        with_at(&b, &labels(2), 700);
         assert_eq!(b.len(), 1, "series 1 expired, series 2 is fresh");
         assert_eq!(
             stats.metric_series_expired.load(std::sync::atomic::Ordering::Relaxed),

@@ -12,112 +12,121 @@ pub use prom::Prometheus;
 
 use crate::span::{Span, SpanKind};
 
-/// Who a span's two ends are, in the terms dashboards use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peers {
-    pub source_workload: String,
-    pub source_namespace: String,
-    pub destination_workload: String,
-    pub destination_namespace: String,
-    pub destination_service: String,
-    pub source: IstioSide,
-    pub destination: IstioSide,
+/// Who a span's two ends are, in the terms dashboards use. Every name is
+/// borrowed from the span, its metadata or the configuration: built for
+/// every span, so it must not allocate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peers<'a> {
+    pub source_workload: &'a str,
+    pub source_namespace: &'a str,
+    pub destination_workload: &'a str,
+    pub destination_namespace: &'a str,
+    pub destination_service: &'a str,
+    pub source: IstioSide<'a>,
+    pub destination: IstioSide<'a>,
     /// `destination_service_name` / `_namespace`: the Service's own, else unknown.
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
+    pub destination_service_name: &'a str,
+    pub destination_service_namespace: &'a str,
 }
 
 /// The rest of Istio's standard labels for one end (`source_*` or
 /// `destination_*`), with Istio's placeholders when unknown.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IstioSide {
-    pub app: String,
-    pub version: String,
-    pub canonical_service: String,
-    pub canonical_revision: String,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IstioSide<'a> {
+    pub app: &'a str,
+    pub version: &'a str,
+    pub canonical_service: &'a str,
+    pub canonical_revision: &'a str,
     /// Istio's default cluster name when the end is a known pod.
-    pub cluster: String,
+    pub cluster: &'a str,
 }
 
 /// Placeholder Istio uses for what it does not know.
 pub const UNKNOWN: &str = "unknown";
 /// The cluster name Istio reports unless configured otherwise.
 pub const ISTIO_CLUSTER: &str = "Kubernetes";
+/// Istio's canonical revision when no label names one.
+const LATEST: &str = "latest";
 
-impl IstioSide {
-    fn unknown() -> Self {
-        IstioSide {
-            app: UNKNOWN.into(),
-            version: UNKNOWN.into(),
-            canonical_service: UNKNOWN.into(),
-            canonical_revision: UNKNOWN.into(),
-            cluster: UNKNOWN.into(),
-        }
-    }
+/// The workload name as Istio labels use it ([`crate::k8s::PodMeta::workload_name`], borrowed).
+fn workload_name(pod: &crate::k8s::PodMeta) -> &str {
+    pod.workload.as_ref().map_or(pod.name.as_str(), |(_, n)| n.as_str())
+}
 
-    fn own(span: &Span) -> Self {
+impl<'a> IstioSide<'a> {
+    const UNKNOWN: IstioSide<'static> = IstioSide {
+        app: UNKNOWN,
+        version: UNKNOWN,
+        canonical_service: UNKNOWN,
+        canonical_revision: UNKNOWN,
+        cluster: UNKNOWN,
+    };
+
+    fn own(span: &'a Span) -> Self {
         match &span.k8s {
-            Some(k) => IstioSide {
-                app: k.pod.istio.app.clone().unwrap_or_else(|| UNKNOWN.into()),
-                version: k.pod.istio.version.clone().unwrap_or_else(|| UNKNOWN.into()),
-                canonical_service: k.pod.canonical_service(),
-                canonical_revision: k.pod.canonical_revision(),
-                cluster: ISTIO_CLUSTER.into(),
-            },
-            None => Self::unknown(),
+            Some(k) => {
+                let istio = &k.pod.istio;
+                IstioSide {
+                    app: istio.app.as_deref().unwrap_or(UNKNOWN),
+                    version: istio.version.as_deref().unwrap_or(UNKNOWN),
+                    canonical_service: istio
+                        .canonical_service
+                        .as_deref()
+                        .unwrap_or_else(|| workload_name(&k.pod)),
+                    canonical_revision: istio.canonical_revision.as_deref().unwrap_or(LATEST),
+                    cluster: ISTIO_CLUSTER,
+                }
+            }
+            None => Self::UNKNOWN,
         }
     }
 
-    fn peer(span: &Span, workload: &str) -> Self {
+    fn peer(span: &'a Span, workload: &'a str) -> Self {
         let peer = span.peer_k8s.as_ref();
         match peer.and_then(|p| p.istio.as_ref()) {
             Some(l) => IstioSide {
-                app: l.app.clone().unwrap_or_else(|| UNKNOWN.into()),
-                version: l.version.clone().unwrap_or_else(|| UNKNOWN.into()),
-                canonical_service: l.canonical_service.clone().unwrap_or_else(|| workload.into()),
-                canonical_revision: l.canonical_revision.clone().unwrap_or_else(|| "latest".into()),
-                cluster: ISTIO_CLUSTER.into(),
+                app: l.app.as_deref().unwrap_or(UNKNOWN),
+                version: l.version.as_deref().unwrap_or(UNKNOWN),
+                canonical_service: l.canonical_service.as_deref().unwrap_or(workload),
+                canonical_revision: l.canonical_revision.as_deref().unwrap_or(LATEST),
+                cluster: ISTIO_CLUSTER,
             },
             // A pod elsewhere in the cluster: named by its workload only.
             None if peer.is_some_and(|p| p.workload.is_some()) => IstioSide {
-                canonical_service: workload.into(),
-                canonical_revision: "latest".into(),
-                cluster: ISTIO_CLUSTER.into(),
-                ..Self::unknown()
+                canonical_service: workload,
+                canonical_revision: LATEST,
+                cluster: ISTIO_CLUSTER,
+                ..Self::UNKNOWN
             },
-            None => Self::unknown(),
+            None => Self::UNKNOWN,
         }
     }
 }
 
-impl Peers {
+impl<'a> Peers<'a> {
     /// Both ends of a span in dashboard terms. In Kubernetes the workloads
     /// and namespaces come from pod metadata; elsewhere a workload is the
     /// service name of a process, and the other end is named only when the
     /// call was linked on this node. A raw `ip:port` is never a name: pod
     /// IPs churn, and each would be a new series.
-    pub fn of(span: &Span, service_name: &str, service_of: impl Fn(&str) -> String) -> Self {
-        let unknown = || UNKNOWN.to_owned();
+    pub fn of(span: &'a Span, service_name: &'a str, service_of: impl Fn(&'a str) -> &'a str) -> Self {
         let (own_workload, own_ns) = match &span.k8s {
-            Some(k) => (k.pod.workload_name(), k.pod.namespace.clone()),
-            None => (service_name.to_owned(), unknown()),
+            Some(k) => (workload_name(&k.pod), k.pod.namespace.as_str()),
+            None => (service_name, UNKNOWN),
         };
         let peer = span.peer_k8s.as_ref();
         let peer_workload = peer
-            .and_then(|p| p.workload.clone())
+            .and_then(|p| p.workload.as_deref())
             .or_else(|| span.peer_comm.as_deref().map(&service_of))
-            .unwrap_or_else(unknown);
-        let peer_ns = peer.and_then(|p| p.namespace.clone()).unwrap_or_else(unknown);
-        let (own, other) = (IstioSide::own(span), IstioSide::peer(span, &peer_workload));
+            .unwrap_or(UNKNOWN);
+        let peer_ns = peer.and_then(|p| p.namespace.as_deref()).unwrap_or(UNKNOWN);
+        let (own, other) = (IstioSide::own(span), IstioSide::peer(span, peer_workload));
         let service = match span.kind {
-            SpanKind::Server => span.k8s.as_ref().and_then(|k| k.service_fqdn.clone()),
-            SpanKind::Client => peer.and_then(|p| p.service_fqdn.clone()),
+            SpanKind::Server => span.k8s.as_ref().and_then(|k| k.service_fqdn.as_deref()),
+            SpanKind::Client => peer.and_then(|p| p.service_fqdn.as_deref()),
         };
-        let (service_name, service_ns) = service
-            .as_deref()
-            .and_then(crate::k8s::split_fqdn)
-            .map_or_else(|| (unknown(), unknown()), |(n, ns)| (n.to_owned(), ns.to_owned()));
-        let destination_service = service.unwrap_or_else(unknown);
+        let (service_name, service_ns) = service.and_then(crate::k8s::split_fqdn).unwrap_or((UNKNOWN, UNKNOWN));
+        let destination_service = service.unwrap_or(UNKNOWN);
         match span.kind {
             SpanKind::Server => Peers {
                 source_workload: peer_workload,

@@ -81,7 +81,7 @@ impl OtlpMetrics {
                 if let Some(s) = span.server {
                     attrs.push(KeyValue::new(
                         "server.address",
-                        super::prom::client_server_address(span),
+                        super::prom::client_server_address(span).to_string(),
                     ));
                     attrs.push(KeyValue::new("server.port", i64::from(s.port())));
                 }

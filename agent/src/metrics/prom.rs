@@ -1,5 +1,5 @@
 //! Prometheus series (text exposition via prometheus-client).
-use std::sync::Arc;
+use std::{fmt::Write, sync::Arc};
 
 use prometheus_client::{
     collector::Collector,
@@ -79,23 +79,40 @@ impl Prometheus {
         }
     }
 
-    /// Records one request.
+    /// Records one request. Label values are borrowed or formatted on the
+    /// stack: an existing series is written without allocating.
     pub fn record(&self, span: &Span, service_name: &str, peers: &Peers) {
         // Istio reports "0" for requests that got no response.
-        let status = span.status_code.map_or_else(|| "0".to_owned(), |c| c.to_string());
-        let port = span.server.map(|s| s.port().to_string()).unwrap_or_default();
+        let mut status = StackStr::<8>::default();
+        let _ = write!(status, "{}", span.status_code.unwrap_or(0));
+        let mut port = StackStr::<8>::default();
+        if let Some(s) = span.server {
+            let _ = write!(port, "{}", s.port());
+        }
+        let mut ip = StackStr::<64>::default();
         let server_address = match span.kind {
-            SpanKind::Client => client_server_address(span),
-            SpanKind::Server => String::new(),
+            SpanKind::Client => match client_server_address(span) {
+                ServerAddress::Host(host) => host,
+                ServerAddress::Ip(addr) => {
+                    let _ = write!(ip, "{addr}");
+                    ip.as_str()
+                }
+                ServerAddress::Unknown => "",
+            },
+            SpanKind::Server => "",
         };
-        let http = vec![
-            ("service_name", service_name.to_owned()),
-            ("http_request_method", span.method_label().to_owned()),
-            ("http_response_status_code", status.clone()),
-            ("network_protocol_version", span.protocol_version.to_owned()),
+        let mut error_type = StackStr::<32>::default();
+        if let Some(e) = span.error_kind() {
+            let _ = write!(error_type, "{e}");
+        }
+        let http = [
+            ("service_name", service_name),
+            ("http_request_method", span.method_label()),
+            ("http_response_status_code", status.as_str()),
+            ("network_protocol_version", span.protocol_version),
             ("server_address", server_address),
-            ("server_port", port),
-            ("error_type", span.error_type().unwrap_or_default()),
+            ("server_port", port.as_str()),
+            ("error_type", error_type.as_str()),
         ];
         let secs = duration_secs(span);
         let durations = match span.kind {
@@ -108,51 +125,45 @@ impl Prometheus {
             SpanKind::Client => "source",
         };
         let flags = span.unanswered.map_or("-", |u| u.response_flags(span.kind));
+        let mut grpc_status = StackStr::<12>::default();
+        if let Some(code) = span.grpc_status() {
+            let _ = write!(grpc_status, "{code}");
+        }
         let (src, dst) = (&peers.source, &peers.destination);
         // Istio's standard label set, in its order and with its placeholders
         // (no mTLS identity here: principals are unknown, and the
         // destination reports its connection security policy as none).
-        let istio = vec![
-            ("reporter", reporter.to_owned()),
-            ("source_workload", peers.source_workload.clone()),
-            ("source_workload_namespace", peers.source_namespace.clone()),
-            ("source_principal", UNKNOWN.to_owned()),
-            ("source_app", src.app.clone()),
-            ("source_version", src.version.clone()),
-            ("source_cluster", src.cluster.clone()),
-            ("source_canonical_service", src.canonical_service.clone()),
-            ("source_canonical_revision", src.canonical_revision.clone()),
-            ("destination_workload", peers.destination_workload.clone()),
-            ("destination_workload_namespace", peers.destination_namespace.clone()),
-            ("destination_principal", UNKNOWN.to_owned()),
-            ("destination_app", dst.app.clone()),
-            ("destination_version", dst.version.clone()),
-            ("destination_service", peers.destination_service.clone()),
-            ("destination_service_name", peers.destination_service_name.clone()),
-            (
-                "destination_service_namespace",
-                peers.destination_service_namespace.clone(),
-            ),
-            ("destination_cluster", dst.cluster.clone()),
-            ("destination_canonical_service", dst.canonical_service.clone()),
-            ("destination_canonical_revision", dst.canonical_revision.clone()),
-            (
-                "request_protocol",
-                if span.rpc.is_some() { "grpc" } else { "http" }.to_owned(),
-            ),
-            ("response_code", status),
-            (
-                "grpc_response_status",
-                span.grpc_status().map(|c| c.to_string()).unwrap_or_default(),
-            ),
-            ("response_flags", flags.to_owned()),
+        let istio = [
+            ("reporter", reporter),
+            ("source_workload", peers.source_workload),
+            ("source_workload_namespace", peers.source_namespace),
+            ("source_principal", UNKNOWN),
+            ("source_app", src.app),
+            ("source_version", src.version),
+            ("source_cluster", src.cluster),
+            ("source_canonical_service", src.canonical_service),
+            ("source_canonical_revision", src.canonical_revision),
+            ("destination_workload", peers.destination_workload),
+            ("destination_workload_namespace", peers.destination_namespace),
+            ("destination_principal", UNKNOWN),
+            ("destination_app", dst.app),
+            ("destination_version", dst.version),
+            ("destination_service", peers.destination_service),
+            ("destination_service_name", peers.destination_service_name),
+            ("destination_service_namespace", peers.destination_service_namespace),
+            ("destination_cluster", dst.cluster),
+            ("destination_canonical_service", dst.canonical_service),
+            ("destination_canonical_revision", dst.canonical_revision),
+            ("request_protocol", if span.rpc.is_some() { "grpc" } else { "http" }),
+            ("response_code", status.as_str()),
+            ("grpc_response_status", grpc_status.as_str()),
+            ("response_flags", flags),
             (
                 "connection_security_policy",
                 match span.kind {
                     SpanKind::Server => "none",
                     SpanKind::Client => UNKNOWN,
-                }
-                .to_owned(),
+                },
             ),
         ];
         self.istio_requests.with(&istio, |c| {
@@ -171,10 +182,61 @@ impl Prometheus {
 
 /// `server.address` of a client request: the host its target names
 /// (absolute or authority form), else the peer's IP.
-pub(super) fn client_server_address(span: &Span) -> String {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ServerAddress<'a> {
+    Host(&'a str),
+    Ip(std::net::IpAddr),
+    Unknown,
+}
+
+impl std::fmt::Display for ServerAddress<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerAddress::Host(h) => f.write_str(h),
+            ServerAddress::Ip(ip) => write!(f, "{ip}"),
+            ServerAddress::Unknown => Ok(()),
+        }
+    }
+}
+
+pub(super) fn client_server_address(span: &Span) -> ServerAddress<'_> {
     match span.target_authority() {
-        Some((host, _)) => crate::http::cut(host, 256).to_owned(),
-        None => span.server.map(|s| s.ip().to_string()).unwrap_or_default(),
+        Some((host, _)) => ServerAddress::Host(crate::http::cut(host, 256)),
+        None => span
+            .server
+            .map_or(ServerAddress::Unknown, |s| ServerAddress::Ip(s.ip())),
+    }
+}
+
+/// A short label value formatted on the stack (numbers, addresses); what
+/// does not fit is cut (callers size it for the longest value).
+struct StackStr<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> Default for StackStr<N> {
+    fn default() -> Self {
+        Self { buf: [0; N], len: 0 }
+    }
+}
+
+impl<const N: usize> StackStr<N> {
+    fn as_str(&self) -> &str {
+        // Only whole `&str`s are ever appended, so this cannot fail.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+impl<const N: usize> Write for StackStr<N> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        if end > N {
+            return Err(std::fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 

@@ -58,23 +58,63 @@ pub fn symbols(path: &Path) -> Result<Plan, LibraryError> {
     })?;
     let elf = object::File::parse(&*map).map_err(|_| LibraryError::NotElf(path.to_owned()))?;
     let mut offsets = [None; FUNCTIONS.len()];
-    for symbol in elf.dynamic_symbols().chain(elf.symbols()) {
-        if !symbol.is_definition() {
-            continue;
+    // `.symtab` only when the exports lack them (a static OpenSSL in an
+    // executable that does not export it): it can be huge (node's).
+    for table in [elf.dynamic_symbols(), elf.symbols()] {
+        if offsets.iter().all(Option::is_some) {
+            break;
         }
-        let Ok(name) = symbol.name() else { continue };
-        for (i, function) in FUNCTIONS.iter().enumerate() {
-            if *function == name && offsets[i].is_none() {
-                offsets[i] = file_offset(&elf, symbol.address());
+        for symbol in table {
+            if !symbol.is_definition() {
+                continue;
+            }
+            let Ok(name) = symbol.name() else { continue };
+            for (i, function) in FUNCTIONS.iter().enumerate() {
+                if *function == name && offsets[i].is_none() {
+                    offsets[i] = file_offset(&elf, symbol.address());
+                }
             }
         }
     }
-    let found = plan(&map, offsets);
+    let code = code_of(&file, &elf, &offsets).map_err(|source| LibraryError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let found = plan(&code, offsets);
     if found.usable() {
         Ok(found)
     } else {
         Err(LibraryError::NoSymbols(path.to_owned()))
     }
+}
+
+/// The file's bytes up to the end of the sections holding `offsets`, read
+/// with `pread`, not taken from the mapping: where another tracer (or an
+/// earlier agent) has uprobes on the file, the kernel writes its `int3`s
+/// into every executable-capable mapping of it, this agent's included, and
+/// the probed `push` would read as `0xcc`. Bytes before the first such
+/// section stay zero (untouched pages of a zeroed allocation cost nothing).
+fn code_of(file: &File, elf: &object::File, offsets: &[Option<u64>]) -> std::io::Result<Vec<u8>> {
+    use object::ObjectSection;
+    use std::os::unix::fs::FileExt;
+    let (mut start, mut end) = (u64::MAX, 0u64);
+    for offset in offsets.iter().flatten() {
+        let range = elf
+            .sections()
+            .filter_map(|s| s.file_range())
+            .find(|(at, size)| (*at..at + size).contains(offset));
+        if let Some((at, size)) = range {
+            start = start.min(at);
+            end = end.max(at + size);
+        }
+    }
+    if start >= end {
+        return Ok(Vec::new());
+    }
+    let len = |v: u64| usize::try_from(v).map_err(std::io::Error::other);
+    let mut code = vec![0u8; len(end)?];
+    file.read_exact_at(&mut code[len(start)?..], start)?;
+    Ok(code)
 }
 
 /// The exported functions looked up: `SSL_read`, `SSL_read_ex`,
@@ -201,6 +241,11 @@ pub const HOST_CANDIDATES: &[&str] = &[
     "/lib/libssl.so.3",
 ];
 
+/// Executables that carry OpenSSL themselves (Node.js official builds),
+/// attached at start like [`HOST_CANDIDATES`]: a short-lived process
+/// would otherwise finish before the next scan sees it.
+pub const HOST_EXECUTABLES: &[&str] = &["/usr/bin/node", "/usr/local/bin/node", "/usr/bin/nodejs"];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,6 +286,18 @@ mod tests {
         assert!(found.usable(), "{found:?}");
         assert!(found.cheap, "{found:?}");
         assert_eq!(found.probes.len(), 4, "{found:?}");
+    }
+
+    #[test]
+    fn a_node_executable_with_its_own_openssl_is_probed_cheaply_at_its_four_exported_functions_when_installed() {
+        let node = Path::new("/usr/bin/node");
+        let Ok(found) = symbols(node) else {
+            // Debian's node links the system libssl, found by its name.
+            return;
+        };
+        assert!(found.usable(), "{found:?}");
+        assert!(found.cheap, "node's SSL_read/SSL_write start with push %rbp: {found:?}");
+        assert_eq!(found.probes.len(), 8, "entry + return on each: {found:?}");
     }
 
     /// A library laid out like Debian's OpenSSL 3: SSL_read at 0x00

@@ -7,6 +7,9 @@
 //! started later. Files are found in the host's usual library paths at
 //! start and in `/proc/<pid>/maps` of new processes (through
 //! `/proc/<pid>/root`, which reaches container images), on a side thread.
+//! A process's executable is also read once per file: Node.js (official
+//! builds) carries its own OpenSSL inside the `node` binary and exports the
+//! SSL functions; a statically linked program may keep them in `.symtab`.
 pub mod go;
 pub mod library;
 
@@ -61,6 +64,8 @@ pub struct TlsProbes {
     /// (device, inode) → perf event fds (closed on drop), or None when the
     /// file cannot be probed (remembered so it is not read again).
     libraries: foldhash::HashMap<(u64, u64), Option<Vec<OwnedFd>>>,
+    /// Executables read that contain no OpenSSL (not read again).
+    plain_executables: foldhash::HashSet<(u64, u64)>,
     /// pid → how many times its maps were read.
     scanned: foldhash::HashMap<u32, u8>,
     counters: Option<PerCpuArray<MapData, u64>>,
@@ -105,6 +110,7 @@ impl TlsProbes {
             pmu,
             expensive_too,
             libraries: foldhash::HashMap::default(),
+            plain_executables: foldhash::HashSet::default(),
             scanned: foldhash::HashMap::default(),
             counters,
             last_counts: Vec::new(),
@@ -123,7 +129,13 @@ impl TlsProbes {
         for path in library::HOST_CANDIDATES {
             let path = Path::new(path);
             if path.exists() {
-                self.attach_file(path, None, &path.display().to_string());
+                self.attach_file(path, None, &path.display().to_string(), true);
+            }
+        }
+        for path in library::HOST_EXECUTABLES {
+            let path = Path::new(path);
+            if path.exists() {
+                self.attach_file(path, None, &path.display().to_string(), false);
             }
         }
     }
@@ -159,9 +171,10 @@ impl TlsProbes {
             };
             for (range, path) in library::mapped_libssl(&maps) {
                 if let Some(file) = library::candidates(pid, range, path).into_iter().find(|p| p.exists()) {
-                    self.attach_file(&file, Some(pid), path);
+                    self.attach_file(&file, Some(pid), path, true);
                 }
             }
+            self.scan_executable(pid);
         }
         self.scanned.retain(|pid, _| alive.contains(pid));
         if self.scanned.len() > MAX_PROCESSES {
@@ -169,15 +182,36 @@ impl TlsProbes {
         }
     }
 
-    /// Attaches every probe to one library file, once per file (`path`
-    /// opens it; `shown` is its name in logs, as the process maps it).
-    fn attach_file(&mut self, path: &Path, pid: Option<u32>, shown: &str) {
-        let Ok(meta) = std::fs::metadata(path) else {
+    /// Attaches the process's executable when it contains OpenSSL (Node.js).
+    fn scan_executable(&mut self, pid: u32) {
+        let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
+        let Ok(meta) = std::fs::metadata(&exe) else {
             return;
         };
         let id = (meta.dev(), meta.ino());
-        if self.libraries.contains_key(&id) {
+        if self.plain_executables.contains(&id) || self.libraries.contains_key(&id) {
             return;
+        }
+        let shown = std::fs::read_link(&exe).map_or_else(|_| exe.display().to_string(), |p| p.display().to_string());
+        if !self.attach_file(&exe, Some(pid), &shown, false) {
+            if self.plain_executables.len() >= MAX_PROCESSES {
+                self.plain_executables.clear();
+            }
+            self.plain_executables.insert(id);
+        }
+    }
+
+    /// Attaches every probe to one library file, once per file (`path`
+    /// opens it; `shown` is its name in logs, as the process maps it).
+    /// False when the file has no SSL functions (then only a libssl-named
+    /// file, `expected`, is remembered and logged as such).
+    fn attach_file(&mut self, path: &Path, pid: Option<u32>, shown: &str, expected: bool) -> bool {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return false;
+        };
+        let id = (meta.dev(), meta.ino());
+        if self.libraries.contains_key(&id) {
+            return true;
         }
         if self.libraries.len() >= MAX_LIBRARIES {
             debug!(
@@ -185,7 +219,7 @@ impl TlsProbes {
                 limit = MAX_LIBRARIES,
                 "too many TLS libraries: not attached"
             );
-            return;
+            return true;
         }
         let attached = match library::symbols(path) {
             Ok(plan) if !plan.cheap && !self.expensive_too => {
@@ -212,12 +246,17 @@ impl TlsProbes {
                     None
                 }
             },
-            Err(error) => {
+            Err(error) if expected => {
                 warn!(pid, path = shown, %error, "TLS library not traced");
                 None
             }
+            Err(error) => {
+                debug!(pid, path = shown, %error, "executable without OpenSSL");
+                return false;
+            }
         };
         self.libraries.insert(id, attached);
+        true
     }
 
     /// Return probes first: an entry probe whose call returns unseen would

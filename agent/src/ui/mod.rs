@@ -70,11 +70,11 @@ impl Live {
                 server_addr = span.server.map_or_else(|| UNKNOWN.to_owned(), |a| a.to_string());
                 server_addr.as_str()
             }
-            _ => peers.destination_workload.as_str(),
+            _ => peers.destination_workload,
         };
         let error = map_error(span);
         let call = graph::Call {
-            source: &peers.source_workload,
+            source: peers.source_workload,
             target,
             route: &route_of(span),
             duration_us: span.end_unix_nano.saturating_sub(span.start_unix_nano) / 1000,
@@ -103,13 +103,13 @@ impl Live {
             .map(|(k, v)| (k.into_owned(), text(v)))
             .collect();
         let peer = match span.kind {
-            SpanKind::Server => &peers.source_workload,
-            SpanKind::Client => &peers.destination_workload,
+            SpanKind::Server => peers.source_workload,
+            SpanKind::Client => peers.destination_workload,
         };
         let peer = if peer == UNKNOWN {
             span.peer().map_or_else(|| UNKNOWN.to_owned(), |a| a.to_string())
         } else {
-            peer.clone()
+            peer.to_owned()
         };
         let status = match (span.grpc_status(), span.status_code, span.unanswered) {
             (Some(g), _, _) => format!("grpc {g}"),

@@ -55,7 +55,7 @@ fn stash(ctx: &TracePointContext, syscall: Syscall, direction: Direction, layout
         return 0;
     }
     let fd = arg(ctx, 0) as u32;
-    if super::tls::inside_ssl_call(id, fd) {
+    if super::tls::inside_ssl_call(id, fd, direction) {
         // TLS records of an SSL call: its return probe emits the plaintext.
         return 0;
     }

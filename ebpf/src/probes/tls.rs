@@ -9,6 +9,11 @@
 //! OpenSSL serves from its buffer without a syscall. Once a connection is
 //! followed as TLS, its socket's own bytes are ignored (`FLAG_TLS` on the
 //! `CONNS` entry), so handshake and alert records never reach the parsers.
+//!
+//! Memory BIOs (Node.js's TLSWrap) make no syscall inside the call: the
+//! thread's entry is then kept between calls and notes the fd of its read
+//! syscalls; the first `SSL *` to read after a socket read is tied to that
+//! socket (see `by_thread`), and its writes use the fd so tied.
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{uprobe, uretprobe},
@@ -22,9 +27,10 @@ use crate::{
     context::{client_request, starts_request},
     follow::tracked_conn,
     maps::{
-        BUF_PLAIN, CONNS, FOLLOW, GoKey, TLS_ARGS, TLS_CALLS, TLS_COUNTERS, TLS_FDS, TLS_NO_FD, TLS_SERVER_CTX,
-        TlsCall, conn_key,
+        BUF_PLAIN, CONNS, FOLLOW, GoKey, TLS_ARGS, TLS_CALLS, TLS_COUNTERS, TLS_FD_BY_THREAD, TLS_FDS, TLS_NO_FD,
+        TLS_SERVER_CTX, TlsCall, conn_key,
     },
+    sock::{FdKind, fd_kind},
 };
 
 pub fn tls_count(counter: TlsCounter) {
@@ -41,21 +47,46 @@ const CALL_STALE_NS: u64 = 10 * 1_000_000_000;
 
 /// Called by the read/write syscall probes at entry: true when the thread
 /// is inside an SSL call (the syscall moves ciphertext of `fd`, which is
-/// recorded for the call and not captured).
+/// recorded for the call and not captured). A thread kept between
+/// memory-BIO calls notes the fd of its reads instead (see [`by_thread`]).
 #[inline(always)]
-pub fn inside_ssl_call(id: u64, fd: u32) -> bool {
+pub fn inside_ssl_call(id: u64, fd: u32, direction: Direction) -> bool {
     let Some(call) = TLS_CALLS.get_ptr_mut(&id) else {
         return false;
     };
     // SAFETY: an entry of this map, only this thread writes it.
     let call = unsafe { &mut *call };
     // SAFETY: no preconditions.
-    if unsafe { bpf_ktime_get_ns() }.saturating_sub(call.ktime_ns) > CALL_STALE_NS {
-        let _ = TLS_CALLS.remove(&id);
+    let now = unsafe { bpf_ktime_get_ns() };
+    if call.inside == 0 {
+        if direction == Direction::Ingress {
+            call.read_fd = fd;
+            call.read_ns = now;
+            call.read_claim = 0;
+        }
         return false;
     }
-    call.fd = fd;
+    if now.saturating_sub(call.ktime_ns) > CALL_STALE_NS {
+        call.inside = 0;
+        return false;
+    }
+    // The first socket: not a file or eventfd the call touches meanwhile
+    // (a certificate check reading /etc/localtime, a Node.js callback
+    // waking its loop); their bytes take the usual path.
+    if call.fd == TLS_NO_FD {
+        if not_a_socket(fd) {
+            return false;
+        }
+        call.fd = fd;
+    }
     true
+}
+
+/// True when the kernel says `fd` is open and not a socket (checked once
+/// per SSL call that makes syscalls; unknown counts as a socket).
+#[inline(never)]
+fn not_a_socket(fd: u32) -> bool {
+    matches!(fd_kind(fd), FdKind::Other)
 }
 
 /// (arg0..arg3) of a uprobe on a C function (System V amd64 ABI).
@@ -81,6 +112,10 @@ fn enter(ctx: &ProbeContext, direction: Direction, ex: bool) -> u32 {
         // SAFETY: no preconditions.
         ktime_ns: unsafe { bpf_ktime_get_ns() },
         ctx: TraceCtx::default(),
+        read_claim: 0,
+        read_ns: 0,
+        read_fd: TLS_NO_FD,
+        inside: 1,
     };
     // `num` is a C int for SSL_write (upper half of RDX undefined).
     let num = if ex { num } else { num as u32 as u64 };
@@ -104,7 +139,15 @@ fn enter(ctx: &ProbeContext, direction: Direction, ex: bool) -> u32 {
             }
         }
     }
-    if TLS_CALLS.insert(&id, &call, 0).is_err() {
+    if let Some(kept) = TLS_CALLS.get_ptr_mut(&id) {
+        // A memory-BIO thread between calls: keep its last socket read.
+        // SAFETY: an entry of this map, only this thread writes it.
+        let kept = unsafe { &mut *kept };
+        call.read_claim = kept.read_claim;
+        call.read_ns = kept.read_ns;
+        call.read_fd = kept.read_fd;
+        *kept = call;
+    } else if TLS_CALLS.insert(&id, &call, 0).is_err() {
         tls_count(TlsCounter::CallsTableFull);
     }
     0
@@ -118,7 +161,7 @@ fn known_fd(tgid: u32, ssl: u64) -> u32 {
         ptr: ssl,
     };
     // SAFETY: copied out at once.
-    unsafe { TLS_FDS.get(&key) }.copied().unwrap_or(TLS_NO_FD)
+    unsafe { TLS_FDS.get(&key) }.map_or(TLS_NO_FD, |fd| fd & !TLS_FD_BY_THREAD)
 }
 
 /// Bytes a finished SSL call moved (0: none or failed).
@@ -138,13 +181,10 @@ fn moved(ctx: &RetProbeContext, ex: bool, len_ptr: u64) -> u64 {
     unsafe { bpf_probe_read_user(len_ptr as *const u64) }.unwrap_or(0)
 }
 
-/// The socket of an SSL call: the fd its syscalls named (remembered for
-/// the `SSL *`), else the one remembered, else `TLS_NO_FD`.
+/// The socket of an SSL call that made a syscall: the fd it named
+/// (remembered for the `SSL *`: it always wins over a thread tie).
 #[inline(never)]
 fn call_fd(tgid: u32, ssl: u64, seen: u32) -> u32 {
-    if seen == TLS_NO_FD {
-        return known_fd(tgid, ssl);
-    }
     let key = GoKey {
         tgid,
         _pad: 0,
@@ -152,6 +192,88 @@ fn call_fd(tgid: u32, ssl: u64, seen: u32) -> u32 {
     };
     let _ = TLS_FDS.insert(&key, &seen, 0);
     seen
+}
+
+/// A read syscall this long before a memory-BIO `SSL_read` is not taken as
+/// its ciphertext (Node.js calls `SSL_read` synchronously from the read's
+/// callback, microseconds later).
+const READ_TIE_NS: u64 = 100 * 1_000_000;
+
+/// The socket of an SSL call that made no syscall: the fd remembered for
+/// its `SSL *` when that was seen inside a call (a socket BIO's read
+/// served from OpenSSL's buffer); else, for a memory BIO (Node.js), the
+/// socket the thread read just before, when this `SSL *` is the first to
+/// read after it. A read already claimed by another `SSL *` is ambiguous:
+/// the plaintext is dropped (`tls_ambiguous`), never tied wrongly. Writes
+/// use the fd tied by the connection's reads, or tie it themselves when
+/// none is known yet (then only a read syscall just before, unclaimed,
+/// can be the one that completed their handshake).
+#[inline(always)]
+fn by_thread(tgid: u32, call: &mut TlsCall, n: u64) -> u32 {
+    let key = GoKey {
+        tgid,
+        _pad: 0,
+        ptr: call.ssl,
+    };
+    // SAFETY: copied out at once.
+    let known = unsafe { TLS_FDS.get(&key) }.copied();
+    if let Some(fd) = known {
+        if fd & TLS_FD_BY_THREAD == 0 {
+            return fd;
+        }
+    }
+    let known = known.map_or(TLS_NO_FD, |fd| fd & !TLS_FD_BY_THREAD);
+    let ingress = call.direction == Direction::Ingress as u32;
+    // SAFETY: no preconditions.
+    let fresh = unsafe { bpf_ktime_get_ns() }.saturating_sub(call.read_ns) < READ_TIE_NS;
+    if call.read_fd == TLS_NO_FD || !fresh {
+        return known;
+    }
+    if call.read_claim != 0 && call.read_claim != call.ssl {
+        if !ingress {
+            return known;
+        }
+        if n > 0 {
+            tls_count(TlsCounter::Ambiguous);
+        }
+        return TLS_NO_FD;
+    }
+    // A write ties only a connection not tied yet: a client's first
+    // request can be written (`ClearIn`) right after the read that
+    // finished its handshake, before any `SSL_read` on it.
+    if !ingress && known != TLS_NO_FD {
+        return known;
+    }
+    call.read_claim = call.ssl;
+    if call.read_fd == known {
+        return known;
+    }
+    if !ciphertext_socket(tgid, call.read_fd) {
+        return known;
+    }
+    // First tie, or the `SSL *` was freed and its address reused by a new
+    // connection (the new one's handshake read re-ties it).
+    let fd = call.read_fd | TLS_FD_BY_THREAD;
+    let _ = TLS_FDS.insert(&key, &fd, 0);
+    tls_count(TlsCounter::ThreadTies);
+    call.read_fd
+}
+
+/// True when `fd` can carry TLS records: a socket not followed as
+/// plaintext HTTP (an eventfd, pipe or file read, or a plaintext
+/// connection read just before, is no evidence). An fd the kernel cannot
+/// classify (no BTF offsets, or closed meanwhile) is not taken either.
+#[inline(never)]
+fn ciphertext_socket(tgid: u32, fd: u32) -> bool {
+    // SAFETY: copied out at once.
+    if let Some(state) = unsafe { CONNS.get(&conn_key(tgid, fd)) } {
+        return state.flags & FLAG_TLS != 0;
+    }
+    match fd_kind(fd) {
+        FdKind::Socket { .. } => true,
+        FdKind::Other => false,
+        FdKind::Unknown => false,
+    }
 }
 
 /// Emits the plaintext of a finished SSL call as a Data event of its socket.
@@ -162,15 +284,20 @@ fn leave(ctx: &RetProbeContext, ex: bool) -> u32 {
     let Some((id, tgid, tid)) = current() else {
         return 0;
     };
-    // SAFETY: map values stay valid for the program's run.
-    let Some(call) = (unsafe { TLS_CALLS.get(&id) }) else {
+    let Some(call) = TLS_CALLS.get_ptr_mut(&id) else {
         return 0;
     };
+    // SAFETY: an entry of this map, only this thread writes it.
+    let call = unsafe { &mut *call };
+    if call.inside == 0 {
+        return 0;
+    }
     let n = moved(ctx, ex, call.len_ptr);
-    let fd = if n == 0 {
-        TLS_NO_FD
+    let membio = call.fd == TLS_NO_FD;
+    let fd = if !membio {
+        if n == 0 { TLS_NO_FD } else { call_fd(tgid, call.ssl, call.fd) }
     } else {
-        call_fd(tgid, call.ssl, call.fd)
+        by_thread(tgid, call, n)
     };
     let Some(args) = TLS_ARGS.get_ptr_mut(0) else {
         return 0;
@@ -185,7 +312,12 @@ fn leave(ctx: &RetProbeContext, ex: bool) -> u32 {
     args.syscall = if ingress { Syscall::Read } else { Syscall::Write } as u32;
     args.direction = call.direction;
     args.ctx = call.ctx;
-    let _ = TLS_CALLS.remove(&id);
+    if membio {
+        // Kept between calls: its next socket read ties the next call.
+        call.inside = 0;
+    } else {
+        let _ = TLS_CALLS.remove(&id);
+    }
     if n == 0 {
         return 0;
     }
