@@ -87,9 +87,17 @@ pub const GO_TLS_UPROBES: [(&str, &str); 3] = [
 /// else has no socket fd to read.
 pub const GO_TLS_CONN_TYPES_MAP: &str = "GO_TLS_CONN_TYPES";
 /// Program the TLS return probes tail-call for a request a server read,
-/// and the program array it sits in (slot 0).
+/// and the program array it sits in (slot [`TAIL_SERVER_CTX`]).
 pub const TLS_SERVER_CTX_PROGRAM: &str = "meshless_tls_server_ctx";
 pub const TLS_SERVER_CTX_MAP: &str = "TLS_SERVER_CTX";
+/// Program the TLS return probes tail-call to walk an HTTP/2 connection's
+/// plaintext (slot [`TAIL_H2_WALK`] of `TLS_SERVER_CTX`).
+pub const TLS_H2_WALK_PROGRAM: &str = "meshless_tls_h2_walk";
+/// Slots of the tail-call program arrays (`SERVER_CTX` for tracepoints,
+/// `TLS_SERVER_CTX` for uprobes): the request-context decision, and the
+/// HTTP/2 frame walk (each verified once, not in every probe).
+pub const TAIL_SERVER_CTX: u32 = 0;
+pub const TAIL_H2_WALK: u32 = 1;
 /// Per-CPU TLS counters (index: a [`TlsCounter`]).
 pub const TLS_COUNTERS_MAP: &str = "TLS_COUNTERS";
 
@@ -491,6 +499,9 @@ pub enum Counter {
     /// start of (byte-by-byte heads, TLS, HTTP/2): its process links no
     /// outbound call while it is outstanding.
     CtxUnknownRequest = 22,
+    /// HTTP/2 syscalls captured without the frame walk because its tail
+    /// call failed (the direction's framing is then lost until a resync).
+    H2WalkMissed = 23,
 }
 
 /// Number of [`Counter`] slots.
@@ -498,7 +509,7 @@ pub const COUNTER_SLOTS: u32 = 24;
 
 impl Counter {
     /// Every counter, in index order, with a stable snake_case name.
-    pub const ALL: [(Counter, &'static str); 22] = [
+    pub const ALL: [(Counter, &'static str); 23] = [
         (Counter::EventsSent, "events_sent"),
         (Counter::RingbufFull, "ringbuf_full"),
         (Counter::Truncated, "truncated"),
@@ -521,6 +532,7 @@ impl Counter {
         (Counter::CtxFromHeader, "ctx_from_header"),
         (Counter::CtxInProcess, "ctx_in_process"),
         (Counter::CtxUnknownRequest, "ctx_unknown_request"),
+        (Counter::H2WalkMissed, "h2_walk_missed"),
     ];
 }
 

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use meshless_common::{
     ConnAddrs, Counter, Direction, EventKind, FLAG_ACCEPTED, FLAG_CONTINUATION, FLAG_HTTP2, FLAG_NEW_CONN, FLAG_TRUNCATED,
-    HEADER_SIZE, MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS, TraceCtx,
+    HEADER_SIZE, MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS, TAIL_H2_WALK, TAIL_SERVER_CTX, TraceCtx,
 };
 
 use aya_ebpf::{EbpfContext, cty::c_void, maps::ProgramArray};
@@ -184,16 +184,43 @@ pub fn read_user(dst: *mut u8, src: u64, len: usize) -> Result<(), i64> {
     if ret == 0 { Ok(()) } else { Err(ret) }
 }
 
-/// Emits the Data event(s) for a finished syscall on a followed connection:
-/// the first MAX_CAPTURE bytes, and for a plain-buffer request head longer
-/// than that, up to MAX_CONTINUATION more bytes as contiguous events (so a
-/// `traceparent` after a big cookie is seen). The events' `len`s add up to
-/// `ret`, so userspace sees one stream. A request a server read leaves
-/// through a tail call to slot 0 of `server_ctx` (a program of `ctx`'s type).
+/// Emits the Data event(s) for a finished syscall on a followed connection.
+/// An HTTP/2 connection's syscall leaves through a tail call to slot
+/// `TAIL_H2_WALK` of `tails` (a program of `ctx`'s type, see
+/// `h2::walk`), which does what follows itself; if that fails, the syscall
+/// is captured like any other (see `emit_plain`).
 #[inline(always)]
 pub fn emit_data<C: EbpfContext>(
     tp: &C,
-    server_ctx: &ProgramArray,
+    tails: &ProgramArray,
+    id: u64,
+    args: &Args,
+    ret: usize,
+    state: &ConnState,
+    flags: u32,
+) {
+    if state.flags & FLAG_HTTP2 != 0 && crate::h2::prepare(id, args, ret as u64, state, flags) {
+        // Does not return when it works.
+        // SAFETY: the slot holds a program of this program's type.
+        unsafe { tails.tail_call(tp, TAIL_H2_WALK) };
+        // The walk did not run: the framing of this direction is lost.
+        crate::h2::unsync(id, args, state);
+        count(Counter::H2WalkMissed);
+    }
+    emit_plain(tp, tails, id, args, ret, state, flags);
+}
+
+/// Emits a syscall's Data event(s) without an HTTP/2 frame walk: the
+/// first MAX_CAPTURE bytes, and for a plain-buffer request head (or an
+/// HTTP/2 syscall) longer than that, up to MAX_CONTINUATION more bytes as
+/// contiguous events (so a `traceparent` after a big cookie is seen). The
+/// events' `len`s add up to `ret`, so userspace sees one stream. A request
+/// a server read leaves through a tail call to slot `TAIL_SERVER_CTX` of
+/// `tails` (a program of `ctx`'s type).
+#[inline(always)]
+pub fn emit_plain<C: EbpfContext>(
+    tp: &C,
+    tails: &ProgramArray,
     id: u64,
     args: &Args,
     ret: usize,
@@ -209,12 +236,6 @@ pub fn emit_data<C: EbpfContext>(
     // HTTP/2 batches many frames per syscall: header blocks past the
     // first MAX_CAPTURE bytes are needed as much as a long request head.
     let h2 = state.flags & FLAG_HTTP2 != 0;
-    if h2 && crate::h2::follow(id, args, ret as u64, state, flags) {
-        if args.ctx.flags == 0 && args.direction == Direction::Ingress as u32 && state.flags & FLAG_ACCEPTED != 0 {
-            context::unknown_read(id, args.fd);
-        }
-        return;
-    }
     let more = ret > MAX_CAPTURE && (h2 || (args.layout == BUF_PLAIN && starts_request(args)));
     let captured = if ret > 0 {
         copy_payload(ev.data.as_mut_ptr(), args, ret)
@@ -257,7 +278,7 @@ pub fn emit_data<C: EbpfContext>(
             // Does not return when it works; on failure the event goes out
             // without a context below.
             // SAFETY: the slot holds a tracepoint program like this one.
-            unsafe { server_ctx.tail_call(tp, 0) };
+            unsafe { tails.tail_call(tp, TAIL_SERVER_CTX) };
         } else if args.direction == Direction::Ingress as u32
             && context::starts_request(&[
                 b'A', first[0], first[1], first[2], first[3], first[4], first[5], first[6],
@@ -280,7 +301,7 @@ pub fn emit_data<C: EbpfContext>(
         // net/http's background read took the next request's first byte:
         // its context is decided now (this event starts the request).
         // SAFETY: as above.
-        unsafe { server_ctx.tail_call(tp, 0) };
+        unsafe { tails.tail_call(tp, TAIL_SERVER_CTX) };
     }
     // Reaching here, bytes a server read did not start a request the
     // kernel could see (requests are tail-called above).

@@ -12,26 +12,31 @@
 //! download costs a frame header per DATA frame. A syscall of SETTINGS /
 //! PING / WINDOW_UPDATE / PRIORITY frames only gives no record.
 //!
-//! The walk runs in a `bpf_loop` callback whose state lives in a per-CPU
-//! map value (`H2WALK`), so the verifier checks one step once. Where the
+//! The walk is a program of its own, tail-called by the probes that
+//! capture data (`emit_data` stores the syscall in `H2_CALL` first), so the
+//! verifier checks it once per program type rather than in every probe;
+//! it runs in a `bpf_loop` callback whose state lives in a per-CPU map
+//! value (`H2WALK`), so the verifier checks one step once. Where the
 //! framing is not known (a connection followed mid-way, a walk cut short),
 //! the direction is unsynced: a syscall is captured as before, and the walk
 //! starts again at a syscall that begins with a plausible frame header.
 //! Bytes the walk could not place are sent as not captured: userspace
 //! then loses framing and marks its HPACK state unknown, never a wrong field.
 use aya_ebpf::{
+    EbpfContext,
     cty::c_void,
     helpers::{bpf_probe_read_user, generated},
     macros::map,
-    maps::PerCpuArray,
+    maps::{PerCpuArray, ProgramArray},
 };
 use meshless_common::{
-    Counter, Direction, FLAG_CONTINUATION, FLAG_NEW_CONN, FLAG_TRUNCATED, FLAG_UNCONFIRMED, MAX_CAPTURE, MAX_IOVECS,
-    TraceCtx,
+    Counter, Direction, FLAG_ACCEPTED, FLAG_CONTINUATION, FLAG_NEW_CONN, FLAG_TRUNCATED, FLAG_UNCONFIRMED, MAX_CAPTURE,
+    MAX_IOVECS, TraceCtx,
 };
 
 use crate::{
-    capture::{IoVec, fill_header_of, iovecs, read_user, submit},
+    capture::{IoVec, emit_plain, fill_header_of, iovecs, read_user, submit},
+    context,
     maps::{Args, CONNS, ConnState, EventBuf, H2Way, SCRATCH, conn_key, count},
 };
 
@@ -95,6 +100,72 @@ pub struct H2Walk {
 
 #[map(name = "H2WALK")]
 static H2WALK: PerCpuArray<H2Walk> = PerCpuArray::with_max_entries(1, 0);
+
+/// The syscall handed to the walk program (what `emit_data` was called with).
+#[repr(C)]
+pub struct H2Call {
+    id: u64,
+    ret: u64,
+    flags: u32,
+    _pad: u32,
+    args: Args,
+    state: ConnState,
+}
+
+#[map(name = "H2_CALL")]
+static H2_CALL: PerCpuArray<H2Call> = PerCpuArray::with_max_entries(1, 0);
+
+/// Stores a syscall of an HTTP/2 connection for the walk program; false
+/// when there is no room (the caller then captures it as plain).
+#[inline(always)]
+pub fn prepare(id: u64, args: &Args, ret: u64, state: &ConnState, flags: u32) -> bool {
+    let Some(call) = H2_CALL.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU value, used by one program at a time on this CPU.
+    let call = unsafe { &mut *call };
+    (call.id, call.ret, call.flags) = (id, ret, flags);
+    call.args = *args;
+    call.state = *state;
+    true
+}
+
+/// Forgets the framing of the syscall's direction (its bytes were not
+/// walked): the next syscall there resyncs.
+#[inline(always)]
+pub fn unsync(id: u64, args: &Args, state: &ConnState) {
+    let Some(live) = CONNS.get_ptr_mut(&conn_key((id >> 32) as u32, args.fd)) else {
+        return;
+    };
+    // SAFETY: map values stay valid for the program's run.
+    let live = unsafe { &mut *live };
+    if live.conn_id == state.conn_id {
+        live.h2[usize::from(args.direction == Direction::Egress as u32) & 1] = H2Way::default();
+    }
+}
+
+/// The walk program's body (tail-called through slot `TAIL_H2_WALK` of
+/// `tails`, a program array of `ctx`'s type): walks the syscall `prepare`
+/// stored, or captures it as plain where its framing is not known. It
+/// finishes the syscall as `emit_data` would have: the caller does not
+/// continue after the tail call.
+#[inline(always)]
+pub fn walk<C: EbpfContext>(ctx: &C, tails: &ProgramArray) {
+    let Some(call) = H2_CALL.get_ptr(0) else {
+        return;
+    };
+    // SAFETY: per-CPU value, filled by the program that tail-called us.
+    let call = unsafe { &*call };
+    let (id, ret, flags, args, state) = (call.id, call.ret, call.flags, &call.args, &call.state);
+    if follow(id, args, ret, state, flags) {
+        // Bytes a server read whose request start the kernel cannot see.
+        if args.ctx.flags == 0 && args.direction == Direction::Ingress as u32 && state.flags & FLAG_ACCEPTED != 0 {
+            context::unknown_read(id, args.fd);
+        }
+        return;
+    }
+    emit_plain(ctx, tails, id, args, ret as usize, state, flags);
+}
 
 /// Sends the syscall's bytes of an HTTP/2 connection as framed records;
 /// false when the framing is unknown here (the caller then captures as for

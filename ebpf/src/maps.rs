@@ -307,10 +307,11 @@ pub static READERS: LruHashMap<u64, Reader> = LruHashMap::with_max_entries(65536
 #[map(name = "LINK_POLICY")]
 pub static LINK_POLICY: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
 
-/// Slot 0: the program that decides a read request's context and submits
-/// its event (a tail call, so it is verified once, not in every sys_exit).
+/// Tail calls of the sys_exit programs, so each is verified once, not in
+/// every sys_exit: slot `TAIL_SERVER_CTX` decides a read request's context
+/// and submits its event; slot `TAIL_H2_WALK` walks an HTTP/2 syscall.
 #[map(name = "SERVER_CTX")]
-pub static SERVER_CTX: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static SERVER_CTX: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 /// A goroutine (its `g` pointer) or a Go heap object (a `*http.Request`)
 /// of one process.
@@ -411,10 +412,10 @@ pub static TLS_FDS: LruHashMap<GoKey, u32> = LruHashMap::with_max_entries(16384,
 #[map(name = "TLS_ARGS")]
 pub static TLS_ARGS: PerCpuArray<Args> = PerCpuArray::with_max_entries(1, 0);
 
-/// Slot 0: `meshless_tls_server_ctx` (like `SERVER_CTX`, for uprobes: a
-/// tail call stays within one program type).
+/// `meshless_tls_server_ctx` and `meshless_tls_h2_walk` (like
+/// `SERVER_CTX`, for uprobes: a tail call stays within one program type).
 #[map(name = "TLS_SERVER_CTX")]
-pub static TLS_SERVER_CTX: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static TLS_SERVER_CTX: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 #[map(name = "TLS_COUNTERS")]
 pub static TLS_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(meshless_common::TLS_COUNTER_SLOTS, 0);

@@ -163,7 +163,10 @@ fn kernel_offsets() -> KernelOffsets {
 }
 
 /// Tail-called programs: (program, program array, slot).
-const TAIL_CALLS: &[(&str, &str, u32)] = &[("meshless_server_ctx", "SERVER_CTX", 0)];
+const TAIL_CALLS: &[(&str, &str, u32)] = &[
+    ("meshless_server_ctx", "SERVER_CTX", meshless_common::TAIL_SERVER_CTX),
+    ("meshless_h2_walk", "SERVER_CTX", meshless_common::TAIL_H2_WALK),
+];
 
 /// Loads the programs the tracepoints tail-call and puts them in their slots.
 fn load_tail_calls(ebpf: &mut Ebpf) -> Result<(), LoadError> {

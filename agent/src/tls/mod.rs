@@ -25,7 +25,10 @@ use aya::{
     programs::ProgramFd,
     Ebpf,
 };
-use meshless_common::{TlsCounter, TLS_COUNTERS_MAP, TLS_SERVER_CTX_MAP, TLS_SERVER_CTX_PROGRAM, TLS_UPROBES};
+use meshless_common::{
+    TlsCounter, TAIL_H2_WALK, TAIL_SERVER_CTX, TLS_COUNTERS_MAP, TLS_H2_WALK_PROGRAM, TLS_SERVER_CTX_MAP,
+    TLS_SERVER_CTX_PROGRAM, TLS_UPROBES,
+};
 use tracing::{debug, info, warn};
 
 use crate::uprobe::{load_program, Pmu, UprobeError};
@@ -77,15 +80,20 @@ impl TlsProbes {
     /// `expensive_too`: also attach where the probes single-step (libraries
     /// whose code does not fit the cheap placement, see [`library::plan`]).
     pub fn load(ebpf: &mut Ebpf, expensive_too: bool) -> Result<TlsProbes, TlsError> {
-        let tail = load_program(ebpf, TLS_SERVER_CTX_PROGRAM)?;
-        let map = ebpf
-            .map_mut(TLS_SERVER_CTX_MAP)
-            .ok_or(TlsError::Map(TLS_SERVER_CTX_MAP))?;
-        let mut slots = ProgramArray::try_from(map).map_err(|_| TlsError::Map(TLS_SERVER_CTX_MAP))?;
-        slots.set(0, &tail, 0).map_err(|e| TlsError::Slot {
-            name: TLS_SERVER_CTX_PROGRAM,
-            detail: e.to_string(),
-        })?;
+        for (name, slot) in [
+            (TLS_SERVER_CTX_PROGRAM, TAIL_SERVER_CTX),
+            (TLS_H2_WALK_PROGRAM, TAIL_H2_WALK),
+        ] {
+            let tail = load_program(ebpf, name)?;
+            let map = ebpf
+                .map_mut(TLS_SERVER_CTX_MAP)
+                .ok_or(TlsError::Map(TLS_SERVER_CTX_MAP))?;
+            let mut slots = ProgramArray::try_from(map).map_err(|_| TlsError::Map(TLS_SERVER_CTX_MAP))?;
+            slots.set(slot, &tail, 0).map_err(|e| TlsError::Slot {
+                name,
+                detail: e.to_string(),
+            })?;
+        }
         let mut programs = Vec::new();
         for (name, _, _) in TLS_UPROBES {
             programs.push(load_program(ebpf, name)?);

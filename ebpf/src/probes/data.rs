@@ -139,6 +139,14 @@ pub fn meshless_server_ctx(_ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Tail-called by the sys_exit programs for a syscall of an HTTP/2
+/// connection (its frame walk, verified once here).
+#[tracepoint]
+pub fn meshless_h2_walk(ctx: TracePointContext) -> u32 {
+    crate::h2::walk(&ctx, &SERVER_CTX);
+    0
+}
+
 macro_rules! data_probe {
     ($enter:ident, $exit:ident, $syscall:expr, $dir:expr, $layout:expr) => {
         #[tracepoint]

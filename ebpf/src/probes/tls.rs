@@ -398,3 +398,11 @@ pub fn meshless_tls_server_ctx(_ctx: ProbeContext) -> u32 {
     crate::capture::finish_server_request();
     0
 }
+
+/// Tail-called by the TLS probes for plaintext of an HTTP/2 connection
+/// (its frame walk, verified once here).
+#[uprobe]
+pub fn meshless_tls_h2_walk(ctx: ProbeContext) -> u32 {
+    crate::h2::walk(&ctx, &TLS_SERVER_CTX);
+    0
+}
