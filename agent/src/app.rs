@@ -470,6 +470,7 @@ fn read_kernel_counters(counters: &aya::maps::PerCpuArray<aya::maps::MapData, u6
             "kernel_read_failed" => Stats::set(&stats.kernel_read_failed, value),
             "lookahead_held" => Stats::set(&stats.kernel_lookahead_held, value),
             "implicit_closes" => Stats::set(&stats.kernel_implicit_closes, value),
+            "h2_walk_missed" => Stats::set(&stats.kernel_h2_walk_missed, value),
             "conn_table_full" | "args_table_full" => table_full += value,
             "ringbuf_full" => {
                 let before = stats

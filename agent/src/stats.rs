@@ -67,6 +67,7 @@ counters! {
     kernel_read_failed: "Kernel-memory reads (fd to socket) that failed.",
     kernel_lookahead_held: "Small first writes held in the kernel look-ahead until HTTP was decided.",
     kernel_implicit_closes: "Connections ended by dup2/dup3, close_range or process exit.",
+    kernel_h2_walk_missed: "HTTP/2 syscalls captured without the kernel frame walk (its tail call failed); the connection's HPACK state may become unknown.",
     kernel_conn_entries: "Entries in the kernel's table of followed connections at the last sweep.",
     kernel_addr_entries: "Entries in the kernel's table of accepted/connected socket addresses at the last sweep.",
     kernel_entries_expired: "Kernel per-fd entries removed by userspace (process gone, or fd closed past the kernel's sweep).",
