@@ -112,9 +112,47 @@ fn code_of(file: &File, elf: &object::File, offsets: &[Option<u64>]) -> std::io:
         return Ok(Vec::new());
     }
     let len = |v: u64| usize::try_from(v).map_err(std::io::Error::other);
+    // Zeroed and untouched, so not resident: only the windows [`plan`]
+    // decodes are read into it (the functions, then the internal function
+    // an `_ex` calls). Reading node's whole .text made a 34 MiB peak.
     let mut code = vec![0u8; len(end)?];
-    file.read_exact_at(&mut code[len(start)?..], start)?;
+    let (start, end) = (len(start)?, len(end)?);
+    let read = |code: &mut Vec<u8>, at: usize| -> std::io::Result<()> {
+        let at = at.max(start);
+        let to = at.saturating_add(CODE_WINDOW).min(end);
+        if at < to {
+            file.read_exact_at(&mut code[at..to], at as u64)?;
+        }
+        Ok(())
+    };
+    let at: Vec<usize> = offsets
+        .iter()
+        .flatten()
+        .filter_map(|o| usize::try_from(*o).ok())
+        .collect();
+    for &o in &at {
+        read(&mut code, o)?;
+    }
+    for &o in &at {
+        if let Some(callee) = internal_callee(&code, o) {
+            read(&mut code, callee)?;
+        }
+    }
     Ok(code)
+}
+
+/// Bytes read at each decoded place: more than [`internal_of_ex`] and
+/// [`calls`] look at.
+const CODE_WINDOW: usize = 512;
+
+/// The function an `_ex` function at `ex_at` calls first, if it has the
+/// shape [`internal_of_ex`] reads (its callee's bytes are not read yet).
+fn internal_callee(code: &[u8], ex_at: usize) -> Option<usize> {
+    let at = ex_at + past_endbr(code.get(ex_at..)?);
+    let [0x48, 0x83, 0xec, _] = *code.get(at..at + 4)? else {
+        return None;
+    };
+    call_target(code, at + 4)
 }
 
 /// The exported functions looked up: `SSL_read`, `SSL_read_ex`,
@@ -167,12 +205,8 @@ fn program_pair(function: &str, offset: u64) -> impl Iterator<Item = (usize, u64
 /// to probe `f` (past its `endbr64`, on an emulated `push`) and where `f`
 /// starts. None for any other shape.
 fn internal_of_ex(code: &[u8], ex_at: usize) -> Option<(usize, usize)> {
-    let at = ex_at + past_endbr(code.get(ex_at..)?);
-    // sub $imm8,%rsp
-    let [0x48, 0x83, 0xec, _] = *code.get(at..at + 4)? else {
-        return None;
-    };
-    let callee = call_target(code, at + 4)?;
+    // [endbr64] sub $imm8,%rsp; call f
+    let callee = internal_callee(code, ex_at)?;
     let entry = callee + past_endbr(&code[callee..]);
     let body = code.get(entry..)?;
     matches!(body, [0x50..=0x57, ..] | [0x41, 0x50..=0x57, ..]).then_some((entry, callee))
