@@ -290,17 +290,27 @@ fn a_pod_that_opted_out_sends_no_trace_option_while_a_traced_pod_does() {
     let port = 8503;
     let _web = start_web(&pods, &web_cg, port);
 
-    let before = options_written(&agent);
-    curl_from(&pods, &quiet_cg, &format!("http://{}:{port}/from-quiet", pods.ip_b));
-    let spans = receiver.wait_spans(on_path("/from-quiet"), 1, Duration::from_secs(15));
+    // The counter is machine-wide: a window with another process's option
+    // in it is retried; an opted-out pod that writes options fails every one.
+    let mut windows = Vec::new();
+    let mut after_quiet = 0.0;
+    for attempt in 1..=3 {
+        let before = options_written(&agent);
+        curl_from(&pods, &quiet_cg, &format!("http://{}:{port}/from-quiet", pods.ip_b));
+        let spans = receiver.wait_spans(on_path("/from-quiet"), attempt, Duration::from_secs(15));
+        assert!(
+            spans.iter().all(|s| s.span.kind == 2),
+            "the opted-out pod's client span is not exported: {spans:#?}"
+        );
+        after_quiet = options_written(&agent);
+        windows.push((before, after_quiet));
+        if after_quiet == before {
+            break;
+        }
+    }
     assert!(
-        spans.iter().all(|s| s.span.kind == 2),
-        "the opted-out pod's client span is not exported: {spans:#?}"
-    );
-    let after_quiet = options_written(&agent);
-    assert_eq!(
-        after_quiet, before,
-        "a request from the opted-out pod carried a trace option"
+        windows.iter().any(|(b, a)| a == b),
+        "a request from the opted-out pod carried a trace option in every window: {windows:?}"
     );
 
     curl_from(&pods, &load_cg, &format!("http://{}:{port}/from-traced", pods.ip_b));
