@@ -32,20 +32,6 @@ fn start_tls_nginx_listening(ns: &str, listen: &str, dir: &Path) -> Proc {
     start_nginx_with(ns, dir, "keepalive_requests 100000;", &server)
 }
 
-fn statuses(spans: &[&Value]) -> Vec<(String, u64)> {
-    let mut s: Vec<(String, u64)> = spans
-        .iter()
-        .map(|s| {
-            (
-                attr_str(s, "url.path").to_owned(),
-                attr_u64(s, "http.response.status_code"),
-            )
-        })
-        .collect();
-    s.sort();
-    s
-}
-
 #[test]
 fn curl_over_https_to_nginx_gives_one_https_span_pair_per_request_on_keepalive_with_a_404_and_a_1mb_body_unchanged() {
     let _serial = serial();
@@ -235,18 +221,6 @@ fn copy_into(root: &Path, file: &Path) {
     let to = root.join(file.strip_prefix("/").expect("absolute path"));
     std::fs::create_dir_all(to.parent().expect("parent")).expect("rootfs dir");
     std::fs::copy(file, &to).unwrap_or_else(|e| panic!("copy {}: {e}", file.display()));
-}
-
-/// Waits until the agent logs a line containing every one of `words`.
-fn wait_log(agent: &Agent, words: &[&str]) -> bool {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while std::time::Instant::now() < deadline {
-        if agent.stderr().iter().any(|l| words.iter().all(|w| l.contains(w))) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 #[test]

@@ -53,32 +53,6 @@ fn go_server(bin: &Path, ns: &str, ip: &str, port: u16, downstream: Option<&str>
     spawn(cmd)
 }
 
-/// Waits until the agent logs a line containing every one of `words`.
-fn wait_log(agent: &Agent, words: &[&str]) -> bool {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while std::time::Instant::now() < deadline {
-        if agent.stderr().iter().any(|l| words.iter().all(|w| l.contains(w))) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
-
-fn statuses(spans: &[&Value]) -> Vec<(String, u64)> {
-    let mut s: Vec<(String, u64)> = spans
-        .iter()
-        .map(|s| {
-            (
-                attr_str(s, "url.path").to_owned(),
-                attr_u64(s, "http.response.status_code"),
-            )
-        })
-        .collect();
-    s.sort();
-    s
-}
-
 fn split(spans: &[Value]) -> (Vec<&Value>, Vec<&Value>) {
     (
         spans.iter().filter(|s| kind(s) == "SERVER").collect(),

@@ -30,32 +30,6 @@ https.createServer(opts, (req, res) => {{
     spawn(cmd)
 }
 
-/// Waits until the agent logs a line containing every one of `words`.
-fn wait_log(agent: &Agent, words: &[&str]) -> bool {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while std::time::Instant::now() < deadline {
-        if agent.stderr().iter().any(|l| words.iter().all(|w| l.contains(w))) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
-
-fn statuses(spans: &[&Value]) -> Vec<(String, u64)> {
-    let mut s: Vec<(String, u64)> = spans
-        .iter()
-        .map(|s| {
-            (
-                attr_str(s, "url.path").to_owned(),
-                attr_u64(s, "http.response.status_code"),
-            )
-        })
-        .collect();
-    s.sort();
-    s
-}
-
 /// The node executable carries OpenSSL itself (official builds) rather
 /// than linking the system libssl (Debian's): which case this machine has.
 fn node_has_own_openssl() -> bool {

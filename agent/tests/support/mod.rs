@@ -381,3 +381,30 @@ impl Agent {
             .unwrap_or(0)
     }
 }
+
+/// Waits up to 15 s until the agent logs a line containing every one of `words`.
+pub fn wait_log(agent: &Agent, words: &[&str]) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if agent.stderr().iter().any(|l| words.iter().all(|w| l.contains(w))) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// (url.path, status) of each span, sorted: what a test expects regardless of order.
+pub fn statuses(spans: &[&Value]) -> Vec<(String, u64)> {
+    let mut s: Vec<(String, u64)> = spans
+        .iter()
+        .map(|s| {
+            (
+                attr_str(s, "url.path").to_owned(),
+                attr_u64(s, "http.response.status_code"),
+            )
+        })
+        .collect();
+    s.sort();
+    s
+}
