@@ -109,6 +109,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     preflight::check(&tps)?;
     let tgid = std::process::id();
     let offsets = kernel_offsets();
+    crate::resident::release("kernel BTF read");
     let propagation = u32::from(opts.propagation);
     let mut ebpf = EbpfLoader::new()
         .override_global(AGENT_TGID_GLOBAL, &tgid, true)
@@ -120,6 +121,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
         .load(OBJECT)
         .map_err(LoadError::Object)?;
+    crate::resident::release("eBPF object loaded");
     load_tail_calls(&mut ebpf)?;
     for (name, category, tracepoint) in TRACEPOINTS {
         let program: &mut TracePoint = ebpf
@@ -134,6 +136,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
             .attach(category, tracepoint)
             .map_err(|source| program_error(name, source))?;
     }
+    crate::resident::release("programs verified");
     let expiry = super::expiry::Expiry::open(&ebpf)?;
     let events = take_map(&mut ebpf, EVENTS_MAP)?;
     let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
