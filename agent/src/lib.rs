@@ -23,6 +23,7 @@ pub mod pipeline;
 pub mod privacy;
 pub mod propagation;
 pub mod resident;
+pub mod ringbuf;
 pub mod route;
 pub mod sockets;
 pub mod span;

@@ -1,6 +1,6 @@
 //! Loading and attaching the kernel programs.
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, ProgramArray},
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
@@ -79,11 +79,13 @@ pub enum LoadError {
     },
     #[error(transparent)]
     Expiry(#[from] super::expiry::ExpiryError),
+    #[error("ring buffer {EVENTS_MAP}: {0}")]
+    Ring(#[from] crate::ringbuf::RingError),
 }
 
 /// Loaded programs and the maps userspace reads. Dropping it detaches all.
 pub struct Probes {
-    pub events: RingBuf<MapData>,
+    pub events: crate::ringbuf::Ring,
     pub counters: PerCpuArray<MapData, u64>,
     /// "Socket or not" verdicts userspace writes for fds the kernel could
     /// not classify itself (see `capture::confirm`).
@@ -146,7 +148,8 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     }
     crate::resident::release("programs verified");
     let expiry = super::expiry::Expiry::open(&ebpf)?;
-    let events = take_map(&mut ebpf, EVENTS_MAP)?;
+    let events = ebpf.take_map(EVENTS_MAP).ok_or(LoadError::MissingMap(EVENTS_MAP))?;
+    let events = crate::ringbuf::Ring::new(events, opts.ringbuf_bytes)?;
     let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
     let verdicts = take_map(&mut ebpf, VERDICTS_MAP)?;
     Ok(Probes {
