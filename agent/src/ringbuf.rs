@@ -178,24 +178,10 @@ impl Ring {
                 self.consumer.consume(len.min((self.size - HEADER) as u32));
                 continue;
             }
-            let start = ((self.consumer.pos + HEADER) & mask) as usize;
-            let (size, len_usize) = (self.size as usize, len as usize);
-            let bytes: &[u8] = if start + len_usize <= size {
-                // SAFETY: committed bytes inside the data area.
-                unsafe { std::slice::from_raw_parts(self.data().add(start), len_usize) }
-            } else {
-                let first = size - start;
-                self.scratch.clear();
-                // SAFETY: the record's two committed parts: the end of the
-                // data area and its start.
-                unsafe {
-                    self.scratch
-                        .extend_from_slice(std::slice::from_raw_parts(self.data().add(start), first));
-                    self.scratch
-                        .extend_from_slice(std::slice::from_raw_parts(self.data(), len_usize - first));
-                }
-                &self.scratch
-            };
+            // SAFETY: the data area, `size` bytes after the producer page;
+            // only committed records are read from it.
+            let data = unsafe { std::slice::from_raw_parts(self.data(), self.size as usize) };
+            let bytes = record_bytes(data, self.consumer.pos, len as usize, &mut self.scratch);
             return Some(Record {
                 bytes,
                 len,
@@ -203,6 +189,22 @@ impl Ring {
             });
         }
     }
+}
+
+/// The `len` bytes of the record whose header is at position `pos` of
+/// the ring whose data area is `data`: borrowed, or copied into `scratch`
+/// when they wrap past the end of the area.
+fn record_bytes<'a>(data: &'a [u8], pos: u64, len: usize, scratch: &'a mut Vec<u8>) -> &'a [u8] {
+    let size = data.len();
+    let start = ((pos + HEADER) & (size as u64 - 1)) as usize;
+    if start + len <= size {
+        return &data[start..start + len];
+    }
+    let first = size - start;
+    scratch.clear();
+    scratch.extend_from_slice(&data[start..]);
+    scratch.extend_from_slice(&data[..len - first]);
+    scratch
 }
 
 impl AsRawFd for Ring {
@@ -229,5 +231,33 @@ impl Deref for Record<'_> {
 impl Drop for Record<'_> {
     fn drop(&mut self) {
         self.consumer.consume(self.len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_that_wraps_past_the_end_of_the_data_area_comes_out_whole() {
+        let mut data = vec![0u8; 64];
+        // Header at 48 (one lap on), bytes 56..64 then 0..8.
+        data[56..].copy_from_slice(b"abcdefgh");
+        data[..8].copy_from_slice(b"ijklmnop");
+        let mut scratch = Vec::new();
+        assert_eq!(record_bytes(&data, 64 + 48, 16, &mut scratch), b"abcdefghijklmnop");
+    }
+
+    #[test]
+    fn a_record_inside_the_data_area_is_borrowed_not_copied_even_when_its_header_ends_the_area() {
+        let mut data = vec![0u8; 64];
+        data[..4].copy_from_slice(b"wxyz");
+        data[16..20].copy_from_slice(b"abcd");
+        let mut scratch = Vec::new();
+        let got = record_bytes(&data, 56, 4, &mut scratch);
+        assert_eq!(got, b"wxyz");
+        assert!(std::ptr::eq(got.as_ptr(), data.as_ptr()));
+        assert_eq!(record_bytes(&data, 8, 4, &mut scratch), b"abcd");
+        assert!(scratch.is_empty());
     }
 }
