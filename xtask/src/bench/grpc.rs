@@ -29,7 +29,7 @@ pub const GRPC_SIDECAR: Sidecar = Sidecar {
 pub fn build(root: &Path) -> Result<PathBuf> {
     step("building the gRPC load generator (release)");
     status(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        crate::cargo()
             .current_dir(root)
             .args(["build", "--release", "-p", "grpc-load"]),
     )?;

@@ -414,7 +414,7 @@ fn prepare(root: &Path, args: &BenchArgs) -> Result<Tools> {
     crate::setup::mount_tracefs()?;
     step("building the agent (release); nothing compiles while measuring");
     status(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        crate::cargo()
             .current_dir(root)
             .args(["build", "--release", "-p", "meshless"]),
     )?;

@@ -281,7 +281,7 @@ impl Report {
                 )),
             }
         }
-        md.push_str("\nCompleteness = spans the collector received ÷ spans expected (meshless: 2 per request or call, a client and a server span — 1 over HTTPS, see above; sidecar: 1, the inbound span). CPU/req = agent or proxy CPU time ÷ answered requests. Events/req = ring-buffer events the agent read ÷ answered requests (machine-wide: other traffic on the machine counts too). Agent losses = what the agent counted as lost from the warm-up's end to the last export, summed over rounds (ring full: the kernel could not write an event; queue: the pipeline was behind; exporter: spans an exporter dropped; shed: the memory budget; pairing: connections whose request/response pairing restarted).\n");
+        md.push_str("\nCompleteness = spans the collector received ÷ spans expected (meshless: 2 per request or call, a client and a server span — 1 over HTTPS, see above; sidecar: 1, the inbound span). CPU/req = agent or proxy CPU time ÷ answered requests. Events/req = ring-buffer events the agent read ÷ answered requests (machine-wide: other traffic on the machine counts too). Agent losses = what the agent counted as lost from the warm-up's end to the last export, summed over rounds (ring full: the kernel could not write an event; queue: the pipeline was behind; exporter: spans an exporter dropped; shed: data the memory budget shed, which includes spans an exporter's queue could not hold, so those count under exporter too; pairing: connections whose request/response pairing restarted).\n");
         md
     }
 
