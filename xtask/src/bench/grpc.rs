@@ -2,10 +2,7 @@
 //! server pod, and `grpc-load load` in the client pod sending
 //! `helloworld.Greeter/SayHello` at a fixed rate over h2c. The binary is the
 //! workspace member `bench/grpc-load`, built here on demand.
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
