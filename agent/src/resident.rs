@@ -22,7 +22,7 @@ pub fn release(stage: &'static str) {
 }
 
 /// Logs the resident set (now, peak, anonymous, file-backed) at debug.
-pub fn checkpoint(stage: &'static str) {
+fn checkpoint(stage: &'static str) {
     if !tracing::enabled!(tracing::Level::DEBUG) {
         return;
     }

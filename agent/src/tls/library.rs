@@ -80,10 +80,7 @@ pub fn symbols(path: &Path) -> Result<Plan, LibraryError> {
         }
     }
     let offsets = found.map(|s| s.and_then(|s| file_offset(&elf, s.address)));
-    let code = code_of(&file, &elf, &offsets).map_err(|source| LibraryError::Open {
-        path: path.to_owned(),
-        source,
-    })?;
+    let code = code_of(&file, &elf, &offsets).map_err(read_error)?;
     let found = plan(&code, offsets);
     if found.usable() {
         Ok(found)
