@@ -1,7 +1,8 @@
 //! The span model shared by the correlator and the exporters.
 use std::{net::SocketAddr, sync::Arc};
 
-pub use crate::http::Target;
+pub use crate::http::{Headers, Method, Target, KNOWN_METHODS};
+use crate::capture::Comm;
 use crate::trace_context::{SpanId, TraceId};
 
 /// Which side of a request the traced process was on.
@@ -32,9 +33,9 @@ pub struct Process {
     pub name: Arc<str>,
     /// Base name of the executable (semconv `process.executable.name`).
     pub executable: Arc<str>,
-    /// The handling thread's own name (its comm; runtimes name threads
-    /// `event_engine`, `http-nio-8080-exec-1`…): semconv `thread.name`.
-    pub thread: String,
+    /// The handling thread's own name (its comm, inline; runtimes name
+    /// threads `event_engine`, `http-nio-8080-exec-1`…): semconv `thread.name`.
+    pub thread: Comm,
     pub cgroup_id: u64,
 }
 
@@ -51,9 +52,11 @@ pub struct Span {
     pub kind: SpanKind,
     pub start_unix_nano: u64,
     pub end_unix_nano: u64,
-    pub method: String,
-    /// Request target as sent: path and query.
-    pub target: String,
+    pub method: Method,
+    /// The request target as sent (path and query) and the request's
+    /// `user-agent` field, in the request head's own buffer (its other
+    /// fields removed): see [`Span::target`], [`Span::user_agent`].
+    pub request: Headers,
     pub status_code: Option<u16>,
     /// "1.0", "1.1" or "2".
     pub protocol_version: &'static str,
@@ -75,7 +78,6 @@ pub struct Span {
     pub k8s: Option<crate::k8s::SpanK8s>,
     /// What the cluster knows about the other end (Kubernetes only).
     pub peer_k8s: Option<crate::k8s::PeerK8s>,
-    pub user_agent: Option<String>,
     /// Allow-listed request headers, credentials already redacted.
     pub request_headers: Vec<(String, String)>,
     /// Allow-listed response headers, credentials already redacted.
@@ -157,12 +159,6 @@ impl std::fmt::Display for ErrorType {
     }
 }
 
-/// The methods of RFC 9110 and RFC 5789 (PATCH) plus QUERY: the only ones
-/// used as-is in span names and metric labels (OTel HTTP semconv).
-pub const KNOWN_METHODS: [&str; 10] = [
-    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY",
-];
-
 /// What semconv calls any other method in names and labels.
 pub const OTHER_METHOD: &str = "_OTHER";
 
@@ -174,7 +170,7 @@ impl Span {
         if let Some(rpc) = self.rpc.as_ref().filter(|r| !r.service.is_empty()) {
             return format!("{}/{}", rpc.service, rpc.method);
         }
-        let target = Target::parse(&self.target);
+        let target = Target::parse(self.target());
         match target.path {
             Some(path) => format!("{} {}", self.method_label(), crate::route::template(path)),
             None => self.method_label().to_owned(),
@@ -184,7 +180,7 @@ impl Span {
     /// The method as a bounded label: a known method or `_OTHER`.
     pub fn method_label(&self) -> &str {
         if self.method_is_known() {
-            &self.method
+            self.method.as_str()
         } else {
             OTHER_METHOD
         }
@@ -192,23 +188,33 @@ impl Span {
 
     /// The method is one of [`KNOWN_METHODS`].
     pub fn method_is_known(&self) -> bool {
-        KNOWN_METHODS.contains(&self.method.as_str())
+        self.method.is_known()
+    }
+
+    /// The request target as sent: path and query.
+    pub fn target(&self) -> &str {
+        self.request.target()
+    }
+
+    /// The request's `user-agent`.
+    pub fn user_agent(&self) -> Option<&str> {
+        self.request.get("user-agent")
     }
 
     /// Path part of the request target (no query, no scheme or authority).
     pub fn path(&self) -> &str {
-        Target::parse(&self.target).path.unwrap_or("")
+        Target::parse(self.target()).path.unwrap_or("")
     }
 
     /// Query part of the request target, without `?`.
     pub fn query(&self) -> Option<&str> {
-        Target::parse(&self.target).query
+        Target::parse(self.target()).query
     }
 
     /// The host and port named by an absolute-form or authority-form
     /// target (`GET http://h:8080/p`, `CONNECT h:443`).
     pub fn target_authority(&self) -> Option<(&str, Option<u16>)> {
-        let t = Target::parse(&self.target);
+        let t = Target::parse(self.target());
         t.host.map(|h| (h, t.port))
     }
 

@@ -116,10 +116,10 @@ pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'
     if !span.method_is_known() {
         put(
             "http.request.method_original",
-            capped(&span.method, MAX_VALUE, &mut cut),
+            capped(span.method.as_str(), MAX_VALUE, &mut cut),
         );
     }
-    let target = crate::span::Target::parse(&span.target);
+    let target = crate::span::Target::parse(span.target());
     if let Some(path) = target.path {
         put("url.path", capped(path, MAX_URL_PART, &mut cut));
     }
@@ -176,7 +176,7 @@ pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'
         // the agent the version it negotiated).
         put("tls.protocol.name", Attr::Str("tls"));
     }
-    if let Some(ua) = &span.user_agent {
+    if let Some(ua) = span.user_agent() {
         put("user_agent.original", capped(ua, MAX_VALUE, &mut cut));
     }
     if span.is_error() {
@@ -200,7 +200,7 @@ pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'
     // Per span, not per process: the resource cannot carry the thread.
     put("thread.id", Attr::Int(i64::from(span.process.tid)));
     if !span.process.thread.is_empty() {
-        put("thread.name", Attr::Str(&span.process.thread));
+        put("thread.name", Attr::Str(&span.process.thread.to_str_lossy()));
     }
     if opts.process {
         put("process.pid", Attr::Int(i64::from(span.process.pid)));
