@@ -126,7 +126,9 @@ fn replay(p: &mut Pipeline, arena: &mut Arena, records: &[&[u8]], round: u64, sp
     for chunk in records.chunks(BATCH) {
         for r in chunk {
             // Payloads are copied as the capture task copies them.
-            let Ok(mut ev) = Event::decode_in(r, arena) else { continue };
+            let Ok(mut ev) = Event::decode_in(r, arena) else {
+                continue;
+            };
             ev.ktime_ns += shift;
             ev.conn.conn_id += round << 40;
             batch.push(ev);

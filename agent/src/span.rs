@@ -1,8 +1,10 @@
 //! The span model shared by the correlator and the exporters.
 use std::{net::SocketAddr, sync::Arc};
 
-pub use crate::http::{Headers, Method, Target, KNOWN_METHODS};
+use smallvec::SmallVec;
+
 use crate::capture::Comm;
+pub use crate::http::{Method, Target, KNOWN_METHODS};
 use crate::trace_context::{SpanId, TraceId};
 
 /// Which side of a request the traced process was on.
@@ -53,10 +55,9 @@ pub struct Span {
     pub start_unix_nano: u64,
     pub end_unix_nano: u64,
     pub method: Method,
-    /// The request target as sent (path and query) and the request's
-    /// `user-agent` field, in the request head's own buffer (its other
-    /// fields removed): see [`Span::target`], [`Span::user_agent`].
-    pub request: Headers,
+    /// The request target as sent (path and query) and its `user-agent`:
+    /// see [`Span::target`], [`Span::user_agent`].
+    pub request: RequestText,
     pub status_code: Option<u16>,
     /// "1.0", "1.1" or "2".
     pub protocol_version: &'static str,
@@ -87,6 +88,65 @@ pub struct Span {
     /// Why the request got no response (None when it got one, or when its
     /// response was sent but not captured).
     pub unanswered: Option<Unanswered>,
+}
+
+/// A request's target and user agent in one buffer, inline up to a
+/// typical size: a span costs no allocation for them.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct RequestText {
+    /// The target, then the user agent; only ever whole `&str`s.
+    text: SmallVec<[u8; REQUEST_TEXT_INLINE]>,
+    target_end: usize,
+    has_user_agent: bool,
+}
+
+/// Bytes of target + user agent kept inline (service-to-service targets
+/// and agents, `Go-http-client/1.1`, `python-requests/2.32`…, fit).
+const REQUEST_TEXT_INLINE: usize = 112;
+
+impl RequestText {
+    pub fn new(target: &str, user_agent: Option<&str>) -> Self {
+        let mut text = SmallVec::new();
+        text.extend_from_slice(target.as_bytes());
+        text.extend_from_slice(user_agent.unwrap_or("").as_bytes());
+        Self {
+            text,
+            target_end: target.len(),
+            has_user_agent: user_agent.is_some(),
+        }
+    }
+
+    pub fn target(&self) -> &str {
+        self.str(0, self.target_end)
+    }
+
+    pub fn user_agent(&self) -> Option<&str> {
+        self.has_user_agent.then(|| self.str(self.target_end, self.text.len()))
+    }
+
+    /// Heap bytes held (none while inline).
+    pub fn heap_bytes(&self) -> usize {
+        if self.text.spilled() {
+            self.text.capacity()
+        } else {
+            0
+        }
+    }
+
+    fn str(&self, from: usize, to: usize) -> &str {
+        // SAFETY: `text` is the bytes of two `&str`s back to back and
+        // `from..to` is one of them (fields are private, set only in `new`).
+        unsafe { std::str::from_utf8_unchecked(&self.text[from..to]) }
+    }
+}
+
+impl std::fmt::Debug for RequestText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestText")
+            .field("target", &self.target())
+            .field("user_agent", &self.user_agent())
+            .finish()
+    }
 }
 
 /// What an RPC call (gRPC over HTTP/2) said about itself.
@@ -198,7 +258,7 @@ impl Span {
 
     /// The request's `user-agent`.
     pub fn user_agent(&self) -> Option<&str> {
-        self.request.get("user-agent")
+        self.request.user_agent()
     }
 
     /// Path part of the request target (no query, no scheme or authority).

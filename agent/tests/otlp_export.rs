@@ -376,7 +376,7 @@ mod direct {
             start_unix_nano: 1_800_000_000_000_000_000,
             end_unix_nano: 1_800_000_000_001_000_000,
             method: "GET".into(),
-            request: meshless::span::Headers::request(&format!("/direct/{i}"), []),
+            request: meshless::span::RequestText::new(&format!("/direct/{i}"), None),
             status_code: Some(200),
             protocol_version: "1.1",
             tls: false,

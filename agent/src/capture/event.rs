@@ -337,7 +337,10 @@ mod tests {
     #[test]
     fn rejects_short_and_inconsistent_records() {
         assert_eq!(Event::decode(&[0; 8]), Err(DecodeError::Short(8)));
-        assert_eq!(Event::decode_in(&[0; 8], &mut Arena::default()), Err(DecodeError::Short(8)));
+        assert_eq!(
+            Event::decode_in(&[0; 8], &mut Arena::default()),
+            Err(DecodeError::Short(8))
+        );
         let mut h = header();
         h.captured = 100;
         assert!(matches!(

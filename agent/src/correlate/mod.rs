@@ -467,14 +467,13 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
         .filter(|_| ctx.remote_parent)
         .map(str::to_owned);
     let request_headers = headers.request(&request.head.headers);
-    // The exchange ends here: the method and the head's buffer move into
-    // the span, keeping only the target and the user agent.
+    // The exchange ends here: the method moves into the span; the heads'
+    // buffers go back to the pool once target and user agent are copied.
     let method = match &mut request.head.kind {
         crate::http::HeadKind::Request { method } => std::mem::take(method),
         crate::http::HeadKind::Response { .. } => crate::http::Method::default(),
     };
-    let mut text = std::mem::take(&mut request.head.headers);
-    text.retain_only("user-agent");
+    let text = crate::span::RequestText::new(request.head.headers.target(), request.head.header("user-agent"));
     Span {
         trace_id: ctx.trace_id,
         span_id: ctx.span_id,

@@ -1,7 +1,7 @@
 //! Parsing one HTTP/1.x header block with `httparse`.
 use smallvec::SmallVec;
 
-use super::{Flow, Method};
+use super::{pool, Flow, Method};
 
 /// Headers kept per message; the rest are counted in `Head::headers_dropped`.
 pub const MAX_HEADERS: usize = 64;
@@ -53,8 +53,9 @@ pub struct Head {
 }
 
 /// A request's target and the header fields of one message, in order, in
-/// one buffer (target, then names and values back to back): a head costs
-/// one allocation, not two per field.
+/// one buffer (target, then names and values back to back). The buffer
+/// comes from and goes back to the thread's [`pool`]: a head costs no
+/// allocation once the pool is warm (and its fields fit inline).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Headers {
     text: String,
@@ -74,7 +75,7 @@ impl Headers {
     /// `bytes` is the room for the fields.
     pub fn with_target(target: &str, fields: usize, bytes: usize) -> Self {
         let target = cut(target, MAX_TARGET);
-        let mut text = String::with_capacity(target.len() + bytes);
+        let mut text = pool::take(target.len() + bytes);
         text.push_str(target);
         Self {
             text,
@@ -97,30 +98,14 @@ impl Headers {
         &self.text[..self.target_end as usize]
     }
 
-    /// Keeps the target and the first field named `name`, nothing else
-    /// (in place: no allocation; the buffer is given back only when it
-    /// was mostly other fields and large).
-    pub fn retain_only(&mut self, name: &str) {
-        let found = self.spans().find(|&(start, name_end, _)| &self.text[start..name_end] == name);
-        let target_end = self.target_end as usize;
-        self.ends.clear();
-        match found {
-            Some((start, name_end, value_end)) => {
-                self.text.truncate(value_end);
-                self.text.drain(target_end..start);
-                let shift = start - target_end;
-                self.ends.push(((name_end - shift) as u32, (value_end - shift) as u32));
-            }
-            None => self.text.truncate(target_end),
-        }
-        if self.text.capacity() > 1024 && self.text.capacity() > 4 * self.text.len() {
-            self.text.shrink_to_fit();
-        }
-    }
-
     /// Heap bytes held.
     pub fn heap_bytes(&self) -> usize {
-        self.text.capacity() + if self.ends.spilled() { self.ends.capacity() * 8 } else { 0 }
+        self.text.capacity()
+            + if self.ends.spilled() {
+                self.ends.capacity() * 8
+            } else {
+                0
+            }
     }
 
     /// Appends a field as given (a field past 4 GiB of header text is
@@ -175,6 +160,12 @@ impl Headers {
 
     pub fn is_empty(&self) -> bool {
         self.ends.is_empty()
+    }
+}
+
+impl Drop for Headers {
+    fn drop(&mut self) {
+        pool::give(std::mem::take(&mut self.text));
     }
 }
 

@@ -10,6 +10,7 @@ mod chunked;
 mod fifo;
 mod head;
 mod method;
+mod pool;
 mod target;
 
 use std::collections::VecDeque;

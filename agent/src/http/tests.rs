@@ -62,10 +62,7 @@ fn parses_three_pipelined_requests_in_one_write() {
         &mut s,
         &[b"GET /1 HTTP/1.1\r\n\r\nPOST /2 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /3 HTTP/1.1\r\n\r\n"],
     );
-    let targets: Vec<_> = heads(&items)
-        .iter()
-        .map(|h| h.target().expect("a request"))
-        .collect();
+    let targets: Vec<_> = heads(&items).iter().map(|h| h.target().expect("a request")).collect();
     assert_eq!(targets, ["/1", "/2", "/3"]);
     assert_eq!(ends(&items).len(), 3);
 }
@@ -242,10 +239,7 @@ fn a_request_after_empty_lines_is_parsed_even_after_lost_framing() {
             b"\r\nPURGE /b HTTP/1.1\r\n\r\n",
         ],
     );
-    let targets: Vec<_> = heads(&items)
-        .iter()
-        .map(|h| h.target().unwrap_or_default())
-        .collect();
+    let targets: Vec<_> = heads(&items).iter().map(|h| h.target().unwrap_or_default()).collect();
     assert_eq!(targets, ["/a", "/b"]);
 }
 

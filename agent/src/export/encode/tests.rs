@@ -24,7 +24,7 @@ fn span(pid: u32, path: &str) -> Span {
         start_unix_nano: 1_800_000_000_000_000_000,
         end_unix_nano: 1_800_000_000_001_000_000,
         method: "GET".into(),
-        request: crate::span::Headers::request(path, [("user-agent", "curl/8")]),
+        request: crate::span::RequestText::new(path, Some("curl/8")),
         status_code: Some(503),
         protocol_version: "1.1",
         tls: false,

@@ -196,7 +196,7 @@ mod tests {
             start_unix_nano: 1,
             end_unix_nano: 2,
             method: "GET".into(),
-            request: crate::span::Headers::request("/", []),
+            request: crate::span::RequestText::new("/", None),
             status_code: Some(200),
             protocol_version: "1.1",
             tls: false,
