@@ -151,13 +151,11 @@ impl Router {
             if let Some(m) = &self.otlp_metrics {
                 m.record(span, service);
             }
+            let sampled = self.sampler.sample(span);
             if let Some(live) = &self.live {
-                live.observe(span, &peers);
+                live.record(span, service, &peers, sampled);
             }
-            if self.sampler.sample(span) {
-                if let Some(live) = &self.live {
-                    live.keep(span, service, &peers);
-                }
+            if sampled {
                 true
             } else {
                 Stats::inc(&self.stats.spans_sampled_out);

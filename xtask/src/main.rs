@@ -73,8 +73,13 @@ fn workspace_root() -> Result<PathBuf> {
         .to_path_buf())
 }
 
-fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // `cargo xtask` gives this process xtask's CARGO_MANIFEST_DIR; ring's
+    // build script reruns when that changes, so a build started here and
+    // one from a shell would rebuild ring, rustls and kube in turn.
+    cmd.env_remove("CARGO_MANIFEST_DIR");
+    cmd
 }
 
 pub fn status(cmd: &mut Command) -> Result<()> {

@@ -2,7 +2,7 @@
 //! edge (caller → callee) and per route of a callee, in 30-second buckets
 //! over the last 15 minutes. Memory is fixed by caps on edges and routes
 //! (what a map can show anyway); past them calls are counted, not kept.
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use serde::Serialize;
 
@@ -182,6 +182,24 @@ struct Edge {
     last_secs: u64,
 }
 
+impl Edge {
+    fn record(&mut self, call: &Call, now_secs: u64) {
+        self.last_secs = now_secs;
+        self.series.record(now_secs, call.duration_us, call.error.is_some());
+        if let Some(status) = &call.error {
+            if self.errors.len() == RECENT_ERRORS {
+                self.errors.remove(0);
+            }
+            self.errors.push(RecentError {
+                unix_secs: now_secs,
+                route: crate::http::cut(call.route, 256).to_owned(),
+                status: status.clone(),
+                trace_id: call.trace_id.to_string(),
+            });
+        }
+    }
+}
+
 /// Edges and routes, bounded. Keyed in two levels so that a call to a known
 /// edge and route is looked up with the call's borrowed names: only a new
 /// edge or route allocates (this runs for every request).
@@ -238,53 +256,46 @@ impl Graph {
         if now_secs >= self.expired_at + BUCKET_SECS {
             self.expire(now_secs);
         }
-        let known = self.edges.get(call.source).is_some_and(|t| t.contains_key(call.target));
-        if !known {
-            if self.edge_count >= MAX_EDGES {
+        // A known edge and route are found with the call's borrowed names
+        // (one lookup each); only a new one allocates its key.
+        let error = call.error.is_some();
+        match self.edges.get_mut(call.source).and_then(|t| t.get_mut(call.target)) {
+            Some(edge) => edge.record(call, now_secs),
+            None if self.edge_count >= MAX_EDGES => {
                 self.overflow += 1;
                 return;
             }
-            self.edge_count += 1;
-            self.edges.entry(call.source.to_owned()).or_default().insert(
-                call.target.to_owned(),
-                Edge {
+            None => {
+                self.edge_count += 1;
+                let mut edge = Edge {
                     series: Series::new(),
                     errors: Vec::new(),
                     last_secs: now_secs,
-                },
-            );
-        }
-        if let Some(edge) = self.edges.get_mut(call.source).and_then(|t| t.get_mut(call.target)) {
-            edge.last_secs = now_secs;
-            edge.series.record(now_secs, call.duration_us, call.error.is_some());
-            if let Some(status) = &call.error {
-                if edge.errors.len() == RECENT_ERRORS {
-                    edge.errors.remove(0);
-                }
-                edge.errors.push(RecentError {
-                    unix_secs: now_secs,
-                    route: crate::http::cut(call.route, 256).to_owned(),
-                    status: status.clone(),
-                    trace_id: call.trace_id.to_string(),
-                });
+                };
+                edge.record(call, now_secs);
+                self.edges
+                    .entry(call.source.to_owned())
+                    .or_default()
+                    .insert(call.target.to_owned(), edge);
             }
         }
-        let routes = self.routes.get(call.target);
-        if !routes.is_some_and(|r| r.contains_key(call.route)) {
-            let per_node = routes.map_or(0, HashMap::len);
-            if self.route_count >= MAX_ROUTES || per_node >= MAX_ROUTES_PER_NODE {
-                self.overflow += 1;
-                return;
+        let routes = self.routes.get_mut(call.target);
+        let per_node = routes.as_ref().map_or(0, |r| r.len());
+        match routes.and_then(|r| r.get_mut(call.route)) {
+            Some((series, last)) => {
+                series.record(now_secs, call.duration_us, error);
+                *last = now_secs;
             }
-            self.route_count += 1;
-            self.routes
-                .entry(call.target.to_owned())
-                .or_default()
-                .insert(call.route.to_owned(), (Series::new(), now_secs));
-        }
-        if let Some((series, last)) = self.routes.get_mut(call.target).and_then(|r| r.get_mut(call.route)) {
-            series.record(now_secs, call.duration_us, call.error.is_some());
-            *last = now_secs;
+            None if self.route_count >= MAX_ROUTES || per_node >= MAX_ROUTES_PER_NODE => self.overflow += 1,
+            None => {
+                self.route_count += 1;
+                let mut series = Series::new();
+                series.record(now_secs, call.duration_us, error);
+                self.routes
+                    .entry(call.target.to_owned())
+                    .or_default()
+                    .insert(call.route.to_owned(), (series, now_secs));
+            }
         }
     }
 
@@ -312,7 +323,7 @@ impl Graph {
     }
 
     pub fn view(&self, now_secs: u64, window_secs: u64) -> GraphView {
-        let mut nodes: HashMap<&str, Totals> = HashMap::new();
+        let mut nodes: HashMap<&str, Totals> = HashMap::default();
         let mut edges = Vec::new();
         for (source, target, e) in self
             .edges

@@ -35,6 +35,8 @@ struct State {
     graph: graph::Graph,
     recent: traces::Recent,
     admission: admit::Admission,
+    /// The route of the span being counted (reused).
+    route: String,
 }
 
 pub fn now_secs() -> u64 {
@@ -48,6 +50,7 @@ impl Live {
                 graph: graph::Graph::default(),
                 recent: traces::Recent::new(trace_bytes),
                 admission: admit::Admission::new(trace_bytes),
+                route: String::new(),
             })),
             capture_query,
         }
@@ -58,42 +61,51 @@ impl Live {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts a request on the map. A client span whose server was seen on
-    /// this node is left to the server's span, so a hop counts once.
-    pub fn observe(&self, span: &Span, peers: &Peers) {
-        if span.kind == SpanKind::Client && span.peer_comm.is_some() {
+    /// Counts a request on the map and, if `exported` and admitted, keeps
+    /// the span for the trace view: one lock, and nothing allocated for a
+    /// call on a known edge and route (this runs for every span).
+    pub fn record(&self, span: &Span, service: &str, peers: &Peers, exported: bool) {
+        let now = now_secs();
+        let mut state = self.state();
+        let State {
+            graph,
+            admission,
+            route,
+            ..
+        } = &mut *state;
+        // A client span whose server was seen on this node is left to the
+        // server's span, so a hop counts once.
+        if span.kind == SpanKind::Server || span.peer_comm.is_none() {
+            let server_addr;
+            let target = match span.kind {
+                SpanKind::Client if peers.destination_workload == UNKNOWN => {
+                    server_addr = span.server.map_or_else(|| UNKNOWN.to_owned(), |a| a.to_string());
+                    server_addr.as_str()
+                }
+                _ => peers.destination_workload,
+            };
+            route.clear();
+            write_route(span, route);
+            let call = graph::Call {
+                source: peers.source_workload,
+                target,
+                route,
+                duration_us: span.end_unix_nano.saturating_sub(span.start_unix_nano) / 1000,
+                error: map_error(span),
+                trace_id: &span.trace_id,
+            };
+            graph.record(&call, now);
+        }
+        // Decided before anything is built: most spans under load are not kept.
+        if !exported || !admission.admit(&span.trace_id, span.is_error(), now) {
             return;
         }
-        let server_addr;
-        let target = match span.kind {
-            SpanKind::Client if peers.destination_workload == UNKNOWN => {
-                server_addr = span.server.map_or_else(|| UNKNOWN.to_owned(), |a| a.to_string());
-                server_addr.as_str()
-            }
-            _ => peers.destination_workload,
-        };
-        let error = map_error(span);
-        let call = graph::Call {
-            source: peers.source_workload,
-            target,
-            route: &route_of(span),
-            duration_us: span.end_unix_nano.saturating_sub(span.start_unix_nano) / 1000,
-            error,
-            trace_id: &span.trace_id,
-        };
-        self.state().graph.record(&call, now_secs());
+        drop(state);
+        let row = self.row(span, service, peers);
+        self.state().recent.push(&row);
     }
 
-    /// Keeps an exported span for the trace view, if admitted (decided
-    /// before anything is built: most spans under load are not).
-    pub fn keep(&self, span: &Span, service: &str, peers: &Peers) {
-        if !self
-            .state()
-            .admission
-            .admit(&span.trace_id, span.is_error(), now_secs())
-        {
-            return;
-        }
+    fn row(&self, span: &Span, service: &str, peers: &Peers) -> traces::SpanRow {
         let opts = attributes::Options {
             capture_query: self.capture_query,
             process: true,
@@ -117,7 +129,9 @@ impl Live {
             (None, None, Some(why)) => why.error_type().to_owned(),
             (None, None, None) => String::new(),
         };
-        let row = traces::SpanRow {
+        let mut route = String::new();
+        write_route(span, &mut route);
+        traces::SpanRow {
             trace_id: span.trace_id.to_string(),
             span_id: span.span_id.to_string(),
             parent_id: span.parent_span_id.map(|p| p.to_string()),
@@ -125,14 +139,13 @@ impl Live {
             service: service.to_owned(),
             peer,
             name: span.name(),
-            route: route_of(span),
+            route,
             start_unix_nano: span.start_unix_nano,
             end_unix_nano: span.end_unix_nano,
             status,
             error: span.is_error(),
             attributes,
-        };
-        self.state().recent.push(row);
+        }
     }
 
     /// Bytes held by the map and the trace view.
@@ -156,11 +169,12 @@ impl Live {
 
 /// The route a map shows: `package.Service/Method` for gRPC, else the
 /// templated path (ids become `*`).
-fn route_of(span: &Span) -> String {
-    match span.rpc.as_ref().filter(|r| !r.service.is_empty()) {
-        Some(rpc) => format!("{}/{}", rpc.service, rpc.method),
-        None => crate::route::template(span.path()),
-    }
+fn write_route(span: &Span, out: &mut String) {
+    use std::fmt::Write;
+    let _ = match span.rpc.as_ref().filter(|r| !r.service.is_empty()) {
+        Some(rpc) => write!(out, "{}/{}", rpc.service, rpc.method),
+        None => crate::route::write_template(span.path(), out),
+    };
 }
 
 /// A failed call as the map counts it (as Kiali does: server errors, not

@@ -15,6 +15,7 @@
 //! syscalls; the first `SSL *` to read after a socket read is tied to that
 //! socket (see `by_thread`), and its writes use the fd so tied.
 use aya_ebpf::{
+    EbpfContext,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
@@ -27,7 +28,7 @@ use crate::{
     context::{client_request, starts_request},
     follow::tracked_conn,
     maps::{
-        BUF_PLAIN, CONNS, FOLLOW, GoKey, TLS_ARGS, TLS_CALLS, TLS_COUNTERS, TLS_FD_BY_THREAD, TLS_FDS, TLS_NO_FD,
+        Args, BUF_PLAIN, CONNS, FOLLOW, GoKey, TLS_ARGS, TLS_CALLS, TLS_COUNTERS, TLS_FD_BY_THREAD, TLS_FDS, TLS_NO_FD,
         TLS_SERVER_CTX, TlsCall, conn_key,
     },
     sock::{FdKind, fd_kind},
@@ -281,7 +282,7 @@ fn ciphertext_socket(tgid: u32, fd: u32) -> bool {
 /// emitting code below, and the BPF stack limit is 512 bytes.)
 #[inline(always)]
 fn leave(ctx: &RetProbeContext, ex: bool) -> u32 {
-    let Some((id, tgid, tid)) = current() else {
+    let Some((id, tgid, _)) = current() else {
         return 0;
     };
     let Some(call) = TLS_CALLS.get_ptr_mut(&id) else {
@@ -326,13 +327,23 @@ fn leave(ctx: &RetProbeContext, ex: bool) -> u32 {
         tls_count(TlsCounter::NoSocket);
         return 0;
     }
-    let key = conn_key(tgid, fd);
+    emit_plaintext(ctx, id, args)
+}
+
+/// Emits the plaintext `args` describes as a Data event of its socket: the
+/// connection is marked TLS (its encrypted records are not followed), bytes
+/// held from before it was known go first. Shared with the Go probes.
+#[inline(always)]
+pub fn emit_plaintext<C: EbpfContext>(ctx: &C, id: u64, args: &Args) -> u32 {
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    let n = args.count as usize;
+    let key = conn_key(tgid, args.fd);
     let Some(f) = FOLLOW.get_ptr_mut(0) else {
         return 0;
     };
     // SAFETY: per-CPU scratch, used by one program at a time on this CPU.
     let f = unsafe { &mut *f };
-    if !tracked_conn(key, args, n as usize, true, f) {
+    if !tracked_conn(key, args, n, true, f) {
         return 0;
     }
     if f.state.flags & FLAG_TLS == 0 {
@@ -348,7 +359,7 @@ fn leave(ctx: &RetProbeContext, ex: bool) -> u32 {
         flags &= !FLAG_NEW_CONN;
     }
     tls_count(TlsCounter::Events);
-    emit_data(ctx, &TLS_SERVER_CTX, id, args, n as usize, &f.state, flags);
+    emit_data(ctx, &TLS_SERVER_CTX, id, args, n, &f.state, flags);
     0
 }
 

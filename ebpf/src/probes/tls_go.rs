@@ -18,17 +18,16 @@
 //! `fdMutex`. Once a connection's plaintext is followed, its own bytes
 //! (handshake, encrypted records) are ignored (`FLAG_TLS` on `CONNS`).
 use aya_ebpf::{helpers::bpf_probe_read_user, macros::uprobe, programs::ProbeContext};
-use meshless_common::{Direction, FLAG_NEW_CONN, FLAG_TLS, Syscall, TlsCounter, TraceCtx};
+use meshless_common::{Direction, Syscall, TlsCounter, TraceCtx};
 
-use super::{current, tls::tls_count};
+use super::{
+    current,
+    tls::{emit_plaintext, tls_count},
+};
 use crate::{
-    capture::{emit_data, emit_held, known_addrs},
+    capture::known_addrs,
     context::{client_request, starts_request},
-    follow::tracked_conn,
-    maps::{
-        Args, BUF_PLAIN, CONNS, FOLLOW, GO_TLS_CONN_TYPES, GO_TLS_READS, GoKey, GoTlsRead, TLS_ARGS, TLS_NO_FD,
-        TLS_SERVER_CTX, conn_key,
-    },
+    maps::{Args, BUF_PLAIN, CONNS, GO_TLS_CONN_TYPES, GO_TLS_READS, GoKey, GoTlsRead, TLS_ARGS, TLS_NO_FD, conn_key},
 };
 
 /// EFLAGS carry and zero bits: the JBE of a stack check jumps (to
@@ -63,38 +62,6 @@ fn conn_fd(conn: u64) -> u32 {
         Ok(fd) if (0..i32::MAX as i64).contains(&fd) => fd as u32,
         _ => TLS_NO_FD,
     }
-}
-
-/// Emits the plaintext described by `TLS_ARGS` as a Data event of its
-/// socket (the same steps as the OpenSSL return probes).
-#[inline(always)]
-fn emit(ctx: &ProbeContext, id: u64, args: &Args) -> u32 {
-    let (tgid, tid) = ((id >> 32) as u32, id as u32);
-    let n = args.count as usize;
-    let key = conn_key(tgid, args.fd);
-    let Some(f) = FOLLOW.get_ptr_mut(0) else {
-        return 0;
-    };
-    // SAFETY: per-CPU scratch, used by one program at a time on this CPU.
-    let f = unsafe { &mut *f };
-    if !tracked_conn(key, args, n, true, f) {
-        return 0;
-    }
-    if f.state.flags & FLAG_TLS == 0 {
-        f.state.flags |= FLAG_TLS;
-        if let Some(state) = CONNS.get_ptr_mut(&key) {
-            // SAFETY: map values stay valid for the program's run.
-            unsafe { (*state).flags |= FLAG_TLS };
-        }
-    }
-    let mut flags = f.flags;
-    if f.has_held != 0 {
-        emit_held(tgid, tid, args, &f.held, &f.state, flags);
-        flags &= !FLAG_NEW_CONN;
-    }
-    tls_count(TlsCounter::Events);
-    emit_data(ctx, &TLS_SERVER_CTX, id, args, n, &f.state, flags);
-    0
 }
 
 /// Fills the per-CPU `TLS_ARGS` for `n` plaintext bytes at `ptr` on `fd`.
@@ -153,7 +120,7 @@ pub fn meshless_go_tls_write(ctx: ProbeContext) -> u32 {
             }
         }
     }
-    emit(&ctx, id, args)
+    emit_plaintext(&ctx, id, args)
 }
 
 /// `crypto/tls.(*Conn).Read(b)`: remembers the goroutine's `*Conn` and
@@ -200,5 +167,5 @@ pub fn meshless_go_tls_read_copy(ctx: ProbeContext) -> u32 {
     let Some(args) = plaintext(src, n, fd, Direction::Ingress) else {
         return 0;
     };
-    emit(&ctx, id, args)
+    emit_plaintext(&ctx, id, args)
 }

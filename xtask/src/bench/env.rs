@@ -435,17 +435,40 @@ pub fn start_meshless(bin: &Path, dir: &Path, extra: &[&str]) -> Result<Proc> {
 /// One of the agent's own counters (`meshless_<name>_total`) from its
 /// Prometheus endpoint; None if it cannot be read.
 pub fn agent_counter(name: &str) -> Option<u64> {
+    agent_counters(&[name]).map(|v| v[0])
+}
+
+/// Several counters of the agent from one scrape, each summed over its
+/// label sets (`meshless_dropped_total{reason=…}`), in the order asked.
+pub fn agent_counters<const N: usize>(names: &[&str; N]) -> Option<[u64; N]> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", AGENT_METRICS_PORT)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
-    let prefix = format!("meshless_{name}_total ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
+    sum_counters(&text, names)
+}
+
+/// [`agent_counters`] of a scraped metrics text: None when none was there.
+fn sum_counters<const N: usize>(text: &str, names: &[&str; N]) -> Option<[u64; N]> {
+    let mut out = [0u64; N];
+    let mut found = false;
+    for (name, sum) in names.iter().zip(&mut out) {
+        let prefix = format!("meshless_{name}_total");
+        for rest in text.lines().filter_map(|l| l.strip_prefix(&prefix)) {
+            let value = match rest.as_bytes().first() {
+                Some(b' ') => rest,
+                Some(b'{') => rest.rsplit_once('}').map_or("", |(_, v)| v),
+                _ => continue,
+            };
+            if let Ok(v) = value.trim().parse::<f64>() {
+                *sum += v as u64;
+                found = true;
+            }
+        }
+    }
+    found.then_some(out)
 }
 
 /// CPU time (user + system) of a process, in clock ticks (1/100 s).
@@ -481,4 +504,24 @@ pub fn pip_file(module: &str, rel: &str) -> Result<PathBuf> {
         bail!("{module} is not installed (pip); `cargo xtask setup` installs it");
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sum_counters;
+
+    #[test]
+    fn counters_are_read_by_exact_name_and_summed_over_their_labels() {
+        let text = "# HELP meshless_dropped_total Data shed.\n\
+                    meshless_dropped_total{reason=\"spans\"} 3\n\
+                    meshless_dropped_total{reason=\"conns,x}\"} 4\n\
+                    meshless_kernel_ringbuf_full_total 7\n\
+                    meshless_kernel_ringbuf_full_total_extra 100\n\
+                    meshless_events_read_total 1e3\n";
+        assert_eq!(
+            sum_counters(text, &["dropped", "kernel_ringbuf_full", "events_read", "absent"]),
+            Some([7, 7, 1000, 0])
+        );
+        assert_eq!(sum_counters("meshless_other_total 1\n", &["dropped"]), None);
+    }
 }

@@ -2,10 +2,7 @@
 //! server pod, and `grpc-load load` in the client pod sending
 //! `helloworld.Greeter/SayHello` at a fixed rate over h2c. The binary is the
 //! workspace member `bench/grpc-load`, built here on demand.
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
@@ -29,7 +26,7 @@ pub const GRPC_SIDECAR: Sidecar = Sidecar {
 pub fn build(root: &Path) -> Result<PathBuf> {
     step("building the gRPC load generator (release)");
     status(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        crate::cargo()
             .current_dir(root)
             .args(["build", "--release", "-p", "grpc-load"]),
     )?;

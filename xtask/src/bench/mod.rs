@@ -159,6 +159,81 @@ pub struct Run {
     /// Ring-buffer events the agent read per answered request (all traffic
     /// on the machine counts, so run the bench on a quiet machine).
     pub events_per_request: Option<f64>,
+    /// What the agent counted as lost over the run (from the warm-up's end
+    /// to the last export), so a completeness under 100 % is attributed.
+    pub agent_losses: Option<Losses>,
+}
+
+/// The agent's loss counters, as deltas over a run (machine-wide).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Losses {
+    /// Events the kernel could not write: the ring buffer was full.
+    pub ring_full: u64,
+    /// Events dropped because the pipeline was behind.
+    pub queue: u64,
+    /// Spans an exporter dropped (queue full, export failed).
+    pub exporter: u64,
+    /// Data shed by the memory budget (`meshless_dropped_total`).
+    pub shed: u64,
+    /// Connections whose pairing restarted: kernel sequence gaps and resyncs.
+    pub pairing: u64,
+}
+
+impl Losses {
+    const COUNTERS: [&'static str; 7] = [
+        "kernel_ringbuf_full",
+        "events_dropped_queue",
+        "otlp_spans_dropped",
+        "spans_dropped",
+        "dropped",
+        "event_sequence_gaps",
+        "http_pairing_resyncs",
+    ];
+
+    fn read() -> Option<[u64; 7]> {
+        agent_counters(&Self::COUNTERS)
+    }
+
+    fn between(a: [u64; 7], b: [u64; 7]) -> Self {
+        let d = |i: usize| b[i].saturating_sub(a[i]);
+        Losses {
+            ring_full: d(0),
+            queue: d(1),
+            exporter: d(2) + d(3),
+            shed: d(4),
+            pairing: d(5) + d(6),
+        }
+    }
+
+    pub fn add(self, o: Losses) -> Losses {
+        Losses {
+            ring_full: self.ring_full + o.ring_full,
+            queue: self.queue + o.queue,
+            exporter: self.exporter + o.exporter,
+            shed: self.shed + o.shed,
+            pairing: self.pairing + o.pairing,
+        }
+    }
+
+    /// `0`, or the non-zero counts by name.
+    pub fn text(&self) -> String {
+        let parts: Vec<String> = [
+            ("ring full", self.ring_full),
+            ("queue", self.queue),
+            ("exporter", self.exporter),
+            ("shed", self.shed),
+            ("pairing", self.pairing),
+        ]
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(what, n)| format!("{what} {n}"))
+        .collect();
+        if parts.is_empty() {
+            "0".into()
+        } else {
+            parts.join(", ")
+        }
+    }
 }
 
 /// One closed-loop (max throughput) run.
@@ -250,13 +325,14 @@ pub fn run(root: &Path, mut args: BenchArgs) -> Result<()> {
                     eprintln!("    {} failed: {e}", mode.name());
                 } else {
                     eprintln!(
-                        "    p50 {:.3} ms  p99 {:.3} ms  {:.0} req/s  completeness {}  CPU/request {}  events/request {}{}",
+                        "    p50 {:.3} ms  p99 {:.3} ms  {:.0} req/s  completeness {}  CPU/request {}  events/request {}  agent losses {}{}",
                         run.latency_ms[0],
                         run.latency_ms[2],
                         run.achieved_rps,
                         run.completeness.map_or("-".into(), |c| format!("{:.2}%", c * 100.0)),
                         run.cpu_us_per_request.map_or("-".into(), |c| format!("{c:.1} µs")),
                         run.events_per_request.map_or("-".into(), |e| format!("{e:.2}")),
+                        run.agent_losses.map_or("-".into(), |l| l.text()),
                         if run.failed > 0 { format!("  {} FAILED", run.failed) } else { String::new() },
                     );
                 }
@@ -327,6 +403,7 @@ impl Run {
             failed: 0,
             cpu_us_per_request: None,
             events_per_request: None,
+            agent_losses: None,
         }
     }
 }
@@ -337,7 +414,7 @@ fn prepare(root: &Path, args: &BenchArgs) -> Result<Tools> {
     crate::setup::mount_tracefs()?;
     step("building the agent (release); nothing compiles while measuring");
     status(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        crate::cargo()
             .current_dir(root)
             .args(["build", "--release", "-p", "meshless"]),
     )?;
@@ -519,7 +596,8 @@ fn measure(
     let agent = matches!(mode, Mode::Meshless | Mode::MeshlessNoPropagation);
     let events = || if agent { agent_counter("events_read") } else { None };
     let ticks = |p: Option<u32>| p.map(cpu_ticks);
-    let events0 = events();
+    let losses = || if agent { Losses::read() } else { None };
+    let (events0, losses0) = (events(), losses());
     let (proxy0, coll0, t0) = (ticks(running.proxy), ticks(running.collector), Instant::now());
     let v = load(t, workload, running.port, args.duration, Some(rate), args)?;
     let elapsed = t0.elapsed().as_secs_f64();
@@ -529,6 +607,10 @@ fn measure(
     if mode != Mode::Baseline {
         sleep(Duration::from_secs(7));
     }
+    let agent_losses = match (losses0, losses()) {
+        (Some(a), Some(b)) => Some(Losses::between(a, b)),
+        _ => None,
+    };
     let pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
         (Some(a), Some(b)) => Some((b.saturating_sub(a)) as f64 / 100.0 / elapsed * 100.0),
         _ => None,
@@ -566,6 +648,7 @@ fn measure(
             (Some(a), Some(b)) => per_request(b.saturating_sub(a) as f64),
             _ => None,
         },
+        agent_losses,
     };
     drop(running.procs);
     Ok(run)

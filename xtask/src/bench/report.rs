@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
 use serde::Serialize;
 
-use super::{BenchArgs, MaxRun, Mode, Run, Workload};
+use super::{BenchArgs, Losses, MaxRun, Mode, Run, Workload};
 
 /// Median of rounds for one (workload, mode, rate).
 #[derive(Debug, Clone, Serialize)]
@@ -32,6 +32,8 @@ pub struct Summary {
     pub failed: u64,
     pub cpu_us_per_request: Option<f64>,
     pub events_per_request: Option<f64>,
+    /// The agent's loss counters, summed over rounds.
+    pub agent_losses: Option<Losses>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -158,6 +160,7 @@ fn summarise(runs: &[Run], workload: Workload, mode: Mode, rate: u32) -> Summary
         failed: ok.iter().map(|r| r.failed).sum(),
         cpu_us_per_request: med(&|r| r.cpu_us_per_request),
         events_per_request: med(&|r| r.events_per_request),
+        agent_losses: ok.iter().filter_map(|r| r.agent_losses).reduce(Losses::add),
     }
 }
 
@@ -278,7 +281,7 @@ impl Report {
                 )),
             }
         }
-        md.push_str("\nCompleteness = spans the collector received ÷ spans expected (meshless: 2 per request or call, a client and a server span — 1 over HTTPS, see above; sidecar: 1, the inbound span). CPU/req = agent or proxy CPU time ÷ answered requests. Events/req = ring-buffer events the agent read ÷ answered requests (machine-wide: other traffic on the machine counts too).\n");
+        md.push_str("\nCompleteness = spans the collector received ÷ spans expected (meshless: 2 per request or call, a client and a server span — 1 over HTTPS, see above; sidecar: 1, the inbound span). CPU/req = agent or proxy CPU time ÷ answered requests. Events/req = ring-buffer events the agent read ÷ answered requests (machine-wide: other traffic on the machine counts too). Agent losses = what the agent counted as lost from the warm-up's end to the last export, summed over rounds (ring full: the kernel could not write an event; queue: the pipeline was behind; exporter: spans an exporter dropped; shed: data the memory budget shed, which includes spans an exporter's queue could not hold, so those count under exporter too; pairing: connections whose request/response pairing restarted).\n");
         md
     }
 
@@ -286,12 +289,12 @@ impl Report {
     fn table(&self, md: &mut String, workload: Workload) {
         let f = |v: f64| if v.is_finite() { format!("{v:.3}") } else { "-".into() };
         let o = |v: Option<f64>, d: usize| v.map_or("-".to_owned(), |v| format!("{v:.d$}"));
-        md.push_str("| rate | mode | achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | added p50 | added p99 | spread p50/p99 | agent/proxy CPU % | CPU µs/req | agent/proxy RSS MiB | events/req | collector CPU % | completeness |\n");
-        md.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        md.push_str("| rate | mode | achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | added p50 | added p99 | spread p50/p99 | agent/proxy CPU % | CPU µs/req | agent/proxy RSS MiB | events/req | collector CPU % | completeness | agent losses |\n");
+        md.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
         for s in self.summary.iter().filter(|s| s.workload == workload) {
             if s.rounds_ok == 0 {
                 md.push_str(&format!(
-                    "| {} | {} | failed: {} | | | | | | | | | | | | | |\n",
+                    "| {} | {} | failed: {} | | | | | | | | | | | | | | |\n",
                     s.rate,
                     s.mode.name(),
                     s.errors.first().map_or("", String::as_str).replace('|', "/")
@@ -305,7 +308,7 @@ impl Report {
                 String::new()
             };
             md.push_str(&format!(
-                "| {} | {} | {:.0}{failed} | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {:.0}{failed} | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} |\n",
                 s.rate,
                 s.mode.name(),
                 s.achieved_rps,
@@ -323,6 +326,7 @@ impl Report {
                 o(s.events_per_request, 2),
                 o(s.collector_cpu_pct, 1),
                 s.completeness.map_or("-".to_owned(), |c| format!("{:.2}%", c * 100.0)),
+                s.agent_losses.map_or("-".to_owned(), |l| l.text()),
             ));
         }
     }
