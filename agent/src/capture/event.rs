@@ -106,7 +106,7 @@ impl Event {
     /// Decodes one ring-buffer record (header + payload), its payload
     /// copied on its own.
     pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
-        Self::decode_with(record, |p| Bytes::copy_from_slice(p))
+        Self::decode_with(record, Bytes::copy_from_slice)
     }
 
     /// Decodes one record, its payload copied into `arena`.
