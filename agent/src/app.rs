@@ -49,19 +49,10 @@ const TICK: Duration = Duration::from_millis(50);
 const IDLE_TICK: Duration = Duration::from_secs(1);
 /// How often kernel counters are read (and losses reported).
 const KERNEL_CHECK: Duration = Duration::from_secs(2);
-/// How often freed heap memory is handed back to the kernel.
+/// How often freed heap memory is handed back to the kernel: after a
+/// burst (thousands of connections at once) the state is freed, but glibc
+/// would keep RSS at the peak.
 const TRIM_EVERY: Duration = Duration::from_secs(30);
-
-/// Gives freed heap pages back to the kernel. After a burst (thousands of
-/// connections at once) the state is freed, but glibc's allocator would
-/// keep RSS at the peak; the budget is about what the node pays.
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
 
 pub fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
@@ -285,7 +276,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = terminate.recv() => break,
             _ = report.tick(), if !report_every.is_zero() => log_stats(&stats, "statistics"),
             _ = supervise.tick.tick() => supervise.check(),
-            _ = trim.tick() => release_free_memory(),
+            _ = trim.tick() => crate::resident::release("periodic"),
             _ = kernel_check.tick() => {
                 read_kernel_counters(&counters, &stats);
                 Stats::set(&stats.kernel_ringbuf_used_bytes, loader::take_ringbuf_high_water(&mut counters));
@@ -320,6 +311,7 @@ fn start_tls(ebpf: &mut aya::Ebpf, expensive_too: bool) -> anyhow::Result<bool> 
     };
     probes.attach_host();
     probes.scan();
+    crate::resident::release("TLS libraries scanned");
     info!(libraries = probes.attached(), "HTTPS: OpenSSL uprobes attached");
     crate::tls::spawn(probes).context("starting the TLS attach thread")?;
     Ok(true)

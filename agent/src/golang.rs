@@ -21,7 +21,7 @@ use aya::{
     Ebpf,
 };
 use meshless_common::{GoCounter, GO_COUNTERS_MAP, GO_PENDING_MAP, GO_POINTER_MAPS, GO_UPROBES};
-use object::{Object, ObjectSection, ObjectSymbol};
+use object::{Object, ObjectSection};
 use tracing::{debug, info, warn};
 
 use crate::uprobe::{file_offset, load_program, Pmu, UprobeError};
@@ -245,13 +245,22 @@ pub fn inspect(exe: &Path) -> Binary {
     let Some(version) = info.data().ok().and_then(go_version) else {
         return Binary::GoWithout("built by Go older than 1.18 (no register ABI guarantee)");
     };
-    let mut offsets = [None; 3];
-    for symbol in elf.symbols() {
-        let Ok(name) = symbol.name() else { continue };
-        if let Some(i) = GO_UPROBES.iter().position(|(_, s)| *s == name) {
-            offsets[i] = file_offset(&elf, symbol.address()).map(|at| at + past_stack_check(&map, at));
-        }
-    }
+    let object::File::Elf64(elf64) = &elf else {
+        return Binary::NotGo;
+    };
+    // Read in chunks, not walked in the mapping: a Go `.symtab` and its
+    // strings are megabytes the walk would make resident (elf_symbols).
+    let found = crate::elf_symbols::scan(
+        &file,
+        elf64,
+        crate::elf_symbols::Table::Static,
+        &GO_UPROBES.map(|(_, s)| s),
+    )
+    .unwrap_or_default();
+    let offsets = found.map(|s| {
+        s.and_then(|s| file_offset(&elf, s.address))
+            .map(|at| at + past_stack_check(&map, at))
+    });
     match offsets {
         [None, ..] => Binary::GoWithout("no symbol table (stripped) or no runtime.goexit1"),
         [Some(_), Some(_), None] | [Some(_), None, Some(_)] => Binary::GoWithout("net/http client symbols incomplete"),

@@ -1,6 +1,6 @@
 //! Loading and attaching the kernel programs.
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, ProgramArray},
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
@@ -79,11 +79,13 @@ pub enum LoadError {
     },
     #[error(transparent)]
     Expiry(#[from] super::expiry::ExpiryError),
+    #[error("ring buffer {EVENTS_MAP}: {0}")]
+    Ring(#[from] crate::ringbuf::RingError),
 }
 
 /// Loaded programs and the maps userspace reads. Dropping it detaches all.
 pub struct Probes {
-    pub events: RingBuf<MapData>,
+    pub events: crate::ringbuf::Ring,
     pub counters: PerCpuArray<MapData, u64>,
     /// "Socket or not" verdicts userspace writes for fds the kernel could
     /// not classify itself (see `capture::confirm`).
@@ -109,8 +111,17 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     preflight::check(&tps)?;
     let tgid = std::process::id();
     let offsets = kernel_offsets();
+    crate::resident::release("kernel BTF read");
     let propagation = u32::from(opts.propagation);
-    let mut ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    if !has_core_relocations(OBJECT) {
+        // aya parsed the kernel's BTF for CO-RE relocations this object
+        // has none of (kernel offsets come from `kernel_offsets` instead):
+        // dropped before the object is parsed, not held through it.
+        loader.btf(None);
+        crate::resident::release("kernel BTF copy of aya dropped");
+    }
+    let mut ebpf = loader
         .override_global(AGENT_TGID_GLOBAL, &tgid, true)
         .override_global(KERNEL_OFFSETS_GLOBAL, &offsets, true)
         .override_global(WAKEUP_BYTES_GLOBAL, &opts.wakeup_bytes, true)
@@ -120,6 +131,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
         .load(OBJECT)
         .map_err(LoadError::Object)?;
+    crate::resident::release("eBPF object loaded");
     load_tail_calls(&mut ebpf)?;
     for (name, category, tracepoint) in TRACEPOINTS {
         let program: &mut TracePoint = ebpf
@@ -134,8 +146,10 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
             .attach(category, tracepoint)
             .map_err(|source| program_error(name, source))?;
     }
+    crate::resident::release("programs verified");
     let expiry = super::expiry::Expiry::open(&ebpf)?;
-    let events = take_map(&mut ebpf, EVENTS_MAP)?;
+    let events = ebpf.take_map(EVENTS_MAP).ok_or(LoadError::MissingMap(EVENTS_MAP))?;
+    let events = crate::ringbuf::Ring::new(events, opts.ringbuf_bytes)?;
     let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
     let verdicts = take_map(&mut ebpf, VERDICTS_MAP)?;
     Ok(Probes {
@@ -159,6 +173,29 @@ fn kernel_offsets() -> KernelOffsets {
             warn!(%error, "kernel-side socket checks off: non-socket fds are confirmed from /proc instead");
             KernelOffsets::default()
         }
+    }
+}
+
+/// True when the object's `.BTF.ext` lists CO-RE relocations (aya then
+/// needs the kernel's BTF to apply them); true too when it cannot tell.
+fn has_core_relocations(object: &[u8]) -> bool {
+    use object::{Object, ObjectSection};
+    let Ok(elf) = object::File::parse(object) else {
+        return true;
+    };
+    let Some(ext) = elf.section_by_name(".BTF.ext").and_then(|s| s.data().ok()) else {
+        return false;
+    };
+    // btf_ext_header: magic u16, version u8, flags u8, hdr_len u32, then
+    // (offset, length) u32 pairs of func_info, line_info, core_relo.
+    let u32_at = |at: usize| {
+        ext.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    match (ext.get(..2), u32_at(4)) {
+        (Some([0x9f, 0xeb]), Some(hdr_len)) if hdr_len < 32 => false,
+        (Some([0x9f, 0xeb]), Some(_)) => u32_at(28).is_none_or(|len| len != 0),
+        _ => true,
     }
 }
 
@@ -254,4 +291,19 @@ pub fn take_ringbuf_high_water(map: &mut PerCpuArray<MapData, u64>) -> u64 {
         }
     }
     high
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_built_object_has_no_core_relocations_so_the_kernel_btf_copy_of_aya_is_not_kept() {
+        assert!(!has_core_relocations(OBJECT));
+    }
+
+    #[test]
+    fn an_object_that_cannot_be_read_is_taken_to_need_the_kernel_btf() {
+        assert!(has_core_relocations(b"not an ELF file"));
+    }
 }

@@ -15,7 +15,6 @@ pub mod sequence;
 
 use std::{sync::Arc, time::Duration};
 
-use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc, time};
 use tracing::warn;
 
@@ -62,7 +61,7 @@ fn next_wait(wait: Duration, bytes: u64, poll: Duration) -> Duration {
 
 /// Reads the ring buffer until the receiver goes away.
 pub async fn run(
-    events: RingBuf<MapData>,
+    events: crate::ringbuf::Ring,
     poll: Duration,
     events_tx: mpsc::Sender<EventBatch>,
     stats: Arc<Stats>,
@@ -110,7 +109,7 @@ pub async fn run(
 /// Drains every record; the bytes read, or None when the pipeline has
 /// shut down.
 fn drain(
-    ring: &mut RingBuf<MapData>,
+    ring: &mut crate::ringbuf::Ring,
     arena: &mut Arena,
     events_tx: &mpsc::Sender<EventBatch>,
     stats: &Stats,

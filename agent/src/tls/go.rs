@@ -25,7 +25,7 @@ use aya::{
 };
 use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind};
 use meshless_common::{GO_TLS_CONN_TYPES_MAP, GO_TLS_UPROBES};
-use object::{Object, ObjectSection, ObjectSymbol};
+use object::{Object, ObjectSection};
 use tracing::{debug, info, warn};
 
 use super::TlsError;
@@ -81,18 +81,18 @@ pub fn plan(path: &Path) -> Result<Plan, GoTlsError> {
     let version = info.data().ok().and_then(go_version).ok_or(GoTlsError::Layout(
         "built by Go older than 1.18 (no register ABI guarantee)",
     ))?;
-    let mut found: [Option<(u64, u64)>; 4] = [None; 4];
-    let mut any = false;
-    for symbol in elf.symbols() {
-        any = true;
-        let Ok(name) = symbol.name() else { continue };
-        if let Some(i) = [READ, WRITE, MEMMOVE, TCP_CONN_ITAB].iter().position(|n| *n == name) {
-            found[i] = Some((symbol.address(), symbol.size()));
-        }
-    }
-    if !any {
+    let object::File::Elf64(elf64) = &elf else {
+        return Err(GoTlsError::NotGo);
+    };
+    if elf.section_by_name(".symtab").is_none() {
         return Err(GoTlsError::Stripped);
     }
+    // Read in chunks, not walked in the mapping: a Go `.symtab` and its
+    // strings are megabytes the walk would make resident (elf_symbols).
+    let names = [READ, WRITE, MEMMOVE, TCP_CONN_ITAB];
+    let found = crate::elf_symbols::scan(&file, elf64, crate::elf_symbols::Table::Static, &names)
+        .map_err(|_| GoTlsError::Layout("unreadable symbol table"))?
+        .map(|s| s.map(|s| (s.address, s.size)));
     let [Some(read), Some(write), Some(memmove), Some(itab)] = found else {
         return match found {
             [None, None, ..] => Err(GoTlsError::NoTls),

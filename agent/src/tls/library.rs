@@ -5,10 +5,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::{
+    elf_symbols::{self, Table},
+    uprobe::{call_target, file_offset, past_endbr},
+};
 use meshless_common::TLS_UPROBES;
-use object::{Object, ObjectSymbol};
-
-use crate::uprobe::{call_target, file_offset, past_endbr};
 
 /// Where the probes go in one library file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,25 +58,28 @@ pub fn symbols(path: &Path) -> Result<Plan, LibraryError> {
         source,
     })?;
     let elf = object::File::parse(&*map).map_err(|_| LibraryError::NotElf(path.to_owned()))?;
-    let mut offsets = [None; FUNCTIONS.len()];
-    // `.symtab` only when the exports lack them (a static OpenSSL in an
-    // executable that does not export it): it can be huge (node's).
-    for table in [elf.dynamic_symbols(), elf.symbols()] {
-        if offsets.iter().all(Option::is_some) {
-            break;
-        }
-        for symbol in table {
-            if !symbol.is_definition() {
-                continue;
-            }
-            let Ok(name) = symbol.name() else { continue };
-            for (i, function) in FUNCTIONS.iter().enumerate() {
-                if *function == name && offsets[i].is_none() {
-                    offsets[i] = file_offset(&elf, symbol.address());
-                }
-            }
+    let object::File::Elf64(elf64) = &elf else {
+        return Err(LibraryError::NotElf(path.to_owned()));
+    };
+    let read_error = |source| LibraryError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    // Exports through the hash table (a shared library exports them even
+    // when stripped of `.symtab`); `.symtab` only for what they lack (a
+    // static OpenSSL an executable does not export), read in chunks: it
+    // can be huge (node's, a Rust binary's). See elf_symbols.
+    let mut found = match elf_symbols::exported(elf64, &FUNCTIONS) {
+        Some(found) => found,
+        None => elf_symbols::scan(&file, elf64, Table::Dynamic, &FUNCTIONS).map_err(read_error)?,
+    };
+    if found.iter().any(Option::is_none) {
+        let statics = elf_symbols::scan(&file, elf64, Table::Static, &FUNCTIONS).map_err(read_error)?;
+        for (slot, symbol) in found.iter_mut().zip(statics) {
+            *slot = slot.or(symbol);
         }
     }
+    let offsets = found.map(|s| s.and_then(|s| file_offset(&elf, s.address)));
     let code = code_of(&file, &elf, &offsets).map_err(|source| LibraryError::Open {
         path: path.to_owned(),
         source,
@@ -95,7 +99,7 @@ pub fn symbols(path: &Path) -> Result<Plan, LibraryError> {
 /// the probed `push` would read as `0xcc`. Bytes before the first such
 /// section stay zero (untouched pages of a zeroed allocation cost nothing).
 fn code_of(file: &File, elf: &object::File, offsets: &[Option<u64>]) -> std::io::Result<Vec<u8>> {
-    use object::ObjectSection;
+    use object::{Object, ObjectSection};
     use std::os::unix::fs::FileExt;
     let (mut start, mut end) = (u64::MAX, 0u64);
     for offset in offsets.iter().flatten() {
