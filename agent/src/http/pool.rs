@@ -12,7 +12,7 @@ const KEEP: usize = 64;
 const KEEP_CAPACITY: usize = 2048;
 /// Smallest buffer allocated: request and response heads then share
 /// buffers without growing them.
-const MIN_CAPACITY: usize = 512;
+const MIN_CAPACITY: usize = 0;
 
 thread_local! {
     static FREE: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
