@@ -17,7 +17,7 @@ use std::{
 };
 
 use meshless::{
-    capture::{record, Event},
+    capture::{record, Arena, Event},
     correlate::{Correlator, Limits},
     export::{attributes::Options, encode::Encoder, resource::Resources, sampler::Sampler},
     pipeline::{Pipeline, Router, Sink},
@@ -120,12 +120,15 @@ fn pipeline() -> (Pipeline, Counters, Arc<Stats>) {
 /// One pass over the recording, shifted to round `round` (new connection
 /// generations, later kernel times) so that passes follow each other like
 /// new traffic.
-fn replay(p: &mut Pipeline, records: &[&[u8]], round: u64, span_ns: u64, next_tick: &mut u64) {
+fn replay(p: &mut Pipeline, arena: &mut Arena, records: &[&[u8]], round: u64, span_ns: u64, next_tick: &mut u64) {
     let shift = round * span_ns;
     let mut batch: Vec<Event> = Vec::with_capacity(BATCH);
     for chunk in records.chunks(BATCH) {
         for r in chunk {
-            let Ok(mut ev) = Event::decode(r) else { continue };
+            // Payloads are copied as the capture task copies them.
+            let Ok(mut ev) = Event::decode_in(r, arena) else {
+                continue;
+            };
             ev.ktime_ns += shift;
             ev.conn.conn_id += round << 40;
             batch.push(ev);
@@ -158,15 +161,16 @@ fn main() {
 
     let (mut p, c, stats) = pipeline();
     let mut next_tick = 0;
+    let mut arena = Arena::default();
     // Warm-up pass: tables and buffers reach their steady size.
-    replay(&mut p, &records, 1, span_ns, &mut next_tick);
+    replay(&mut p, &mut arena, &records, 1, span_ns, &mut next_tick);
     let (spans0, servers0) = (c.spans.load(Relaxed), c.servers.load(Relaxed));
     let allocs0 = ALLOCS.load(Relaxed);
     let (cpu0, wall0) = (thread_cpu(), Instant::now());
     let mut rounds = 0;
     while (thread_cpu() - cpu0).as_secs_f64() < seconds {
         rounds += 1;
-        replay(&mut p, &records, 1 + rounds, span_ns, &mut next_tick);
+        replay(&mut p, &mut arena, &records, 1 + rounds, span_ns, &mut next_tick);
     }
     let (cpu, wall) = (thread_cpu() - cpu0, wall0.elapsed());
     let allocs = ALLOCS.load(Relaxed) - allocs0;

@@ -182,10 +182,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if settings.console {
         let (tx, rx) = mpsc::channel::<SpanBatch>(CHANNEL_BATCHES);
         let hb = health.stage_with("export-console", pending(&tx));
-        sinks.push(Box::new(ChannelSink {
-            tx,
-            stats: stats.clone(),
-        }));
+        sinks.push(Box::new(ChannelSink::new(tx, stats.clone())));
         let (format, query, st) = (config.console_format, settings.capture_query, stats.clone());
         export_threads.push(
             std::thread::Builder::new()
@@ -196,10 +193,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     if let (Some(exporter), Some(target)) = (span_exporter, &settings.otlp_traces) {
         let (tx, rx) = mpsc::channel::<SpanBatch>(CHANNEL_BATCHES);
-        sinks.push(Box::new(ChannelSink {
-            tx,
-            stats: stats.clone(),
-        }));
+        sinks.push(Box::new(ChannelSink::new(tx, stats.clone())));
         let hb = health.stage("export-otlp");
         let resources = Resources::new(
             settings.resource_attributes.clone(),

@@ -258,14 +258,12 @@ pub fn span_bytes(span: &Span) -> u64 {
         .chain(&span.response_headers)
         .map(|(k, v)| k.len() + v.len() + 2 * std::mem::size_of::<String>())
         .sum();
-    let strings = span.method.len()
-        + span.target.len()
+    let strings = span.method.heap_bytes()
+        + span.request.heap_bytes()
         + span.process.name.len()
         + span.process.executable.len()
-        + span.process.thread.len()
         + span.trace_state.as_ref().map_or(0, String::len)
-        + span.peer_comm.as_ref().map_or(0, |c| c.len())
-        + span.user_agent.as_ref().map_or(0, String::len);
+        + span.peer_comm.as_ref().map_or(0, |c| c.len());
     let peer = span.peer_k8s.as_ref().map_or(0, |p| {
         [&p.namespace, &p.workload, &p.pod, &p.service_fqdn]
             .iter()

@@ -1,7 +1,10 @@
 //! The span model shared by the correlator and the exporters.
 use std::{net::SocketAddr, sync::Arc};
 
-pub use crate::http::Target;
+use smallvec::SmallVec;
+
+use crate::capture::Comm;
+pub use crate::http::{Method, Target, KNOWN_METHODS};
 use crate::trace_context::{SpanId, TraceId};
 
 /// Which side of a request the traced process was on.
@@ -32,9 +35,9 @@ pub struct Process {
     pub name: Arc<str>,
     /// Base name of the executable (semconv `process.executable.name`).
     pub executable: Arc<str>,
-    /// The handling thread's own name (its comm; runtimes name threads
-    /// `event_engine`, `http-nio-8080-exec-1`…): semconv `thread.name`.
-    pub thread: String,
+    /// The handling thread's own name (its comm, inline; runtimes name
+    /// threads `event_engine`, `http-nio-8080-exec-1`…): semconv `thread.name`.
+    pub thread: Comm,
     pub cgroup_id: u64,
 }
 
@@ -51,9 +54,10 @@ pub struct Span {
     pub kind: SpanKind,
     pub start_unix_nano: u64,
     pub end_unix_nano: u64,
-    pub method: String,
-    /// Request target as sent: path and query.
-    pub target: String,
+    pub method: Method,
+    /// The request target as sent (path and query) and its `user-agent`:
+    /// see [`Span::target`], [`Span::user_agent`].
+    pub request: RequestText,
     pub status_code: Option<u16>,
     /// "1.0", "1.1" or "2".
     pub protocol_version: &'static str,
@@ -75,7 +79,6 @@ pub struct Span {
     pub k8s: Option<crate::k8s::SpanK8s>,
     /// What the cluster knows about the other end (Kubernetes only).
     pub peer_k8s: Option<crate::k8s::PeerK8s>,
-    pub user_agent: Option<String>,
     /// Allow-listed request headers, credentials already redacted.
     pub request_headers: Vec<(String, String)>,
     /// Allow-listed response headers, credentials already redacted.
@@ -85,6 +88,65 @@ pub struct Span {
     /// Why the request got no response (None when it got one, or when its
     /// response was sent but not captured).
     pub unanswered: Option<Unanswered>,
+}
+
+/// A request's target and user agent in one buffer, inline up to a
+/// typical size: a span costs no allocation for them.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct RequestText {
+    /// The target, then the user agent; only ever whole `&str`s.
+    text: SmallVec<[u8; REQUEST_TEXT_INLINE]>,
+    target_end: usize,
+    has_user_agent: bool,
+}
+
+/// Bytes of target + user agent kept inline (service-to-service targets
+/// and agents, `Go-http-client/1.1`, `python-requests/2.32`…, fit).
+const REQUEST_TEXT_INLINE: usize = 112;
+
+impl RequestText {
+    pub fn new(target: &str, user_agent: Option<&str>) -> Self {
+        let mut text = SmallVec::new();
+        text.extend_from_slice(target.as_bytes());
+        text.extend_from_slice(user_agent.unwrap_or("").as_bytes());
+        Self {
+            text,
+            target_end: target.len(),
+            has_user_agent: user_agent.is_some(),
+        }
+    }
+
+    pub fn target(&self) -> &str {
+        self.str(0, self.target_end)
+    }
+
+    pub fn user_agent(&self) -> Option<&str> {
+        self.has_user_agent.then(|| self.str(self.target_end, self.text.len()))
+    }
+
+    /// Heap bytes held (none while inline).
+    pub fn heap_bytes(&self) -> usize {
+        if self.text.spilled() {
+            self.text.capacity()
+        } else {
+            0
+        }
+    }
+
+    fn str(&self, from: usize, to: usize) -> &str {
+        // SAFETY: `text` is the bytes of two `&str`s back to back and
+        // `from..to` is one of them (fields are private, set only in `new`).
+        unsafe { std::str::from_utf8_unchecked(&self.text[from..to]) }
+    }
+}
+
+impl std::fmt::Debug for RequestText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestText")
+            .field("target", &self.target())
+            .field("user_agent", &self.user_agent())
+            .finish()
+    }
 }
 
 /// What an RPC call (gRPC over HTTP/2) said about itself.
@@ -157,12 +219,6 @@ impl std::fmt::Display for ErrorType {
     }
 }
 
-/// The methods of RFC 9110 and RFC 5789 (PATCH) plus QUERY: the only ones
-/// used as-is in span names and metric labels (OTel HTTP semconv).
-pub const KNOWN_METHODS: [&str; 10] = [
-    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY",
-];
-
 /// What semconv calls any other method in names and labels.
 pub const OTHER_METHOD: &str = "_OTHER";
 
@@ -174,7 +230,7 @@ impl Span {
         if let Some(rpc) = self.rpc.as_ref().filter(|r| !r.service.is_empty()) {
             return format!("{}/{}", rpc.service, rpc.method);
         }
-        let target = Target::parse(&self.target);
+        let target = Target::parse(self.target());
         match target.path {
             Some(path) => format!("{} {}", self.method_label(), crate::route::template(path)),
             None => self.method_label().to_owned(),
@@ -184,7 +240,7 @@ impl Span {
     /// The method as a bounded label: a known method or `_OTHER`.
     pub fn method_label(&self) -> &str {
         if self.method_is_known() {
-            &self.method
+            self.method.as_str()
         } else {
             OTHER_METHOD
         }
@@ -192,23 +248,33 @@ impl Span {
 
     /// The method is one of [`KNOWN_METHODS`].
     pub fn method_is_known(&self) -> bool {
-        KNOWN_METHODS.contains(&self.method.as_str())
+        self.method.is_known()
+    }
+
+    /// The request target as sent: path and query.
+    pub fn target(&self) -> &str {
+        self.request.target()
+    }
+
+    /// The request's `user-agent`.
+    pub fn user_agent(&self) -> Option<&str> {
+        self.request.user_agent()
     }
 
     /// Path part of the request target (no query, no scheme or authority).
     pub fn path(&self) -> &str {
-        Target::parse(&self.target).path.unwrap_or("")
+        Target::parse(self.target()).path.unwrap_or("")
     }
 
     /// Query part of the request target, without `?`.
     pub fn query(&self) -> Option<&str> {
-        Target::parse(&self.target).query
+        Target::parse(self.target()).query
     }
 
     /// The host and port named by an absolute-form or authority-form
     /// target (`GET http://h:8080/p`, `CONNECT h:443`).
     pub fn target_authority(&self) -> Option<(&str, Option<u16>)> {
-        let t = Target::parse(&self.target);
+        let t = Target::parse(self.target());
         t.host.map(|h| (h, t.port))
     }
 

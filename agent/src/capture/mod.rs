@@ -19,7 +19,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc, time};
 use tracing::warn;
 
 pub use confirm::Confirmer;
-pub use event::{ConnKey, Event, EventBody, SocketInfo};
+pub use event::{Arena, Comm, ConnKey, Event, EventBody, SocketInfo};
 pub use sequence::{Order, Sequence};
 
 use crate::{
@@ -72,6 +72,7 @@ pub async fn run(
     #[allow(deprecated)] // AsyncFd::new is deprecated in tokio 1.54 in favour of a builder.
     let mut fd = AsyncFd::new(events)?;
     let mut wait = poll;
+    let mut arena = Arena::default();
     loop {
         let woken = tokio::select! {
             guard = fd.readable_mut() => {
@@ -88,7 +89,15 @@ pub async fn run(
             _ = time::sleep(wait) => false,
         };
         heartbeat.beat();
-        let Some(bytes) = drain(fd.get_mut(), &events_tx, &stats, &confirmer, recorder.as_mut()) else {
+        let drained = drain(
+            fd.get_mut(),
+            &mut arena,
+            &events_tx,
+            &stats,
+            &confirmer,
+            recorder.as_mut(),
+        );
+        let Some(bytes) = drained else {
             heartbeat.finish();
             return Ok(());
         };
@@ -101,6 +110,7 @@ pub async fn run(
 /// shut down.
 fn drain(
     ring: &mut crate::ringbuf::Ring,
+    arena: &mut Arena,
     events_tx: &mpsc::Sender<EventBatch>,
     stats: &Stats,
     confirmer: &Confirmer,
@@ -118,7 +128,7 @@ fn drain(
         if let Some((tgid, fd)) = event::unconfirmed(&record) {
             confirmer.ask(tgid, fd);
         }
-        match Event::decode(&record) {
+        match Event::decode_in(&record, arena) {
             Ok(ev) => {
                 bytes += budget::event_bytes(&ev);
                 batch.push(ev);

@@ -179,7 +179,7 @@ impl Correlator {
                         tid: ev.tid,
                         name: name.name,
                         executable: name.executable,
-                        thread: String::new(),
+                        thread: crate::capture::Comm::default(),
                         cgroup_id: ev.cgroup_id,
                     };
                     let conn = new_conn(&ev.conn, process, ev.socket, self.lookup);
@@ -460,28 +460,32 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
     let end = end_ktime_ns
         .max(response.head().map_or(0, |h| h.start_ktime_ns))
         .max(start);
-    // The exchange ends here: its strings move into the span.
-    let (method, target) = match &mut request.head.kind {
-        crate::http::HeadKind::Request { method, target } => (std::mem::take(method), std::mem::take(target)),
-        crate::http::HeadKind::Response { .. } => (String::new(), String::new()),
-    };
     let ctx = request.ctx;
+    let trace_state = request
+        .head
+        .header("tracestate")
+        .filter(|_| ctx.remote_parent)
+        .map(str::to_owned);
+    let request_headers = headers.request(&request.head.headers);
+    // The exchange ends here: the method moves into the span; the heads'
+    // buffers go back to the pool once target and user agent are copied.
+    let method = match &mut request.head.kind {
+        crate::http::HeadKind::Request { method } => std::mem::take(method),
+        crate::http::HeadKind::Response { .. } => crate::http::Method::default(),
+    };
+    let text = crate::span::RequestText::new(request.head.headers.target(), request.head.header("user-agent"));
     Span {
         trace_id: ctx.trace_id,
         span_id: ctx.span_id,
         parent_span_id: ctx.parent,
         sampled: ctx.sampled,
         parent_is_remote: ctx.remote_parent,
-        trace_state: request
-            .head
-            .header("tracestate")
-            .filter(|_| ctx.remote_parent)
-            .map(str::to_owned),
+        trace_state,
         kind: request.kind,
         start_unix_nano: clock.to_unix_nanos(start),
         end_unix_nano: clock.to_unix_nanos(end),
         method,
-        target,
+        request: text,
         status_code: response.head().and_then(|h| h.status()),
         protocol_version: request.version,
         tls: conn.tls,
@@ -490,15 +494,14 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
         server,
         process: Process {
             tid: request.thread.tid,
-            thread: request.thread.comm.to_string_lossy(),
+            thread: request.thread.comm,
             ..conn.process.clone()
         },
         peer_comm: None,
         resolved_server: None,
         k8s: None,
         peer_k8s: None,
-        user_agent: request.head.header("user-agent").map(str::to_owned),
-        request_headers: headers.request(&request.head.headers),
+        request_headers,
         response_headers: response.head().map_or_else(Vec::new, |h| headers.response(&h.headers)),
         truncated: request.head.truncated
             || match &response {

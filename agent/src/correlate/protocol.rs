@@ -70,7 +70,7 @@ pub fn detect(first: &[u8], direction: Direction) -> Box<dyn Protocol> {
 /// A request waiting for (or receiving) its response.
 #[derive(Debug)]
 pub struct Request {
-    pub head: Box<Head>,
+    pub head: Head,
     pub kind: SpanKind,
     /// The thread that sent or received the request head.
     pub thread: Thread,
@@ -86,7 +86,7 @@ pub struct Request {
 #[derive(Debug)]
 pub enum Response {
     /// The response head.
-    Seen(Box<Head>),
+    Seen(Head),
     /// A response was sent but its head fell in bytes that were not
     /// captured: the exchange is real, its status unknown.
     Uncaptured,

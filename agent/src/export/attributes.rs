@@ -68,8 +68,39 @@ impl Text {
         t
     }
 
+    /// An IP address as `Display` writes it; IPv4 by hand (through
+    /// `core::fmt`, one call per octet, it showed in the exporter's profile:
+    /// a span formats two or three addresses).
+    pub fn ip(ip: std::net::IpAddr) -> Text {
+        let std::net::IpAddr::V4(v4) = ip else {
+            return Text::of(ip);
+        };
+        let mut t = Text { buf: [0; 64], len: 0 };
+        for (i, &octet) in v4.octets().iter().enumerate() {
+            if i > 0 {
+                t.push(b'.');
+            }
+            if octet >= 100 {
+                t.push(b'0' + octet / 100);
+            }
+            if octet >= 10 {
+                t.push(b'0' + octet / 10 % 10);
+            }
+            t.push(b'0' + octet % 10);
+        }
+        t
+    }
+
+    /// Appends an ASCII byte (at most 15 are pushed: always room).
+    fn push(&mut self, b: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
+        }
+    }
+
     pub fn as_str(&self) -> &str {
-        // Only whole &str pieces are copied in, so this is valid UTF-8.
+        // Only whole &str pieces and ASCII bytes are copied in, so this is valid UTF-8.
         std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
     }
 }
@@ -116,10 +147,10 @@ pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'
     if !span.method_is_known() {
         put(
             "http.request.method_original",
-            capped(&span.method, MAX_VALUE, &mut cut),
+            capped(span.method.as_str(), MAX_VALUE, &mut cut),
         );
     }
-    let target = crate::span::Target::parse(&span.target);
+    let target = crate::span::Target::parse(span.target());
     if let Some(path) = target.path {
         put("url.path", capped(path, MAX_URL_PART, &mut cut));
     }
@@ -147,7 +178,7 @@ pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'
         };
         match fqdn {
             Some(fqdn) => put("server.address", Attr::Str(fqdn)),
-            None => put("server.address", Attr::Str(Text::of(server.ip()).as_str())),
+            None => put("server.address", Attr::Str(Text::ip(server.ip()).as_str())),
         }
         put("server.port", Attr::Int(i64::from(server.port())));
     }
@@ -156,16 +187,16 @@ pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'
         // what the client dialled.
         put(
             "meshless.server.resolved.address",
-            Attr::Str(Text::of(real.ip()).as_str()),
+            Attr::Str(Text::ip(real.ip()).as_str()),
         );
         put("meshless.server.resolved.port", Attr::Int(i64::from(real.port())));
     }
     if let Some(client) = span.client {
-        put("client.address", Attr::Str(Text::of(client.ip()).as_str()));
+        put("client.address", Attr::Str(Text::ip(client.ip()).as_str()));
         put("client.port", Attr::Int(i64::from(client.port())));
     }
     if let Some(peer) = span.peer() {
-        put("network.peer.address", Attr::Str(Text::of(peer.ip()).as_str()));
+        put("network.peer.address", Attr::Str(Text::ip(peer.ip()).as_str()));
         put("network.peer.port", Attr::Int(i64::from(peer.port())));
     }
     // network.transport (tcp) and network.protocol.name (http) are left
@@ -176,7 +207,7 @@ pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'
         // the agent the version it negotiated).
         put("tls.protocol.name", Attr::Str("tls"));
     }
-    if let Some(ua) = &span.user_agent {
+    if let Some(ua) = span.user_agent() {
         put("user_agent.original", capped(ua, MAX_VALUE, &mut cut));
     }
     if span.is_error() {
@@ -200,7 +231,7 @@ pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'
     // Per span, not per process: the resource cannot carry the thread.
     put("thread.id", Attr::Int(i64::from(span.process.tid)));
     if !span.process.thread.is_empty() {
-        put("thread.name", Attr::Str(&span.process.thread));
+        put("thread.name", Attr::Str(&span.process.thread.to_str_lossy()));
     }
     if opts.process {
         put("process.pid", Attr::Int(i64::from(span.process.pid)));
@@ -218,6 +249,27 @@ pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'
     ] {
         for (name, value) in headers.iter() {
             emit(prefix, name, Attr::StrArray1(value));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_text_is_what_display_writes() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "192.168.100.9",
+            "::1",
+            "fe80::1:2",
+        ] {
+            let parsed: std::net::IpAddr = ip.parse().expect("ip");
+            assert_eq!(Text::ip(parsed).as_str(), parsed.to_string());
         }
     }
 }

@@ -61,7 +61,7 @@ pub fn to_human(span: &Span) -> String {
     format!(
         "{h:02}:{m:02}:{s:02}.{micros:06} {kind:<6} {method} {target} -> {status} {dur_ms:.3}ms {comm}[{pid}] {client} -> {server} trace={trace}{trunc}",
         kind = span.kind.as_str(),
-        method = crate::http::cut(&span.method, 64),
+        method = crate::http::cut(span.method.as_str(), 64),
         target = crate::http::cut(span.path(), 1024),
         comm = span.process.name,
         pid = span.process.pid,

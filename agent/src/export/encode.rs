@@ -221,7 +221,7 @@ fn write_span(w: &mut Writer, span: &Span, opts: attributes::Options) {
         }
         None => {
             let _ = w.write_str(span.method_label());
-            if let Some(path) = crate::span::Target::parse(&span.target).path {
+            if let Some(path) = crate::span::Target::parse(span.target()).path {
                 let _ = w.write_str(" ");
                 let _ = crate::route::write_template(path, w);
             }

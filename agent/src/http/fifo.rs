@@ -38,7 +38,7 @@ pub struct Http1 {
     ingress: HttpStream,
     egress: HttpStream,
     pending: VecDeque<Request>,
-    responding: Option<(Request, Box<Head>)>,
+    responding: Option<(Request, Head)>,
     next_seq: u64,
     /// Two requests were seen in one syscall: the peer pipelines, so a new
     /// request does not mean the ones before it were answered.
@@ -109,14 +109,9 @@ impl Http1 {
     fn held_bytes(&self) -> usize {
         let request_bytes = |r: &Request| {
             std::mem::size_of::<Request>()
-                + std::mem::size_of::<Head>()
-                + r.head
-                    .headers
-                    .iter()
-                    .map(|(n, v)| n.len() + v.len() + 48)
-                    .sum::<usize>()
+                + r.head.headers.heap_bytes()
                 + match &r.head.kind {
-                    crate::http::HeadKind::Request { method, target } => method.len() + target.len(),
+                    crate::http::HeadKind::Request { method } => method.heap_bytes(),
                     crate::http::HeadKind::Response { .. } => 0,
                 }
         };
@@ -362,7 +357,7 @@ impl Http1 {
         head.at_segment_start.then_some(ctx)
     }
 
-    fn request_head(&mut self, direction: Direction, head: Box<Head>, thread: Thread, out: &mut Output) {
+    fn request_head(&mut self, direction: Direction, head: Head, thread: Thread, out: &mut Output) {
         let kind = match direction {
             Direction::Ingress => SpanKind::Server,
             Direction::Egress => SpanKind::Client,
@@ -430,7 +425,7 @@ impl Http1 {
         });
     }
 
-    fn response_head(&mut self, direction: Direction, head: Box<Head>, ktime: u64, out: &mut Output) {
+    fn response_head(&mut self, direction: Direction, head: Head, ktime: u64, out: &mut Output) {
         let status = head.status().unwrap_or(0);
         self.last_response_start_ns = self.last_response_start_ns.max(head.start_ktime_ns);
         let request_direction = match direction {

@@ -1,7 +1,7 @@
 //! Parsing one HTTP/1.x header block with `httparse`.
 use smallvec::SmallVec;
 
-use super::Flow;
+use super::{pool, Flow, Method};
 
 /// Headers kept per message; the rest are counted in `Head::headers_dropped`.
 pub const MAX_HEADERS: usize = 64;
@@ -26,10 +26,11 @@ const ESSENTIAL: [&str; 7] = [
 /// Longest method token kept; RFC 9110 sets no limit, real methods are short.
 const MAX_METHOD: usize = 64;
 
-/// A request line or a status line.
+/// A request line or a status line (a request's target is the start of
+/// [`Head::headers`]' buffer, see [`Head::target`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeadKind {
-    Request { method: String, target: String },
+    Request { method: Method },
     Response { status: u16 },
 }
 
@@ -39,7 +40,7 @@ pub struct Head {
     pub kind: HeadKind,
     /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version: u8,
-    /// Header names lower-cased, in order.
+    /// Header names lower-cased, in order (after a request's target).
     pub headers: Headers,
     pub headers_dropped: usize,
     /// The header block was not seen to its end.
@@ -51,11 +52,15 @@ pub struct Head {
     pub at_segment_start: bool,
 }
 
-/// The header fields of one message, in order, in one buffer (names and
-/// values back to back): a head costs two allocations, not two per field.
+/// A request's target and the header fields of one message, in order, in
+/// one buffer (target, then names and values back to back). The buffer
+/// comes from and goes back to the thread's [`pool`]: a head costs no
+/// allocation once the pool is warm (and its fields fit inline).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Headers {
     text: String,
+    /// End of the request target that starts `text` (0 for a response).
+    target_end: u32,
     /// (name end, value end) in `text`; a name starts where the previous
     /// field's value ends. Inline up to a typical header count.
     ends: SmallVec<[(u32, u32); 8]>,
@@ -63,10 +68,44 @@ pub struct Headers {
 
 impl Headers {
     pub fn with_capacity(fields: usize, bytes: usize) -> Self {
+        Self::with_target("", fields, bytes)
+    }
+
+    /// Headers after a request target (`target` cut to [`MAX_TARGET`]);
+    /// `bytes` is the room for the fields.
+    pub fn with_target(target: &str, fields: usize, bytes: usize) -> Self {
+        let target = cut(target, MAX_TARGET);
+        let mut text = pool::take(target.len() + bytes);
+        text.push_str(target);
         Self {
-            text: String::with_capacity(bytes),
+            text,
+            target_end: target.len() as u32,
             ends: SmallVec::with_capacity(fields),
         }
+    }
+
+    /// A request's target and its fields (tests, HTTP/2 heads).
+    pub fn request<'a>(target: &str, fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let mut headers = Self::with_target(target, 0, 0);
+        for (n, v) in fields {
+            headers.push(n, v);
+        }
+        headers
+    }
+
+    /// The request target (empty for a response).
+    pub fn target(&self) -> &str {
+        &self.text[..self.target_end as usize]
+    }
+
+    /// Heap bytes held.
+    pub fn heap_bytes(&self) -> usize {
+        self.text.capacity()
+            + if self.ends.spilled() {
+                self.ends.capacity() * 8
+            } else {
+                0
+            }
     }
 
     /// Appends a field as given (a field past 4 GiB of header text is
@@ -98,11 +137,16 @@ impl Headers {
 
     /// (name, value) of every field, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
-        let starts = std::iter::once(0).chain(self.ends.iter().map(|&(_, v)| v as usize));
-        starts.zip(&self.ends).map(|(start, &(name_end, value_end))| {
-            let (name_end, value_end) = (name_end as usize, value_end as usize);
-            (&self.text[start..name_end], &self.text[name_end..value_end])
-        })
+        self.spans()
+            .map(|(start, name_end, value_end)| (&self.text[start..name_end], &self.text[name_end..value_end]))
+    }
+
+    /// (name start, name end, value end) of every field in `text`.
+    fn spans(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let starts = std::iter::once(self.target_end as usize).chain(self.ends.iter().map(|&(_, v)| v as usize));
+        starts
+            .zip(&self.ends)
+            .map(|(start, &(name_end, value_end))| (start, name_end as usize, value_end as usize))
     }
 
     /// First value of a header (exact name).
@@ -116,6 +160,12 @@ impl Headers {
 
     pub fn is_empty(&self) -> bool {
         self.ends.is_empty()
+    }
+}
+
+impl Drop for Headers {
+    fn drop(&mut self) {
+        pool::give(std::mem::take(&mut self.text));
     }
 }
 
@@ -159,7 +209,15 @@ impl Head {
 
     pub fn method(&self) -> Option<&str> {
         match &self.kind {
-            HeadKind::Request { method, .. } => Some(method),
+            HeadKind::Request { method } => Some(method.as_str()),
+            HeadKind::Response { .. } => None,
+        }
+    }
+
+    /// A request's target (path and query, as sent).
+    pub fn target(&self) -> Option<&str> {
+        match self.kind {
+            HeadKind::Request { .. } => Some(self.headers.target()),
             HeadKind::Response { .. } => None,
         }
     }
@@ -252,6 +310,7 @@ pub fn parse(block: &[u8], truncated: bool, flow: Option<Flow>) -> Result<Head, 
         };
         finish(
             HeadKind::Response { status: code },
+            "",
             version,
             resp.headers,
             status,
@@ -277,15 +336,15 @@ pub fn parse(block: &[u8], truncated: bool, flow: Option<Flow>) -> Result<Head, 
             return Err("request line inside a header block");
         }
         let kind = HeadKind::Request {
-            method: method.to_owned(),
-            target: cut(path, MAX_TARGET).to_owned(),
+            method: Method::new(method),
         };
-        finish(kind, version, req.headers, status, truncated)
+        finish(kind, path, version, req.headers, status, truncated)
     }
 }
 
 fn finish(
     kind: HeadKind,
+    target: &str,
     version: u8,
     raw: &[httparse::Header<'_>],
     status: httparse::Result<usize>,
@@ -304,9 +363,11 @@ fn finish(
     fn value_of<'h>(h: &httparse::Header<'h>) -> &'h [u8] {
         &h.value[..h.value.len().min(MAX_VALUE)]
     }
-    // Sized once: all kept fields go into one buffer (two allocations per head).
+    // Sized once: the target and all kept fields go into one buffer (one
+    // allocation per head while the fields fit inline).
     let bytes: usize = raw.iter().map(|h| h.name.len() + value_of(h).len()).sum();
-    let mut headers = Headers::with_capacity(raw.len(), bytes.min(MAX_KEPT_HEADER_BYTES + 2 * MAX_VALUE));
+    let bytes = bytes.min(MAX_KEPT_HEADER_BYTES + 2 * MAX_VALUE);
+    let mut headers = Headers::with_target(target, raw.len(), bytes);
     let mut kept_bytes = 0;
     for h in raw {
         let value = value_of(h);

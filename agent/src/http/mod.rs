@@ -9,12 +9,15 @@
 mod chunked;
 mod fifo;
 mod head;
+mod method;
+mod pool;
 mod target;
 
 use std::collections::VecDeque;
 
 pub use fifo::{detect, Http1, MAX_PENDING};
 pub use head::{cut, Head, HeadKind, Headers, MAX_HEADERS};
+pub use method::{Method, KNOWN_METHODS};
 pub use target::Target;
 
 use chunked::{ChunkStep, Chunked};
@@ -29,7 +32,7 @@ const KEEP_HEAD_CAPACITY: usize = 4 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {
     /// A message head (request or status line and headers).
-    Head(Box<Head>),
+    Head(Head),
     /// The message whose head came last has ended; `ktime_ns` is the time of
     /// the last syscall that carried its bytes.
     End { ktime_ns: u64 },
@@ -371,7 +374,7 @@ impl HttpStream {
                         head::Framing::UntilClose => State::UntilClose,
                     }
                 };
-                Item::Head(Box::new(h))
+                Item::Head(h)
             }
             Err(_) if truncated => {
                 self.state = State::Desync;

@@ -20,10 +20,7 @@ pub fn rpc(request: &Head, response: Option<&Block>, trailers: Option<&Block>, r
     if !content_type.starts_with("application/grpc") {
         return None;
     }
-    let (service, method) = match &request.kind {
-        crate::http::HeadKind::Request { target, .. } => split_path(target).unwrap_or_default(),
-        crate::http::HeadKind::Response { .. } => Default::default(),
-    };
+    let (service, method) = request.target().and_then(split_path).unwrap_or_default();
     // Trailers win; a trailers-only response carries it in its one block.
     let grpc_status = [trailers, response]
         .into_iter()
@@ -138,15 +135,12 @@ mod tests {
     }
 
     fn head_with_timeout(timeout: Option<&str>) -> Head {
-        let mut headers = vec![("content-type".to_owned(), "application/grpc".to_owned())];
-        headers.extend(timeout.map(|t| ("grpc-timeout".to_owned(), t.to_owned())));
+        let mut headers = vec![("content-type", "application/grpc")];
+        headers.extend(timeout.map(|t| ("grpc-timeout", t)));
         Head {
-            kind: crate::http::HeadKind::Request {
-                method: "POST".to_owned(),
-                target: "/pkg.Svc/M".to_owned(),
-            },
+            kind: crate::http::HeadKind::Request { method: "POST".into() },
             version: 2,
-            headers: headers.into(),
+            headers: crate::http::Headers::request("/pkg.Svc/M", headers),
             headers_dropped: 0,
             truncated: false,
             start_ktime_ns: 0,

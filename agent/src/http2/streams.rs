@@ -11,7 +11,7 @@ use super::{
 };
 use crate::{
     correlate::protocol::{Exchange, Output, Protocol, Request, Response, Segment, SpanContext, Thread},
-    http::{Head, HeadKind},
+    http::{Head, HeadKind, Headers, Method},
     span::{SpanKind, Unanswered},
 };
 
@@ -220,7 +220,7 @@ impl Http2 {
             return;
         }
         let request = Request {
-            head: Box::new(head),
+            head,
             kind,
             thread,
             seq,
@@ -272,7 +272,7 @@ impl Http2 {
             reset,
         );
         let response = match (open.response.as_ref().map(response_head), why) {
-            (Some(Some(head)), _) => Response::Seen(Box::new(head)),
+            (Some(Some(head)), _) => Response::Seen(head),
             // A response went by whose status could not be decoded.
             (Some(None), None) => Response::Uncaptured,
             (_, Some(why)) => Response::Missing(why),
@@ -361,28 +361,28 @@ impl Protocol for Http2 {
 /// A request as an HTTP `Head`: `:method` and `:path` become the request
 /// line (empty when unknown, never guessed), `:authority` the `host`.
 fn request_head(block: Option<&Block>, ktime_ns: u64) -> Head {
-    let known = |name| block.and_then(|b| b.get(name)).flatten().map(str::to_owned);
-    let mut headers = Vec::new();
+    let known = |name| block.and_then(|b| b.get(name)).flatten();
+    let mut headers: Vec<(&str, &str)> = Vec::new();
     let mut truncated = block.is_none_or(|b| b.has_unknown() || b.limited);
     for field in block.map_or(&[][..], |b| &b.fields[..]) {
         if let Field::Known(n, v) = field {
             if !n.starts_with(':') {
-                headers.push((n.clone(), v.clone()));
+                headers.push((n.as_str(), v.as_str()));
             }
         }
     }
     if let Some(authority) = known(":authority") {
-        if !headers.iter().any(|(n, _)| n == "host") {
-            headers.push(("host".to_owned(), authority));
+        if !headers.iter().any(|(n, _)| *n == "host") {
+            headers.push(("host", authority));
         }
     }
-    let method = known(":method").unwrap_or_default();
+    let method = known(":method").map_or_else(Method::default, Method::new);
     let target = known(":path").unwrap_or_default();
     truncated |= method.is_empty() || target.is_empty();
     Head {
-        kind: HeadKind::Request { method, target },
+        kind: HeadKind::Request { method },
         version: 2,
-        headers: headers.into(),
+        headers: Headers::request(target, headers),
         headers_dropped: 0,
         truncated,
         start_ktime_ns: ktime_ns,

@@ -135,7 +135,7 @@ fn a_hundred_concurrent_streams_become_a_hundred_client_spans() {
         assert_eq!(s.kind, SpanKind::Client);
         assert_eq!(s.protocol_version, "2");
         assert_eq!(s.status_code, Some(200));
-        let i: u64 = s.target.trim_start_matches("/items/").parse().expect("path");
+        let i: u64 = s.target().trim_start_matches("/items/").parse().expect("path");
         assert_eq!(s.end_unix_nano - s.start_unix_nano, 100 + i - 10, "paired by stream id");
     }
 }
@@ -244,9 +244,9 @@ fn an_agent_started_mid_connection_never_takes_a_path_from_a_stale_table() {
     assert_eq!(spans.len(), 2);
     let old = &spans[0];
     assert_eq!(old.method, "POST", "static entries are known");
-    assert_eq!(old.target, "", "unknown, not guessed");
+    assert_eq!(old.target(), "", "unknown, not guessed");
     assert!(old.truncated, "marked as incomplete");
-    assert_eq!(spans[1].target, "/new", "literals after the start are read");
+    assert_eq!(spans[1].target(), "/new", "literals after the start are read");
 }
 
 #[test]
@@ -262,7 +262,7 @@ fn malformed_frames_are_counted_not_fatal() {
     let back = peer.response(3, &[(":status", "204")], true);
     c.handle(peer.event(Direction::Ingress, back, 30), &mut spans);
     assert_eq!(spans.len(), 1);
-    assert_eq!(spans[0].target, "/after");
+    assert_eq!(spans[0].target(), "/after");
     assert!(stats.http_malformed.load(std::sync::atomic::Ordering::Relaxed) >= 1);
 }
 
@@ -284,7 +284,7 @@ fn an_h2c_upgrade_answers_the_upgrade_request_on_stream_one() {
     c.handle(peer.event(Direction::Ingress, back, 40), &mut spans);
     let got: Vec<(&str, Option<u16>, &str)> = spans
         .iter()
-        .map(|s| (s.target.as_str(), s.status_code, s.protocol_version))
+        .map(|s| (s.target(), s.status_code, s.protocol_version))
         .collect();
     assert_eq!(got, vec![("/up", Some(200), "2"), ("/second", Some(404), "2")]);
 }
