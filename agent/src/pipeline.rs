@@ -139,6 +139,10 @@ impl Router {
         // Filtered in place: a span is a large struct, and moving each one
         // into a new vector showed in the profile.
         kept.retain_mut(|span| {
+            if crate::export::is_own_export(span) {
+                Stats::inc(&self.stats.spans_own_exports);
+                return false;
+            }
             if let Some(ix) = &mut self.k8s {
                 if ix.enrich(span) == Verdict::Drop {
                     Stats::inc(&self.stats.spans_filtered);

@@ -51,6 +51,7 @@ counters! {
     spans_unanswered: "Requests that ended without a response (closed or idle).",
     spans_sampled_out: "Spans not exported because the sampler said so.",
     spans_filtered: "Spans of opted-out pods or untraced namespaces.",
+    spans_own_exports: "Spans of meshless agents' own export requests (seen at a traced collector): not exported and not in metrics, so exports cannot feed back into themselves.",
     otlp_spans_exported: "Spans the OTLP collector accepted.",
     otlp_spans_dropped: "Spans dropped by the OTLP exporter (queue full or export failed).",
     otlp_export_errors: "Failed OTLP export requests.",

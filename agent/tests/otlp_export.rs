@@ -117,6 +117,55 @@ fn http_protobuf_export_carries_the_same_spans() {
     export_round_trip(Transport::Http);
 }
 
+/// The collector here is this test process, which the agent traces (it
+/// watches the whole machine): every export request the agent sends is
+/// also an HTTP request into a traced process. Exported as a span, it
+/// would be exported again, for ever, one more request per batch.
+fn own_exports_do_not_come_back_as_spans(transport: Transport, export_path: &str) {
+    let _serial = serial();
+    let receiver = Receiver::start(transport);
+    let pods = PodPair::new();
+    let protocol = if transport == Transport::Grpc {
+        "grpc"
+    } else {
+        "http/protobuf"
+    };
+    let agent = Agent::start_with(&["--otlp-endpoint", &receiver.endpoint(), "--otlp-protocol", protocol]);
+    let port = 8305;
+    let _server = python_server(&pods, port);
+    for i in 0..3 {
+        curl(&pods, &format!("http://{}:{port}/round-{i}", pods.ip_b), &[]);
+        // Several export requests, each a chance to feed back.
+        receiver.wait_spans(to_port(port), 2 * (i + 1), Duration::from_secs(15));
+    }
+    // Long enough for spans of the last export requests to be exported.
+    std::thread::sleep(Duration::from_secs(3));
+    let own: Vec<_> = receiver
+        .spans()
+        .into_iter()
+        .filter(|s| s.attr("url.path").is_some_and(|p| p == export_path))
+        .collect();
+    assert!(own.is_empty(), "the agent's own export requests came back: {own:#?}");
+    assert_eq!(receiver.spans().iter().filter(|s| to_port(port)(s)).count(), 6);
+    // The collector's side of those requests was seen and set aside (so
+    // the check above is not vacuous: the receiver is traced).
+    let seen = metric_sum(&scrape(&agent), "meshless_spans_own_exports_total", &[]);
+    assert!(seen >= 1.0, "the collector's side of the exports was not seen: {seen}");
+}
+
+#[test]
+fn the_agents_own_grpc_export_requests_are_not_traced_back_to_the_collector() {
+    own_exports_do_not_come_back_as_spans(
+        Transport::Grpc,
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+    );
+}
+
+#[test]
+fn the_agents_own_http_export_requests_are_not_traced_back_to_the_collector() {
+    own_exports_do_not_come_back_as_spans(Transport::Http, "/v1/traces");
+}
+
 #[test]
 fn authorization_and_cookie_values_never_leave_the_node() {
     let _serial = serial();

@@ -94,6 +94,7 @@ impl ExportSettings {
         )?;
         let headers = parse_pairs(c.otlp_headers.as_deref().unwrap_or(""), true)
             .map_err(|p| bad("otlp-headers", env::OTLP_HEADERS, p))?;
+        let headers = with_user_agent(headers);
         let target =
             |specific: &Option<String>, flag: &str, var: &str, path: &str| -> Result<OtlpTarget, SettingError> {
                 let endpoint = match (specific, &c.otlp_endpoint) {
@@ -270,6 +271,25 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// The export headers with the agent's `User-Agent` first: a collector the
+/// agent traces then shows which requests are the agent's own exports
+/// ([`crate::export::is_own_export`]). A user-agent of the user's own is kept
+/// after it.
+fn with_user_agent(mut headers: Vec<(String, String)>) -> Vec<(String, String)> {
+    let theirs = headers
+        .iter()
+        .position(|(k, _)| k.eq_ignore_ascii_case("user-agent"))
+        .map(|at| headers.remove(at).1);
+    let value = match theirs {
+        Some(theirs) => format!("{} {theirs}", crate::export::USER_AGENT),
+        None => crate::export::USER_AGENT.to_owned(),
+    };
+    // Spelled as the OpenTelemetry exporters spell their default, which
+    // this replaces.
+    headers.push(("User-Agent".to_owned(), value));
+    headers
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -293,6 +313,30 @@ mod tests {
         let s = settings(&["--traces-exporter", "console,otlp"]).expect("valid");
         assert!(s.console);
         assert_eq!(s.otlp_traces.expect("traces").endpoint, "http://localhost:4317");
+    }
+
+    #[test]
+    fn export_requests_carry_the_agents_user_agent_before_the_users_own() {
+        let ua = |s: ExportSettings| {
+            let t = s.otlp_traces.expect("traces");
+            let all: Vec<_> = t
+                .headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case("user-agent"))
+                .collect();
+            assert_eq!(all.len(), 1, "{:?}", t.headers);
+            all[0].1.clone()
+        };
+        let s = settings(&["--otlp-endpoint", "http://c:4317", "--otlp-headers", "x-team=a"]).expect("valid");
+        assert_eq!(ua(s), crate::export::USER_AGENT);
+        let s = settings(&[
+            "--otlp-endpoint",
+            "http://c:4317",
+            "--otlp-headers",
+            "USER-AGENT=gateway/2",
+        ])
+        .expect("valid");
+        assert_eq!(ua(s), format!("{} gateway/2", crate::export::USER_AGENT));
     }
 
     #[test]
@@ -328,7 +372,11 @@ mod tests {
         .expect("valid");
         assert_eq!(
             s.otlp_traces.expect("t").headers,
-            vec![("api-key".into(), "a b".into()), ("x".into(), "1".into())]
+            vec![
+                ("api-key".into(), "a b".into()),
+                ("x".into(), "1".into()),
+                ("User-Agent".into(), crate::export::USER_AGENT.into())
+            ]
         );
     }
 }

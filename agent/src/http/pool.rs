@@ -10,9 +10,6 @@ use std::cell::RefCell;
 const KEEP: usize = 64;
 /// Largest buffer kept; a buffer grown by a big header block is freed.
 const KEEP_CAPACITY: usize = 2048;
-/// Smallest buffer allocated: request and response heads then share
-/// buffers without growing them.
-const MIN_CAPACITY: usize = 0;
 
 thread_local! {
     static FREE: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
@@ -27,7 +24,9 @@ pub fn take(bytes: usize) -> String {
             text.reserve(bytes);
             text
         }
-        None => String::with_capacity(bytes.max(MIN_CAPACITY)),
+        // Sized to the head: a floor (512 bytes was tried) multiplied the
+        // memory of the many heads a connection flood holds.
+        None => String::with_capacity(bytes),
     }
 }
 
