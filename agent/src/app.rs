@@ -417,11 +417,11 @@ fn console_stage(
     let mut console = Console::new(format, capture_query, std::io::BufWriter::new(stdout.lock()));
     while let Some(batch) = spans_rx.blocking_recv() {
         heartbeat.beat();
-        let batch = batch.items;
-        match console.write(&batch) {
-            Ok(()) => Stats::add(&stats.spans_exported, batch.len() as u64),
+        let spans: usize = batch.items.iter().map(Vec::len).sum();
+        match batch.items.iter().try_for_each(|spans| console.write(spans)) {
+            Ok(()) => Stats::add(&stats.spans_exported, spans as u64),
             Err(error) => {
-                Stats::add(&stats.spans_dropped, batch.len() as u64);
+                Stats::add(&stats.spans_dropped, spans as u64);
                 if error.kind() == std::io::ErrorKind::BrokenPipe {
                     warn!("stdout closed; console exporter stops");
                     return heartbeat.fail("stdout closed");

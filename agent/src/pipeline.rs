@@ -35,10 +35,14 @@ const GATHER_SPANS: usize = 512;
 /// up to [`GATHER_SPANS`] or the next tick (≤ 50 ms while traffic flows):
 /// waking the exporter for every drained event batch (100 times a second)
 /// doubled the agent's context switches (measured, docs/bench/replay.md).
+/// Gathered as the batches they came in: a span is a large struct, and
+/// copying each into one vector (and regrowing it) showed in the profile.
 pub struct ChannelSink {
     tx: tokio::sync::mpsc::Sender<SpanBatch>,
     stats: Arc<Stats>,
-    gathered: Vec<Span>,
+    gathered: Vec<Vec<Span>>,
+    /// Spans in `gathered`.
+    count: usize,
 }
 
 impl ChannelSink {
@@ -47,18 +51,19 @@ impl ChannelSink {
             tx,
             stats,
             gathered: Vec::new(),
+            count: 0,
         }
     }
 
-    fn hand_on(&mut self, batch: Vec<Span>) {
+    fn hand_on(&mut self, batches: Vec<Vec<Span>>, n: usize) {
         let stats = &self.stats;
-        let n = batch.len() as u64;
-        let bytes = batch.iter().map(budget::span_bytes).sum();
+        let n = n as u64;
+        let bytes = batches.iter().flatten().map(budget::span_bytes).sum();
         let Some(charge) = stats.budget.charge(Share::Spans, bytes) else {
             Stats::add(&stats.spans_dropped, n);
             return stats.budget.shed(Reason::SpanBudget, n);
         };
-        if self.tx.try_send(Charged::new(batch, charge)).is_err() {
+        if self.tx.try_send(Charged::new(batches, charge)).is_err() {
             Stats::add(&stats.spans_dropped, n);
             stats.budget.shed(Reason::SpanQueue, n);
         }
@@ -67,20 +72,18 @@ impl ChannelSink {
 
 impl Sink for ChannelSink {
     fn send(&mut self, batch: Vec<Span>) {
-        if self.gathered.is_empty() {
-            self.gathered = batch;
-        } else {
-            self.gathered.extend(batch);
-        }
-        if self.gathered.len() >= GATHER_SPANS {
+        self.count += batch.len();
+        self.gathered.push(batch);
+        if self.count >= GATHER_SPANS {
             self.flush();
         }
     }
 
     fn flush(&mut self) {
-        if !self.gathered.is_empty() {
-            let batch = std::mem::take(&mut self.gathered);
-            self.hand_on(batch);
+        if self.count > 0 {
+            let batches = std::mem::take(&mut self.gathered);
+            let n = std::mem::take(&mut self.count);
+            self.hand_on(batches, n);
         }
     }
 }
@@ -221,7 +224,10 @@ impl Pipeline {
 
     fn route(&mut self) {
         if !self.spans.is_empty() {
-            self.router.route(std::mem::take(&mut self.spans));
+            // The next batch is likely as large: sized once, not regrown
+            // (each regrowth copied every span so far).
+            let next = Vec::with_capacity(self.spans.len());
+            self.router.route(std::mem::replace(&mut self.spans, next));
         }
     }
 }

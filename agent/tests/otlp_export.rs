@@ -494,7 +494,7 @@ mod direct {
             for batch in batches {
                 let bytes = batch.iter().map(budget::span_bytes).sum();
                 match stats.budget.charge(Share::Spans, bytes) {
-                    Some(charge) => tx.send(Charged::new(batch, charge)).await.expect("stage alive"),
+                    Some(charge) => tx.send(Charged::new(vec![batch], charge)).await.expect("stage alive"),
                     None => stats.budget.shed(Reason::SpanBudget, batch.len() as u64),
                 }
             }

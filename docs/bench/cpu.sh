@@ -28,27 +28,28 @@ sh -c "echo \$\$ > $CG/cgroup.procs; exec nginx -c $D/nginx.conf" & NGINX=$!
   --stats-interval-secs 0 --cgroup $CG "$@" 2> $D/agent.log > /dev/null & AGENT=$!
 for i in $(seq 400); do grep -q "meshless ready" $D/agent.log && break; kill -0 $AGENT 2>/dev/null || { cat $D/agent.log; exit 1; }; sleep 0.05; done
 sleep 1
-sh -c "echo \$\$ > $CG/cgroup.procs; exec oha --no-tui --output-format json -z $((SECS + 4))s -c 16 -q $RATE --latency-correction http://127.0.0.1:$PORT/" > $D/oha.json & OHA=$!
+sh -c "echo \$\$ > $CG/cgroup.procs; exec oha --no-tui --output-format json -z $((SECS + 4))s -c ${CONNS:-16} -q $RATE --latency-correction http://127.0.0.1:$PORT/" > $D/oha.json & OHA=$!
 sleep 2
 ticks() { awk '{print $14 + $15}' /proc/$AGENT/stat; }
+user_ticks() { awk '{print $14}' /proc/$AGENT/stat; }
 switches() { cat /proc/$AGENT/task/*/status | awk '/ctxt_switches/{s+=$2} END{print s}'; }
-T0=$(ticks); S0=$(switches)
+T0=$(ticks); U0=$(user_ticks); S0=$(switches)
 if [ -n "${PERF:-}" ]; then
-  perf record -F 499 --call-graph dwarf,32768 -p $AGENT -o $D/perf.data -- sleep $SECS 2> /dev/null > /dev/null
+  perf record -F ${PERF_HZ:-499} --call-graph dwarf,32768 -p $AGENT -o $D/perf.data -- sleep $SECS 2> /dev/null > /dev/null
 else
   sleep $SECS
 fi
-T1=$(ticks); S1=$(switches)
+T1=$(ticks); U1=$(user_ticks); S1=$(switches)
 wait $OHA
 HZ=$(getconf CLK_TCK)
-python3 - "$D/oha.json" "$T0" "$T1" "$HZ" "$SECS" "$S0" "$S1" <<'PY'
+python3 - "$D/oha.json" "$T0" "$T1" "$HZ" "$SECS" "$S0" "$S1" "$U0" "$U1" <<'PY'
 import json, sys
-d = json.load(open(sys.argv[1])); t0, t1, hz, secs, s0, s1 = map(int, sys.argv[2:])
+d = json.load(open(sys.argv[1])); t0, t1, hz, secs, s0, s1, u0, u1 = map(int, sys.argv[2:])
 rps = d['summary']['requestsPerSec']
 cpu_s = (t1 - t0) / hz
 print(f"oha {rps:.0f} req/s (success {d['summary']['successRate']:.3f}); agent CPU {cpu_s:.2f} s in {secs} s "
       f"= {100 * cpu_s / secs:.1f} % of a core = {cpu_s * 1e6 / (rps * secs):.1f} µs/request; "
-      f"context switches {s1 - s0} ({(s1 - s0) / secs:.0f}/s)")
+      f"(user {100 * (u1 - u0) / max(t1 - t0, 1):.0f} %); context switches {s1 - s0} ({(s1 - s0) / secs:.0f}/s)")
 PY
 curl -s 127.0.0.1:$MPORT/metrics | grep -E "^meshless_(spans_exported|dropped|kernel_events_lost|events_read)[a-z_]*" | head -8
 kill $AGENT; wait $AGENT 2>/dev/null

@@ -31,9 +31,10 @@ pub const MAX_REQUEST_BYTES: usize = 3 * 1024 * 1024 + 512 * 1024;
 /// Longest a span waits in the queue before a partial batch is sent.
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
 
-/// Spans on their way to an exporter, their bytes held against the
-/// [`Share::Spans`] budget until the batch is dropped.
-pub type SpanBatch = Charged<Vec<Span>>;
+/// Spans on their way to an exporter (in the batches the pipeline routed
+/// them in), their bytes held against the [`Share::Spans`] budget until
+/// the batch is dropped.
+pub type SpanBatch = Charged<Vec<Vec<Span>>>;
 
 /// Why the exporter could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -300,7 +301,7 @@ impl Queue {
 
     fn push(&mut self, batch: SpanBatch) {
         let mut shed = 0u64;
-        for span in batch.items {
+        for span in batch.items.into_iter().flatten() {
             let bytes = budget::span_bytes(&span);
             if self.spans.len() >= self.capacity || !self.stats.budget.try_reserve(Share::Export, bytes) {
                 shed += 1;
