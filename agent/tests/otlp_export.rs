@@ -31,15 +31,20 @@ fn to_port(port: u16) -> impl Fn(&Received) -> bool {
     move |s| s.attr("server.port").as_deref() == Some(port.to_string().as_str())
 }
 
+/// `--otlp-protocol` for a receiver's transport.
+fn protocol(transport: Transport) -> &'static str {
+    if transport == Transport::Grpc {
+        "grpc"
+    } else {
+        "http/protobuf"
+    }
+}
+
 fn export_round_trip(transport: Transport) {
     let _serial = serial();
     let receiver = Receiver::start(transport);
     let pods = PodPair::new();
-    let protocol = if transport == Transport::Grpc {
-        "grpc"
-    } else {
-        "http/protobuf"
-    };
+    let protocol = protocol(transport);
     let _agent = Agent::start_with(&[
         "--otlp-endpoint",
         &receiver.endpoint(),
@@ -125,11 +130,7 @@ fn own_exports_do_not_come_back_as_spans(transport: Transport, export_path: &str
     let _serial = serial();
     let receiver = Receiver::start(transport);
     let pods = PodPair::new();
-    let protocol = if transport == Transport::Grpc {
-        "grpc"
-    } else {
-        "http/protobuf"
-    };
+    let protocol = protocol(transport);
     let agent = Agent::start_with(&["--otlp-endpoint", &receiver.endpoint(), "--otlp-protocol", protocol]);
     let port = 8305;
     let _server = python_server(&pods, port);
