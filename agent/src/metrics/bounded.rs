@@ -80,20 +80,91 @@ impl<M> Series<M> {
     }
 }
 
-/// A `Family` with a series cap and expiry.
+/// Where a tracker's series live: one prometheus-client family, or two
+/// families with the same labels that are always written together (one
+/// label lookup serves both).
+pub trait Store {
+    /// The handle(s) a series is written through.
+    type Metric;
+    /// The series of `labels`, created if new.
+    fn create(&self, labels: &Labels) -> Self::Metric;
+    fn remove(&self, labels: &Labels);
+}
+
+/// One family of metrics built by a constructor function.
+pub type Single<M> = Family<Labels, M, fn() -> M>;
+
+impl<M: prometheus_client::metrics::TypedMetric + Clone> Store for Single<M> {
+    type Metric = M;
+
+    fn create(&self, labels: &Labels) -> M {
+        self.get_or_create(labels).clone()
+    }
+
+    fn remove(&self, labels: &Labels) {
+        Family::remove(self, labels);
+    }
+}
+
+impl<A: Store, B: Store> Store for (A, B) {
+    type Metric = (A::Metric, B::Metric);
+
+    fn create(&self, labels: &Labels) -> Self::Metric {
+        (self.0.create(labels), self.1.create(labels))
+    }
+
+    fn remove(&self, labels: &Labels) {
+        self.0.remove(labels);
+        self.1.remove(labels);
+    }
+}
+
+/// A family (or a pair, see [`Store`]) with a series cap and expiry.
 #[derive(Debug)]
-pub struct Bounded<M> {
-    family: Family<Labels, M, fn() -> M>,
-    tracker: Mutex<Tracker<M>>,
+pub struct Tracked<S: Store> {
+    family: S,
+    tracker: Mutex<Tracker<S::Metric>>,
     limits: SeriesLimits,
     epoch: Instant,
     stats: Arc<Stats>,
 }
 
+/// One bounded family.
+pub type Bounded<M> = Tracked<Single<M>>;
+/// Two bounded families with the same labels, written together.
+pub type BoundedPair<A, B> = Tracked<(Single<A>, Single<B>)>;
+
 impl<M: prometheus_client::metrics::TypedMetric + Clone> Bounded<M> {
     pub fn new(constructor: fn() -> M, limits: SeriesLimits, stats: Arc<Stats>) -> Self {
+        Tracked::with_store(Family::new_with_constructor(constructor), limits, stats)
+    }
+
+    /// The family to register (shares storage with `self`).
+    pub fn family(&self) -> Single<M> {
+        self.family.clone()
+    }
+}
+
+impl<A, B> BoundedPair<A, B>
+where
+    A: prometheus_client::metrics::TypedMetric + Clone,
+    B: prometheus_client::metrics::TypedMetric + Clone,
+{
+    pub fn pair(a: fn() -> A, b: fn() -> B, limits: SeriesLimits, stats: Arc<Stats>) -> Self {
+        let store = (Family::new_with_constructor(a), Family::new_with_constructor(b));
+        Tracked::with_store(store, limits, stats)
+    }
+
+    /// The two families to register (sharing storage with `self`).
+    pub fn families(&self) -> (Single<A>, Single<B>) {
+        self.family.clone()
+    }
+}
+
+impl<S: Store> Tracked<S> {
+    fn with_store(family: S, limits: SeriesLimits, stats: Arc<Stats>) -> Self {
         Self {
-            family: Family::new_with_constructor(constructor),
+            family,
             tracker: Mutex::new(Tracker {
                 series: foldhash::HashMap::default(),
                 len: 0,
@@ -106,19 +177,14 @@ impl<M: prometheus_client::metrics::TypedMetric + Clone> Bounded<M> {
         }
     }
 
-    /// The family to register (shares storage with `self`).
-    pub fn family(&self) -> Family<Labels, M, fn() -> M> {
-        self.family.clone()
-    }
-
     /// Writes to the series of `labels`, or to the overflow series when the
     /// family is full.
-    pub fn with(&self, labels: &[(&'static str, &str)], write: impl FnOnce(&M)) {
+    pub fn with(&self, labels: &[(&'static str, &str)], write: impl FnOnce(&S::Metric)) {
         self.with_at(labels, self.epoch.elapsed().as_secs(), write);
     }
 
     /// [`Bounded::with`] at a given second (tests drive time).
-    pub fn with_at(&self, labels: &[(&'static str, &str)], now_secs: u64, write: impl FnOnce(&M)) {
+    pub fn with_at(&self, labels: &[(&'static str, &str)], now_secs: u64, write: impl FnOnce(&S::Metric)) {
         // A poisoned lock only means another writer panicked; the table
         // itself is still consistent.
         let mut guard = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
@@ -150,7 +216,7 @@ impl<M: prometheus_client::metrics::TypedMetric + Clone> Bounded<M> {
             Some(at) => at,
             None => {
                 bucket.push(Series {
-                    metric: self.family.get_or_create(&chosen).clone(),
+                    metric: self.family.create(&chosen),
                     labels: chosen,
                     last_write: now_secs,
                 });
@@ -169,7 +235,7 @@ impl<M: prometheus_client::metrics::TypedMetric + Clone> Bounded<M> {
         self.tracker.lock().unwrap_or_else(|e| e.into_inner()).len
     }
 
-    fn expire(&self, t: &mut Tracker<M>, now_secs: u64) {
+    fn expire(&self, t: &mut Tracker<S::Metric>, now_secs: u64) {
         let expiry = self.limits.expiry_secs;
         let family = &self.family;
         let stats = &self.stats;
@@ -247,5 +313,44 @@ mod tests {
             stats.metric_series_expired.load(std::sync::atomic::Ordering::Relaxed),
             1
         );
+    }
+
+    #[test]
+    fn a_pair_writes_and_expires_both_families_of_one_label_set() {
+        let stats = Arc::new(Stats::default());
+        let limits = SeriesLimits {
+            max_series: 10,
+            expiry_secs: 600,
+        };
+        let pair = BoundedPair::pair(
+            Counter::default as fn() -> Counter,
+            Counter::default as fn() -> Counter,
+            limits,
+            stats.clone(),
+        );
+        let (first, second) = pair.families();
+        let borrowed = [("http_request_method", "GET")];
+        for now in [0, 1] {
+            pair.with_at(&borrowed, now, |(a, b)| {
+                a.inc();
+                b.inc_by(10);
+            });
+        }
+        assert_eq!(first.get_or_create(&labels_get()).get(), 2);
+        assert_eq!(second.get_or_create(&labels_get()).get(), 20);
+        assert_eq!(pair.len(), 1, "one series for both families");
+        pair.with_at(&[("http_request_method", "PUT")], 700, |_| {});
+        assert_eq!(pair.len(), 1, "GET expired");
+        let mut text = String::new();
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("first", "", first);
+        registry.register("second", "", second);
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        assert!(!text.contains("GET"), "expired from both families: {text}");
+        assert_eq!(text.matches("PUT").count(), 2, "{text}");
+    }
+
+    fn labels_get() -> Labels {
+        vec![("http_request_method", "GET".to_owned())]
     }
 }
