@@ -512,7 +512,12 @@ pub fn submit(ev: &mut crate::maps::EventBuf, captured: usize) {
     let size = HEADER_SIZE + (captured & (MAX_CAPTURE * 2 - 1));
     let used = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
     high_water(used);
-    let flags = if used > wakeup_bytes() {
+    // Wake the reader when the fill crosses a multiple of the threshold,
+    // not on every event above it: a reader that is behind (or starved of
+    // CPU by the applications) would otherwise cost every traced syscall a
+    // wakeup (an IPI, a VM exit on VMs) for as long as it stays behind.
+    let every = wakeup_bytes();
+    let flags = if every == 0 || used / every != (used + size as u64) / every {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

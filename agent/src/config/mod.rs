@@ -85,7 +85,8 @@ pub struct Config {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub poll_interval_ms: u64,
 
-    /// Fill level (KiB) past which the kernel wakes the agent at once.
+    /// The kernel wakes the agent at once each time the ring buffer's fill
+    /// crosses a multiple of this many KiB (0: on every event).
     #[arg(long, default_value_t = 256)]
     pub wakeup_kib: u64,
 
