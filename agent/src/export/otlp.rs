@@ -22,8 +22,12 @@ use crate::{
     stats::Stats,
 };
 
-/// Spans taken from the queue per flush.
+/// Spans that make a flush worth sending before the tick.
 const BATCH: usize = 512;
+/// Most spans taken from the queue at once: when the queue is behind, one
+/// request carries more spans (still split under [`MAX_REQUEST_BYTES`]), so
+/// the round trips per span fall and the exporter catches up.
+const MAX_TAKE: usize = 4 * BATCH;
 /// Largest export request (estimated encoded bytes): under the 4 MiB that
 /// gRPC servers, the OTel Collector included, accept by default, with
 /// room for the resource and scope envelopes.
@@ -194,13 +198,13 @@ impl OtlpTraces {
         heartbeat.finish();
     }
 
-    /// Takes up to [`BATCH`] queued spans as encoded requests, each under
+    /// Takes up to [`MAX_TAKE`] queued spans as encoded requests, each under
     /// [`MAX_REQUEST_BYTES`]; a span larger than that alone is dropped,
     /// counted.
     fn next_requests(&mut self) -> Vec<Request> {
         // Encoded where they wait, then dropped: a span is a large struct,
         // and moving it out first cost more than encoding it (perf).
-        let n = BATCH.min(self.queue.len());
+        let n = MAX_TAKE.min(self.queue.len());
         let held = &self.queue.held[..n];
         let mut requests = Vec::new();
         let oversize = self
