@@ -331,7 +331,7 @@ fn spawn_classifier(
         .spawn(move || {
             lower_priority();
             loop {
-                match rx.recv_timeout(std::time::Duration::from_secs(5)) {
+                match rx.recv_timeout(crate::propagation::TICK) {
                     Ok(seen) => classifier.observe(seen),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,

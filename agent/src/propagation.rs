@@ -25,7 +25,10 @@ use tracing::{debug, warn};
 
 use crate::{
     config::Propagation,
-    k8s::{cgroup::cgroup2_root, quiet::QuietPods},
+    k8s::{
+        cgroup::cgroup2_root,
+        quiet::{QuietCgroups, QuietPods},
+    },
 };
 
 /// Why the trace-context set-up failed, with what to do about it.
@@ -195,9 +198,14 @@ pub struct Classifier {
     policies: BpfHashMap<MapData, u32, u32>,
     seen: foldhash::HashSet<u32>,
     quiet: Option<QuietPods>,
+    /// The quiet pods' cgroups in the kernel (Kubernetes mode).
+    quiet_cgroups: Option<QuietCgroups>,
     /// Uprobes for goroutine linking; None when they could not be loaded.
     go: Option<crate::golang::GoProbes>,
 }
+
+/// Longest wait between two [`Classifier::tick`]s.
+pub const TICK: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Processes remembered as classified; beyond it the set starts over.
 const MAX_SEEN: usize = 65_536;
@@ -211,16 +219,22 @@ impl Classifier {
         let go = crate::golang::GoProbes::load(ebpf)
             .map_err(|error| warn!(%error, "Go processes link per process, not per goroutine"))
             .ok();
+        let quiet_cgroups = quiet.clone().and_then(|q| QuietCgroups::new(ebpf, q));
         Some(Classifier {
             policies,
             seen: foldhash::HashSet::default(),
             quiet,
+            quiet_cgroups,
             go,
         })
     }
 
-    /// Periodic work between processes: logs the Go linking counters.
+    /// Periodic work between processes (at least every [`TICK`]): follows
+    /// the quiet pods' cgroups, logs the Go linking counters.
     pub fn tick(&mut self) {
+        if let Some(q) = &mut self.quiet_cgroups {
+            q.tick(std::time::Instant::now());
+        }
         if let Some(go) = &mut self.go {
             go.log_counters();
         }

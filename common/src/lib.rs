@@ -177,6 +177,17 @@ pub const LINK_QUIET: u32 = 0x100;
 /// The [`LinkPolicy`] part of a [`LINK_POLICY_MAP`] value.
 pub const LINK_POLICY_MASK: u32 = 0xff;
 
+/// Cgroups (by id) of pods whose requests carry no trace option, whatever
+/// process sends them: a process that has not been classified yet (a
+/// fresh `curl`, a `kubectl exec`) is still quiet. Value: the cgroup's level.
+pub const QUIET_CGROUPS_MAP: &str = "QUIET_CGROUPS";
+/// Most quiet pod cgroups the kernel side holds.
+pub const MAX_QUIET_CGROUPS: u32 = 4096;
+/// One `u32`: bit `n` set when a quiet cgroup sits at level `n` (0 = none).
+pub const QUIET_LEVELS_MAP: &str = "QUIET_LEVELS";
+/// Deepest cgroup level a quiet pod cgroup may sit at (bits of `QUIET_LEVELS`).
+pub const MAX_QUIET_LEVEL: u32 = 12;
+
 /// TCP option kind used for the trace context (RFC 6994 shared experimental).
 pub const TRACE_OPT_KIND: u8 = 254;
 /// Experiment id ("ml") that marks meshless's option.

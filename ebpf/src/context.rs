@@ -13,17 +13,21 @@
 //! - A request written by a client gets its span ids before its bytes can
 //!   leave (at sys_enter), so the sock_ops program can put them into the
 //!   first TCP segment that carries them.
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, generated::bpf_loop};
+use aya_ebpf::helpers::{
+    bpf_get_prandom_u32, bpf_ktime_get_ns,
+    generated::{bpf_get_current_ancestor_cgroup_id, bpf_loop},
+};
 use meshless_common::{
     AF_INET, CTX_FROM_HEADER, CTX_FROM_OPTION, CTX_IN_PROCESS, CTX_PARENT, CTX_SAMPLED, CTX_SENT, CTX_VALID, ConnAddrs,
-    Counter, FLAG_LOCAL_ADDR, FLAG_REMOTE_ADDR, LINK_POLICY_MASK, LINK_QUIET, LinkPolicy, MAX_CAPTURE, TraceCtx,
+    Counter, FLAG_LOCAL_ADDR, FLAG_REMOTE_ADDR, LINK_POLICY_MASK, LINK_QUIET, LinkPolicy, MAX_CAPTURE, MAX_QUIET_LEVEL,
+    TraceCtx,
 };
 
 use crate::{
     golang,
     maps::{
-        IN_OPT, LINK_POLICY, OUT_OPT, OptCtx, READERS, Reader, SCRATCH, SERVING, Serving, SockKey, conn_key, count,
-        propagation,
+        IN_OPT, LINK_POLICY, OUT_OPT, OptCtx, QUIET_CGROUPS, QUIET_LEVELS, READERS, Reader, SCRATCH, SERVING, Serving,
+        SockKey, conn_key, count, propagation,
     },
 };
 
@@ -138,6 +142,33 @@ pub fn starts_request(b: &[u8; 8]) -> bool {
     false
 }
 
+/// True when the current task runs in a quiet pod's cgroup (the pod opted
+/// out of tracing): its requests carry no trace option even before
+/// userspace has classified the process. One array lookup when no pod is
+/// quiet; else one ancestor lookup per level that holds a quiet cgroup.
+#[inline(always)]
+fn in_quiet_cgroup() -> bool {
+    let Some(&levels) = QUIET_LEVELS.get(0) else {
+        return false;
+    };
+    if levels == 0 {
+        return false;
+    }
+    let mut level = 1;
+    while level <= MAX_QUIET_LEVEL {
+        if levels & (1 << level) != 0 {
+            // SAFETY: a helper without pointer arguments.
+            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            // SAFETY: only compared with the level; not kept.
+            if unsafe { QUIET_CGROUPS.get(&id) }.is_some_and(|&l| l == level) {
+                return true;
+            }
+        }
+        level += 1;
+    }
+    false
+}
+
 /// Decides the context of a request this thread is about to write (client
 /// side) into `ctx`.
 #[inline(never)]
@@ -166,7 +197,11 @@ pub fn client_request(id: u64, addrs: Option<&ConnAddrs>, ctx: &mut TraceCtx) ->
     }
     span_id(ctx.flags & CTX_SAMPLED != 0, &mut ctx.span_id);
     let mut key = SockKey::default();
-    if propagation() && policy & LINK_QUIET == 0 && addrs.is_some_and(|a| sock_key(a, &mut key) != 0) {
+    if propagation()
+        && policy & LINK_QUIET == 0
+        && !in_quiet_cgroup()
+        && addrs.is_some_and(|a| sock_key(a, &mut key) != 0)
+    {
         let opt = OptCtx {
             trace_id: ctx.trace_id,
             span_id: ctx.span_id,

@@ -1,7 +1,7 @@
 //! Every map and global of the kernel side, in one place.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use meshless_common::{COUNTER_SLOTS, ConnAddrs, Counter, EventHeader, FdVerdict, MAX_CAPTURE, TraceCtx};
 
@@ -306,6 +306,14 @@ pub static READERS: LruHashMap<u64, Reader> = LruHashMap::with_max_entries(65536
 /// Linking policy per process (a `LinkPolicy` value), written by userspace.
 #[map(name = "LINK_POLICY")]
 pub static LINK_POLICY: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Quiet pods' cgroup ids (`QUIET_CGROUPS_MAP`), written by userspace.
+#[map(name = "QUIET_CGROUPS")]
+pub static QUIET_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(meshless_common::MAX_QUIET_CGROUPS, 0);
+
+/// Levels holding quiet cgroups (`QUIET_LEVELS_MAP`), written by userspace.
+#[map(name = "QUIET_LEVELS")]
+pub static QUIET_LEVELS: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Tail calls of the sys_exit programs, so each is verified once, not in
 /// every sys_exit: slot `TAIL_SERVER_CTX` decides a read request's context

@@ -120,6 +120,47 @@ pub fn scan(root: &std::path::Path) -> Vec<(u64, String)> {
     out
 }
 
+/// Deepest level at which pod cgroups are looked for (root's children are
+/// level 1: `kubepods.slice/kubepods-burstable.slice/<pod>` is level 3).
+const MAX_POD_LEVEL: u32 = 4;
+
+/// Every pod cgroup under the `kubepods*` trees: (inode = cgroup id, level
+/// below the cgroup2 root, pod UID). Containers below pods are not listed.
+pub fn pod_dirs(root: &std::path::Path) -> Vec<(u64, u32, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let Ok(top) = std::fs::read_dir(root) else {
+        return out;
+    };
+    let mut stack: Vec<(std::path::PathBuf, u32)> = top
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("kubepods"))
+        .map(|e| (e.path(), 1))
+        .collect();
+    while let Some((dir, level)) = stack.pop() {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some(uid) = pod_segment(&name) {
+            if let Ok(meta) = std::fs::metadata(&dir) {
+                out.push((meta.ino(), level, uid));
+            }
+            continue;
+        }
+        if level >= MAX_POD_LEVEL {
+            continue;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push((e.path(), level + 1));
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +222,35 @@ mod tests {
         assert_eq!(status_container_id(&format!("containerd://{ID}")), Some(ID.into()));
         assert_eq!(status_container_id(&format!("cri-o://{ID}")), Some(ID.into()));
         assert_eq!(status_container_id("containerd://short"), None);
+    }
+
+    #[test]
+    fn finds_pod_cgroups_of_both_drivers_at_their_levels_and_not_their_containers() {
+        use std::os::unix::fs::MetadataExt;
+        let root = std::env::temp_dir().join(format!("meshless-pod-dirs-{}", std::process::id()));
+        let systemd = format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+            UID.replace('-', "_")
+        );
+        let other = "ffffffff-4e5f-6789-abcd-ef0123456789";
+        let cgroupfs = format!("kubepods/pod{other}");
+        for dir in [
+            format!("{systemd}/cri-containerd-{ID}.scope"),
+            format!("{cgroupfs}/{ID}"),
+            "system.slice/pod0a1b2c3d-4e5f-6789-abcd-ef0123456789".into(),
+        ] {
+            std::fs::create_dir_all(root.join(dir)).expect("temp dir");
+        }
+        let mut found = pod_dirs(&root);
+        found.sort_by_key(|(_, level, _)| *level);
+        let ino = |p: &str| std::fs::metadata(root.join(p)).expect("made above").ino();
+        assert_eq!(
+            found,
+            vec![
+                (ino(&cgroupfs), 2, other.to_owned()),
+                (ino(&systemd), 3, UID.to_owned())
+            ]
+        );
+        std::fs::remove_dir_all(&root).expect("remove temp dir");
     }
 }
