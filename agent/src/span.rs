@@ -71,6 +71,10 @@ pub struct Span {
     /// Name of the process at the other end ([`Process::name`]), when it
     /// runs on this node and the call was linked.
     pub peer_comm: Option<Arc<str>>,
+    /// (pid, cgroup id) of the local client whose ids a server span
+    /// adopted: Kubernetes mode drops the parent when that client's pod
+    /// opted out (its span is never exported).
+    pub peer_process: Option<(u32, u64)>,
     /// Where a client's call really went when that differs from the address
     /// it dialled (a Service IP DNATed to a server on this node), as the
     /// server's side saw it.

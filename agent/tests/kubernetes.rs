@@ -304,6 +304,10 @@ fn a_pod_that_opted_out_sends_no_trace_option_while_a_traced_pod_does() {
             spans.iter().all(|s| s.span.kind == 2),
             "the opted-out pod's client span is not exported: {spans:#?}"
         );
+        assert!(
+            spans.iter().all(|s| s.span.parent_span_id.is_empty()),
+            "the server span names no parent: the opted-out client's span is never exported: {spans:#?}"
+        );
         after_quiet = options_written(&agent);
         windows.push((before, after_quiet));
     }

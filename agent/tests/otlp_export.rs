@@ -442,6 +442,7 @@ mod direct {
                 cgroup_id: 1,
             },
             peer_comm: None,
+            peer_process: None,
             resolved_server: None,
             k8s: None,
             peer_k8s: None,

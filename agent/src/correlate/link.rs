@@ -47,8 +47,8 @@ type ServerSeen = (Arc<str>, SocketAddr, u64);
 
 #[derive(Debug, Default)]
 pub struct Links {
-    /// Client requests seen: their context, time and process name.
-    clients: HashMap<LinkKey, (SpanContext, u64, Arc<str>)>,
+    /// Client requests seen: their context, time and process.
+    clients: HashMap<LinkKey, (SpanContext, u64, ClientProcess)>,
     waiting: HashMap<LinkKey, (Span, u64)>,
     /// Server requests that may still adopt a local client's ids: their
     /// kernel trace id and time.
@@ -59,11 +59,15 @@ pub struct Links {
     servers: HashMap<(SocketAddr, Option<SocketAddr>), ServerSeen>,
 }
 
-fn adopt(span: &mut Span, client: &SpanContext, comm: Arc<str>, ids: bool) {
+/// The local client process of a linked call: name, pid, cgroup id.
+pub type ClientProcess = (Arc<str>, u32, u64);
+
+fn adopt(span: &mut Span, client: &SpanContext, (comm, pid, cgroup_id): ClientProcess, ids: bool) {
     if ids {
         span.trace_id = client.trace_id;
         span.parent_span_id = Some(client.span_id);
         span.sampled = client.sampled;
+        span.peer_process = Some((pid, cgroup_id));
     }
     span.peer_comm = Some(comm);
 }
@@ -77,14 +81,14 @@ impl Links {
         key: LinkKey,
         ctx: SpanContext,
         ktime_ns: u64,
-        comm: &Arc<str>,
+        process: ClientProcess,
     ) -> (Option<Span>, Option<TraceId>) {
         let alias = self.started.remove(&key).map(|(t, _)| t);
         if let Some((mut span, _)) = self.waiting.remove(&key) {
-            adopt(&mut span, &ctx, comm.clone(), true);
+            adopt(&mut span, &ctx, process, true);
             return (Some(span), alias);
         }
-        self.clients.insert(key, (ctx, ktime_ns, comm.clone()));
+        self.clients.insert(key, (ctx, ktime_ns, process));
         (None, alias)
     }
 

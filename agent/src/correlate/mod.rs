@@ -387,7 +387,8 @@ fn absorb(links: &mut Links, aliases: &mut Aliases, env: &SpanEnv, conn: &Conn, 
     if let (Some(client), Some(server)) = conn.endpoints(SpanKind::Client) {
         for (seq, ctx) in out.client_requests {
             let key = LinkKey::new(client, server, seq);
-            let (done, alias) = links.client_seen(key, ctx, now, &conn.process.name);
+            let process = (conn.process.name.clone(), conn.process.pid, conn.process.cgroup_id);
+            let (done, alias) = links.client_seen(key, ctx, now, process);
             if let Some(from) = alias {
                 aliases.insert(from, ctx.trace_id, now);
             }
@@ -498,6 +499,7 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
             ..conn.process.clone()
         },
         peer_comm: None,
+        peer_process: None,
         resolved_server: None,
         k8s: None,
         peer_k8s: None,

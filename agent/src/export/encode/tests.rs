@@ -40,6 +40,7 @@ fn span(pid: u32, path: &str) -> Span {
             cgroup_id: 1,
         },
         peer_comm: None,
+        peer_process: None,
         resolved_server: None,
         k8s: None,
         peer_k8s: None,

@@ -1,10 +1,10 @@
 //! Enrichment from the index: the pod a process runs in (by its cgroup),
 //! what the cluster knows about an address, and both put on a span.
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use super::{Index, Verdict};
 use crate::{
-    k8s::{cgroup, fqdn, PeerK8s, SpanK8s},
+    k8s::{cgroup, fqdn, PeerK8s, PodMeta, SpanK8s},
     span::{Span, SpanKind},
 };
 
@@ -17,6 +17,30 @@ const RESCAN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 impl Index {
     /// The pod a process runs in, via its cgroup.
     pub fn pod_of(&mut self, pid: u32, cgroup_id: u64) -> Option<SpanK8s> {
+        let pod = self.pod_meta(pid, cgroup_id)?.clone();
+        let cg = self.cgroups.get(&cgroup_id)?.as_ref()?;
+        let container = pod.container_name(cg.container_id.as_deref());
+        Some(SpanK8s {
+            pod,
+            container,
+            service_fqdn: None,
+        })
+    }
+
+    /// True when the process runs in a pod that opted out of tracing or in
+    /// a namespace that is not traced.
+    fn is_quiet(&mut self, pid: u32, cgroup_id: u64) -> bool {
+        self.pod_meta(pid, cgroup_id)
+            .cloned()
+            .is_some_and(|pod| self.untraced(&pod))
+    }
+
+    fn untraced(&self, pod: &PodMeta) -> bool {
+        pod.opted_out || !self.filter.allows(&pod.namespace)
+    }
+
+    /// The pod of a process (by its cgroup), borrowed.
+    fn pod_meta(&mut self, pid: u32, cgroup_id: u64) -> Option<&Arc<PodMeta>> {
         if !self.cgroups.contains_key(&cgroup_id) {
             if self.cgroups.len() >= MAX_CGROUPS {
                 self.cgroups.clear();
@@ -32,13 +56,7 @@ impl Index {
             }
         }
         let cg = self.cgroups.get(&cgroup_id)?.as_ref()?;
-        let pod = self.pods.get(&cg.pod_uid)?.clone();
-        let container = pod.container_name(cg.container_id.as_deref());
-        Some(SpanK8s {
-            pod,
-            container,
-            service_fqdn: None,
-        })
+        self.pods.get(&cg.pod_uid)
     }
 
     fn scan_cgroups(&mut self) {
@@ -88,7 +106,7 @@ impl Index {
     /// Adds pod and peer metadata to a span; says whether to keep it.
     pub fn enrich(&mut self, span: &mut Span) -> Verdict {
         if let Some(mut k8s) = self.pod_of(span.process.pid, span.process.cgroup_id) {
-            if k8s.pod.opted_out || !self.filter.allows(&k8s.pod.namespace) {
+            if self.untraced(&k8s.pod) {
                 return Verdict::Drop;
             }
             if span.kind == SpanKind::Server {
@@ -98,6 +116,13 @@ impl Index {
         } else if !self.filter.include.is_empty() {
             // Only selected namespaces are traced; this process is in none.
             return Verdict::Drop;
+        }
+        // A server span that adopted the ids of a local client in an
+        // opted-out pod would name a parent that is never exported.
+        if let Some((pid, cgroup_id)) = span.peer_process.filter(|_| !span.parent_is_remote) {
+            if self.is_quiet(pid, cgroup_id) {
+                span.parent_span_id = None;
+            }
         }
         let peer_ip = match span.kind {
             SpanKind::Server => span.client,
@@ -212,6 +237,7 @@ mod tests {
                 cgroup_id,
             },
             peer_comm: None,
+            peer_process: None,
             resolved_server: None,
             k8s: None,
             peer_k8s: None,
@@ -260,6 +286,29 @@ mod tests {
             "no options from dropped pods"
         );
         assert!(!quiet_pods.contains("u3"));
+        // A traced server called by a local client: the parent is the
+        // client's span, which an opted-out or untraced client never exports.
+        let parent = crate::trace_context::SpanId::random();
+        let called_by = |client_cgroup: u64, remote: bool| {
+            let mut s = span_in_cgroup(13);
+            s.parent_span_id = Some(parent);
+            s.parent_is_remote = remote;
+            s.peer_process = Some((u32::MAX, client_cgroup));
+            s
+        };
+        for (client, remote, kept_parent) in [
+            (11, false, None),
+            (12, false, None),
+            (13, false, Some(parent)),
+            (11, true, Some(parent)),
+        ] {
+            let mut server = called_by(client, remote);
+            assert_eq!(ix.enrich(&mut server), Verdict::Keep);
+            assert_eq!(
+                server.parent_span_id, kept_parent,
+                "client cgroup {client}, remote parent {remote}"
+            );
+        }
         ix.apply(Update::PodGone { uid: "u1".into() });
         assert!(!quiet_pods.contains("u1"), "forgotten with the pod");
         // A process outside any pod keeps its process metadata.
