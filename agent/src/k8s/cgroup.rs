@@ -120,45 +120,17 @@ pub fn scan(root: &std::path::Path) -> Vec<(u64, String)> {
     out
 }
 
-/// Deepest level at which pod cgroups are looked for (root's children are
-/// level 1: `kubepods.slice/kubepods-burstable.slice/<pod>` is level 3).
-const MAX_POD_LEVEL: u32 = 4;
-
-/// Every pod cgroup under the `kubepods*` trees: (inode = cgroup id, level
-/// below the cgroup2 root, pod UID). Containers below pods are not listed.
+/// Every pod cgroup under the `kubepods*` trees (from [`scan`]): (inode =
+/// cgroup id, level below the cgroup2 root, pod UID). Containers below
+/// pods are not listed.
 pub fn pod_dirs(root: &std::path::Path) -> Vec<(u64, u32, String)> {
-    use std::os::unix::fs::MetadataExt;
-    let mut out = Vec::new();
-    let Ok(top) = std::fs::read_dir(root) else {
-        return out;
-    };
-    let mut stack: Vec<(std::path::PathBuf, u32)> = top
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("kubepods"))
-        .map(|e| (e.path(), 1))
-        .collect();
-    while let Some((dir, level)) = stack.pop() {
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if let Some(uid) = pod_segment(&name) {
-            if let Ok(meta) = std::fs::metadata(&dir) {
-                out.push((meta.ino(), level, uid));
-            }
-            continue;
-        }
-        if level >= MAX_POD_LEVEL {
-            continue;
-        }
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push((e.path(), level + 1));
-            }
-        }
-    }
-    out
+    scan(root)
+        .into_iter()
+        .filter_map(|(id, rel)| {
+            let uid = pod_segment(rel.rsplit('/').next()?)?;
+            Some((id, rel.matches('/').count() as u32, uid))
+        })
+        .collect()
 }
 
 #[cfg(test)]
