@@ -72,8 +72,8 @@ pub struct Span {
     /// runs on this node and the call was linked.
     pub peer_comm: Option<Arc<str>>,
     /// (pid, cgroup id) of the local client whose ids a server span
-    /// adopted: Kubernetes mode drops the parent when that client's pod
-    /// opted out (its span is never exported).
+    /// adopted: Kubernetes mode drops the parent when that client's spans
+    /// are dropped (an opted-out pod, an untraced namespace).
     pub peer_process: Option<(u32, u64)>,
     /// Where a client's call really went when that differs from the address
     /// it dialled (a Service IP DNATed to a server on this node), as the

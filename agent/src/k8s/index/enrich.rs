@@ -27,16 +27,20 @@ impl Index {
         })
     }
 
-    /// True when the process runs in a pod that opted out of tracing or in
-    /// a namespace that is not traced.
-    fn is_quiet(&mut self, pid: u32, cgroup_id: u64) -> bool {
-        self.pod_meta(pid, cgroup_id)
-            .cloned()
-            .is_some_and(|pod| self.untraced(&pod))
+    /// True when the spans of a process are dropped (see [`Self::untraced`]).
+    fn drops_spans_of(&mut self, pid: u32, cgroup_id: u64) -> bool {
+        let pod = self.pod_meta(pid, cgroup_id).cloned();
+        self.untraced(pod.as_deref())
     }
 
-    fn untraced(&self, pod: &PodMeta) -> bool {
-        pod.opted_out || !self.filter.allows(&pod.namespace)
+    /// True when spans of a process in `pod` (None: in no pod) are not
+    /// exported: the pod opted out, its namespace is not traced, or only
+    /// selected namespaces are traced and the process is in none.
+    fn untraced(&self, pod: Option<&PodMeta>) -> bool {
+        match pod {
+            Some(pod) => pod.opted_out || !self.filter.allows(&pod.namespace),
+            None => !self.filter.include.is_empty(),
+        }
     }
 
     /// The pod of a process (by its cgroup), borrowed.
@@ -105,22 +109,20 @@ impl Index {
 
     /// Adds pod and peer metadata to a span; says whether to keep it.
     pub fn enrich(&mut self, span: &mut Span) -> Verdict {
-        if let Some(mut k8s) = self.pod_of(span.process.pid, span.process.cgroup_id) {
-            if self.untraced(&k8s.pod) {
-                return Verdict::Drop;
-            }
+        let k8s = self.pod_of(span.process.pid, span.process.cgroup_id);
+        if self.untraced(k8s.as_ref().map(|k| &*k.pod)) {
+            return Verdict::Drop;
+        }
+        if let Some(mut k8s) = k8s {
             if span.kind == SpanKind::Server {
                 k8s.service_fqdn = span.server.and_then(|a| self.peer(a.ip())).and_then(|p| p.service_fqdn);
             }
             span.k8s = Some(k8s);
-        } else if !self.filter.include.is_empty() {
-            // Only selected namespaces are traced; this process is in none.
-            return Verdict::Drop;
         }
-        // A server span that adopted the ids of a local client in an
-        // opted-out pod would name a parent that is never exported.
+        // A server span that adopted the ids of a local client whose spans
+        // are dropped would name a parent that is never exported.
         if let Some((pid, cgroup_id)) = span.peer_process.filter(|_| !span.parent_is_remote) {
-            if self.is_quiet(pid, cgroup_id) {
+            if self.drops_spans_of(pid, cgroup_id) {
                 span.parent_span_id = None;
             }
         }
@@ -340,5 +342,12 @@ mod tests {
         ix.cgroups.insert(14, None);
         assert_eq!(ix.enrich(&mut span_in_cgroup(13)), Verdict::Keep);
         assert_eq!(ix.enrich(&mut span_in_cgroup(14)), Verdict::Drop);
+        // A server in the list called by a local process outside it: that
+        // client's span is dropped, so the server names no parent.
+        let mut server = span_in_cgroup(13);
+        server.parent_span_id = Some(crate::trace_context::SpanId::random());
+        server.peer_process = Some((u32::MAX, 14));
+        assert_eq!(ix.enrich(&mut server), Verdict::Keep);
+        assert_eq!(server.parent_span_id, None);
     }
 }
