@@ -33,6 +33,12 @@ impl HeaderPolicy {
         }
     }
 
+    /// What HTTP/1 heads must keep for this policy: the fields the agent
+    /// reads and the allow-listed ones.
+    pub fn kept(&self) -> crate::http::KeptHeaders {
+        crate::http::KeptHeaders::used_and(self.request.iter().chain(&self.response).cloned())
+    }
+
     /// Captured request headers (name, value), values redacted where required.
     pub fn request(&self, headers: &crate::http::Headers) -> Vec<(String, String)> {
         self.select(&self.request, headers)

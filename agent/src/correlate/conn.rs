@@ -45,13 +45,13 @@ impl Conn {
         std::mem::size_of::<Self>() + self.protocol.as_ref().map_or(0, |p| p.state_bytes())
     }
 
-    /// Feeds one syscall's bytes.
-    pub fn data(&mut self, segment: Segment) -> Output {
+    /// Feeds one syscall's bytes (a new connection's heads keep `kept`).
+    pub fn data(&mut self, segment: Segment, kept: &crate::http::KeptHeaders) -> Output {
         self.last_ktime_ns = self.last_ktime_ns.max(segment.ktime_ns);
         self.process.tid = segment.thread.tid;
         let protocol = self
             .protocol
-            .get_or_insert_with(|| protocol::detect(&segment.payload, segment.direction));
+            .get_or_insert_with(|| protocol::detect(&segment.payload, segment.direction, kept));
         let mut out = protocol.data(segment);
         if let Some(request) = out.upgrade.take() {
             self.protocol = Some(Box::new(crate::http2::Http2::upgraded(request)));

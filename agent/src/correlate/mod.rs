@@ -95,6 +95,8 @@ struct SpanEnv {
     stats: Arc<Stats>,
     limits: Limits,
     headers: HeaderPolicy,
+    /// The header fields HTTP/1 heads keep (from `headers`).
+    kept: crate::http::KeptHeaders,
 }
 
 /// (local, remote) of socket `fd` of process `pid` with inode `ino`, as
@@ -136,6 +138,7 @@ impl Correlator {
                 clock: Clock::sample(),
                 stats,
                 limits,
+                kept: headers.kept(),
                 headers,
             },
             last_sweep_ns: 0,
@@ -201,17 +204,20 @@ impl Correlator {
                         return;
                     }
                 }
-                let out = conn.data(Segment {
-                    direction,
-                    payload,
-                    len,
-                    ktime_ns: ev.ktime_ns,
-                    thread: protocol::Thread {
-                        tid: ev.tid,
-                        comm: ev.comm,
+                let out = conn.data(
+                    Segment {
+                        direction,
+                        payload,
+                        len,
+                        ktime_ns: ev.ktime_ns,
+                        thread: protocol::Thread {
+                            tid: ev.tid,
+                            comm: ev.comm,
+                        },
+                        ctx: ev.ctx,
                     },
-                    ctx: ev.ctx,
-                });
+                    &self.env.kept,
+                );
                 // Disjoint fields: the connection stays in the table.
                 absorb(&mut self.links, &mut self.aliases, &self.env, conn, out, spans);
             }

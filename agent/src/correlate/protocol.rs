@@ -12,7 +12,7 @@ use smallvec::SmallVec;
 
 pub use super::context::SpanContext;
 use crate::{
-    http::Head,
+    http::{Head, KeptHeaders},
     span::{Rpc, SpanKind, Unanswered},
     trace_context::{KernelCtx, TraceId},
 };
@@ -53,18 +53,19 @@ pub trait Protocol: std::fmt::Debug + Send {
 }
 
 /// Recognises a protocol from the first payload of a connection (either
-/// direction) and makes its per-connection state.
-pub type Detector = fn(first: &[u8], direction: Direction) -> Option<Box<dyn Protocol>>;
+/// direction) and makes its per-connection state (keeping the `kept`
+/// header fields of its messages).
+pub type Detector = fn(first: &[u8], direction: Direction, kept: &KeptHeaders) -> Option<Box<dyn Protocol>>;
 
 /// Every protocol, most specific first; the last one accepts anything.
 const PROTOCOLS: &[Detector] = &[crate::http2::detect, crate::http::detect];
 
 /// The protocol of a connection whose first captured bytes are `first`.
-pub fn detect(first: &[u8], direction: Direction) -> Box<dyn Protocol> {
+pub fn detect(first: &[u8], direction: Direction, kept: &KeptHeaders) -> Box<dyn Protocol> {
     PROTOCOLS
         .iter()
-        .find_map(|detect| detect(first, direction))
-        .unwrap_or_else(|| Box::new(crate::http::Http1::new()))
+        .find_map(|detect| detect(first, direction, kept))
+        .unwrap_or_else(|| Box::new(crate::http::Http1::keeping(kept.clone())))
 }
 
 /// A request waiting for (or receiving) its response.

@@ -482,8 +482,9 @@ fn correlator_state_is_measured_and_shed_over_its_limit() {
     let stats = Arc::new(Stats::default());
     let mut c = Correlator::new(limits, HeaderPolicy::default(), stats.clone());
     let mut spans = Vec::new();
-    // 200 connections, each holding a request with a 1 KiB header.
-    let big = format!("GET /x HTTP/1.1\r\nx-big: {}\r\n\r\n", "a".repeat(1000));
+    // 200 connections, each holding a request with a 1 KiB header (one
+    // the agent keeps: it reads the user agent).
+    let big = format!("GET /x HTTP/1.1\r\nuser-agent: {}\r\n\r\n", "a".repeat(1000));
     for fd in 0..200u32 {
         let mut ev = data(1, 100 + fd, Direction::Egress, b"", u64::from(fd) + 1, CLIENT, SERVER);
         ev.body = EventBody::Data {

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 
 use meshless_common::Direction;
 
-use super::{Flow, Head, HttpStream, Item};
+use super::{Flow, Head, HttpStream, Item, KeptHeaders};
 use crate::{
     correlate::protocol::{Exchange, Output, Protocol, Request, Response, Segment, SpanContext, Thread},
     span::{SpanKind, Unanswered},
@@ -14,8 +14,8 @@ use crate::{
 /// Claims every connection that no more specific protocol claimed: the
 /// parser itself resyncs on garbage (the kernel only follows sockets whose
 /// first bytes looked like HTTP).
-pub fn detect(_first: &[u8], _direction: Direction) -> Option<Box<dyn Protocol>> {
-    Some(Box::new(Http1::new()))
+pub fn detect(_first: &[u8], _direction: Direction, kept: &KeptHeaders) -> Option<Box<dyn Protocol>> {
+    Some(Box::new(Http1::keeping(kept.clone())))
 }
 
 /// Requests kept waiting for responses on one connection. Only a
@@ -87,10 +87,15 @@ impl Default for Http1 {
 
 impl Http1 {
     pub fn new() -> Self {
+        Self::keeping(KeptHeaders::all())
+    }
+
+    /// A connection whose heads keep only the `kept` header fields.
+    pub fn keeping(kept: KeptHeaders) -> Self {
         Self {
             last_ktime_ns: 0,
-            ingress: HttpStream::new(),
-            egress: HttpStream::new(),
+            ingress: HttpStream::keeping(kept.clone()),
+            egress: HttpStream::keeping(kept),
             pending: VecDeque::new(),
             responding: None,
             next_seq: 0,

@@ -5,6 +5,8 @@ use super::{pool, Flow, Method};
 
 /// Headers kept per message; the rest are counted in `Head::headers_dropped`.
 pub const MAX_HEADERS: usize = 64;
+// `finish` marks the fields it keeps in one u64.
+const _: () = assert!(MAX_HEADERS <= 64);
 /// Longest header value kept (longer values are cut).
 const MAX_VALUE: usize = 1024;
 /// Longest request-target kept (exporters cut `url.path` shorter still);
@@ -64,6 +66,68 @@ pub struct Headers {
     /// (name end, value end) in `text`; a name starts where the previous
     /// field's value ends. Inline up to a typical header count.
     ends: SmallVec<[(u32, u32); 8]>,
+    /// Bit `i` set: a field named `LOOKED_UP[i]` is present. Most of the
+    /// agent's lookups are of headers a message does not carry
+    /// (`traceparent`, `b3`, `transfer-encoding`…): they cost no scan.
+    present: u32,
+}
+
+/// Header names the agent looks up (all lower case).
+const LOOKED_UP: [&str; 16] = [
+    "content-length",
+    "transfer-encoding",
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-sampled",
+    "user-agent",
+    "upgrade",
+    "host",
+    "content-type",
+    "grpc-timeout",
+    "grpc-status",
+    "grpc-message",
+    "te",
+];
+
+/// Index of `name` in [`LOOKED_UP`].
+fn looked_up(name: &str) -> Option<u32> {
+    LOOKED_UP.iter().position(|n| *n == name).map(|i| i as u32)
+}
+
+/// Which header fields an HTTP/1 head keeps: all of them, or only those
+/// the agent reads ([`LOOKED_UP`]) and those configured for capture. A
+/// head's other fields (`Accept`, `Date`, `Server`, `Cache-Control`…) are
+/// parsed over but not copied, lower-cased or checked for UTF-8.
+#[derive(Debug, Clone, Default)]
+pub struct KeptHeaders {
+    /// None: every field is kept. Else the captured names (lower case).
+    captured: Option<std::sync::Arc<[String]>>,
+}
+
+impl KeptHeaders {
+    /// Keeps every field (tests, tools).
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Keeps the fields the agent reads and `captured` (lower case).
+    pub fn used_and(captured: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            captured: Some(captured.into_iter().collect()),
+        }
+    }
+
+    /// Whether a field named `name` (any case) is kept.
+    fn keeps(&self, name: &str) -> bool {
+        let Some(captured) = &self.captured else {
+            return true;
+        };
+        let is = |n: &str| n.len() == name.len() && n.eq_ignore_ascii_case(name);
+        LOOKED_UP.iter().any(|n| is(n)) || captured.iter().any(|n| is(n))
+    }
 }
 
 impl Headers {
@@ -81,6 +145,7 @@ impl Headers {
             text,
             target_end: target.len() as u32,
             ends: SmallVec::with_capacity(fields),
+            present: 0,
         }
     }
 
@@ -131,6 +196,9 @@ impl Headers {
         if lowercase {
             self.text[start..].make_ascii_lowercase();
         }
+        if let Some(i) = looked_up(&self.text[start..]) {
+            self.present |= 1 << i;
+        }
         self.text.push_str(value);
         self.ends.push((name_end, value_end));
     }
@@ -151,6 +219,9 @@ impl Headers {
 
     /// First value of a header (exact name).
     pub fn get(&self, name: &str) -> Option<&str> {
+        if looked_up(name).is_some_and(|i| self.present & (1 << i) == 0) {
+            return None;
+        }
         self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 
@@ -286,7 +357,7 @@ pub fn starts_message(data: &[u8], flow: Option<Flow>) -> bool {
 
 /// Parses a header block. With `truncated`, a block cut short is accepted
 /// as long as its start line is complete.
-pub fn parse(block: &[u8], truncated: bool, flow: Option<Flow>) -> Result<Head, &'static str> {
+pub fn parse(block: &[u8], truncated: bool, flow: Option<Flow>, kept: &KeptHeaders) -> Result<Head, &'static str> {
     let is_response = match flow {
         Some(Flow::Responses) => true,
         Some(Flow::Requests) => false,
@@ -315,6 +386,7 @@ pub fn parse(block: &[u8], truncated: bool, flow: Option<Flow>) -> Result<Head, 
             resp.headers,
             status,
             truncated,
+            kept,
         )
     } else {
         let mut req = httparse::Request::new(&mut headers);
@@ -338,7 +410,7 @@ pub fn parse(block: &[u8], truncated: bool, flow: Option<Flow>) -> Result<Head, 
         let kind = HeadKind::Request {
             method: Method::new(method),
         };
-        finish(kind, path, version, req.headers, status, truncated)
+        finish(kind, path, version, req.headers, status, truncated, kept)
     }
 }
 
@@ -349,6 +421,7 @@ fn finish(
     raw: &[httparse::Header<'_>],
     status: httparse::Result<usize>,
     truncated: bool,
+    kept: &KeptHeaders,
 ) -> Result<Head, &'static str> {
     let mut headers_dropped = 0;
     match status {
@@ -360,23 +433,31 @@ fn finish(
         Err(e) => return Err(error_name(e)),
     }
     let raw = &raw[..raw.iter().take_while(|h| !h.name.is_empty()).count()];
+    let mut keep: u64 = 0;
+    for (i, h) in raw.iter().enumerate() {
+        keep |= u64::from(kept.keeps(h.name)) << i;
+    }
+    let fields = || raw.iter().enumerate().filter(move |(i, _)| keep >> i & 1 == 1).map(|(_, h)| h);
     fn value_of<'h>(h: &httparse::Header<'h>) -> &'h [u8] {
         &h.value[..h.value.len().min(MAX_VALUE)]
     }
     // Sized once: the target and all kept fields go into one buffer (one
     // allocation per head while the fields fit inline).
-    let bytes: usize = raw.iter().map(|h| h.name.len() + value_of(h).len()).sum();
+    let bytes: usize = fields().map(|h| h.name.len() + value_of(h).len()).sum();
     let bytes = bytes.min(MAX_KEPT_HEADER_BYTES + 2 * MAX_VALUE);
-    let mut headers = Headers::with_target(target, raw.len(), bytes);
+    let mut headers = Headers::with_target(target, keep.count_ones() as usize, bytes);
     let mut kept_bytes = 0;
-    for h in raw {
+    for h in fields() {
         let value = value_of(h);
         kept_bytes += h.name.len() + value.len();
         if kept_bytes > MAX_KEPT_HEADER_BYTES && !ESSENTIAL.iter().any(|n| n.eq_ignore_ascii_case(h.name)) {
             headers_dropped += 1;
             continue;
         }
-        headers.push_lowercase(h.name, &String::from_utf8_lossy(value));
+        match std::str::from_utf8(value) {
+            Ok(v) => headers.push_lowercase(h.name, v),
+            Err(_) => headers.push_lowercase(h.name, &String::from_utf8_lossy(value)),
+        }
     }
     Ok(Head {
         kind,

@@ -16,7 +16,7 @@ mod target;
 use std::collections::VecDeque;
 
 pub use fifo::{detect, Http1, MAX_PENDING};
-pub use head::{cut, Head, HeadKind, Headers, MAX_HEADERS};
+pub use head::{cut, Head, HeadKind, Headers, KeptHeaders, MAX_HEADERS};
 pub use method::{Method, KNOWN_METHODS};
 pub use target::Target;
 
@@ -97,6 +97,7 @@ pub struct HttpStream {
     segments: VecDeque<Segment>,
     /// The last segment pushed ended inside a token.
     open_token: bool,
+    kept: KeptHeaders,
 }
 
 impl Default for HttpStream {
@@ -107,6 +108,11 @@ impl Default for HttpStream {
 
 impl HttpStream {
     pub fn new() -> Self {
+        Self::keeping(KeptHeaders::all())
+    }
+
+    /// A stream whose heads keep only the `kept` header fields.
+    pub fn keeping(kept: KeptHeaders) -> Self {
         Self {
             flow: None,
             state: State::Start,
@@ -119,6 +125,7 @@ impl HttpStream {
             gap_due: None,
             segments: VecDeque::new(),
             open_token: false,
+            kept,
         }
     }
 
@@ -318,6 +325,17 @@ impl HttpStream {
         let old_len = self.head.len();
         let room = MAX_HEAD_BYTES.saturating_sub(old_len);
         let chunk = &seg.data[seg.pos..];
+        if old_len == 0 {
+            // The usual case, a whole head in one syscall: parsed where it
+            // lies, not copied into the header buffer first.
+            if let Some(head_len) = find_head_end(&chunk[..chunk.len().min(room)]) {
+                let data = seg.data.clone();
+                let block = &data[seg.pos..seg.pos + head_len];
+                seg.pos += head_len;
+                let ktime = seg.ktime_ns;
+                return Some(self.parse_block(block, false, ktime));
+            }
+        }
         let take = chunk.len().min(room);
         self.head.extend_from_slice(&chunk[..take]);
         let search_from = old_len.saturating_sub(3);
@@ -344,11 +362,19 @@ impl HttpStream {
     /// Parses the buffered header block; `truncated` means its end was lost.
     fn parse_head(&mut self, truncated: bool, ktime: u64) -> Item {
         // Parse in place and keep the buffer's capacity for the next message.
-        let parsed = head::parse(&self.head, truncated, self.flow);
+        let head = std::mem::take(&mut self.head);
+        let item = self.parse_block(&head, truncated, ktime);
+        self.head = head;
         self.head.clear();
         if self.head.capacity() > KEEP_HEAD_CAPACITY {
             self.head.shrink_to(KEEP_HEAD_CAPACITY);
         }
+        item
+    }
+
+    /// Parses one header block and moves to the state its framing says.
+    fn parse_block(&mut self, block: &[u8], truncated: bool, ktime: u64) -> Item {
+        let parsed = head::parse(block, truncated, self.flow, &self.kept);
         self.last_ktime = ktime;
         match parsed {
             Ok(mut h) => {
@@ -398,7 +424,10 @@ impl HttpStream {
 
 /// Position just past the blank line ending a header block.
 fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+    // Built once: `memmem::find` builds a searcher on every call.
+    static BLANK_LINE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
+    BLANK_LINE.find(buf).map(|p| p + 4)
 }
 
 #[cfg(test)]

@@ -283,6 +283,35 @@ fn overlong_targets_are_cut_to_a_bound() {
     assert_eq!(target.len(), head::MAX_TARGET);
 }
 
+#[test]
+fn heads_keep_only_the_fields_the_agent_reads_and_the_captured_ones() {
+    let wire = b"POST /a HTTP/1.1\r\nHost: x\r\nAccept: */*\r\nX-Request-Id: 7\r\nTraceParent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\nContent-Length: 2\r\nCookie: secret\r\n\r\nokGET /b HTTP/1.1\r\n\r\n";
+    let mut s = HttpStream::keeping(KeptHeaders::used_and(["x-request-id".to_owned()]));
+    let items = feed(&mut s, &[wire]);
+    let hs = heads(&items);
+    assert_eq!(hs.len(), 2, "framing still follows Content-Length: {items:?}");
+    let names: Vec<&str> = hs[0].headers.iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["host", "x-request-id", "traceparent", "content-length"]);
+    assert_eq!(hs[0].header("x-request-id"), Some("7"));
+    assert_eq!(hs[0].header("accept"), None);
+    assert_eq!(hs[0].header("cookie"), None);
+    assert_eq!(hs[1].target(), Some("/b"));
+    // Keeping all (the default) keeps every field.
+    let all = feed(&mut HttpStream::new(), &[wire]);
+    assert_eq!(heads(&all)[0].headers.len(), 6);
+    assert_eq!(heads(&all)[0].header("accept"), Some("*/*"));
+}
+
+#[test]
+fn a_lookup_of_an_absent_field_finds_nothing_and_of_a_present_one_its_first_value() {
+    let h = Headers::request("/", [("te", "trailers"), ("b3", "1"), ("x", "y"), ("b3", "2")]);
+    assert_eq!(h.get("b3"), Some("1"));
+    assert_eq!(h.get("te"), Some("trailers"));
+    assert_eq!(h.get("x"), Some("y"));
+    assert_eq!(h.get("traceparent"), None);
+    assert_eq!(h.get("content-length"), None);
+}
+
 proptest! {
     #[test]
     fn never_panics_on_arbitrary_segments(segs in proptest::collection::vec((proptest::collection::vec(any::<u8>(), 0..300), 0u64..5000), 0..12)) {
@@ -312,6 +341,13 @@ proptest! {
         let items = feed(&mut s, &chunks);
         prop_assert_eq!(heads(&items).len(), 3);
         prop_assert_eq!(ends(&items).len(), 3);
+        // A head parsed where it lies (whole in one read) and one gathered
+        // from several reads are the same head.
+        let whole = feed(&mut HttpStream::new(), &[wire]);
+        let facts = |items: &[Item]| -> Vec<(HeadKind, u8, Headers)> {
+            heads(items).iter().map(|h| (h.kind.clone(), h.version, h.headers.clone())).collect()
+        };
+        prop_assert_eq!(facts(&items), facts(&whole));
     }
 
     #[test]

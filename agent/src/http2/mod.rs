@@ -16,7 +16,7 @@ use crate::correlate::protocol::Protocol;
 /// Claims a connection whose first bytes are the client preface, or (an
 /// agent started on a live connection) an HTTP/2 frame header no HTTP/1
 /// message could start with.
-pub fn detect(first: &[u8], direction: Direction) -> Option<Box<dyn Protocol>> {
+pub fn detect(first: &[u8], direction: Direction, _kept: &crate::http::KeptHeaders) -> Option<Box<dyn Protocol>> {
     if first.len() >= 4 && PREFACE.starts_with(&first[..first.len().min(PREFACE.len())]) {
         return Some(Box::new(Http2::new(Some(direction))));
     }

@@ -76,8 +76,28 @@ impl<M> Series<M> {
                 .labels
                 .iter()
                 .zip(labels)
-                .all(|((k, v), (lk, lv))| k == lk && v == lv)
+                .all(|((k, v), (lk, lv))| same_key(k, lk) && v == lv)
     }
+}
+
+/// Label names are `&'static str`s from one array per call site: equal
+/// names are almost always the same string, compared without `memcmp`.
+fn same_key(a: &str, b: &str) -> bool {
+    (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || a == b
+}
+
+/// The hash of a label set: its values (and names' lengths). A family's
+/// names are the same on every write, so hashing their text only cost
+/// time; [`Series::is`] still compares names and values.
+fn label_hash(hasher: &impl BuildHasher, labels: &[(&str, &str)]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = hasher.build_hasher();
+    for (k, v) in labels {
+        h.write_usize(k.len());
+        h.write_usize(v.len());
+        h.write(v.as_bytes());
+    }
+    h.finish()
 }
 
 /// Where a tracker's series live: one prometheus-client family, or two
@@ -193,7 +213,7 @@ impl<S: Store> Tracked<S> {
             t.last_sweep = now_secs;
             self.expire(t, now_secs);
         }
-        let hash = t.hasher.hash_one(labels);
+        let hash = label_hash(&t.hasher, labels);
         if let Some(series) = t
             .series
             .get_mut(&hash)
@@ -208,7 +228,7 @@ impl<S: Store> Tracked<S> {
         } else {
             Stats::inc(&self.stats.metric_series_overflow);
             // Tracked (so it expires too) but beyond the cap by one.
-            let hash = t.hasher.hash_one(OVERFLOW);
+            let hash = label_hash(&t.hasher, OVERFLOW);
             (overflow_labels(), hash)
         };
         let bucket = t.series.entry(hash).or_default();
