@@ -23,6 +23,7 @@ pub struct Writer {
     open: Vec<usize>,
 }
 
+#[inline]
 fn varint(buf: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         buf.push((v as u8) | 0x80);
@@ -51,11 +52,13 @@ impl Writer {
         }
     }
 
+    #[inline]
     fn tag(&mut self, field: u32, wire: u32) {
         varint(&mut self.buf, u64::from(field << 3 | wire));
     }
 
     /// Starts nested message (or string) `field`; close it with [`Self::end`].
+    #[inline]
     pub fn begin(&mut self, field: u32) {
         self.tag(field, LEN);
         self.open.push(self.buf.len());
@@ -79,39 +82,46 @@ impl Writer {
         self.buf.truncate(self.buf.len() - (LEN_ROOM - n));
     }
 
+    #[inline]
     pub fn bytes(&mut self, field: u32, v: &[u8]) {
         self.tag(field, LEN);
         varint(&mut self.buf, v.len() as u64);
         self.buf.extend_from_slice(v);
     }
 
+    #[inline]
     pub fn string(&mut self, field: u32, v: &str) {
         self.bytes(field, v.as_bytes());
     }
 
     /// An int32/int64/uint/enum/bool field.
+    #[inline]
     pub fn varint(&mut self, field: u32, v: u64) {
         self.tag(field, VARINT);
         varint(&mut self.buf, v);
     }
 
+    #[inline]
     pub fn fixed64(&mut self, field: u32, v: u64) {
         self.tag(field, FIXED64);
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
 
+    #[inline]
     pub fn fixed32(&mut self, field: u32, v: u32) {
         self.tag(field, FIXED32);
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
 
     /// The header of a length-delimited field whose `len` is known.
+    #[inline]
     pub fn len_prefix(&mut self, field: u32, len: usize) {
         self.tag(field, LEN);
         varint(&mut self.buf, len as u64);
     }
 
     /// Raw bytes already encoded (a cached message body).
+    #[inline]
     pub fn raw(&mut self, v: &[u8]) {
         self.buf.extend_from_slice(v);
     }

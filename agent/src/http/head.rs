@@ -437,7 +437,12 @@ fn finish(
     for (i, h) in raw.iter().enumerate() {
         keep |= u64::from(kept.keeps(h.name)) << i;
     }
-    let fields = || raw.iter().enumerate().filter(move |(i, _)| keep >> i & 1 == 1).map(|(_, h)| h);
+    let fields = || {
+        raw.iter()
+            .enumerate()
+            .filter(move |(i, _)| keep >> i & 1 == 1)
+            .map(|(_, h)| h)
+    };
     fn value_of<'h>(h: &httparse::Header<'h>) -> &'h [u8] {
         &h.value[..h.value.len().min(MAX_VALUE)]
     }

@@ -11,7 +11,6 @@
 use std::{
     hash::BuildHasher,
     sync::{Arc, Mutex},
-    time::Instant,
 };
 
 use prometheus_client::metrics::family::Family;
@@ -65,7 +64,7 @@ struct Tracker<M> {
 struct Series<M> {
     labels: Labels,
     metric: M,
-    /// Second (since `epoch`) the series was last written.
+    /// Second (of the writers' clock) the series was last written.
     last_write: u64,
 }
 
@@ -145,7 +144,6 @@ pub struct Tracked<S: Store> {
     family: S,
     tracker: Mutex<Tracker<S::Metric>>,
     limits: SeriesLimits,
-    epoch: Instant,
     stats: Arc<Stats>,
 }
 
@@ -192,18 +190,13 @@ impl<S: Store> Tracked<S> {
                 last_sweep: 0,
             }),
             limits,
-            epoch: Instant::now(),
             stats,
         }
     }
 
     /// Writes to the series of `labels`, or to the overflow series when the
-    /// family is full.
-    pub fn with(&self, labels: &[(&'static str, &str)], write: impl FnOnce(&S::Metric)) {
-        self.with_at(labels, self.epoch.elapsed().as_secs(), write);
-    }
-
-    /// [`Bounded::with`] at a given second (tests drive time).
+    /// family is full, at second `now_secs` of the caller's clock (one read
+    /// serves every family a span writes; tests drive time).
     pub fn with_at(&self, labels: &[(&'static str, &str)], now_secs: u64, write: impl FnOnce(&S::Metric)) {
         // A poisoned lock only means another writer panicked; the table
         // itself is still consistent.

@@ -26,6 +26,8 @@ pub struct Prometheus {
     client_duration: Bounded<Histogram>,
     /// Istio's request count and duration: the same 25 labels, one lookup.
     istio: BoundedPair<Counter, Histogram>,
+    /// Series times are seconds since this (see [`Bounded::with_at`]).
+    epoch: std::time::Instant,
 }
 
 fn semconv_hist() -> Histogram {
@@ -76,18 +78,21 @@ impl Prometheus {
             server_duration,
             client_duration,
             istio,
+            epoch: std::time::Instant::now(),
         }
     }
 
     /// Records one request. Label values are borrowed or formatted on the
     /// stack: an existing series is written without allocating.
     pub fn record(&self, span: &Span, service_name: &str, peers: &Peers) {
+        // One clock read for both families (each read was a vDSO call).
+        let now_secs = self.epoch.elapsed().as_secs();
         // Istio reports "0" for requests that got no response.
         let mut status = StackStr::<8>::default();
-        let _ = write!(status, "{}", span.status_code.unwrap_or(0));
+        status.number(u64::from(span.status_code.unwrap_or(0)));
         let mut port = StackStr::<8>::default();
         if let Some(s) = span.server {
-            let _ = write!(port, "{}", s.port());
+            port.number(u64::from(s.port()));
         }
         let mut ip = StackStr::<64>::default();
         let server_address = match span.kind {
@@ -119,7 +124,7 @@ impl Prometheus {
             SpanKind::Server => &self.server_duration,
             SpanKind::Client => &self.client_duration,
         };
-        durations.with(&http, |h| h.observe(secs));
+        durations.with_at(&http, now_secs, |h| h.observe(secs));
         let reporter = match span.kind {
             SpanKind::Server => "destination",
             SpanKind::Client => "source",
@@ -127,7 +132,7 @@ impl Prometheus {
         let flags = span.unanswered.map_or("-", |u| u.response_flags(span.kind));
         let mut grpc_status = StackStr::<12>::default();
         if let Some(code) = span.grpc_status() {
-            let _ = write!(grpc_status, "{code}");
+            grpc_status.number(u64::from(code));
         }
         let (src, dst) = (&peers.source, &peers.destination);
         // Istio's standard label set, in its order and with its placeholders
@@ -166,7 +171,7 @@ impl Prometheus {
                 },
             ),
         ];
-        self.istio.with(&istio, |(requests, duration)| {
+        self.istio.with_at(&istio, now_secs, |(requests, duration)| {
             requests.inc();
             duration.observe(secs * 1000.0);
         });
@@ -222,6 +227,22 @@ impl<const N: usize> Default for StackStr<N> {
 }
 
 impl<const N: usize> StackStr<N> {
+    /// Appends `n` in decimal (without `core::fmt`: three per span).
+    fn number(&mut self, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        // ASCII digits: always a whole `&str`.
+        let _ = self.write_str(std::str::from_utf8(&digits[at..]).unwrap_or(""));
+    }
+
     fn as_str(&self) -> &str {
         // Only whole `&str`s are ever appended, so this cannot fail.
         std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
