@@ -15,16 +15,9 @@ pub const MAX_TARGET: usize = 8 * 1024;
 /// Header bytes (names + values) kept per message beyond the headers that
 /// framing and trace context need, which are always kept.
 const MAX_KEPT_HEADER_BYTES: usize = 8 * 1024;
-/// Headers the agent itself reads: never dropped for space.
-const ESSENTIAL: [&str; 7] = [
-    "content-length",
-    "transfer-encoding",
-    "traceparent",
-    "tracestate",
-    "b3",
-    "x-b3-traceid",
-    "user-agent",
-];
+/// Headers framing and trace context need: never dropped for space (the
+/// first names of [`LOOKED_UP`]).
+const ESSENTIAL: &[&str] = LOOKED_UP.split_at(7).0;
 /// Longest method token kept; RFC 9110 sets no limit, real methods are short.
 const MAX_METHOD: usize = 64;
 
@@ -72,7 +65,8 @@ pub struct Headers {
     present: u32,
 }
 
-/// Header names the agent looks up (all lower case).
+/// Header names the agent looks up (all lower case); the first seven are
+/// [`ESSENTIAL`].
 const LOOKED_UP: [&str; 16] = [
     "content-length",
     "transfer-encoding",
@@ -80,9 +74,9 @@ const LOOKED_UP: [&str; 16] = [
     "tracestate",
     "b3",
     "x-b3-traceid",
+    "user-agent",
     "x-b3-spanid",
     "x-b3-sampled",
-    "user-agent",
     "upgrade",
     "host",
     "content-type",
