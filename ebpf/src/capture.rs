@@ -2,13 +2,13 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user, generated,
+        bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_user, generated,
         generated::bpf_loop,
     },
 };
 use meshless_common::{
     ConnAddrs, Counter, Direction, EventKind, FLAG_ACCEPTED, FLAG_CONTINUATION, FLAG_HTTP2, FLAG_NEW_CONN, FLAG_TRUNCATED,
-    HEADER_SIZE, MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS, TAIL_H2_WALK, TAIL_SERVER_CTX, TraceCtx,
+    HEADER_SIZE, MAX_CAPTURE, MAX_CONTINUATION, MAX_IOVECS, TAIL_H2_WALK, TAIL_SERVER_CTX,
 };
 
 use aya_ebpf::{EbpfContext, cty::c_void, maps::ProgramArray};
@@ -17,7 +17,7 @@ use crate::{
     context,
     detect::{Http, WINDOW, classify, read_head},
     maps::{
-        ACTIVE, ADDRS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, CONT, COUNTERS, ConnState, EVENTS, Held,
+        ACTIVE, ADDRS, Aligned, Args, BUF_IOVEC, BUF_MSGHDR, BUF_PLAIN, CONNS, CONT, COUNTERS, ConnState, EVENTS, Held,
         SCRATCH, conn_key, count, count_n, wakeup_bytes,
     },
 };
@@ -258,7 +258,7 @@ pub fn emit_plain<C: EbpfContext>(
     ev.header.len = len as u32;
     ev.header.captured = captured as u32;
     ev.header.flags = flags;
-    ev.header.ctx = args.ctx;
+    crate::mem::copy(&mut ev.header.ctx, &args.ctx);
     // The rest of a long request head follows the first event, also when
     // the first event leaves through the server-context tail call.
     if let Some(cont) = CONT.get_ptr_mut(0) {
@@ -349,7 +349,7 @@ fn emit_continuation(ev: &mut crate::maps::EventBuf) {
         return;
     }
     let flags = (ev.header.flags & !FLAG_TRUNCATED & !FLAG_NEW_CONN) | FLAG_CONTINUATION;
-    ev.header.ctx = TraceCtx::default();
+    crate::mem::zero(&mut ev.header.ctx);
     let mut off = MAX_CAPTURE;
     for _ in 0..MAX_CONTINUATION / MAX_CAPTURE {
         if off >= ret {
@@ -383,9 +383,9 @@ fn emit_continuation(ev: &mut crate::maps::EventBuf) {
 /// its head past MAX_CAPTURE; bodies and responses are not).
 #[inline(always)]
 fn starts_request(args: &Args) -> bool {
-    let mut b = [0u8; WINDOW];
-    let n = read_head(b.as_mut_ptr(), WINDOW, args.ptr, WINDOW as u64);
-    classify(&b, n) == Http::Request
+    let mut b: Aligned<[u8; WINDOW]> = crate::mem::zeroed();
+    let n = read_head(b.0.as_mut_ptr(), WINDOW, args.ptr, WINDOW as u64);
+    classify(&b.0, n) == Http::Request
 }
 
 /// Emits the look-ahead bytes held for an fd before it was followed, as
@@ -406,7 +406,7 @@ pub fn emit_held(tgid: u32, tid: u32, args: &Args, held: &Held, state: &ConnStat
     ev.header.len = n as u32;
     ev.header.captured = n as u32;
     ev.header.flags = flags | state.flags;
-    ev.header.ctx = TraceCtx::default();
+    crate::mem::zero(&mut ev.header.ctx);
     submit(ev, n);
 }
 
@@ -424,7 +424,7 @@ pub fn emit_exec(tgid: u32, tid: u32) {
     ev.header.len = 0;
     ev.header.captured = 0;
     ev.header.flags = 0;
-    ev.header.ctx = TraceCtx::default();
+    crate::mem::zero(&mut ev.header.ctx);
     submit(ev, 0);
 }
 
@@ -441,7 +441,7 @@ pub fn emit_close(tgid: u32, tid: u32, fd: u32, syscall: u32, state: &ConnState)
     ev.header.len = 0;
     ev.header.captured = 0;
     ev.header.flags = state.flags;
-    ev.header.ctx = TraceCtx::default();
+    crate::mem::zero(&mut ev.header.ctx);
     submit(ev, 0);
 }
 
@@ -452,7 +452,7 @@ pub fn fill_header_of(ev: &mut crate::maps::EventBuf, id: u64, args: &Args, stat
     fill_header(ev, (id >> 32) as u32, id as u32, args.fd, EventKind::Data, state);
     ev.header.direction = args.direction;
     ev.header.syscall = args.syscall;
-    ev.header.ctx = args.ctx;
+    crate::mem::copy(&mut ev.header.ctx, &args.ctx);
 }
 
 #[inline(always)]
@@ -465,9 +465,11 @@ fn fill_header(ev: &mut crate::maps::EventBuf, tgid: u32, tid: u32, fd: u32, kin
     h.tid = tid;
     h.fd = fd;
     h.kind = kind as u32;
-    h.addrs = state.addrs;
+    crate::mem::copy(&mut h.addrs, &state.addrs);
     h.sock_ino = state.sock_ino;
-    h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // Straight into the header (the helper zeroes it on failure).
+    // SAFETY: a buffer of the given size.
+    unsafe { generated::bpf_get_current_comm(h.comm.as_mut_ptr().cast(), h.comm.len() as u32) };
 }
 
 /// Records the ring-buffer fill level if it is the highest seen on this CPU.

@@ -178,11 +178,11 @@ pub fn client_request(id: u64, addrs: Option<&ConnAddrs>, ctx: &mut TraceCtx) ->
     // SAFETY: copied out at once.
     let policy = unsafe { LINK_POLICY.get(&tgid) }.copied().unwrap_or(0);
     ctx.flags = CTX_VALID | CTX_SAMPLED;
-    let mut parent = TraceCtx::default();
+    let mut parent: TraceCtx = crate::mem::zeroed();
     let found = if policy & LINK_POLICY_MASK == LinkPolicy::Goroutine as u32 {
         golang::parent(tgid, now, &mut parent) != 0
     } else if let Some(s) = serving(id, tgid, policy, now) {
-        parent = s.ctx;
+        crate::mem::copy(&mut parent, &s.ctx);
         true
     } else {
         false
@@ -196,7 +196,7 @@ pub fn client_request(id: u64, addrs: Option<&ConnAddrs>, ctx: &mut TraceCtx) ->
         trace_id(&mut ctx.trace_id);
     }
     span_id(ctx.flags & CTX_SAMPLED != 0, &mut ctx.span_id);
-    let mut key = SockKey::default();
+    let mut key: SockKey = crate::mem::zeroed();
     if propagation()
         && policy & LINK_QUIET == 0
         && !in_quiet_cgroup()
@@ -240,9 +240,9 @@ pub fn unknown_read(id: u64, fd: u32) -> u32 {
 #[inline(never)]
 pub fn server_request(id: u64, fd: u32, addrs: &ConnAddrs, captured: usize, ctx: &mut TraceCtx) -> u32 {
     ctx.flags = CTX_VALID | CTX_SAMPLED;
-    let mut header = Found::default();
+    let mut header: Found = crate::mem::zeroed();
     traceparent(captured, &mut header);
-    let mut key = SockKey::default();
+    let mut key: SockKey = crate::mem::zeroed();
     let have_key = sock_key(addrs, &mut key) != 0;
     let option = have_key.then_some(()).and_then(|()| {
         let slot = IN_OPT.get_ptr_mut(&key)?;

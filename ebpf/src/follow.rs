@@ -58,7 +58,7 @@ pub fn tracked_conn(key: u64, args: &Args, ret: usize, detect: bool, out: &mut F
     out.flags = 0;
     // SAFETY: the value is copied out at once.
     if let Some(state) = unsafe { CONNS.get(&key) } {
-        out.state = *state;
+        crate::mem::copy(&mut out.state, state);
         return true;
     }
     if !detect {

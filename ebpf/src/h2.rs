@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 use meshless_common::{
     Counter, Direction, FLAG_ACCEPTED, FLAG_CONTINUATION, FLAG_NEW_CONN, FLAG_TRUNCATED, FLAG_UNCONFIRMED, MAX_CAPTURE,
-    MAX_IOVECS, TraceCtx,
+    MAX_IOVECS,
 };
 
 use crate::{
@@ -274,7 +274,7 @@ fn flush(w: &mut H2Walk, ev: &mut EventBuf, end: u64, extra: u32) {
             (flags & !FLAG_TRUNCATED & !FLAG_NEW_CONN) | FLAG_CONTINUATION
         };
     if w.records != 0 {
-        ev.header.ctx = TraceCtx::default();
+        crate::mem::zero(&mut ev.header.ctx);
     }
     submit(ev, (w.copied as usize) & (MAX_CAPTURE * 2 - 1));
     w.records += 1;

@@ -14,6 +14,7 @@ mod follow;
 mod golang;
 mod h2;
 mod maps;
+mod mem;
 mod probes;
 mod sock;
 

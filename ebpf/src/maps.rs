@@ -1,9 +1,11 @@
 //! Every map and global of the kernel side, in one place.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
-use meshless_common::{COUNTER_SLOTS, ConnAddrs, Counter, EventHeader, FdVerdict, MAX_CAPTURE, TraceCtx};
+use meshless_common::{COUNTER_SLOTS, ConnAddrs, Counter, EventHeader, FdVerdict, MAX_CAPTURE, Syscall, TraceCtx};
 
 use crate::detect::WINDOW;
 
@@ -68,6 +70,35 @@ pub struct Args {
     /// Context of the request an egress call starts (decided at sys_enter,
     /// before the bytes can leave, so the TCP option can carry it).
     pub ctx: TraceCtx,
+}
+
+impl Args {
+    /// A syscall's arguments with an empty trace context, written into
+    /// `out` field by field (a struct literal's zeroed context compiled to
+    /// a byte-loop memset on every traced syscall).
+    #[inline(always)]
+    pub fn init(
+        out: &mut MaybeUninit<Args>,
+        ptr: u64,
+        count: u64,
+        fd: u32,
+        layout: u32,
+        syscall: u32,
+        direction: u32,
+    ) -> &mut Args {
+        let p = out.as_mut_ptr();
+        // SAFETY: every field of `*p` is written before `out` is read.
+        unsafe {
+            (&raw mut (*p).ptr).write(ptr);
+            (&raw mut (*p).count).write(count);
+            (&raw mut (*p).fd).write(fd);
+            (&raw mut (*p).layout).write(layout);
+            (&raw mut (*p).syscall).write(syscall);
+            (&raw mut (*p).direction).write(direction);
+            crate::mem::zero_raw(&raw mut (*p).ctx);
+            out.assume_init_mut()
+        }
+    }
 }
 
 /// State of a tracked (HTTP) connection, keyed by (tgid << 32 | fd).
@@ -155,8 +186,55 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
+/// One slot per thread (pid_tgid): written in place at sys_enter, marked
+/// taken at sys_exit (`syscall` = [`NO_SYSCALL`]), removed when the thread
+/// exits. A map update and delete per syscall cost more than the rest of a
+/// sys_enter program; LRU, so threads that never exit cleanly age out.
 #[map(name = "ARGS")]
-pub static ARGS: HashMap<u64, Args> = HashMap::with_max_entries(16384, 0);
+pub static ARGS: LruHashMap<u64, Args> = LruHashMap::with_max_entries(16384, 0);
+
+/// `Args::syscall` of a slot whose arguments were taken (or never stashed).
+pub const NO_SYSCALL: u32 = 0;
+
+/// Stashes `args` for the current syscall's exit probe of thread `id`.
+#[inline(always)]
+pub fn put_args(id: u64, args: &Args) {
+    match ARGS.get_ptr_mut(&id) {
+        // SAFETY: the thread's own slot; only this thread writes it.
+        Some(slot) => crate::mem::copy(unsafe { &mut *slot }, args),
+        None => {
+            if ARGS.insert(&id, args, 0).is_err() {
+                count(Counter::ArgsTableFull);
+            }
+        }
+    }
+}
+
+/// Takes the arguments thread `id` stashed for `syscall` at sys_enter
+/// (copied into `out`); None when nothing was stashed for it (a filtered
+/// call, or the stash of another syscall whose exit never ran).
+#[inline(always)]
+pub fn take_args(id: u64, syscall: Syscall, out: &mut MaybeUninit<Args>) -> Option<&Args> {
+    let slot = ARGS.get_ptr_mut(&id)?;
+    // SAFETY: the thread's own slot; only this thread writes it.
+    let slot = unsafe { &mut *slot };
+    if slot.syscall != syscall as u32 {
+        return None;
+    }
+    // SAFETY: `out` has room for an `Args`, all of which is written.
+    let args = unsafe {
+        crate::mem::copy_raw(out.as_mut_ptr(), slot);
+        out.assume_init_ref()
+    };
+    slot.syscall = NO_SYSCALL;
+    Some(args)
+}
+
+/// Eight-byte alignment for a small byte buffer on the BPF stack: zeroing
+/// or copying it takes a few word stores instead of a byte loop.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub struct Aligned<T>(pub T);
 
 #[map(name = "CONNS")]
 pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0);

@@ -5,6 +5,8 @@
 //! tracepoint carries the 4-tuple in its record (the SYN_SENT transition
 //! runs in the connecting thread; SYN_RECV -> ESTABLISHED is keyed by the
 //! client's address so accept4 can find its local half).
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{helpers::bpf_probe_read_user, macros::tracepoint, programs::TracePointContext};
 use meshless_common::{
     AF_INET, AF_INET6, ConnAddrs, FLAG_ACCEPTED, FLAG_CONNECTED, FLAG_LOCAL_ADDR, FLAG_REMOTE_ADDR, Syscall,
@@ -14,7 +16,8 @@ use super::{arg, current, ret};
 use crate::{
     capture::emit_close,
     maps::{
-        ACTIVE, ADDRS, ARGS, Args, BUF_NONE, CONNECTING, CONNS, HELD, KnownAddrs, PASSIVE, PeerKey, VERDICTS, conn_key,
+        ACTIVE, ADDRS, Args, BUF_NONE, CONNECTING, CONNS, HELD, KnownAddrs, PASSIVE, PeerKey, VERDICTS, conn_key,
+        put_args, take_args,
     },
 };
 
@@ -80,16 +83,9 @@ fn stash_accept(ctx: &TracePointContext, syscall: Syscall) -> u32 {
     let Some((id, _, _)) = current() else {
         return 0;
     };
-    let args = Args {
-        ptr: arg(ctx, 1),
-        count: 0,
-        fd: arg(ctx, 0) as u32,
-        layout: BUF_NONE,
-        syscall: syscall as u32,
-        direction: 0,
-        ctx: meshless_common::TraceCtx::default(),
-    };
-    let _ = ARGS.insert(&id, &args, 0);
+    let mut slot = MaybeUninit::uninit();
+    let args = Args::init(&mut slot, arg(ctx, 1), 0, arg(ctx, 0) as u32, BUF_NONE, syscall as u32, 0);
+    put_args(id, args);
     0
 }
 
@@ -97,11 +93,10 @@ fn finish_accept(ctx: &TracePointContext) -> u32 {
     let Some((id, tgid, _)) = current() else {
         return 0;
     };
-    // SAFETY: copied out before removal.
-    let Some(args) = (unsafe { ARGS.get(&id) }).copied() else {
+    let mut slot = MaybeUninit::uninit();
+    let Some(args) = take_args(id, Syscall::Accept, &mut slot) else {
         return 0;
     };
-    let _ = ARGS.remove(&id);
     let fd = ret(ctx);
     if fd < 0 {
         return 0;

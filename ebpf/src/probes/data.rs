@@ -1,4 +1,6 @@
 //! read/write-family syscalls: stash arguments on enter, emit on exit.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use meshless_common::{Direction, Syscall};
 
@@ -9,11 +11,11 @@ use crate::{
     detect::{WINDOW, classify},
     follow::tracked_conn,
     maps::{
-        ARGS, Args, BUF_IOVEC, BUF_MSGHDR, BUF_NONE, BUF_PLAIN, CONNS, FOLLOW, HELD, SERVER_CTX, VERDICTS, conn_key,
-        count,
+        Aligned, Args, BUF_IOVEC, BUF_MSGHDR, BUF_NONE, BUF_PLAIN, CONNS, FOLLOW, HELD, SERVER_CTX, VERDICTS, conn_key,
+        count, put_args, take_args,
     },
 };
-use meshless_common::{Counter, TraceCtx};
+use meshless_common::Counter;
 
 /// `MSG_PEEK`: the bytes stay in the socket and will be read again.
 const MSG_PEEK: u64 = 2;
@@ -59,28 +61,31 @@ fn stash(ctx: &TracePointContext, syscall: Syscall, direction: Direction, layout
         // TLS records of an SSL call: its return probe emits the plaintext.
         return 0;
     }
-    let mut args = Args {
-        ptr: arg(ctx, 1),
-        count: arg(ctx, 2),
+    let mut slot = MaybeUninit::uninit();
+    let args = Args::init(
+        &mut slot,
+        arg(ctx, 1),
+        arg(ctx, 2),
         fd,
         layout,
-        syscall: syscall as u32,
-        direction: direction as u32,
-        ctx: TraceCtx::default(),
-    };
+        syscall as u32,
+        direction as u32,
+    );
     if direction == Direction::Egress {
         let key = conn_key(tgid, fd);
         // SAFETY: map values stay valid for the program's run.
         let state = unsafe { CONNS.get(&key) };
-        let mut b = [0u8; WINDOW];
+        // Zeroed a word at a time, not by a byte loop.
+        let mut b: Aligned<[u8; WINDOW]> = crate::mem::zeroed();
+        let b = &mut b.0;
         // For iovec layouts `count` is the iovec count, not a byte count.
         let avail = if layout == BUF_PLAIN { args.count } else { u64::MAX };
         let n = if layout == BUF_NONE {
             0
         } else {
-            head(&args, avail, b.as_mut_ptr(), WINDOW)
+            head(args, avail, b.as_mut_ptr(), WINDOW)
         };
-        if state.is_none() && !worth_stashing(key, &b, n) {
+        if state.is_none() && !worth_stashing(key, b, n) {
             return 0;
         }
         let first = [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]];
@@ -89,22 +94,19 @@ fn stash(ctx: &TracePointContext, syscall: Syscall, direction: Direction, layout
             client_request(id, addrs, &mut args.ctx);
         }
     }
-    if ARGS.insert(&id, &args, 0).is_err() {
-        count(Counter::ArgsTableFull);
-    }
+    put_args(id, args);
     0
 }
 
 #[inline(always)]
-fn finish(ctx: &TracePointContext) -> u32 {
+fn finish(ctx: &TracePointContext, syscall: Syscall) -> u32 {
     let Some((id, tgid, _)) = current() else {
         return 0;
     };
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(args) = (unsafe { ARGS.get(&id) }).copied() else {
+    let mut slot = MaybeUninit::uninit();
+    let Some(args) = take_args(id, syscall, &mut slot) else {
         return 0;
     };
-    let _ = ARGS.remove(&id);
     let n = ret(ctx);
     if n <= 0 {
         return 0;
@@ -155,7 +157,7 @@ macro_rules! data_probe {
         }
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            finish(&ctx)
+            finish(&ctx, $syscall)
         }
     };
 }

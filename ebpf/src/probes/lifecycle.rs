@@ -8,7 +8,7 @@ use aya_ebpf::{
 use meshless_common::Counter;
 
 use super::{arg, conn::forget, current};
-use crate::maps::{TGIDS, count};
+use crate::maps::{ARGS, TGIDS, count};
 
 /// Most fds a close_range or an exit sweeps; userspace expires entries of
 /// higher fds (`capture::expiry`).
@@ -107,9 +107,11 @@ const GROUP_DEAD: usize = 32;
 
 #[tracepoint]
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
-    let Some((_, tgid, tid)) = current() else {
+    let Some((id, tgid, tid)) = current() else {
         return 0;
     };
+    // Every exiting thread: its syscall-arguments slot goes with it.
+    let _ = ARGS.remove(&id);
     if !has_state(tgid) {
         return 0;
     }

@@ -17,7 +17,7 @@ use meshless_common::{AF_INET, Counter, TRACE_OPT_KIND, TRACE_OPT_LEN, TRACE_OPT
 
 use crate::{
     context::canonical,
-    maps::{IN_OPT, OUT_OPT, OptCtx, SockKey, count},
+    maps::{Aligned, IN_OPT, OUT_OPT, OptCtx, SockKey, count},
 };
 
 /// `args[0]` bit of HDR_OPT_LEN_CB: the kernel is computing the MSS (no skb).
@@ -97,7 +97,9 @@ fn write(ctx: &SockOpsContext) {
     if pending.used == 0 {
         return;
     }
-    let mut opt = [0u8; TRACE_OPT_LEN];
+    // Zeroed a word at a time, not by a byte loop.
+    let mut opt: Aligned<[u8; TRACE_OPT_LEN]> = crate::mem::zeroed();
+    let opt = &mut opt.0;
     opt[0] = TRACE_OPT_KIND;
     opt[1] = TRACE_OPT_LEN as u8;
     opt[2..4].copy_from_slice(&TRACE_OPT_MAGIC.to_be_bytes());
@@ -114,7 +116,9 @@ fn write(ctx: &SockOpsContext) {
 }
 
 fn parse(ctx: &SockOpsContext) {
-    let mut opt = [0u8; TRACE_OPT_LEN];
+    // Zeroed a word at a time, not by a byte loop.
+    let mut opt: Aligned<[u8; TRACE_OPT_LEN]> = crate::mem::zeroed();
+    let opt = &mut opt.0;
     opt[0] = TRACE_OPT_KIND;
     // For experimental kinds the search matches the magic: length 4 = kind, len, ExID.
     opt[1] = 4;

@@ -18,7 +18,7 @@
 //! `fdMutex`. Once a connection's plaintext is followed, its own bytes
 //! (handshake, encrypted records) are ignored (`FLAG_TLS` on `CONNS`).
 use aya_ebpf::{helpers::bpf_probe_read_user, macros::uprobe, programs::ProbeContext};
-use meshless_common::{Direction, Syscall, TlsCounter, TraceCtx};
+use meshless_common::{Direction, Syscall, TlsCounter};
 
 use super::{
     current,
@@ -80,7 +80,7 @@ fn plaintext(ptr: u64, n: u64, fd: u32, direction: Direction) -> Option<&'static
         Syscall::Write
     } as u32;
     args.direction = direction as u32;
-    args.ctx = TraceCtx::default();
+    crate::mem::zero(&mut args.ctx);
     Some(args)
 }
 

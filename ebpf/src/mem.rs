@@ -1,0 +1,71 @@
+//! Struct copies and zeroing a word at a time. BPF has no memcpy or memset
+//! instruction: where the compiler does not expand one inline it calls
+//! aya-ebpf's, a byte loop of about five instructions per byte, and such
+//! calls ran on every traced syscall (the 104-byte connection state, the
+//! 48-byte addresses of every event header, 40-byte trace contexts).
+use core::{
+    mem::{MaybeUninit, align_of, size_of},
+    ptr::{read_volatile, write_volatile},
+};
+
+/// `*dst = *src`, eight (or four) bytes at a time. The accesses are
+/// volatile so that the compiler cannot fold them back into a call.
+#[inline(always)]
+pub fn copy<T: Copy>(dst: &mut T, src: &T) {
+    // SAFETY: both are valid, aligned `T`s.
+    unsafe { copy_raw(dst, src) }
+}
+
+/// # Safety
+/// `dst` and `src` point to valid, aligned, non-overlapping `T`s.
+#[inline(always)]
+pub unsafe fn copy_raw<T: Copy>(dst: *mut T, src: *const T) {
+    const { assert!(align_of::<T>() >= 4 && size_of::<T>() % 4 == 0) };
+    if align_of::<T>() >= 8 && size_of::<T>() % 8 == 0 {
+        let (d, s) = (dst.cast::<u64>(), src.cast::<u64>());
+        for i in 0..size_of::<T>() / 8 {
+            // SAFETY: `i` stays inside both (see the caller's contract).
+            unsafe { write_volatile(d.add(i), read_volatile(s.add(i))) };
+        }
+    } else {
+        let (d, s) = (dst.cast::<u32>(), src.cast::<u32>());
+        for i in 0..size_of::<T>() / 4 {
+            // SAFETY: as above, four bytes at a time.
+            unsafe { write_volatile(d.add(i), read_volatile(s.add(i))) };
+        }
+    }
+}
+
+/// A `T` of all zero bytes, written as [`zero`] does (`T` must be a
+/// plain-data type for which all zeroes is a valid value). For a local
+/// variable only: moved into a field of a struct literal the value is
+/// copied, and the compiler, knowing it is zeroes, emits a memset call.
+#[inline(always)]
+pub fn zeroed<T: Copy>() -> T {
+    let mut out = MaybeUninit::<T>::uninit();
+    // SAFETY: every byte of `out` is written; all zeroes is a valid `T`.
+    unsafe {
+        zero_raw(out.as_mut_ptr());
+        out.assume_init()
+    }
+}
+
+/// Sets every byte of `*dst` to zero, four bytes at a time (`T` must be a
+/// plain-data type for which all zeroes is a valid value).
+#[inline(always)]
+pub fn zero<T: Copy>(dst: &mut T) {
+    // SAFETY: `dst` is a valid, aligned `T`.
+    unsafe { zero_raw(dst) }
+}
+
+/// # Safety
+/// `dst` points to a valid (or writable, uninitialised), aligned `T`.
+#[inline(always)]
+pub unsafe fn zero_raw<T: Copy>(dst: *mut T) {
+    const { assert!(align_of::<T>() >= 4 && size_of::<T>() % 4 == 0) };
+    let d = dst.cast::<u32>();
+    for i in 0..size_of::<T>() / 4 {
+        // SAFETY: `i` stays inside `*dst`.
+        unsafe { write_volatile(d.add(i), 0) };
+    }
+}
