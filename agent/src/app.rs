@@ -138,6 +138,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &stats.kernel_ringbuf_size_bytes,
         u64::from(config.ringbuf_mib) * 1024 * 1024,
     );
+    // Held for the agent's lifetime: the kernel keeps counting while it is open.
+    let kernel_stats = config.kernel_stats.then(enable_kernel_stats).flatten();
     let k8s = match &node {
         Some(node) => {
             let updates = k8s::watch::start(node).await?;
@@ -279,6 +281,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = trim.tick() => crate::resident::release("periodic"),
             _ = kernel_check.tick() => {
                 read_kernel_counters(&counters, &stats);
+                if kernel_stats.is_some() {
+                    read_program_times(&ebpf, &stats);
+                }
                 Stats::set(&stats.kernel_ringbuf_used_bytes, loader::take_ringbuf_high_water(&mut counters));
             }
         }
@@ -431,6 +436,34 @@ fn console_stage(
         }
     }
     heartbeat.finish();
+}
+
+/// Turns on the kernel's BPF run-time statistics until the returned fd is
+/// closed (`--kernel-stats`); None, with a warning, when the kernel refuses.
+fn enable_kernel_stats() -> Option<std::os::fd::OwnedFd> {
+    match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+        Ok(fd) => Some(fd),
+        Err(error) => {
+            warn!(%error, "--kernel-stats: the kernel's BPF statistics could not be turned on (needs Linux 5.8 and CAP_SYS_ADMIN); no program times");
+            None
+        }
+    }
+}
+
+/// Copies each loaded kernel program's run count and run time into [`Stats`].
+fn read_program_times(ebpf: &aya::Ebpf, stats: &Stats) {
+    let times: Vec<crate::stats::ProgramTime> = ebpf
+        .programs()
+        .filter_map(|(name, program)| {
+            let info = program.info().ok()?;
+            Some(crate::stats::ProgramTime {
+                program: name.to_owned(),
+                runs: info.run_count(),
+                nanos: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+            })
+        })
+        .collect();
+    *stats.kernel_programs.lock().unwrap_or_else(|e| e.into_inner()) = times;
 }
 
 /// Copies the kernel's per-CPU counters into [`Stats`]; warns on new losses.

@@ -1,6 +1,15 @@
 //! Agent self-metrics: counters every stage bumps, read by the reporter.
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// A kernel program's run count and total run time, from the kernel's BPF
+/// statistics (`--kernel-stats`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramTime {
+    pub program: String,
+    pub runs: u64,
+    pub nanos: u64,
+}
+
 macro_rules! counters {
     ($($name:ident: $doc:literal,)*) => {
         /// Userspace counters (kernel-side ones are read from the COUNTERS map).
@@ -9,6 +18,9 @@ macro_rules! counters {
             $(#[doc = $doc] pub $name: AtomicU64,)*
             /// The memory budget and its per-reason drop counters.
             pub budget: std::sync::Arc<crate::budget::Budget>,
+            /// Runs and nanoseconds of each kernel program (`--kernel-stats`),
+            /// as last read; empty without it.
+            pub kernel_programs: std::sync::Mutex<Vec<ProgramTime>>,
         }
 
         impl Stats {

@@ -205,3 +205,58 @@ fn header_blocks_deep_inside_one_large_h2_write_are_all_decoded() {
         );
     }
 }
+
+/// With `--kernel-stats` the agent reports each kernel program's runs and
+/// the time it took inside the applications' syscalls, read from the
+/// kernel's own BPF statistics: the exit probes of the requests' reads and
+/// writes ran at least four times per request (both ends, a read and a
+/// write each) and took time.
+#[test]
+fn kernel_programs_report_their_runs_and_time_with_kernel_stats() {
+    const REQUESTS: usize = 50;
+    let _serial = serial();
+    let pods = PodPair::new();
+    let scratch = Scratch::new("kernel-time");
+    let agent = Agent::start_with(&["--kernel-stats"]);
+    let _nginx = start_nginx(&pods.b, &pods.ip_b, PORT, &scratch.0);
+    wait_port(&pods.a, &pods.ip_b, PORT);
+    let url = format!("http://{}:{PORT}/ok", pods.ip_b);
+    let mut curl = PodPair::cmd(&pods.a, "curl");
+    curl.arg("-s");
+    for _ in 0..REQUESTS {
+        curl.args(["-o", "/dev/null", &url]);
+    }
+    run(curl);
+    let spans = agent.collect(to_server(&pods.ip_b, PORT), 2 * REQUESTS, Duration::from_secs(15));
+    assert_eq!(spans.len(), 2 * REQUESTS, "every request traced on both ends");
+
+    // Program times are read every 2 s.
+    let exits = |s: &prometheus_parse::Scrape, name: &str| -> f64 {
+        s.samples
+            .iter()
+            .filter(|m| m.metric == name)
+            .filter(|m| m.labels.get("program").is_some_and(|p| p.starts_with("sys_exit_")))
+            .map(|m| match m.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (runs, secs) = loop {
+        let s = scrape(&agent);
+        let got = (
+            exits(&s, "meshless_kernel_program_runs_total"),
+            exits(&s, "meshless_kernel_program_seconds_total"),
+        );
+        if got.0 >= (4 * REQUESTS) as f64 || Instant::now() > deadline {
+            break got;
+        }
+        sleep(Duration::from_millis(250));
+    };
+    assert!(runs >= (4 * REQUESTS) as f64, "sys_exit_* programs ran {runs} times");
+    assert!(secs > 0.0, "sys_exit_* programs took {secs} s");
+    // Machine-wide (every process's syscalls run them), but far from the
+    // millions a nanosecond count read as seconds would give.
+    assert!(secs < 100.0, "{secs} s in sys_exit_* programs is not a time in seconds");
+}

@@ -90,6 +90,15 @@ pub struct Config {
     #[arg(long, default_value_t = 256)]
     pub wakeup_kib: u64,
 
+    /// Measure the time the kernel programs take inside the traced
+    /// applications' syscalls: `meshless_kernel_program_runs_total` and
+    /// `meshless_kernel_program_seconds_total`, by program (a tail-called
+    /// program counts under its caller). Turns on the kernel's BPF run-time
+    /// statistics while the agent runs, which adds a little to every BPF
+    /// program run on the machine (two clock reads), so it is off by default.
+    #[arg(long)]
+    pub kernel_stats: bool,
+
     /// Development: also append every ring-buffer record to this file, for
     /// the replay benchmark (`cargo bench -p meshless --bench replay`).
     /// Holds payload bytes of the traffic: never on a real node.

@@ -4,7 +4,7 @@ use std::{fmt::Write, sync::Arc};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{counter::ConstCounter, counter::Counter, gauge::ConstGauge, histogram::Histogram},
+    metrics::{counter::ConstCounter, counter::Counter, gauge::ConstGauge, histogram::Histogram, MetricType},
     registry::{Registry, Unit},
 };
 
@@ -261,6 +261,34 @@ impl<const N: usize> Write for StackStr<N> {
     }
 }
 
+/// Each kernel program's runs and time (`--kernel-stats`; nothing without it).
+fn encode_program_times(stats: &Stats, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let programs = stats.kernel_programs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if programs.is_empty() {
+        return Ok(());
+    }
+    let mut metric = encoder.encode_descriptor(
+        "meshless_kernel_program_runs",
+        "Runs of each kernel program (--kernel-stats; a tail-called program counts under its caller).",
+        None,
+        MetricType::Counter,
+    )?;
+    for p in &programs {
+        ConstCounter::new(p.runs).encode(metric.encode_family(&[("program", p.program.as_str())])?)?;
+    }
+    let mut metric = encoder.encode_descriptor(
+        "meshless_kernel_program_seconds",
+        "Time each kernel program took inside the traced applications' syscalls (--kernel-stats).",
+        None,
+        MetricType::Counter,
+    )?;
+    for p in &programs {
+        let secs = p.nanos as f64 / 1e9;
+        ConstCounter::new(secs).encode(metric.encode_family(&[("program", p.program.as_str())])?)?;
+    }
+    Ok(())
+}
+
 /// Self-metrics that are levels, not totals.
 const GAUGES: [&str; 6] = [
     "correlator_state_bytes",
@@ -289,6 +317,7 @@ impl Collector for SelfMetrics {
                 counter.encode(metric)?;
             }
         }
+        encode_program_times(&self.0, &mut encoder)?;
         crate::budget::encode_prometheus(&self.0.budget, &mut encoder)
     }
 }
