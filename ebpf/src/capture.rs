@@ -1,4 +1,6 @@
 //! Copying payload prefixes of followed connections into ring-buffer events.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
@@ -383,9 +385,10 @@ fn emit_continuation(ev: &mut crate::maps::EventBuf) {
 /// its head past MAX_CAPTURE; bodies and responses are not).
 #[inline(always)]
 fn starts_request(args: &Args) -> bool {
-    let mut b: Aligned<[u8; WINDOW]> = crate::mem::zeroed();
-    let n = read_head(b.0.as_mut_ptr(), WINDOW, args.ptr, WINDOW as u64);
-    classify(&b.0, n) == Http::Request
+    let mut b = MaybeUninit::<Aligned<[u8; WINDOW]>>::uninit();
+    let b = &mut crate::mem::zeroed_in(&mut b).0;
+    let n = read_head(b.as_mut_ptr(), WINDOW, args.ptr, WINDOW as u64);
+    classify(b, n) == Http::Request
 }
 
 /// Emits the look-ahead bytes held for an fd before it was followed, as

@@ -13,6 +13,8 @@
 //! - A request written by a client gets its span ids before its bytes can
 //!   leave (at sys_enter), so the sock_ops program can put them into the
 //!   first TCP segment that carries them.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::helpers::{
     bpf_get_prandom_u32, bpf_ktime_get_ns,
     generated::{bpf_get_current_ancestor_cgroup_id, bpf_loop},
@@ -178,11 +180,12 @@ pub fn client_request(id: u64, addrs: Option<&ConnAddrs>, ctx: &mut TraceCtx) ->
     // SAFETY: copied out at once.
     let policy = unsafe { LINK_POLICY.get(&tgid) }.copied().unwrap_or(0);
     ctx.flags = CTX_VALID | CTX_SAMPLED;
-    let mut parent: TraceCtx = crate::mem::zeroed();
+    let mut parent = MaybeUninit::<TraceCtx>::uninit();
+    let parent = crate::mem::zeroed_in(&mut parent);
     let found = if policy & LINK_POLICY_MASK == LinkPolicy::Goroutine as u32 {
-        golang::parent(tgid, now, &mut parent) != 0
+        golang::parent(tgid, now, parent) != 0
     } else if let Some(s) = serving(id, tgid, policy, now) {
-        crate::mem::copy(&mut parent, &s.ctx);
+        crate::mem::copy(parent, &s.ctx);
         true
     } else {
         false
@@ -196,11 +199,12 @@ pub fn client_request(id: u64, addrs: Option<&ConnAddrs>, ctx: &mut TraceCtx) ->
         trace_id(&mut ctx.trace_id);
     }
     span_id(ctx.flags & CTX_SAMPLED != 0, &mut ctx.span_id);
-    let mut key: SockKey = crate::mem::zeroed();
+    let mut key = MaybeUninit::<SockKey>::uninit();
+    let key = crate::mem::zeroed_in(&mut key);
     if propagation()
         && policy & LINK_QUIET == 0
         && !in_quiet_cgroup()
-        && addrs.is_some_and(|a| sock_key(a, &mut key) != 0)
+        && addrs.is_some_and(|a| sock_key(a, key) != 0)
     {
         let opt = OptCtx {
             trace_id: ctx.trace_id,
@@ -208,7 +212,7 @@ pub fn client_request(id: u64, addrs: Option<&ConnAddrs>, ctx: &mut TraceCtx) ->
             used: 0,
             _pad: 0,
         };
-        if OUT_OPT.insert(&key, &opt, 0).is_ok() {
+        if OUT_OPT.insert(key, &opt, 0).is_ok() {
             ctx.flags |= CTX_SENT;
         }
     }
@@ -240,12 +244,14 @@ pub fn unknown_read(id: u64, fd: u32) -> u32 {
 #[inline(never)]
 pub fn server_request(id: u64, fd: u32, addrs: &ConnAddrs, captured: usize, ctx: &mut TraceCtx) -> u32 {
     ctx.flags = CTX_VALID | CTX_SAMPLED;
-    let mut header: Found = crate::mem::zeroed();
-    traceparent(captured, &mut header);
-    let mut key: SockKey = crate::mem::zeroed();
-    let have_key = sock_key(addrs, &mut key) != 0;
+    let mut header = MaybeUninit::<Found>::uninit();
+    let header = crate::mem::zeroed_in(&mut header);
+    traceparent(captured, header);
+    let mut key = MaybeUninit::<SockKey>::uninit();
+    let key = crate::mem::zeroed_in(&mut key);
+    let have_key = sock_key(addrs, key) != 0;
     let option = have_key.then_some(()).and_then(|()| {
-        let slot = IN_OPT.get_ptr_mut(&key)?;
+        let slot = IN_OPT.get_ptr_mut(key)?;
         // SAFETY: an entry of this map; racing writers only store whole values.
         let opt = unsafe { &mut *slot };
         if opt.used != 0 {

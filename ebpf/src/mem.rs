@@ -36,17 +36,16 @@ pub unsafe fn copy_raw<T: Copy>(dst: *mut T, src: *const T) {
     }
 }
 
-/// A `T` of all zero bytes, written as [`zero`] does (`T` must be a
-/// plain-data type for which all zeroes is a valid value). For a local
-/// variable only: moved into a field of a struct literal the value is
-/// copied, and the compiler, knowing it is zeroes, emits a memset call.
+/// Zeroes `slot` in place, as [`zero`] does, and returns it (`T` must be a
+/// plain-data type for which all zeroes is a valid value). In place: a
+/// zeroed value returned and moved into a variable is copied, and the
+/// compiler, knowing it is zeroes, turns the copy into a memset call.
 #[inline(always)]
-pub fn zeroed<T: Copy>() -> T {
-    let mut out = MaybeUninit::<T>::uninit();
-    // SAFETY: every byte of `out` is written; all zeroes is a valid `T`.
+pub fn zeroed_in<T: Copy>(slot: &mut MaybeUninit<T>) -> &mut T {
+    // SAFETY: every byte of `slot` is written; all zeroes is a valid `T`.
     unsafe {
-        zero_raw(out.as_mut_ptr());
-        out.assume_init()
+        zero_raw(slot.as_mut_ptr());
+        slot.assume_init_mut()
     }
 }
 

@@ -76,8 +76,8 @@ fn stash(ctx: &TracePointContext, syscall: Syscall, direction: Direction, layout
         // SAFETY: map values stay valid for the program's run.
         let state = unsafe { CONNS.get(&key) };
         // Zeroed a word at a time, not by a byte loop.
-        let mut b: Aligned<[u8; WINDOW]> = crate::mem::zeroed();
-        let b = &mut b.0;
+        let mut b = MaybeUninit::<Aligned<[u8; WINDOW]>>::uninit();
+        let b = &mut crate::mem::zeroed_in(&mut b).0;
         // For iovec layouts `count` is the iovec count, not a byte count.
         let avail = if layout == BUF_PLAIN { args.count } else { u64::MAX };
         let n = if layout == BUF_NONE {

@@ -3,6 +3,8 @@
 //! and span id in the first segment of each request. No payload byte is
 //! changed and no socket goes into a sockmap; peers without meshless ignore
 //! the unknown option, as TCP requires.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_PARSE_HDR_OPT_CB,
@@ -98,8 +100,8 @@ fn write(ctx: &SockOpsContext) {
         return;
     }
     // Zeroed a word at a time, not by a byte loop.
-    let mut opt: Aligned<[u8; TRACE_OPT_LEN]> = crate::mem::zeroed();
-    let opt = &mut opt.0;
+    let mut opt = MaybeUninit::<Aligned<[u8; TRACE_OPT_LEN]>>::uninit();
+    let opt = &mut crate::mem::zeroed_in(&mut opt).0;
     opt[0] = TRACE_OPT_KIND;
     opt[1] = TRACE_OPT_LEN as u8;
     opt[2..4].copy_from_slice(&TRACE_OPT_MAGIC.to_be_bytes());
@@ -117,8 +119,8 @@ fn write(ctx: &SockOpsContext) {
 
 fn parse(ctx: &SockOpsContext) {
     // Zeroed a word at a time, not by a byte loop.
-    let mut opt: Aligned<[u8; TRACE_OPT_LEN]> = crate::mem::zeroed();
-    let opt = &mut opt.0;
+    let mut opt = MaybeUninit::<Aligned<[u8; TRACE_OPT_LEN]>>::uninit();
+    let opt = &mut crate::mem::zeroed_in(&mut opt).0;
     opt[0] = TRACE_OPT_KIND;
     // For experimental kinds the search matches the magic: length 4 = kind, len, ExID.
     opt[1] = 4;
