@@ -34,12 +34,15 @@ ticks() { awk '{print $14 + $15}' /proc/$AGENT/stat; }
 user_ticks() { awk '{print $14}' /proc/$AGENT/stat; }
 switches() { cat /proc/$AGENT/task/*/status | awk '/ctxt_switches/{s+=$2} END{print s}'; }
 T0=$(ticks); U0=$(user_ticks); S0=$(switches)
+per_thread() { for t in /proc/$AGENT/task/*; do echo "${t##*/} $(cat $t/comm | tr ' ' _) $(awk '/^voluntary_ctxt_switches/{print $2}' $t/status) $(awk '{print $14 + $15}' $t/stat)"; done | sort; }
+P0=$(per_thread)
 if [ -n "${PERF:-}" ]; then
   perf record -F ${PERF_HZ:-499} --call-graph dwarf,32768 -p $AGENT -o $D/perf.data -- sleep $SECS 2> /dev/null > /dev/null
 else
   sleep $SECS
 fi
 T1=$(ticks); U1=$(user_ticks); S1=$(switches)
+P1=$(per_thread)
 wait $OHA
 HZ=$(getconf CLK_TCK)
 python3 - "$D/oha.json" "$T0" "$T1" "$HZ" "$SECS" "$S0" "$S1" "$U0" "$U1" <<'PY'
@@ -56,6 +59,9 @@ kill $AGENT; wait $AGENT 2>/dev/null
 kill $NGINX $ROTEL_PID; wait $NGINX $ROTEL_PID 2>/dev/null
 echo "rotel received $(grep -o 'spans=[0-9]*' $D/rotel.log | cut -d= -f2 | paste -sd+ | bc) spans"
 rmdir $CG 2>/dev/null
+# Per thread (name: wakeups/s, CPU ticks) over the measured window.
+join <(echo "$P0") <(echo "$P1") \
+  | awk -v secs=$SECS '{printf "  thread %-16s %6.0f wakeups/s %5d ticks\n", $2, ($6 - $3) / secs, $7 - $4}'
 if [ -n "${PERF:-}" ]; then
   perf report -i $D/perf.data --no-children --sort sym --stdio 2> /dev/null | grep -v "^#" | grep "%" | head -40
 fi
