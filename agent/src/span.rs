@@ -64,7 +64,8 @@ pub struct Span {
     /// The exchange ran over TLS (its plaintext was read at the TLS library).
     pub tls: bool,
     /// RPC facts (gRPC): service, method, status.
-    pub rpc: Option<Rpc>,
+    /// Boxed: most spans are not RPCs, and a span is moved a few times.
+    pub rpc: Option<Box<Rpc>>,
     pub client: Option<SocketAddr>,
     pub server: Option<SocketAddr>,
     pub process: Process,
@@ -82,7 +83,8 @@ pub struct Span {
     /// Pod and container of the traced process (Kubernetes only).
     pub k8s: Option<crate::k8s::SpanK8s>,
     /// What the cluster knows about the other end (Kubernetes only).
-    pub peer_k8s: Option<crate::k8s::PeerK8s>,
+    /// Boxed: present only in Kubernetes mode, and a span is moved a few times.
+    pub peer_k8s: Option<Box<crate::k8s::PeerK8s>>,
     /// Allow-listed request headers, credentials already redacted.
     pub request_headers: Vec<(String, String)>,
     /// Allow-listed response headers, credentials already redacted.

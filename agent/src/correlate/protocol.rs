@@ -111,7 +111,7 @@ pub struct Exchange {
     pub response: Response,
     pub end_ktime_ns: u64,
     /// The call was an RPC (gRPC) and what it said about it.
-    pub rpc: Option<Rpc>,
+    pub rpc: Option<Box<Rpc>>,
 }
 
 /// What a connection produced from one event. An event almost always

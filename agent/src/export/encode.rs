@@ -84,14 +84,19 @@ impl Encoder {
     /// Encodes `spans` as requests of at most `max` bytes, handing each
     /// to `out` with the indices of the spans in it; returns the indices
     /// of spans too large for any request (not sent).
-    pub fn encode(&mut self, spans: &[Span], max: usize, mut out: impl FnMut(&[u8], &[u32])) -> Vec<u32> {
+    pub fn encode<S: std::borrow::Borrow<Span>>(
+        &mut self,
+        spans: &[S],
+        max: usize,
+        mut out: impl FnMut(&[u8], &[u32]),
+    ) -> Vec<u32> {
         if self.cache.len() >= MAX_CACHED {
             self.cache.clear();
         }
         let mut order = std::mem::take(&mut self.order);
         order.clear();
         for (i, span) in spans.iter().enumerate() {
-            order.push((self.resource(span), i as u32));
+            order.push((self.resource(span.borrow()), i as u32));
         }
         order.sort_unstable();
         let mut oversize = Vec::new();
@@ -99,7 +104,7 @@ impl Encoder {
         self.members.clear();
         let mut group = None;
         for &(h, i) in &order {
-            let span = &spans[i as usize];
+            let span = spans[i as usize].borrow();
             if group != Some(h) {
                 if group.is_some() {
                     self.close_group();
@@ -296,4 +301,4 @@ fn key_value(w: &mut Writer, field: u32, prefix: &str, key: &str, v: Attr<'_>) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

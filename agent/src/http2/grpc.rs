@@ -15,7 +15,12 @@ pub struct Reset {
 }
 
 /// The RPC facts, when the request was a gRPC call.
-pub fn rpc(request: &Head, response: Option<&Block>, trailers: Option<&Block>, reset: Option<Reset>) -> Option<Rpc> {
+pub fn rpc(
+    request: &Head,
+    response: Option<&Block>,
+    trailers: Option<&Block>,
+    reset: Option<Reset>,
+) -> Option<Box<Rpc>> {
     let content_type = request.header("content-type")?;
     if !content_type.starts_with("application/grpc") {
         return None;
@@ -30,11 +35,11 @@ pub fn rpc(request: &Head, response: Option<&Block>, trailers: Option<&Block>, r
         // Codes 0-16 are defined; others would only add label values.
         .filter(|&c| c <= 16)
         .or_else(|| reset.map(|r| reset_status(request, r)));
-    Some(Rpc {
+    Some(Box::new(Rpc {
         service,
         method,
         grpc_status,
-    })
+    }))
 }
 
 /// The status of a call whose stream was reset before it got one, as the

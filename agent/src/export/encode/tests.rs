@@ -12,7 +12,7 @@ use crate::{
     trace_context::{SpanId, TraceId},
 };
 
-fn span(pid: u32, path: &str) -> Span {
+pub(crate) fn span(pid: u32, path: &str) -> Span {
     Span {
         trace_id: TraceId([1; 16]),
         span_id: SpanId([2; 8]),

@@ -141,7 +141,7 @@ impl Index {
             p.namespace = p.namespace.take().or(real.namespace);
             p.service_fqdn = p.service_fqdn.take().or(real.service_fqdn);
         }
-        span.peer_k8s = peer;
+        span.peer_k8s = peer.map(Box::new);
         Verdict::Keep
     }
 }
