@@ -91,6 +91,14 @@ fn looked_up(name: &str) -> Option<u32> {
     LOOKED_UP.iter().position(|n| *n == name).map(|i| i as u32)
 }
 
+/// Index in [`LOOKED_UP`] of `name` in any case.
+fn looked_up_any_case(name: &str) -> Option<u32> {
+    LOOKED_UP
+        .iter()
+        .position(|n| n.len() == name.len() && n.eq_ignore_ascii_case(name))
+        .map(|i| i as u32)
+}
+
 /// Which header fields an HTTP/1 head keeps: all of them, or only those
 /// the agent reads ([`LOOKED_UP`]) and those configured for capture. A
 /// head's other fields (`Accept`, `Date`, `Server`, `Cache-Control`…) are
@@ -114,13 +122,13 @@ impl KeptHeaders {
         }
     }
 
-    /// Whether a field named `name` (any case) is kept.
-    fn keeps(&self, name: &str) -> bool {
+    /// Whether a field named `name` (any case) whose index in
+    /// [`LOOKED_UP`] is `known` is kept.
+    fn keeps(&self, name: &str, known: Option<u32>) -> bool {
         let Some(captured) = &self.captured else {
             return true;
         };
-        let is = |n: &str| n.len() == name.len() && n.eq_ignore_ascii_case(name);
-        LOOKED_UP.iter().any(|n| is(n)) || captured.iter().any(|n| is(n))
+        known.is_some() || captured.iter().any(|n| n.len() == name.len() && n.eq_ignore_ascii_case(name))
     }
 }
 
@@ -179,6 +187,12 @@ impl Headers {
     }
 
     fn push_with(&mut self, name: &str, value: &str, lowercase: bool) {
+        self.push_known(name, value, lowercase, None);
+    }
+
+    /// Appends a field whose index in [`LOOKED_UP`] (when `known` is
+    /// Some) was found already, its name lower-cased when `lowercase`.
+    fn push_known(&mut self, name: &str, value: &str, lowercase: bool, known: Option<Option<u32>>) {
         let start = self.text.len();
         let (Ok(name_end), Ok(value_end)) = (
             u32::try_from(start + name.len()),
@@ -190,7 +204,11 @@ impl Headers {
         if lowercase {
             self.text[start..].make_ascii_lowercase();
         }
-        if let Some(i) = looked_up(&self.text[start..]) {
+        let index = match known {
+            Some(index) => index,
+            None => looked_up(&self.text[start..]),
+        };
+        if let Some(i) = index {
             self.present |= 1 << i;
         }
         self.text.push_str(value);
@@ -427,35 +445,37 @@ fn finish(
         Err(e) => return Err(error_name(e)),
     }
     let raw = &raw[..raw.iter().take_while(|h| !h.name.is_empty()).count()];
+    // Each name is matched against the looked-up ones once, in any case.
+    // (Indices fit a byte: LOOKED_UP has 16 names; u8::MAX is none.)
+    let mut known = [u8::MAX; MAX_HEADERS];
     let mut keep: u64 = 0;
     for (i, h) in raw.iter().enumerate() {
-        keep |= u64::from(kept.keeps(h.name)) << i;
+        let index = looked_up_any_case(h.name);
+        known[i] = index.map_or(u8::MAX, |k| k as u8);
+        keep |= u64::from(kept.keeps(h.name, index)) << i;
     }
-    let fields = || {
-        raw.iter()
-            .enumerate()
-            .filter(move |(i, _)| keep >> i & 1 == 1)
-            .map(|(_, h)| h)
-    };
+    let known = |i: usize| Some(known[i]).filter(|&k| k != u8::MAX).map(u32::from);
+    let fields = || raw.iter().enumerate().filter(move |(i, _)| keep >> i & 1 == 1);
     fn value_of<'h>(h: &httparse::Header<'h>) -> &'h [u8] {
         &h.value[..h.value.len().min(MAX_VALUE)]
     }
     // Sized once: the target and all kept fields go into one buffer (one
     // allocation per head while the fields fit inline).
-    let bytes: usize = fields().map(|h| h.name.len() + value_of(h).len()).sum();
+    let bytes: usize = fields().map(|(_, h)| h.name.len() + value_of(h).len()).sum();
     let bytes = bytes.min(MAX_KEPT_HEADER_BYTES + 2 * MAX_VALUE);
     let mut headers = Headers::with_target(target, keep.count_ones() as usize, bytes);
     let mut kept_bytes = 0;
-    for h in fields() {
+    for (i, h) in fields() {
         let value = value_of(h);
         kept_bytes += h.name.len() + value.len();
-        if kept_bytes > MAX_KEPT_HEADER_BYTES && !ESSENTIAL.iter().any(|n| n.eq_ignore_ascii_case(h.name)) {
+        let essential = known(i).is_some_and(|k| (k as usize) < ESSENTIAL.len());
+        if kept_bytes > MAX_KEPT_HEADER_BYTES && !essential {
             headers_dropped += 1;
             continue;
         }
         match std::str::from_utf8(value) {
-            Ok(v) => headers.push_lowercase(h.name, v),
-            Err(_) => headers.push_lowercase(h.name, &String::from_utf8_lossy(value)),
+            Ok(v) => headers.push_known(h.name, v, true, Some(known(i))),
+            Err(_) => headers.push_known(h.name, &String::from_utf8_lossy(value), true, Some(known(i))),
         }
     }
     Ok(Head {
