@@ -78,6 +78,7 @@ reasons! {
     ExportBudget = "export_budget": "Spans shed because the OTLP export queue's share was full.";
     ExportFailed = "export_failed": "Spans dropped after the collector refused them or retries ran out.";
     ExportOversize = "export_oversize": "Spans larger than one OTLP request may be.";
+    ExportShutdown = "export_shutdown": "Spans still queued when the agent stopped, dropped because the collector had failed or the final flush ran out of time.";
     MetricSeries = "metric_series": "Metric series not created because the series share was full.";
 }
 
@@ -265,12 +266,17 @@ pub fn span_bytes(span: &Span) -> u64 {
         + span.trace_state.as_ref().map_or(0, String::len)
         + span.peer_comm.as_ref().map_or(0, |c| c.len());
     let peer = span.peer_k8s.as_ref().map_or(0, |p| {
-        [&p.namespace, &p.workload, &p.pod, &p.service_fqdn]
-            .iter()
-            .map(|s| s.as_ref().map_or(0, String::len))
-            .sum::<usize>()
+        std::mem::size_of::<crate::k8s::PeerK8s>()
+            + [&p.namespace, &p.workload, &p.pod, &p.service_fqdn]
+                .iter()
+                .map(|s| s.as_ref().map_or(0, String::len))
+                .sum::<usize>()
     });
-    (std::mem::size_of::<Span>() + headers + strings + peer) as u64
+    let rpc = span
+        .rpc
+        .as_ref()
+        .map_or(0, |r| std::mem::size_of::<crate::span::Rpc>() + r.service.len() + r.method.len());
+    (std::mem::size_of::<Span>() + headers + strings + peer + rpc) as u64
 }
 
 /// `meshless_dropped_total{reason}` and the budget's per-share gauges.

@@ -565,6 +565,7 @@ mod direct {
         done.store(true, Ordering::Relaxed);
         sampler.join().expect("sampler");
         let shed_or_failed = stats.budget.dropped(Reason::ExportFailed)
+            + stats.budget.dropped(Reason::ExportShutdown)
             + stats.budget.dropped(Reason::ExportBudget)
             + stats.budget.dropped(Reason::SpanBudget);
         assert_eq!(shed_or_failed, n as u64, "every span is accounted for");
@@ -581,6 +582,33 @@ mod direct {
         assert!(peak > 0 && peak <= cap, "export queue peaked at {peak} of {cap} bytes");
         assert_eq!(stats.budget.used(Share::Export), 0);
         assert!(took < Duration::from_secs(30), "gave up in bounded time: {took:?}");
+    }
+
+    #[test]
+    fn stopping_with_the_collector_down_drops_what_is_queued_at_once_counted() {
+        let mut receiver = Receiver::start(Transport::Grpc);
+        receiver.pause();
+        let stats = Arc::new(Stats::default());
+        let n = 6000;
+        let batches = (0..n / 500)
+            .map(|b| (0..500).map(|i| span(b * 500 + i, 2048)).collect())
+            .collect();
+        // The input closes while the first request is still being retried:
+        // without a final-flush rule each queued request would then wait
+        // out its own retries (about five more of these two seconds).
+        let timeout = Duration::from_secs(2);
+        let took = export(&receiver, Transport::Grpc, timeout, &stats, batches);
+        let at_stop = stats.budget.dropped(Reason::ExportShutdown);
+        let accounted = stats.budget.dropped(Reason::ExportFailed)
+            + at_stop
+            + stats.budget.dropped(Reason::ExportBudget)
+            + stats.budget.dropped(Reason::SpanBudget);
+        assert_eq!(accounted, n as u64, "every span is accounted for");
+        assert!(at_stop > 0, "the queue left at the stop was dropped, counted");
+        assert_eq!(load(&stats.otlp_export_errors), 1, "one request failed, no other was tried");
+        assert_eq!(load(&stats.otlp_spans_exported), 0);
+        assert_eq!(stats.budget.used(Share::Export), 0, "bytes given back");
+        assert!(took < 3 * timeout, "stopped in {took:?}");
     }
 
     #[test]

@@ -34,6 +34,9 @@ const MAX_TAKE: usize = 4 * BATCH;
 pub const MAX_REQUEST_BYTES: usize = 3 * 1024 * 1024 + 512 * 1024;
 /// Longest a span waits in the queue before a partial batch is sent.
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// Longest the exporter keeps sending what is queued once its input closes
+/// (a request being sent then finishes within its export timeout).
+const FINAL_FLUSH: Duration = Duration::from_secs(5);
 
 /// Spans on their way to an exporter (in the batches the pipeline routed
 /// them in), their bytes held against the [`Share::Spans`] budget until
@@ -161,14 +164,16 @@ impl OtlpTraces {
         }
     }
 
-    /// Exports until `spans_rx` closes, then flushes what is queued. New
-    /// spans are taken in (or shed, counted) while a request is in flight,
-    /// so a slow collector never backs up into the pipeline.
+    /// Exports until `spans_rx` closes, then flushes what is queued (see
+    /// [`Self::stopping`]). New spans are taken in (or shed, counted) while
+    /// a request is in flight, so a slow collector never backs up into the
+    /// pipeline.
     pub async fn run(mut self, mut spans_rx: mpsc::Receiver<SpanBatch>, heartbeat: Heartbeat) {
         let mut tick = time::interval(FLUSH_EVERY);
         tick.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
-        let mut open = true;
-        while open {
+        // Set when the input closes: the end of the final flush.
+        let mut deadline = None;
+        while deadline.is_none() {
             heartbeat.beat();
             let ticked = tokio::select! {
                 batch = spans_rx.recv() => match batch {
@@ -180,22 +185,70 @@ impl OtlpTraces {
                 },
                 _ = tick.tick() => true,
             };
-            while open && (self.queue.len() >= BATCH || (ticked && !self.queue.is_empty())) {
+            while deadline.is_none() && (self.queue.len() >= BATCH || (ticked && !self.queue.is_empty())) {
                 let before = self.queue.len();
                 for request in self.next_requests() {
-                    open &= self.export(request, &mut spans_rx, &heartbeat).await;
+                    match deadline {
+                        None => {
+                            if !self.export(request, &mut spans_rx, &heartbeat).await {
+                                deadline = Some(time::Instant::now() + FINAL_FLUSH);
+                            }
+                        }
+                        Some(end) => self.send_or_give_up(request, end, &mut spans_rx, &heartbeat).await,
+                    }
                 }
                 if self.queue.len() >= before {
                     break; // refilled while exporting: wait for the next tick or batch
                 }
             }
         }
+        let end = deadline.unwrap_or_else(|| time::Instant::now() + FINAL_FLUSH);
         while !self.queue.is_empty() {
+            if self.stopping(end) {
+                self.give_up_queue();
+                break;
+            }
             for request in self.next_requests() {
-                self.export(request, &mut spans_rx, &heartbeat).await;
+                self.send_or_give_up(request, end, &mut spans_rx, &heartbeat).await;
             }
         }
         heartbeat.finish();
+    }
+
+    /// Whether, the input closed, what is left is dropped instead of sent:
+    /// sending goes on while the collector takes it, until FINAL_FLUSH after
+    /// the input closed (`end`; Kubernetes gives a pod 30 s to stop), and a
+    /// collector that failed (now or before) gets no more tries, rather than
+    /// each queued request waiting out its retries.
+    fn stopping(&self, end: time::Instant) -> bool {
+        self.failing || time::Instant::now() >= end
+    }
+
+    async fn send_or_give_up(
+        &mut self,
+        request: Request,
+        end: time::Instant,
+        spans_rx: &mut mpsc::Receiver<SpanBatch>,
+        heartbeat: &Heartbeat,
+    ) {
+        if self.stopping(end) {
+            self.queue.release(request.held);
+            self.dropped_at_stop(request.spans);
+        } else {
+            self.export(request, spans_rx, heartbeat).await;
+        }
+    }
+
+    /// Drops what is still queued, unencoded, at shutdown.
+    fn give_up_queue(&mut self) {
+        let n = self.queue.len() as u64;
+        self.queue.clear();
+        self.dropped_at_stop(n);
+    }
+
+    fn dropped_at_stop(&self, spans: u64) {
+        Stats::add(&self.stats.otlp_spans_dropped, spans);
+        self.stats.budget.shed(Reason::ExportShutdown, spans);
     }
 
     /// Takes up to [`MAX_TAKE`] queued spans as encoded requests, each under
@@ -341,20 +394,33 @@ impl Queue {
     }
 
     /// Drops the first `n` spans (encoded; their bytes stay reserved
-    /// until their request ends).
+    /// until their request ends). Spans taken from the middle of a batch
+    /// are freed with it, or when they are half of it (the rest moved
+    /// forward), so at most half a batch outlives its budget reservation.
     fn remove_front(&mut self, mut n: usize) {
         let n_held = n.min(self.held.len());
         self.held.drain(..n_held);
-        while let Some(first) = self.chunks.front() {
+        while let Some(first) = self.chunks.front_mut() {
             let left = first.len() - self.taken;
             if n < left {
                 self.taken += n;
+                if self.taken * 2 >= first.len() {
+                    first.drain(..self.taken);
+                    self.taken = 0;
+                }
                 return;
             }
             n -= left;
             self.chunks.pop_front();
             self.taken = 0;
         }
+    }
+
+    /// Drops every queued span, giving back its reservation.
+    fn clear(&mut self) {
+        self.release(self.held.drain(..).sum());
+        self.chunks.clear();
+        self.taken = 0;
     }
 
     fn release(&self, bytes: u64) {
