@@ -272,10 +272,9 @@ pub fn span_bytes(span: &Span) -> u64 {
                 .map(|s| s.as_ref().map_or(0, String::len))
                 .sum::<usize>()
     });
-    let rpc = span
-        .rpc
-        .as_ref()
-        .map_or(0, |r| std::mem::size_of::<crate::span::Rpc>() + r.service.len() + r.method.len());
+    let rpc = span.rpc.as_ref().map_or(0, |r| {
+        std::mem::size_of::<crate::span::Rpc>() + r.service.len() + r.method.len()
+    });
     (std::mem::size_of::<Span>() + headers + strings + peer + rpc) as u64
 }
 

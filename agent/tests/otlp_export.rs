@@ -605,7 +605,11 @@ mod direct {
             + stats.budget.dropped(Reason::SpanBudget);
         assert_eq!(accounted, n as u64, "every span is accounted for");
         assert!(at_stop > 0, "the queue left at the stop was dropped, counted");
-        assert_eq!(load(&stats.otlp_export_errors), 1, "one request failed, no other was tried");
+        assert_eq!(
+            load(&stats.otlp_export_errors),
+            1,
+            "one request failed, no other was tried"
+        );
         assert_eq!(load(&stats.otlp_spans_exported), 0);
         assert_eq!(stats.budget.used(Share::Export), 0, "bytes given back");
         assert!(took < 3 * timeout, "stopped in {took:?}");

@@ -418,7 +418,8 @@ impl Queue {
 
     /// Drops every queued span, giving back its reservation.
     fn clear(&mut self) {
-        self.release(self.held.drain(..).sum());
+        let held = self.held.drain(..).sum();
+        self.release(held);
         self.chunks.clear();
         self.taken = 0;
     }

@@ -128,7 +128,10 @@ impl KeptHeaders {
         let Some(captured) = &self.captured else {
             return true;
         };
-        known.is_some() || captured.iter().any(|n| n.len() == name.len() && n.eq_ignore_ascii_case(name))
+        known.is_some()
+            || captured
+                .iter()
+                .any(|n| n.len() == name.len() && n.eq_ignore_ascii_case(name))
     }
 }
 
