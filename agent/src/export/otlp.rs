@@ -431,7 +431,7 @@ impl Queue {
 
 impl Drop for Queue {
     fn drop(&mut self) {
-        self.release(self.held.iter().sum());
+        self.clear();
     }
 }
 

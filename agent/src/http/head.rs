@@ -190,12 +190,19 @@ impl Headers {
     }
 
     fn push_with(&mut self, name: &str, value: &str, lowercase: bool) {
-        self.push_known(name, value, lowercase, None);
+        // The names looked up are lower case: a lower-cased name matches
+        // one exactly when the name as given matches it in any case.
+        let index = if lowercase {
+            looked_up_any_case(name)
+        } else {
+            looked_up(name)
+        };
+        self.push_indexed(name, value, lowercase, index);
     }
 
-    /// Appends a field whose index in [`LOOKED_UP`] (when `known` is
-    /// Some) was found already, its name lower-cased when `lowercase`.
-    fn push_known(&mut self, name: &str, value: &str, lowercase: bool, known: Option<Option<u32>>) {
+    /// Appends a field whose index in [`LOOKED_UP`] is `index`, its name
+    /// lower-cased when `lowercase`.
+    fn push_indexed(&mut self, name: &str, value: &str, lowercase: bool, index: Option<u32>) {
         let start = self.text.len();
         let (Ok(name_end), Ok(value_end)) = (
             u32::try_from(start + name.len()),
@@ -207,10 +214,6 @@ impl Headers {
         if lowercase {
             self.text[start..].make_ascii_lowercase();
         }
-        let index = match known {
-            Some(index) => index,
-            None => looked_up(&self.text[start..]),
-        };
         if let Some(i) = index {
             self.present |= 1 << i;
         }
@@ -448,16 +451,16 @@ fn finish(
         Err(e) => return Err(error_name(e)),
     }
     let raw = &raw[..raw.iter().take_while(|h| !h.name.is_empty()).count()];
-    // Each name is matched against the looked-up ones once, in any case.
-    // (Indices fit a byte: LOOKED_UP has 16 names; u8::MAX is none.)
-    let mut known = [u8::MAX; MAX_HEADERS];
+    // Each name is matched against the looked-up ones once, in any case
+    // (indices fit a byte: LOOKED_UP has 16 names).
+    let mut known = [None::<u8>; MAX_HEADERS];
     let mut keep: u64 = 0;
     for (i, h) in raw.iter().enumerate() {
         let index = looked_up_any_case(h.name);
-        known[i] = index.map_or(u8::MAX, |k| k as u8);
+        known[i] = index.map(|k| k as u8);
         keep |= u64::from(kept.keeps(h.name, index)) << i;
     }
-    let known = |i: usize| Some(known[i]).filter(|&k| k != u8::MAX).map(u32::from);
+    let known = |i: usize| known[i].map(u32::from);
     let fields = || raw.iter().enumerate().filter(move |(i, _)| keep >> i & 1 == 1);
     fn value_of<'h>(h: &httparse::Header<'h>) -> &'h [u8] {
         &h.value[..h.value.len().min(MAX_VALUE)]
@@ -477,8 +480,8 @@ fn finish(
             continue;
         }
         match std::str::from_utf8(value) {
-            Ok(v) => headers.push_known(h.name, v, true, Some(known(i))),
-            Err(_) => headers.push_known(h.name, &String::from_utf8_lossy(value), true, Some(known(i))),
+            Ok(v) => headers.push_indexed(h.name, v, true, known(i)),
+            Err(_) => headers.push_indexed(h.name, &String::from_utf8_lossy(value), true, known(i)),
         }
     }
     Ok(Head {
