@@ -462,6 +462,18 @@ mod direct {
         stats: &Arc<Stats>,
         batches: Vec<Vec<Span>>,
     ) -> Duration {
+        export_trusting(receiver, transport, None, timeout, stats, batches)
+    }
+
+    /// [`export`], trusting the collector's certificate if signed by `ca_file`.
+    pub fn export_trusting(
+        receiver: &Receiver,
+        transport: Transport,
+        ca_file: Option<std::path::PathBuf>,
+        timeout: Duration,
+        stats: &Arc<Stats>,
+        batches: Vec<Vec<Span>>,
+    ) -> Duration {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -479,7 +491,7 @@ mod direct {
                 headers: Vec::new(),
                 timeout,
                 insecure: false,
-                ca_file: None,
+                ca_file,
             };
             let exporter = otlp::build_span_exporter(&target).expect("exporter");
             let resources = Resources::new(Vec::new(), HashMap::new(), None);
@@ -638,5 +650,110 @@ mod direct {
         for r in &raw {
             assert!(r.len() < 4 << 20, "a request of {} bytes", r.len());
         }
+    }
+
+    /// A CA and a `localhost` certificate it signed (PEM files in `dir`).
+    fn certificates(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, Vec<u8>, Vec<u8>) {
+        let f = |n: &str| dir.join(format!("{name}-{n}"));
+        let openssl = |args: &[&str]| {
+            let mut c = std::process::Command::new("openssl");
+            c.args(args).current_dir(dir);
+            super::support::run(c);
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        let (ca, ca_key) = (f("ca.pem"), f("ca.key"));
+        let (csr, cert, key, ext) = (f("leaf.csr"), f("leaf.pem"), f("leaf.key"), f("leaf.ext"));
+        std::fs::write(
+            &ext,
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("write extensions");
+        let path = |p: &std::path::PathBuf| p.to_str().expect("utf-8 path").to_owned();
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        let (ca_s, ca_key_s) = (path(&ca), path(&ca_key));
+        args.extend([
+            "-keyout",
+            &ca_key_s,
+            "-out",
+            &ca_s,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=meshless test CA",
+        ]);
+        openssl(&args);
+        let (csr_s, key_s, cert_s, ext_s) = (path(&csr), path(&key), path(&cert), path(&ext));
+        let mut args = vec!["req"];
+        args.extend(ec);
+        args.extend(["-keyout", &key_s, "-out", &csr_s, "-subj", "/CN=localhost"]);
+        openssl(&args);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr_s,
+            "-CA",
+            &ca_s,
+            "-CAkey",
+            &ca_key_s,
+            "-CAcreateserial",
+            "-out",
+            &cert_s,
+            "-days",
+            "2",
+            "-extfile",
+            &ext_s,
+        ]);
+        let read = |p: &std::path::PathBuf| std::fs::read(p).expect("read PEM");
+        (ca, read(&cert), read(&key))
+    }
+
+    /// gRPC export over TLS, through the exporter's own connector (writes
+    /// gathered under TLS): every span arrives when the collector's
+    /// certificate is signed by `--otlp-certificate`'s CA, none when not.
+    #[test]
+    fn grpc_over_tls_trusts_the_given_ca_and_no_other() {
+        let dir = std::env::temp_dir().join(format!("meshless-otlp-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let (ca, cert, key) = certificates(&dir, "good");
+        let (other_ca, _, _) = certificates(&dir, "other");
+        let receiver = Receiver::start_tls(cert, key);
+        assert!(receiver.endpoint().starts_with("https://localhost:"));
+        let is_direct = |s: &Received| s.attr("url.path").is_some_and(|p| p.starts_with("/direct/"));
+
+        let untrusted = Arc::new(Stats::default());
+        // 100 spans of 4 KiB: each request is many HTTP/2 frames.
+        let spans: Vec<Span> = (0..100).map(|i| span(i, 4096)).collect();
+        export_trusting(
+            &receiver,
+            Transport::Grpc,
+            Some(other_ca),
+            Duration::from_secs(2),
+            &untrusted,
+            vec![spans],
+        );
+        assert_eq!(receiver.spans().len(), 0, "a collector the CA did not sign got spans");
+        assert_eq!(load(&untrusted.otlp_spans_dropped), 100, "what was not sent is counted");
+
+        let stats = Arc::new(Stats::default());
+        let batches: Vec<Vec<Span>> = (0..3)
+            .map(|b| (0..100).map(|i| span(b * 100 + i, 4096)).collect())
+            .collect();
+        export_trusting(
+            &receiver,
+            Transport::Grpc,
+            Some(ca),
+            Duration::from_secs(10),
+            &stats,
+            batches,
+        );
+        let got = receiver.wait_spans(is_direct, 300, Duration::from_secs(5));
+        assert_eq!(got.len(), 300, "dropped: {}", load(&stats.otlp_spans_dropped));
+        let mut paths: Vec<String> = got.iter().filter_map(|s| s.attr("url.path")).collect();
+        paths.sort();
+        paths.dedup();
+        assert_eq!(paths.len(), 300, "every span once");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -2,6 +2,7 @@
 pub mod attributes;
 pub mod console;
 pub mod encode;
+mod gather;
 pub mod otlp;
 mod proto;
 pub mod resource;

@@ -15,6 +15,7 @@ use tonic::{
     Status,
 };
 
+use super::gather::GatheringConnector;
 use crate::config::otel::{OtlpTarget, Protocol};
 
 const TRACE_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
@@ -53,7 +54,12 @@ pub struct SpanExporter {
 
 enum Transport {
     Grpc {
-        client: tonic::client::Grpc<Channel>,
+        endpoint: Box<tonic::transport::Endpoint>,
+        /// Made on the first export, so that the channel's tasks (its
+        /// buffer and the HTTP/2 connection) run on the runtime that
+        /// exports: the exporter's own low-priority thread, not the
+        /// capture and correlation workers of the runtime that built it.
+        client: Option<tonic::client::Grpc<Channel>>,
         metadata: tonic::metadata::MetadataMap,
     },
     Http {
@@ -79,7 +85,8 @@ impl SpanExporter {
                         .map_err(|e| format!("TLS: {e}"))?;
                 }
                 Transport::Grpc {
-                    client: tonic::client::Grpc::new(endpoint.connect_lazy()),
+                    endpoint: Box::new(endpoint),
+                    client: None,
                     metadata: super::otlp::metadata(&t.headers)?,
                 }
             }
@@ -150,7 +157,14 @@ impl SpanExporter {
 
     async fn attempt(&mut self, body: Bytes) -> Result<(), (SendError, Retry)> {
         match &mut self.transport {
-            Transport::Grpc { client, metadata } => {
+            Transport::Grpc {
+                endpoint,
+                client,
+                metadata,
+            } => {
+                let client = client.get_or_insert_with(|| {
+                    tonic::client::Grpc::new(endpoint.connect_with_connector_lazy(GatheringConnector::new()))
+                });
                 client
                     .ready()
                     .await

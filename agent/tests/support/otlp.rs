@@ -188,6 +188,8 @@ pub enum Transport {
 pub struct Receiver {
     pub addr: SocketAddr,
     transport: Transport,
+    /// Certificate and key (PEM) a gRPC receiver serves TLS with.
+    tls: Option<(Vec<u8>, Vec<u8>)>,
     shared: Shared,
     runtime: tokio::runtime::Runtime,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -196,6 +198,16 @@ pub struct Receiver {
 impl Receiver {
     /// Starts a receiver on a free loopback port.
     pub fn start(transport: Transport) -> Receiver {
+        Self::start_with_tls(transport, None)
+    }
+
+    /// A gRPC receiver that serves TLS with this certificate and key (PEM),
+    /// named `localhost` in [`Self::endpoint`].
+    pub fn start_tls(cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Receiver {
+        Self::start_with_tls(Transport::Grpc, Some((cert_pem, key_pem)))
+    }
+
+    fn start_with_tls(transport: Transport, tls: Option<(Vec<u8>, Vec<u8>)>) -> Receiver {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -211,6 +223,7 @@ impl Receiver {
         let mut r = Receiver {
             addr,
             transport,
+            tls,
             shared: Shared::default(),
             runtime,
             stop: None,
@@ -221,7 +234,10 @@ impl Receiver {
 
     /// The endpoint URL the agent should export to.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.tls {
+            Some(_) => format!("https://localhost:{}", self.addr.port()),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     /// Stops listening (the port refuses connections) and keeps what was received.
@@ -242,8 +258,15 @@ impl Receiver {
         match self.transport {
             Transport::Grpc => {
                 let incoming = tokio_stream_from(listener);
+                let mut server = tonic::transport::Server::builder();
+                if let Some((cert, key)) = &self.tls {
+                    let identity = tonic::transport::Identity::from_pem(cert, key);
+                    server = server
+                        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                        .expect("receiver TLS");
+                }
                 self.runtime.spawn(async move {
-                    let _ = tonic::transport::Server::builder()
+                    let _ = server
                         .add_service(TraceServiceServer::new(shared.clone()))
                         .add_service(MetricsServiceServer::new(shared))
                         .serve_with_incoming_shutdown(incoming, async {
