@@ -5,14 +5,15 @@
 //! after each one, and a collector's frames are 16 KiB (the default
 //! `SETTINGS_MAX_FRAME_SIZE`, which only the receiver can raise): a 250 KB
 //! export request took 16 system calls, each also paying the receiving
-//! side of the loopback or NIC path and a wakeup of the collector. Here
-//! writes go into a buffer of [`GATHER_BYTES`], and the first flush after
-//! a write only wakes the connection's task: the frames h2 writes until
-//! that task is polled again are gathered, and the next flush (at the
-//! latest, that next poll: h2 flushes at the end of every poll) writes
-//! them out together. A read also writes out a put-off flush first (a
-//! TLS handshake flushes once, then waits for the answer), so nothing
-//! waits in the buffer beyond one poll of the task. TLS, when configured,
+//! side of the loopback or NIC path and a wakeup of the collector.
+//!
+//! Here writes go into a buffer of [`GATHER_BYTES`], and a flush while
+//! anything is buffered only wakes the task (once): the frames written
+//! until the task is polled again are gathered, and its next read writes
+//! them out together, before reading. h2 begins every poll of its
+//! connection with a read, and a TLS handshake reads for the answer to
+//! what it flushed, so nothing waits in the buffer beyond one poll of the
+//! task; a full buffer or a shutdown writes out too. TLS, when configured,
 //! is layered on top (its records are gathered the same way).
 use std::{
     future::Future,
@@ -33,11 +34,11 @@ pub const GATHER_BYTES: usize = 256 * 1024;
 /// A connection whose writes are gathered until flushed.
 pub type Gathered = TokioIo<Gather>;
 
-/// A TCP stream whose writes are buffered, and whose first flush after a
-/// write is put off to the next poll of its task (see the module's text).
+/// A TCP stream whose writes are buffered, and whose flushes are put off
+/// to the next read, in the next poll of its task (see the module's text).
 pub struct Gather {
     inner: BufWriter<TcpStream>,
-    /// A flush was put off and the task woken: the next flush is real.
+    /// A flush was put off and the task woken: the next read writes out.
     deferred: bool,
 }
 
@@ -75,16 +76,18 @@ impl AsyncWrite for Gather {
         self.inner.is_write_vectored()
     }
 
+    /// Put off while anything is buffered: the task is woken (once) and
+    /// its next read writes the buffer out.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let me = self.get_mut();
-        if !me.deferred && !me.inner.buffer().is_empty() {
-            me.deferred = true;
-            cx.waker().wake_by_ref();
+        if !me.inner.buffer().is_empty() {
+            if !me.deferred {
+                me.deferred = true;
+                cx.waker().wake_by_ref();
+            }
             return Poll::Ready(Ok(()));
         }
-        let flushed = std::task::ready!(Pin::new(&mut me.inner).poll_flush(cx));
-        me.deferred = false;
-        Poll::Ready(flushed)
+        Pin::new(&mut me.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -162,10 +165,11 @@ mod tests {
             .is_err()
     }
 
-    /// Writes stay in the buffer through the first flush, which wakes the
-    /// task instead; the next flush sends them whole. Reads pass through.
+    /// Writes stay in the buffer through flushes, which wake the task
+    /// once; the next read sends them whole before reading. Shutting down
+    /// sends what is buffered.
     #[tokio::test]
-    async fn the_first_flush_after_writes_wakes_the_task_and_the_next_sends() {
+    async fn flushes_wake_the_task_and_the_next_read_sends_what_was_gathered() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let uri: Uri = format!("http://{addr}").parse().expect("uri");
@@ -176,27 +180,39 @@ mod tests {
         let (io, accepted) = tokio::join!(connector.call(uri), listener.accept());
         let mut gather = io.expect("connect").into_inner();
         let (mut peer, _) = accepted.expect("accept");
-        for _ in 0..16 {
-            gather.write_all(&[7; 1000]).await.expect("write");
-        }
-        assert!(nothing_arrives(&mut peer).await, "nothing is sent before a flush");
 
         let wakes = Arc::new(CountingWaker(AtomicUsize::new(0)));
         let waker = std::task::Waker::from(wakes.clone());
         let mut cx = Context::from_waker(&waker);
-        let first = Pin::new(&mut gather).poll_flush(&mut cx);
-        assert!(matches!(first, Poll::Ready(Ok(()))));
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 1, "the put-off flush wakes the task");
-        assert!(nothing_arrives(&mut peer).await, "the first flush is put off");
+        for _ in 0..16 {
+            gather.write_all(&[7; 1000]).await.expect("write");
+            let flushed = Pin::new(&mut gather).poll_flush(&mut cx);
+            assert!(matches!(flushed, Poll::Ready(Ok(()))));
+        }
+        assert_eq!(
+            wakes.0.load(Ordering::Relaxed),
+            1,
+            "the first put-off flush wakes the task"
+        );
+        assert!(nothing_arrives(&mut peer).await, "flushes are put off");
 
-        gather.flush().await.expect("flush");
-        let mut got = vec![0u8; 16_000];
-        peer.read_exact(&mut got).await.expect("read");
-        assert!(got.iter().all(|&b| b == 7));
+        // The peer answers once it has everything: the read must send first.
+        let answer = tokio::spawn(async move {
+            let mut got = vec![0u8; 16_000];
+            peer.read_exact(&mut got).await.expect("read");
+            assert!(got.iter().all(|&b| b == 7));
+            peer.write_all(b"pong").await.expect("answer");
+            peer
+        });
+        let mut pong = [0u8; 4];
+        gather.read_exact(&mut pong).await.expect("read answer");
+        assert_eq!(&pong, b"pong");
+        let mut peer = answer.await.expect("peer");
 
-        peer.write_all(b"pong").await.expect("answer");
-        let mut answer = [0u8; 4];
-        gather.read_exact(&mut answer).await.expect("read answer");
-        assert_eq!(&answer, b"pong");
+        gather.write_all(b"bye").await.expect("write");
+        gather.shutdown().await.expect("shutdown");
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).await.expect("read to end");
+        assert_eq!(rest, b"bye");
     }
 }
