@@ -1,7 +1,10 @@
 //! Parsing one HTTP/1.x header block with `httparse`.
 use smallvec::SmallVec;
 
-use super::{pool, Flow, Method};
+use super::{
+    names::{looked_up, looked_up_any_case, LOOKED_UP},
+    pool, Flow, Method,
+};
 
 /// Headers kept per message; the rest are counted in `Head::headers_dropped`.
 pub const MAX_HEADERS: usize = 64;
@@ -63,40 +66,6 @@ pub struct Headers {
     /// agent's lookups are of headers a message does not carry
     /// (`traceparent`, `b3`, `transfer-encoding`…): they cost no scan.
     present: u32,
-}
-
-/// Header names the agent looks up (all lower case); the first seven are
-/// [`ESSENTIAL`].
-const LOOKED_UP: [&str; 16] = [
-    "content-length",
-    "transfer-encoding",
-    "traceparent",
-    "tracestate",
-    "b3",
-    "x-b3-traceid",
-    "user-agent",
-    "x-b3-spanid",
-    "x-b3-sampled",
-    "upgrade",
-    "host",
-    "content-type",
-    "grpc-timeout",
-    "grpc-status",
-    "grpc-message",
-    "te",
-];
-
-/// Index of `name` in [`LOOKED_UP`].
-fn looked_up(name: &str) -> Option<u32> {
-    LOOKED_UP.iter().position(|n| *n == name).map(|i| i as u32)
-}
-
-/// Index in [`LOOKED_UP`] of `name` in any case.
-fn looked_up_any_case(name: &str) -> Option<u32> {
-    LOOKED_UP
-        .iter()
-        .position(|n| n.len() == name.len() && n.eq_ignore_ascii_case(name))
-        .map(|i| i as u32)
 }
 
 /// Which header fields an HTTP/1 head keeps: all of them, or only those

@@ -10,6 +10,7 @@ mod chunked;
 mod fifo;
 mod head;
 mod method;
+mod names;
 mod pool;
 mod target;
 

@@ -359,3 +359,46 @@ proptest! {
         let _ = feed(&mut s, &[&wire]);
     }
 }
+
+#[test]
+fn every_looked_up_name_is_found_among_those_of_its_length() {
+    for (i, name) in names::LOOKED_UP.iter().enumerate() {
+        let upper = name.to_ascii_uppercase();
+        assert_eq!(names::looked_up(name), Some(i as u32), "{name}");
+        assert_eq!(names::looked_up_any_case(name), Some(i as u32), "{name}");
+        assert_eq!(names::looked_up_any_case(&upper), Some(i as u32), "{upper}");
+        assert_eq!(names::looked_up(&upper), None, "exact case: {upper}");
+    }
+    for other in [
+        "",
+        "accept",
+        "date",
+        "x-b3-flags",
+        "content-lengths",
+        "a-field-name-longer-than-any",
+    ] {
+        assert_eq!(names::looked_up_any_case(other), None, "{other}");
+    }
+}
+
+proptest! {
+    /// The by-length lookup finds what a scan of every name finds.
+    #[test]
+    fn looked_up_by_length_is_a_scan_of_every_name(
+        name in prop_oneof![
+            "[a-zA-Z0-9-]{0,24}",
+            (0..16usize, any::<u64>()).prop_map(|(i, flips)| {
+                names::LOOKED_UP[i]
+                    .chars()
+                    .enumerate()
+                    .map(|(k, c)| if flips >> (k % 64) & 1 == 1 { c.to_ascii_uppercase() } else { c })
+                    .collect::<String>()
+            }),
+        ]
+    ) {
+        let scan = names::LOOKED_UP.iter().position(|l| l.eq_ignore_ascii_case(&name)).map(|i| i as u32);
+        prop_assert_eq!(names::looked_up_any_case(&name), scan);
+        let exact = names::LOOKED_UP.iter().position(|l| *l == name).map(|i| i as u32);
+        prop_assert_eq!(names::looked_up(&name), exact);
+    }
+}
