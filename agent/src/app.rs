@@ -261,6 +261,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let report_every = Duration::from_secs(config.stats_interval_secs);
+    // Both made once, before the loop: a signal is delivered to the
+    // streams that exist when it arrives, so a `ctrl_c()` future made anew
+    // each turn of the loop missed a Ctrl-C that came while the loop body
+    // ran (seen: an agent that ignored SIGINT until a second one).
+    let mut interrupt =
+        tokio::signal::unix::signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut terminate =
         tokio::signal::unix::signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut report = time::interval(if report_every.is_zero() {
@@ -274,7 +280,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut supervise = Supervisor::new(health.clone());
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             _ = report.tick(), if !report_every.is_zero() => log_stats(&stats, "statistics"),
             _ = supervise.tick.tick() => supervise.check(),
