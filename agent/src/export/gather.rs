@@ -10,11 +10,15 @@
 //! Here writes go into a buffer of [`GATHER_BYTES`], and a flush while
 //! anything is buffered only wakes the task (once): the frames written
 //! until the task is polled again are gathered, and its next read writes
-//! them out together, before reading. h2 begins every poll of its
-//! connection with a read, and a TLS handshake reads for the answer to
-//! what it flushed, so nothing waits in the buffer beyond one poll of the
-//! task; a full buffer or a shutdown writes out too. TLS, when configured,
-//! is layered on top (its records are gathered the same way).
+//! them out together, before reading. Only h2's connection task touches
+//! the socket once connected (requests and bodies queue frames and wake
+//! it), and each of its polls either reaches a read or waits for the
+//! socket to drain a write it started; a TLS handshake reads for the
+//! answer to each flight it flushes, and its last flight goes out at the
+//! connection task's first read. So nothing waits in the buffer beyond one
+//! poll of that task; a full buffer or a shutdown (GOAWAY, close_notify)
+//! writes out too. The wake happens once per put-off flush: waking on
+//! every flush would spin while the socket is full.
 use std::{
     future::Future,
     pin::Pin,
