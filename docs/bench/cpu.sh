@@ -26,7 +26,7 @@ NO_COLOR=1 "$ROTEL" start --otlp-grpc-endpoint 127.0.0.1:$OTLP --otlp-http-endpo
 sh -c "echo \$\$ > $CG/cgroup.procs; exec nginx -c $D/nginx.conf" & NGINX=$!
 "$BIN" --otlp-endpoint http://127.0.0.1:$OTLP --metrics-exporter none --ui off --metrics-addr 127.0.0.1:$MPORT \
   --stats-interval-secs 0 --cgroup $CG "$@" 2> $D/agent.log > /dev/null & AGENT=$!
-for i in $(seq 400); do grep -q "meshless ready" $D/agent.log && break; kill -0 $AGENT 2>/dev/null || { cat $D/agent.log; exit 1; }; sleep 0.05; done
+for i in $(seq 400); do grep -q "meshless ready" $D/agent.log && break; kill -0 $AGENT 2>/dev/null || { cat $D/agent.log; kill $NGINX $ROTEL_PID; exit 1; }; sleep 0.05; done
 sleep 1
 sh -c "echo \$\$ > $CG/cgroup.procs; exec oha --no-tui --output-format json -z $((SECS + 4))s -c ${CONNS:-16} -q $RATE --latency-correction http://127.0.0.1:$PORT/" > $D/oha.json & OHA=$!
 sleep 2
