@@ -652,61 +652,13 @@ mod direct {
         }
     }
 
-    /// A CA and a `localhost` certificate it signed (PEM files in `dir`).
-    fn certificates(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, Vec<u8>, Vec<u8>) {
-        let f = |n: &str| dir.join(format!("{name}-{n}"));
-        let openssl = |args: &[&str]| {
-            let mut c = std::process::Command::new("openssl");
-            c.args(args).current_dir(dir);
-            super::support::run(c);
-        };
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-        let (ca, ca_key) = (f("ca.pem"), f("ca.key"));
-        let (csr, cert, key, ext) = (f("leaf.csr"), f("leaf.pem"), f("leaf.key"), f("leaf.ext"));
-        std::fs::write(
-            &ext,
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        )
-        .expect("write extensions");
-        let path = |p: &std::path::PathBuf| p.to_str().expect("utf-8 path").to_owned();
-        let mut args = vec!["req", "-x509"];
-        args.extend(ec);
-        let (ca_s, ca_key_s) = (path(&ca), path(&ca_key));
-        args.extend([
-            "-keyout",
-            &ca_key_s,
-            "-out",
-            &ca_s,
-            "-days",
-            "2",
-            "-subj",
-            "/CN=meshless test CA",
-        ]);
-        openssl(&args);
-        let (csr_s, key_s, cert_s, ext_s) = (path(&csr), path(&key), path(&cert), path(&ext));
-        let mut args = vec!["req"];
-        args.extend(ec);
-        args.extend(["-keyout", &key_s, "-out", &csr_s, "-subj", "/CN=localhost"]);
-        openssl(&args);
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr_s,
-            "-CA",
-            &ca_s,
-            "-CAkey",
-            &ca_key_s,
-            "-CAcreateserial",
-            "-out",
-            &cert_s,
-            "-days",
-            "2",
-            "-extfile",
-            &ext_s,
-        ]);
-        let read = |p: &std::path::PathBuf| std::fs::read(p).expect("read PEM");
-        (ca, read(&cert), read(&key))
+    /// A CA (its PEM file) and a `localhost` certificate it signed, with
+    /// its key (PEM), made in `dir`.
+    fn certificates(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>, Vec<u8>) {
+        std::fs::create_dir_all(dir).expect("certificate dir");
+        super::support::pki::ca_and_server_cert(dir, "DNS:localhost,IP:127.0.0.1");
+        let read = |f: &str| std::fs::read(dir.join(f)).expect("read PEM");
+        (dir.join("ca.crt"), read("server.crt"), read("server.key"))
     }
 
     /// gRPC export over TLS, through the exporter's own connector (writes
@@ -715,9 +667,8 @@ mod direct {
     #[test]
     fn grpc_over_tls_trusts_the_given_ca_and_no_other() {
         let dir = std::env::temp_dir().join(format!("meshless-otlp-tls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let (ca, cert, key) = certificates(&dir, "good");
-        let (other_ca, _, _) = certificates(&dir, "other");
+        let (ca, cert, key) = certificates(&dir.join("good"));
+        let (other_ca, _, _) = certificates(&dir.join("other"));
         let receiver = Receiver::start_tls(cert, key);
         assert!(receiver.endpoint().starts_with("https://localhost:"));
         let is_direct = |s: &Received| s.attr("url.path").is_some_and(|p| p.starts_with("/direct/"));

@@ -15,7 +15,10 @@ use std::{
 
 use serde_json::{json, Value};
 
-use super::Scratch;
+use super::{
+    pki::{ca_and_server_cert, openssl},
+    Scratch,
+};
 
 const ADMIN_TOKEN: &str = "meshless-test-admin-token";
 
@@ -71,71 +74,9 @@ fn sh(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    sh(Command::new("openssl").current_dir(dir).args(args));
-}
-
 /// CA, serving certificate for 127.0.0.1 and service-account keys.
 fn make_pki(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=meshless-test-ca",
-        ],
-    );
-    std::fs::write(
-        dir.join("server.ext"),
-        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n\
-         subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n",
-    )
-    .expect("server.ext");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=kube-apiserver",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ],
-    );
+    ca_and_server_cert(dir, "IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc");
     openssl(dir, &["genrsa", "-out", "sa.key", "2048"]);
     openssl(dir, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
 }

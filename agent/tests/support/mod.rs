@@ -9,6 +9,7 @@ pub mod gate;
 pub mod kube_real;
 pub mod nodes;
 pub mod otlp;
+pub mod pki;
 mod pods;
 pub mod safety;
 pub mod spans;
