@@ -6,7 +6,7 @@ use foldhash::HashMap;
 
 use super::{
     attributes::{self, Attr, Text},
-    proto::Writer,
+    proto::{varint_len, Writer},
     resource::{self, Resources, WorkloadKey},
 };
 use crate::span::{Span, SpanKind};
@@ -173,14 +173,14 @@ impl Encoder {
 
     fn open_group(&mut self, h: u64) {
         let w = &mut self.w;
-        w.begin(field::REQUEST_RESOURCE_SPANS);
-        w.begin(field::RESOURCE_SPANS_RESOURCE);
+        w.begin(field::REQUEST_RESOURCE_SPANS, 3);
+        w.begin(field::RESOURCE_SPANS_RESOURCE, 2);
         if let Some((_, attrs)) = self.cache.get(&h) {
             w.raw(attrs);
         }
         w.end();
-        w.begin(field::RESOURCE_SPANS_SCOPE_SPANS);
-        w.begin(field::SCOPE_SPANS_SCOPE);
+        w.begin(field::RESOURCE_SPANS_SCOPE_SPANS, 3);
+        w.begin(field::SCOPE_SPANS_SCOPE, 1);
         w.string(field::SCOPE_NAME, "meshless");
         w.string(field::SCOPE_VERSION, env!("CARGO_PKG_VERSION"));
         w.end();
@@ -194,7 +194,7 @@ impl Encoder {
     /// Appends a span if the request stays within `max` bytes.
     fn push_span(&mut self, span: &Span, max: usize) -> bool {
         let mark = self.w.written();
-        self.w.begin(field::SCOPE_SPANS_SPANS);
+        self.w.begin(field::SCOPE_SPANS_SPANS, 2);
         write_span(&mut self.w, span, self.opts);
         self.w.end();
         // Room for the lengths of the enclosing messages to grow.
@@ -219,7 +219,7 @@ fn write_span(w: &mut Writer, span: &Span, opts: attributes::Options) {
     if let Some(parent) = span.parent_span_id {
         w.bytes(field::PARENT_SPAN_ID, &parent.0);
     }
-    w.begin(field::NAME);
+    w.begin(field::NAME, 1);
     match span.rpc.as_ref().filter(|r| !r.service.is_empty()) {
         Some(rpc) => {
             let _ = write!(w, "{}/{}", rpc.service, rpc.method);
@@ -245,7 +245,7 @@ fn write_span(w: &mut Writer, span: &Span, opts: attributes::Options) {
     attributes::visit(span, opts, |prefix, key, v| {
         key_value(w, field::ATTRIBUTES, prefix, key, v)
     });
-    w.begin(field::STATUS);
+    w.begin(field::STATUS, 1);
     if span.is_error() {
         match span.status_code {
             Some(code) => w.string(field::STATUS_MESSAGE, Text::of(format_args!("HTTP {code}")).as_str()),
@@ -262,10 +262,6 @@ fn write_span(w: &mut Writer, span: &Span, opts: attributes::Options) {
         flags |= FLAG_IS_REMOTE;
     }
     w.fixed32(field::FLAGS, flags);
-}
-
-fn varint_len(v: u64) -> usize {
-    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 /// Length of a length-delimited field holding `n` bytes.

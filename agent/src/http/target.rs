@@ -54,10 +54,16 @@ impl<'a> Target<'a> {
 
 /// origin-form: path, then an optional `?query` (a `#fragment` is dropped).
 fn origin(target: &str) -> Target<'_> {
-    let without_fragment = target.split('#').next().unwrap_or("");
-    let (path, query) = match without_fragment.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (without_fragment, None),
+    // One pass to the first `?` or `#` (every span parses its target).
+    let bytes = target.as_bytes();
+    let (path, query) = match memchr::memchr2(b'?', b'#', bytes) {
+        Some(at) if bytes[at] == b'?' => {
+            let rest = &target[at + 1..];
+            let end = memchr::memchr(b'#', rest.as_bytes()).unwrap_or(rest.len());
+            (&target[..at], Some(&rest[..end]))
+        }
+        Some(at) => (&target[..at], None),
+        None => (target, None),
     };
     Target {
         path: Some(path),
@@ -123,5 +129,20 @@ mod tests {
         assert_eq!(Target::parse("*").path, Some("*"));
         assert_eq!(Target::parse("weird").path, Some("weird"));
         assert_eq!(Target::parse("").path, Some(""));
+    }
+
+    proptest::proptest! {
+        /// The one-pass split agrees with its definition: drop the
+        /// fragment, then split at the first `?`.
+        #[test]
+        fn origin_form_splits_as_defined(target in "/[a-z?#=&/]{0,24}") {
+            let without_fragment = target.split('#').next().unwrap_or("");
+            let want = match without_fragment.split_once('?') {
+                Some((p, q)) => (p, Some(q)),
+                None => (without_fragment, None),
+            };
+            let t = Target::parse(&target);
+            proptest::prop_assert_eq!((t.path, t.query), (Some(want.0), want.1));
+        }
     }
 }

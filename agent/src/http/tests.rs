@@ -394,6 +394,15 @@ proptest! {
                     .map(|(k, c)| if flips >> (k % 64) & 1 == 1 { c.to_ascii_uppercase() } else { c })
                     .collect::<String>()
             }),
+            // Any byte flipped in the case bit: only a letter's flip is
+            // the same name (`-` and digits become other characters).
+            (0..16usize, any::<u64>()).prop_map(|(i, flips)| {
+                names::LOOKED_UP[i]
+                    .bytes()
+                    .enumerate()
+                    .map(|(k, b)| char::from(if flips >> (k % 64) & 1 == 1 { b ^ 0x20 } else { b }))
+                    .collect::<String>()
+            }),
         ]
     ) {
         let scan = names::LOOKED_UP.iter().position(|l| l.eq_ignore_ascii_case(&name)).map(|i| i as u32);
