@@ -86,6 +86,19 @@ pub fn known_addrs(key: u64) -> Option<&'static ConnAddrs> {
     Some(&known.addrs)
 }
 
+/// The addresses under which a request written on connection `key` (its
+/// `CONNS` entry `state`, if any) hands its context to the TCP-option
+/// program: none on an accepted socket, whose segments carry no option
+/// (`probes::sockops` asks the kernel to call it only for connecting ones).
+#[inline(always)]
+pub fn request_addrs(state: Option<&'static ConnState>, key: u64) -> Option<&'static ConnAddrs> {
+    match state {
+        Some(s) if s.flags & FLAG_ACCEPTED != 0 => None,
+        Some(s) => Some(&s.addrs),
+        None => known_addrs(key),
+    }
+}
+
 /// Copies up to MAX_CAPTURE bytes of what the syscall moved into the
 /// scratch event; returns the number of bytes copied.
 fn copy_payload(buf: *mut u8, args: &Args, total: usize) -> usize {

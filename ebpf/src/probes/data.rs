@@ -6,7 +6,7 @@ use meshless_common::{Direction, Syscall};
 
 use super::{arg, current, ret};
 use crate::{
-    capture::{emit_data, emit_held, head, known_addrs},
+    capture::{emit_data, emit_held, head, request_addrs},
     context::{client_request, starts_request},
     detect::{WINDOW, classify},
     follow::tracked_conn,
@@ -90,7 +90,7 @@ fn stash(ctx: &TracePointContext, syscall: Syscall, direction: Direction, layout
         }
         let first = [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]];
         if n >= 8 && starts_request(&first) {
-            let addrs = state.map(|s| &s.addrs).or_else(|| known_addrs(key));
+            let addrs = request_addrs(state, key);
             client_request(id, addrs, &mut args.ctx);
         }
     }

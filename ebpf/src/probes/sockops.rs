@@ -28,10 +28,15 @@ const WRITE_HDR_TCP_CURRENT_MSS: u32 = 1;
 #[sock_ops]
 pub fn meshless_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            let flags =
-                ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG | BPF_SOCK_OPS_PARSE_UNKNOWN_HDR_OPT_CB_FLAG;
-            let _ = ctx.set_cb_flags(flags as i32);
+        // A connecting socket carries requests out: it writes options (and
+        // the kernel then asks this program about every segment it sends,
+        // so an accepted socket, whose segments never carry one, is not
+        // asked). An accepted socket reads them.
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_PARSE_UNKNOWN_HDR_OPT_CB_FLAG) as i32);
         }
         BPF_SOCK_OPS_HDR_OPT_LEN_CB => reserve(&ctx),
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB => write(&ctx),
@@ -72,13 +77,14 @@ fn skb_len(ctx: &SockOpsContext) -> u32 {
 /// Makes room for the option in the segment (or the MSS) when a request's
 /// context is waiting to go out on this socket.
 fn reserve(ctx: &SockOpsContext) {
+    let sizing = ctx.arg(0) & WRITE_HDR_TCP_CURRENT_MSS != 0;
+    if !sizing && skb_len(ctx) == 0 {
+        // A segment without data (an ACK): no lookup.
+        return;
+    }
     let Some(pending) = OUT_OPT.get_ptr_mut(&key(ctx)) else {
         return;
     };
-    let sizing = ctx.arg(0) & WRITE_HDR_TCP_CURRENT_MSS != 0;
-    if !sizing && skb_len(ctx) == 0 {
-        return;
-    }
     // SAFETY: the context pointer is the program's own.
     if unsafe { bpf_reserve_hdr_opt(ctx.ops.cast(), TRACE_OPT_LEN as u32, 0) } != 0 {
         count(Counter::OptNoRoom);

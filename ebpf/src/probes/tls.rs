@@ -24,7 +24,7 @@ use meshless_common::{Direction, FLAG_NEW_CONN, FLAG_TLS, Syscall, TlsCounter, T
 
 use super::current;
 use crate::{
-    capture::{emit_data, emit_held, known_addrs},
+    capture::{emit_data, emit_held, request_addrs},
     context::{client_request, starts_request},
     follow::tracked_conn,
     maps::{
@@ -132,9 +132,7 @@ fn enter(ctx: &ProbeContext, direction: Direction, ex: bool) -> u32 {
                 } else {
                     let key = conn_key(tgid, fd);
                     // SAFETY: map values stay valid for the program's run.
-                    unsafe { CONNS.get(&key) }
-                        .map(|s| &s.addrs)
-                        .or_else(|| known_addrs(key))
+                    request_addrs(unsafe { CONNS.get(&key) }, key)
                 };
                 client_request(id, addrs, &mut call.ctx);
             }

@@ -25,7 +25,7 @@ use super::{
     tls::{emit_plaintext, tls_count},
 };
 use crate::{
-    capture::known_addrs,
+    capture::request_addrs,
     context::{client_request, starts_request},
     maps::{Args, BUF_PLAIN, CONNS, GO_TLS_CONN_TYPES, GO_TLS_READS, GoKey, GoTlsRead, TLS_ARGS, TLS_NO_FD, conn_key},
 };
@@ -113,9 +113,7 @@ pub fn meshless_go_tls_write(ctx: ProbeContext) -> u32 {
             if starts_request(&first) {
                 let key = conn_key(tgid, fd);
                 // SAFETY: map values stay valid for the program's run.
-                let addrs = unsafe { CONNS.get(&key) }
-                    .map(|s| &s.addrs)
-                    .or_else(|| known_addrs(key));
+                let addrs = request_addrs(unsafe { CONNS.get(&key) }, key);
                 client_request(id, addrs, &mut args.ctx);
             }
         }
