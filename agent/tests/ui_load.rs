@@ -323,8 +323,19 @@ fn at_5000_requests_a_second_the_page_stays_live_and_the_map_costs_the_agent_a_b
         rss_on <= rss_off + 16.0,
         "the map's RSS {rss_on:.1} MiB vs {rss_off:.1} MiB without"
     );
+    // The trace view's ring is allocated once at its full size and
+    // touched as it fills. Rows are admitted at a rate that fills it in
+    // about 30 s (`ui::admit`), most of the 38 s load, so the second half
+    // may still touch a good part of it; at most the whole ring. Add a
+    // margin for the allocator's arenas.
+    //
+    // The old fixed 8 MiB margin was the ring's own size. It failed once
+    // at +9.7 MiB with no change to the UI (+7.5 to +7.9 in other runs,
+    // +6.9 for the session-start code). The total stays held by the bound
+    // above: the map's agent within 16 MiB of the agent without it.
+    let ring_mib = meshless::ui::DEFAULT_TRACE_BYTES as f64 / (1024.0 * 1024.0);
     assert!(
-        rss_end <= rss_mid + 8.0,
+        rss_end <= rss_mid + ring_mib + 4.0,
         "RSS still growing: {rss_mid:.1} → {rss_end:.1} MiB"
     );
 }
