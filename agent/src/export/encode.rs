@@ -281,7 +281,10 @@ fn key_value(w: &mut Writer, field: u32, prefix: &str, key: &str, v: Attr<'_>) {
     };
     w.len_prefix(field, delimited(key_len) + delimited(any_len));
     w.len_prefix(field::KEY, key_len);
-    w.raw(prefix.as_bytes());
+    if !prefix.is_empty() {
+        // Only header attributes have one: no empty copy for the rest.
+        w.raw(prefix.as_bytes());
+    }
     w.raw(key.as_bytes());
     w.len_prefix(field::VALUE, any_len);
     match v {
