@@ -28,6 +28,7 @@ pub mod route;
 pub mod sockets;
 pub mod span;
 pub mod stats;
+pub mod text;
 pub mod tls;
 pub mod trace_context;
 pub mod ui;

@@ -2,7 +2,7 @@
 //! conventions; one list shared by every exporter.
 use std::borrow::Cow;
 
-use crate::span::Span;
+use crate::{span::Span, text::Text};
 
 /// An attribute value.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,71 +49,6 @@ impl Attr<'_> {
             Attr::Bool(b) => Value::Bool(b),
             Attr::StrArray1(s) => Value::StrArray(vec![s.to_owned()]),
         }
-    }
-}
-
-/// Short text formatted on the stack (addresses, numbers): no allocation
-/// per attribute.
-pub struct Text {
-    buf: [u8; 64],
-    len: usize,
-}
-
-impl Text {
-    pub fn of(v: impl std::fmt::Display) -> Text {
-        let mut t = Text { buf: [0; 64], len: 0 };
-        // Display of an address or a number never exceeds 64 bytes; if it
-        // did, the text is cut (Write fails and what fits is kept).
-        let _ = std::fmt::Write::write_fmt(&mut t, format_args!("{v}"));
-        t
-    }
-
-    /// An IP address as `Display` writes it; IPv4 by hand (through
-    /// `core::fmt`, one call per octet, it showed in the exporter's profile:
-    /// a span formats two or three addresses).
-    pub fn ip(ip: std::net::IpAddr) -> Text {
-        let std::net::IpAddr::V4(v4) = ip else {
-            return Text::of(ip);
-        };
-        let mut t = Text { buf: [0; 64], len: 0 };
-        for (i, &octet) in v4.octets().iter().enumerate() {
-            if i > 0 {
-                t.push(b'.');
-            }
-            if octet >= 100 {
-                t.push(b'0' + octet / 100);
-            }
-            if octet >= 10 {
-                t.push(b'0' + octet / 10 % 10);
-            }
-            t.push(b'0' + octet % 10);
-        }
-        t
-    }
-
-    /// Appends an ASCII byte (at most 15 are pushed: always room).
-    fn push(&mut self, b: u8) {
-        if let Some(slot) = self.buf.get_mut(self.len) {
-            *slot = b;
-            self.len += 1;
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        // Only whole &str pieces and ASCII bytes are copied in, so this is valid UTF-8.
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
-    }
-}
-
-impl std::fmt::Write for Text {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        if end > self.buf.len() {
-            return Err(std::fmt::Error);
-        }
-        self.buf[self.len..end].copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
     }
 }
 
@@ -249,27 +184,6 @@ pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'
     ] {
         for (name, value) in headers.iter() {
             emit(prefix, name, Attr::StrArray1(value));
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ip_text_is_what_display_writes() {
-        for ip in [
-            "0.0.0.0",
-            "127.0.0.1",
-            "10.20.30.40",
-            "255.255.255.255",
-            "192.168.100.9",
-            "::1",
-            "fe80::1:2",
-        ] {
-            let parsed: std::net::IpAddr = ip.parse().expect("ip");
-            assert_eq!(Text::ip(parsed).as_str(), parsed.to_string());
         }
     }
 }

@@ -5,11 +5,14 @@
 use foldhash::HashMap;
 
 use super::{
-    attributes::{self, Attr, Text},
+    attributes::{self, Attr},
     proto::{varint_len, Writer},
     resource::{self, Resources, WorkloadKey},
 };
-use crate::span::{Span, SpanKind};
+use crate::{
+    span::{Span, SpanKind},
+    text::Text,
+};
 
 /// Encoded resources kept at most; the cache starts over past it.
 const MAX_CACHED: usize = 4096;

@@ -448,7 +448,7 @@ fn finish(
             headers_dropped += 1;
             continue;
         }
-        match std::str::from_utf8(value) {
+        match value_str(value) {
             Ok(v) => headers.push_indexed(h.name, v, true, known(i)),
             Err(_) => headers.push_indexed(h.name, &String::from_utf8_lossy(value), true, known(i)),
         }
@@ -462,6 +462,17 @@ fn finish(
         start_ktime_ns: 0,
         at_segment_start: false,
     })
+}
+
+/// A header value as text. Values are almost always ASCII, which a word at
+/// a time proves faster than `from_utf8` does for short slices (~100
+/// instructions per value in the replay profile, two values per head).
+pub(super) fn value_str(value: &[u8]) -> Result<&str, std::str::Utf8Error> {
+    if value.is_ascii() {
+        // SAFETY: ASCII is valid UTF-8.
+        return Ok(unsafe { std::str::from_utf8_unchecked(value) });
+    }
+    std::str::from_utf8(value)
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.

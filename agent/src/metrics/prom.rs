@@ -1,5 +1,5 @@
 //! Prometheus series (text exposition via prometheus-client).
-use std::{fmt::Write, sync::Arc};
+use std::sync::Arc;
 
 use prometheus_client::{
     collector::Collector,
@@ -15,6 +15,7 @@ use super::{
 use crate::{
     span::{Span, SpanKind},
     stats::Stats,
+    text::{StackText, Text},
 };
 
 /// All Prometheus series of the agent; every traffic-labelled family is
@@ -88,28 +89,27 @@ impl Prometheus {
         // One clock read for both families (each read was a vDSO call).
         let now_secs = self.epoch.elapsed().as_secs();
         // Istio reports "0" for requests that got no response.
-        let mut status = StackStr::<8>::default();
-        status.number(u64::from(span.status_code.unwrap_or(0)));
-        let mut port = StackStr::<8>::default();
-        if let Some(s) = span.server {
-            port.number(u64::from(s.port()));
-        }
-        let mut ip = StackStr::<64>::default();
+        let status = StackText::<8>::number(u64::from(span.status_code.unwrap_or(0)));
+        let port = match span.server {
+            Some(s) => StackText::<8>::number(u64::from(s.port())),
+            None => StackText::default(),
+        };
+        let ip;
         let server_address = match span.kind {
             SpanKind::Client => match client_server_address(span) {
                 ServerAddress::Host(host) => host,
                 ServerAddress::Ip(addr) => {
-                    let _ = write!(ip, "{addr}");
+                    ip = Text::ip(addr);
                     ip.as_str()
                 }
                 ServerAddress::Unknown => "",
             },
             SpanKind::Server => "",
         };
-        let mut error_type = StackStr::<32>::default();
-        if let Some(e) = span.error_kind() {
-            let _ = write!(error_type, "{e}");
-        }
+        let error_type = match span.error_kind() {
+            Some(e) => StackText::<32>::of(e),
+            None => StackText::default(),
+        };
         let http = [
             ("service_name", service_name),
             ("http_request_method", span.method_label()),
@@ -130,10 +130,10 @@ impl Prometheus {
             SpanKind::Client => "source",
         };
         let flags = span.unanswered.map_or("-", |u| u.response_flags(span.kind));
-        let mut grpc_status = StackStr::<12>::default();
-        if let Some(code) = span.grpc_status() {
-            grpc_status.number(u64::from(code));
-        }
+        let grpc_status = match span.grpc_status() {
+            Some(code) => StackText::<12>::number(u64::from(code)),
+            None => StackText::default(),
+        };
         let (src, dst) = (&peers.source, &peers.destination);
         // Istio's standard label set, in its order and with its placeholders
         // (no mTLS identity here: principals are unknown, and the
@@ -210,54 +210,6 @@ pub(super) fn client_server_address(span: &Span) -> ServerAddress<'_> {
         None => span
             .server
             .map_or(ServerAddress::Unknown, |s| ServerAddress::Ip(s.ip())),
-    }
-}
-
-/// A short label value formatted on the stack (numbers, addresses); what
-/// does not fit is cut (callers size it for the longest value).
-struct StackStr<const N: usize> {
-    buf: [u8; N],
-    len: usize,
-}
-
-impl<const N: usize> Default for StackStr<N> {
-    fn default() -> Self {
-        Self { buf: [0; N], len: 0 }
-    }
-}
-
-impl<const N: usize> StackStr<N> {
-    /// Appends `n` in decimal (without `core::fmt`: three per span).
-    fn number(&mut self, mut n: u64) {
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        // ASCII digits: always a whole `&str`.
-        let _ = self.write_str(std::str::from_utf8(&digits[at..]).unwrap_or(""));
-    }
-
-    fn as_str(&self) -> &str {
-        // Only whole `&str`s are ever appended, so this cannot fail.
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
-    }
-}
-
-impl<const N: usize> Write for StackStr<N> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        if end > N {
-            return Err(std::fmt::Error);
-        }
-        self.buf[self.len..end].copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
     }
 }
 
