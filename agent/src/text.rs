@@ -51,7 +51,15 @@ impl<const N: usize> StackText<N> {
             if i > 0 {
                 t.push_ascii(b'.');
             }
-            t.push_number(u64::from(octet));
+            // Byte by byte: a copy of one to three digits through
+            // `write_str` was a `memcpy` call each.
+            if octet >= 100 {
+                t.push_ascii(b'0' + octet / 100);
+            }
+            if octet >= 10 {
+                t.push_ascii(b'0' + octet / 10 % 10);
+            }
+            t.push_ascii(b'0' + octet % 10);
         }
         t
     }

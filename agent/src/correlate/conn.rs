@@ -46,29 +46,30 @@ impl Conn {
     }
 
     /// Feeds one syscall's bytes (a new connection's heads keep `kept`).
-    pub fn data(&mut self, segment: Segment, kept: &crate::http::KeptHeaders) -> Output {
+    pub fn data(&mut self, segment: Segment, kept: &crate::http::KeptHeaders, out: &mut Output) {
         self.last_ktime_ns = self.last_ktime_ns.max(segment.ktime_ns);
         self.process.tid = segment.thread.tid;
         let protocol = self
             .protocol
             .get_or_insert_with(|| protocol::detect(&segment.payload, segment.direction, kept));
-        let mut out = protocol.data(segment);
+        protocol.data(segment, out);
         if let Some(request) = out.upgrade.take() {
             self.protocol = Some(Box::new(crate::http2::Http2::upgraded(request)));
         }
-        out
     }
 
     /// The socket closed or was forgotten (see [`Protocol::close`]).
-    pub fn close(&mut self, why: Option<Unanswered>, at_ktime_ns: u64) -> Output {
+    pub fn close(&mut self, why: Option<Unanswered>, at_ktime_ns: u64, out: &mut Output) {
         self.last_ktime_ns = self.last_ktime_ns.max(at_ktime_ns);
-        self.protocol
-            .as_mut()
-            .map_or_else(Output::default, |p| p.close(why, at_ktime_ns))
+        if let Some(p) = &mut self.protocol {
+            p.close(why, at_ktime_ns, out);
+        }
     }
 
     /// Events of this connection were lost: pairing restarts.
-    pub fn events_lost(&mut self) -> Output {
-        self.protocol.as_mut().map_or_else(Output::default, |p| p.events_lost())
+    pub fn events_lost(&mut self, out: &mut Output) {
+        if let Some(p) = &mut self.protocol {
+            p.events_lost(out);
+        }
     }
 }

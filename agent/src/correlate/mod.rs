@@ -85,6 +85,9 @@ pub struct Correlator {
     new_process: Option<std::sync::mpsc::SyncSender<crate::propagation::Seen>>,
     /// Asks the host for a socket's addresses the kernel did not report.
     lookup: SocketLookup,
+    /// What the current event produced: passed to the connection empty and
+    /// emptied by [`absorb`] (see [`protocol::Protocol`]).
+    out: Output,
     #[cfg(test)]
     pending: Vec<Span>,
 }
@@ -132,6 +135,7 @@ impl Correlator {
             names: ProcessNames::new(names),
             new_process: None,
             lookup,
+            out: Output::default(),
             #[cfg(test)]
             pending: Vec::new(),
             env: SpanEnv {
@@ -198,13 +202,20 @@ impl Correlator {
                 let order = conn.sequence.check(ev.seq);
                 if order != crate::capture::Order::Next {
                     Stats::inc(&self.env.stats.event_sequence_gaps);
-                    let out = conn.events_lost();
-                    absorb(&mut self.links, &mut self.aliases, &self.env, conn, out, spans);
+                    conn.events_lost(&mut self.out);
+                    absorb(
+                        &mut self.links,
+                        &mut self.aliases,
+                        &self.env,
+                        conn,
+                        &mut self.out,
+                        spans,
+                    );
                     if order == crate::capture::Order::Stale {
                         return;
                     }
                 }
-                let out = conn.data(
+                conn.data(
                     Segment {
                         direction,
                         payload,
@@ -217,9 +228,17 @@ impl Correlator {
                         ctx: ev.ctx,
                     },
                     &self.env.kept,
+                    &mut self.out,
                 );
                 // Disjoint fields: the connection stays in the table.
-                absorb(&mut self.links, &mut self.aliases, &self.env, conn, out, spans);
+                absorb(
+                    &mut self.links,
+                    &mut self.aliases,
+                    &self.env,
+                    conn,
+                    &mut self.out,
+                    spans,
+                );
             }
         }
         Stats::set(&self.env.stats.conns_tracked, self.conns.len() as u64);
@@ -229,8 +248,15 @@ impl Correlator {
     /// the kernel's per-connection event sequence): pairing restarts.
     pub fn events_lost(&mut self, key: ConnKey, spans: &mut Vec<Span>) {
         if let Some(conn) = self.conns.get_mut(&key) {
-            let out = conn.events_lost();
-            absorb(&mut self.links, &mut self.aliases, &self.env, conn, out, spans);
+            conn.events_lost(&mut self.out);
+            absorb(
+                &mut self.links,
+                &mut self.aliases,
+                &self.env,
+                conn,
+                &mut self.out,
+                spans,
+            );
         }
     }
 
@@ -353,27 +379,48 @@ impl Correlator {
         if self.generations.get(&(key.tgid, key.fd)) == Some(&key.conn_id) {
             self.generations.remove(&(key.tgid, key.fd));
         }
-        let out = conn.close(why, at_ktime_ns);
-        let unanswered = out
+        conn.close(why, at_ktime_ns, &mut self.out);
+        let unanswered = self
+            .out
             .exchanges
             .iter()
             .filter(|e| matches!(e.response, Response::Missing(_)))
             .count();
         Stats::add(&self.env.stats.spans_unanswered, unanswered as u64);
-        absorb(&mut self.links, &mut self.aliases, &self.env, &conn, out, spans);
+        absorb(
+            &mut self.links,
+            &mut self.aliases,
+            &self.env,
+            &conn,
+            &mut self.out,
+            spans,
+        );
     }
 }
 
 /// Turns what a connection produced into spans, linking the two sides of
 /// same-node calls.
-fn absorb(links: &mut Links, aliases: &mut Aliases, env: &SpanEnv, conn: &Conn, out: Output, spans: &mut Vec<Span>) {
-    Stats::add(&env.stats.http_malformed, out.malformed);
-    Stats::add(&env.stats.http_orphan_responses, out.orphans);
-    Stats::add(&env.stats.http_pairing_resyncs, out.resyncs);
-    Stats::add(&env.stats.http_pending_overflows, out.overflows);
-    Stats::add(&env.stats.http_duplicate_events, out.duplicates);
-    Stats::add(&env.stats.http_header_limits, out.limited);
-    for (from, to) in out.aliases {
+/// Leaves `out` empty for the next event.
+fn absorb(
+    links: &mut Links,
+    aliases: &mut Aliases,
+    env: &SpanEnv,
+    conn: &Conn,
+    out: &mut Output,
+    spans: &mut Vec<Span>,
+) {
+    let counts = [
+        (&env.stats.http_malformed, &out.malformed),
+        (&env.stats.http_orphan_responses, &out.orphans),
+        (&env.stats.http_pairing_resyncs, &out.resyncs),
+        (&env.stats.http_pending_overflows, &out.overflows),
+        (&env.stats.http_duplicate_events, &out.duplicates),
+        (&env.stats.http_header_limits, &out.limited),
+    ];
+    for (counter, n) in counts {
+        Stats::add(counter, *n);
+    }
+    for (from, to) in out.aliases.drain(..) {
         aliases.insert(from, to, conn.last_ktime_ns);
     }
     let now = conn.last_ktime_ns;
@@ -391,7 +438,7 @@ fn absorb(links: &mut Links, aliases: &mut Aliases, env: &SpanEnv, conn: &Conn, 
         }
     }
     if let (Some(client), Some(server)) = conn.endpoints(SpanKind::Client) {
-        for (seq, ctx) in out.client_requests {
+        for (seq, ctx) in out.client_requests.drain(..) {
             let key = LinkKey::new(client, server, seq);
             let process = (conn.process.name.clone(), conn.process.pid, conn.process.cgroup_id);
             let (done, alias) = links.client_seen(key, ctx, now, process);
@@ -404,7 +451,7 @@ fn absorb(links: &mut Links, aliases: &mut Aliases, env: &SpanEnv, conn: &Conn, 
             }
         }
     }
-    for ex in out.exchanges {
+    for ex in out.exchanges.drain(..) {
         Stats::inc(&env.stats.spans_created);
         let link = link_key(conn, &ex);
         let adopt_ids = !ex.request.ctx.fixed;
@@ -426,6 +473,10 @@ fn absorb(links: &mut Links, aliases: &mut Aliases, env: &SpanEnv, conn: &Conn, 
             None => spans.push(span),
         }
     }
+    // Empty for the next event, whatever was not drained above (requests
+    // of a connection whose addresses are unknown link nothing). Cheap: the
+    // inline storage is not written, only lengths and tags.
+    *out = Output::default();
 }
 
 /// The link key of a server exchange, whose ids (unless they came from a

@@ -39,15 +39,20 @@ pub struct Thread {
 }
 
 /// A connection's parser and matcher: one value per connection.
+///
+/// Each call adds what it produced to `out`, which the caller passes in
+/// empty and empties again after reading it: an [`Output`] is ~1 KB
+/// (its inline exchange), and returning one per event moved it several
+/// times (in the replay profile, `memcpy` from every call).
 pub trait Protocol: std::fmt::Debug + Send {
     /// Feeds one syscall's bytes.
-    fn data(&mut self, segment: Segment) -> Output;
+    fn data(&mut self, segment: Segment, out: &mut Output);
     /// The socket closed (`why` = ConnectionClosed) or was forgotten
     /// (Timeout when idle; None when shed): requests still waiting become
     /// unanswered exchanges (or are dropped when `why` is None).
-    fn close(&mut self, why: Option<Unanswered>, at_ktime_ns: u64) -> Output;
+    fn close(&mut self, why: Option<Unanswered>, at_ktime_ns: u64, out: &mut Output);
     /// Events of this connection were lost: pairing restarts.
-    fn events_lost(&mut self) -> Output;
+    fn events_lost(&mut self, out: &mut Output);
     /// Approximate heap bytes held.
     fn state_bytes(&self) -> usize;
 }

@@ -129,7 +129,7 @@ impl Http1 {
 
     /// Feeds one syscall's bytes, with the context the kernel chose if they
     /// start a request.
-    fn feed(&mut self, segment: Segment) -> Output {
+    fn feed(&mut self, segment: Segment, out: &mut Output) {
         let Segment {
             direction,
             payload,
@@ -138,10 +138,9 @@ impl Http1 {
             thread,
             ctx,
         } = segment;
-        let mut out = Output::default();
         if self.last_event.replace((direction, ktime, len)) == Some((direction, ktime, len)) {
             out.duplicates += 1;
-            return out;
+            return;
         }
         if let Some(ctx) = ctx {
             if self.kernel_ctx.len() >= KERNEL_CTX_KEPT {
@@ -154,14 +153,13 @@ impl Http1 {
         *seen = (*seen).max(ktime);
         let missing = len.saturating_sub(payload.len() as u64);
         if let Some(skipped) = self.resyncing[way(direction)].filter(|t| *t > 0) {
-            self.lose_skipped(direction, skipped, &mut out);
+            self.lose_skipped(direction, skipped, out);
         }
         self.stream(direction).push(payload, missing, ktime);
-        self.drain(direction, thread, ktime, &mut out);
+        self.drain(direction, thread, ktime, out);
         if self.resyncing[way(direction)].is_some() {
             self.resyncing[way(direction)] = self.stream(direction).desynced().then_some(ktime);
         }
-        out
     }
 
     /// Bytes skipped (up to `at`) while a stream looked for a message start
@@ -184,33 +182,30 @@ impl Http1 {
     /// (Timeout when idle; None when shed): ends close-delimited responses
     /// and turns requests still waiting into unanswered exchanges (or
     /// drops them when `why` is None).
-    fn close_conn(&mut self, why: Option<Unanswered>, at_ktime_ns: u64) -> Output {
+    fn close_conn(&mut self, why: Option<Unanswered>, at_ktime_ns: u64, out: &mut Output) {
         self.last_ktime_ns = self.last_ktime_ns.max(at_ktime_ns);
-        let mut out = Output::default();
         for direction in [Direction::Ingress, Direction::Egress] {
             let stream = self.stream(direction);
             let is_responses = stream.flow() == Some(Flow::Responses);
             if let Some(Item::End { ktime_ns }) = stream.close() {
                 if is_responses {
-                    self.finish_response(ktime_ns, &mut out);
+                    self.finish_response(ktime_ns, out);
                 }
             }
         }
         let end = self.last_ktime_ns;
         // A response head seen whose end never came still answered.
-        self.finish_response(end, &mut out);
+        self.finish_response(end, out);
         match why {
-            Some(why) if !self.poisoned => self.give_up(why, end, &mut out),
+            Some(why) if !self.poisoned => self.give_up(why, end, out),
             _ => out.resyncs += std::mem::take(&mut self.pending).len() as u64,
         }
-        out
     }
 
     /// Events of this connection were lost (the kernel's per-connection
     /// event sequence jumped): whatever is pending may have been answered
     /// in them, and both streams restart at the next message start.
-    fn lose_events(&mut self) -> Output {
-        let mut out = Output::default();
+    fn lose_events(&mut self, out: &mut Output) {
         out.resyncs += self.pending.len() as u64 + u64::from(self.responding.is_some());
         self.pending.clear();
         self.responding = None;
@@ -221,7 +216,6 @@ impl Http1 {
             // Responses to requests sent before the loss may still come.
             self.poisoned = true;
         }
-        out
     }
 
     /// Every waiting request becomes an exchange without a response.
@@ -500,16 +494,16 @@ impl Http1 {
 }
 
 impl Protocol for Http1 {
-    fn data(&mut self, segment: Segment) -> Output {
-        self.feed(segment)
+    fn data(&mut self, segment: Segment, out: &mut Output) {
+        self.feed(segment, out);
     }
 
-    fn close(&mut self, why: Option<Unanswered>, at_ktime_ns: u64) -> Output {
-        self.close_conn(why, at_ktime_ns)
+    fn close(&mut self, why: Option<Unanswered>, at_ktime_ns: u64, out: &mut Output) {
+        self.close_conn(why, at_ktime_ns, out);
     }
 
-    fn events_lost(&mut self) -> Output {
-        self.lose_events()
+    fn events_lost(&mut self, out: &mut Output) {
+        self.lose_events(out);
     }
 
     fn state_bytes(&self) -> usize {

@@ -296,29 +296,26 @@ impl Http2 {
 }
 
 impl Protocol for Http2 {
-    fn data(&mut self, segment: Segment) -> Output {
-        let mut out = Output::default();
+    fn data(&mut self, segment: Segment, out: &mut Output) {
         self.last_ktime_ns = self.last_ktime_ns.max(segment.ktime_ns);
         let missing = segment.len.saturating_sub(segment.payload.len() as u64);
         let mut frames = Vec::new();
         self.way(segment.direction)
             .push(&segment.payload, missing, segment.ktime_ns, &mut frames);
         for frame in frames {
-            self.frame(segment.direction, frame, segment.thread, &mut out);
+            self.frame(segment.direction, frame, segment.thread, out);
         }
-        self.absorb_faults(&mut out);
-        out
+        self.absorb_faults(out);
     }
 
-    fn close(&mut self, why: Option<Unanswered>, at_ktime_ns: u64) -> Output {
-        let mut out = Output::default();
+    fn close(&mut self, why: Option<Unanswered>, at_ktime_ns: u64, out: &mut Output) {
         let end = self.last_ktime_ns.max(at_ktime_ns);
         let mut open: Vec<u32> = self.streams.keys().copied().collect();
         open.sort_unstable();
         match why {
             Some(why) => {
                 for stream in open {
-                    self.finish(stream, end, Some(why), &mut out);
+                    self.finish(stream, end, Some(why), out);
                 }
             }
             None => {
@@ -326,15 +323,13 @@ impl Protocol for Http2 {
                 self.streams.clear();
             }
         }
-        out
     }
 
-    fn events_lost(&mut self) -> Output {
+    fn events_lost(&mut self, _out: &mut Output) {
         // Streams stay open (their ends may still come; close ends the
         // rest), but framing and both HPACK tables start over.
         self.ingress.lose();
         self.egress.lose();
-        Output::default()
     }
 
     fn state_bytes(&self) -> usize {
