@@ -282,13 +282,23 @@ fn key_value(w: &mut Writer, field: u32, prefix: &str, key: &str, v: Attr<'_>) {
         Attr::Bool(_) => 2,
         Attr::StrArray1(s) => delimited(delimited(delimited(s.len()))),
     };
-    w.len_prefix(field, delimited(key_len) + delimited(any_len));
-    w.len_prefix(field::KEY, key_len);
+    let kv_len = delimited(key_len) + delimited(any_len);
+    if !w.short_prefixes(field, kv_len, field::KEY, key_len) {
+        w.len_prefix(field, kv_len);
+        w.len_prefix(field::KEY, key_len);
+    }
     if !prefix.is_empty() {
         // Only header attributes have one: no empty copy for the rest.
         w.raw(prefix.as_bytes());
     }
     w.raw(key.as_bytes());
+    if let Attr::Str(s) = v {
+        if !w.short_prefixes(field::VALUE, any_len, field::STRING_VALUE, s.len()) {
+            w.len_prefix(field::VALUE, any_len);
+            w.len_prefix(field::STRING_VALUE, s.len());
+        }
+        return w.raw(s.as_bytes());
+    }
     w.len_prefix(field::VALUE, any_len);
     match v {
         Attr::Str(s) => w.string(field::STRING_VALUE, s),

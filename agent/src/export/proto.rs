@@ -137,6 +137,24 @@ impl Writer {
         varint(&mut self.buf, len as u64);
     }
 
+    /// Two length prefixes in a row (a message's and its first field's) as
+    /// one 4-byte write, when each tag and length fits a byte; false, with
+    /// nothing written, otherwise. Most attributes take this path: four
+    /// single-byte pushes each cost a capacity check.
+    #[inline]
+    pub fn short_prefixes(&mut self, outer: u32, outer_len: usize, inner: u32, inner_len: usize) -> bool {
+        if outer >= 16 || inner >= 16 || outer_len >= 128 || inner_len >= 128 {
+            return false;
+        }
+        self.buf.extend_from_slice(&[
+            (outer << 3 | LEN) as u8,
+            outer_len as u8,
+            (inner << 3 | LEN) as u8,
+            inner_len as u8,
+        ]);
+        true
+    }
+
     /// Raw bytes already encoded (a cached message body).
     #[inline]
     pub fn raw(&mut self, v: &[u8]) {

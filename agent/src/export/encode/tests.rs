@@ -183,3 +183,21 @@ fn requests_are_split_under_the_limit_and_an_oversized_span_is_refused() {
         .sum();
     assert_eq!(n, 39);
 }
+
+/// Attribute lengths across the one- to two-byte length boundaries (the
+/// key/value's, the value's, the string's) decode to what was written.
+#[test]
+fn attributes_on_either_side_of_a_one_byte_length_decode_whole() {
+    for n in 100..=140 {
+        let path = format!("/{}", "p".repeat(n));
+        let (requests, _) = decode_all(&mut encoder(), &[span(40, &path)], usize::MAX);
+        let s = &requests[0].resource_spans[0].scope_spans[0].spans[0];
+        let attrs: HashMap<_, _> = s
+            .attributes
+            .iter()
+            .map(|kv| (kv.key.clone(), text(&kv.value)))
+            .collect();
+        assert_eq!(attrs["url.path"], path, "path of {} bytes", path.len());
+        assert_eq!(attrs["http.request.method"], "GET");
+    }
+}
