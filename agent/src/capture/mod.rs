@@ -73,6 +73,9 @@ pub async fn run(
     let mut fd = AsyncFd::new(events)?;
     let mut wait = poll;
     let mut arena = Arena::default();
+    // Events in the last drain: the next batch is sized for as many
+    // (growing a batch from empty copied it at every doubling).
+    let mut last_count = 0;
     loop {
         let woken = tokio::select! {
             guard = fd.readable_mut() => {
@@ -92,6 +95,7 @@ pub async fn run(
         let drained = drain(
             fd.get_mut(),
             &mut arena,
+            &mut last_count,
             &events_tx,
             &stats,
             &confirmer,
@@ -111,12 +115,14 @@ pub async fn run(
 fn drain(
     ring: &mut crate::ringbuf::Ring,
     arena: &mut Arena,
+    last_count: &mut usize,
     events_tx: &mpsc::Sender<EventBatch>,
     stats: &Stats,
     confirmer: &Confirmer,
     mut recorder: Option<&mut record::Recorder>,
 ) -> Option<u64> {
-    let mut batch = Vec::new();
+    let mut batch = Vec::with_capacity(*last_count);
+    let mut count = 0;
     let mut bytes = 0;
     let mut read = 0;
     while let Some(record) = ring.next() {
@@ -132,6 +138,7 @@ fn drain(
             Ok(ev) => {
                 bytes += budget::event_bytes(&ev);
                 batch.push(ev);
+                count += 1;
             }
             Err(error) => {
                 Stats::inc(&stats.events_malformed);
@@ -147,6 +154,7 @@ fn drain(
     if let Some(r) = recorder {
         r.flush();
     }
+    *last_count = count.min(MAX_BATCH);
     (batch.is_empty() || send(batch, bytes, events_tx, stats)).then_some(read)
 }
 
