@@ -106,6 +106,18 @@ impl<const N: usize> fmt::Debug for StackText<N> {
     }
 }
 
+/// `bytes` as text, as `std::str::from_utf8` reads them. Header values
+/// and thread names are almost always ASCII, which a word at a time proves
+/// faster than `from_utf8` does for short slices (~100 instructions per
+/// value in the replay profile).
+pub fn str_of(bytes: &[u8]) -> Result<&str, std::str::Utf8Error> {
+    if bytes.is_ascii() {
+        // SAFETY: ASCII is valid UTF-8.
+        return Ok(unsafe { std::str::from_utf8_unchecked(bytes) });
+    }
+    std::str::from_utf8(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use std::fmt::Write;
@@ -143,6 +155,14 @@ mod tests {
     }
 
     proptest! {
+        /// The ASCII shortcut reads what `from_utf8` reads.
+        #[test]
+        fn str_of_reads_what_from_utf8_reads(
+            bytes in prop_oneof![proptest::collection::vec(any::<u8>(), 0..48), "[ -~]{0,48}".prop_map(String::into_bytes)]
+        ) {
+            prop_assert_eq!(str_of(&bytes).ok(), std::str::from_utf8(&bytes).ok());
+        }
+
         #[test]
         fn numbers_and_addresses_are_what_display_writes(n: u64, v4: [u8; 4], v6: [u16; 8]) {
             let (v4, v6) = (IpAddr::from(v4), IpAddr::from(v6));

@@ -204,7 +204,10 @@ impl Comm {
     /// The name up to its NUL; non-UTF-8 bytes are replaced (borrowed,
     /// no allocation, when it is valid UTF-8).
     pub fn to_str_lossy(&self) -> std::borrow::Cow<'_, str> {
-        String::from_utf8_lossy(self.as_bytes())
+        match crate::text::str_of(self.as_bytes()) {
+            Ok(name) => std::borrow::Cow::Borrowed(name),
+            Err(_) => String::from_utf8_lossy(self.as_bytes()),
+        }
     }
 
     /// The name up to its NUL, owned; non-UTF-8 bytes are replaced.

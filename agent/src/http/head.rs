@@ -172,6 +172,12 @@ impl Headers {
     /// Appends a field whose index in [`LOOKED_UP`] is `index`, its name
     /// lower-cased when `lowercase`.
     fn push_indexed(&mut self, name: &str, value: &str, lowercase: bool, index: Option<u32>) {
+        // A looked-up name matched in any case is that name in lower case
+        // (the same length): copied as such, not lowered byte by byte.
+        let (name, lowercase) = match index {
+            Some(i) if lowercase => (LOOKED_UP[i as usize], false),
+            _ => (name, lowercase),
+        };
         let start = self.text.len();
         let (Ok(name_end), Ok(value_end)) = (
             u32::try_from(start + name.len()),
@@ -448,7 +454,7 @@ fn finish(
             headers_dropped += 1;
             continue;
         }
-        match value_str(value) {
+        match crate::text::str_of(value) {
             Ok(v) => headers.push_indexed(h.name, v, true, known(i)),
             Err(_) => headers.push_indexed(h.name, &String::from_utf8_lossy(value), true, known(i)),
         }
@@ -462,17 +468,6 @@ fn finish(
         start_ktime_ns: 0,
         at_segment_start: false,
     })
-}
-
-/// A header value as text. Values are almost always ASCII, which a word at
-/// a time proves faster than `from_utf8` does for short slices (~100
-/// instructions per value in the replay profile, two values per head).
-pub(super) fn value_str(value: &[u8]) -> Result<&str, std::str::Utf8Error> {
-    if value.is_ascii() {
-        // SAFETY: ASCII is valid UTF-8.
-        return Ok(unsafe { std::str::from_utf8_unchecked(value) });
-    }
-    std::str::from_utf8(value)
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.

@@ -382,14 +382,6 @@ fn every_looked_up_name_is_found_among_those_of_its_length() {
 }
 
 proptest! {
-    /// The ASCII shortcut for header values reads what `from_utf8` reads.
-    #[test]
-    fn header_values_read_as_from_utf8_reads_them(
-        value in prop_oneof![proptest::collection::vec(any::<u8>(), 0..48), "[ -~]{0,48}".prop_map(String::into_bytes)]
-    ) {
-        prop_assert_eq!(head::value_str(&value).ok(), std::str::from_utf8(&value).ok());
-    }
-
     /// The by-length lookup finds what a scan of every name finds.
     #[test]
     fn looked_up_by_length_is_a_scan_of_every_name(
