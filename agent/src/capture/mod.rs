@@ -73,9 +73,9 @@ pub async fn run(
     let mut fd = AsyncFd::new(events)?;
     let mut wait = poll;
     let mut arena = Arena::default();
-    // Events in the last drain: the next batch is sized for as many
-    // (growing a batch from empty copied it at every doubling).
-    let mut last_count = 0;
+    // Events in the last batch handed on: the next one is sized for as
+    // many (growing a batch from empty copied it at every doubling).
+    let mut last_len = 0;
     loop {
         let woken = tokio::select! {
             guard = fd.readable_mut() => {
@@ -95,7 +95,7 @@ pub async fn run(
         let drained = drain(
             fd.get_mut(),
             &mut arena,
-            &mut last_count,
+            &mut last_len,
             &events_tx,
             &stats,
             &confirmer,
@@ -115,14 +115,13 @@ pub async fn run(
 fn drain(
     ring: &mut crate::ringbuf::Ring,
     arena: &mut Arena,
-    last_count: &mut usize,
+    last_len: &mut usize,
     events_tx: &mpsc::Sender<EventBatch>,
     stats: &Stats,
     confirmer: &Confirmer,
     mut recorder: Option<&mut record::Recorder>,
 ) -> Option<u64> {
-    let mut batch = Vec::with_capacity(*last_count);
-    let mut count = 0;
+    let mut batch = Vec::new();
     let mut bytes = 0;
     let mut read = 0;
     while let Some(record) = ring.next() {
@@ -137,31 +136,43 @@ fn drain(
         match Event::decode_in(&record, arena) {
             Ok(ev) => {
                 bytes += budget::event_bytes(&ev);
+                if batch.capacity() == 0 {
+                    // Sized when its first event comes (most wakeups
+                    // that find nothing allocate nothing).
+                    batch.reserve_exact(*last_len);
+                }
                 batch.push(ev);
-                count += 1;
             }
             Err(error) => {
                 Stats::inc(&stats.events_malformed);
                 warn!(%error, "skipping undecodable ring-buffer record");
             }
         }
-        if (batch.len() >= MAX_BATCH || bytes >= MAX_BATCH_BYTES)
-            && !send(std::mem::take(&mut batch), std::mem::take(&mut bytes), events_tx, stats)
-        {
-            return None;
+        if batch.len() >= MAX_BATCH || bytes >= MAX_BATCH_BYTES {
+            *last_len = batch.len();
+            if !send(std::mem::take(&mut batch), std::mem::take(&mut bytes), events_tx, stats) {
+                return None;
+            }
         }
     }
     if let Some(r) = recorder {
         r.flush();
     }
-    *last_count = count.min(MAX_BATCH);
-    (batch.is_empty() || send(batch, bytes, events_tx, stats)).then_some(read)
+    if batch.is_empty() {
+        return Some(read);
+    }
+    *last_len = batch.len();
+    send(batch, bytes, events_tx, stats).then_some(read)
 }
 
 /// Hands a batch on if its bytes fit the budget and the channel has room;
 /// otherwise sheds it, counted. False when the pipeline has shut down.
 fn send(batch: Vec<Event>, bytes: u64, events_tx: &mpsc::Sender<EventBatch>, stats: &Stats) -> bool {
     let n = batch.len() as u64;
+    // A batch sized for the last one may have room it did not use: that
+    // is held memory too.
+    let spare = (batch.capacity() - batch.len()) * std::mem::size_of::<Event>();
+    let bytes = bytes + spare as u64;
     let Some(charge) = stats.budget.charge(Share::Capture, bytes) else {
         Stats::add(&stats.events_dropped_queue, n);
         stats.budget.shed(Reason::CaptureBudget, n);
