@@ -147,3 +147,32 @@ pub struct Output {
     /// (kernel trace id, trace id a header names instead), see `SpanContext::alias`.
     pub aliases: Vec<(TraceId, TraceId)>,
 }
+
+impl Output {
+    /// Empties it for the next event. Every field is named, so a new one
+    /// cannot be forgotten; cheaper than a fresh `Output` (whose drop and
+    /// write-back cost ~80 instructions per event).
+    pub fn clear(&mut self) {
+        let Output {
+            client_requests,
+            server_requests,
+            exchanges,
+            malformed,
+            orphans,
+            resyncs,
+            overflows,
+            duplicates,
+            limited,
+            upgrade,
+            aliases,
+        } = self;
+        client_requests.clear();
+        server_requests.clear();
+        exchanges.clear();
+        aliases.clear();
+        *upgrade = None;
+        for n in [malformed, orphans, resyncs, overflows, duplicates, limited] {
+            *n = 0;
+        }
+    }
+}
