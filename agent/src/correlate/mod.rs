@@ -73,8 +73,7 @@ pub struct Correlator {
     /// Current generation (conn_id) of each tracked (tgid, fd); an entry
     /// lives exactly as long as its connection.
     generations: HashMap<(u32, u32), u64>,
-    links: Links,
-    aliases: Aliases,
+    linking: Linking,
     env: SpanEnv,
     last_sweep_ns: u64,
     /// Sum of the connections' `state_bytes`, refreshed at each sweep.
@@ -85,11 +84,19 @@ pub struct Correlator {
     new_process: Option<std::sync::mpsc::SyncSender<crate::propagation::Seen>>,
     /// Asks the host for a socket's addresses the kernel did not report.
     lookup: SocketLookup,
+    #[cfg(test)]
+    pending: Vec<Span>,
+}
+
+/// What turning a connection's output into spans changes.
+#[derive(Default)]
+struct Linking {
+    /// The two sides of same-node calls, matched.
+    links: Links,
+    aliases: Aliases,
     /// What the current event produced: passed to the connection empty and
     /// emptied by [`absorb`] (see [`protocol::Protocol`]).
     out: Output,
-    #[cfg(test)]
-    pending: Vec<Span>,
 }
 
 /// What turning exchanges into spans needs besides the connection.
@@ -130,12 +137,10 @@ impl Correlator {
         Self {
             conns: HashMap::default(),
             generations: HashMap::default(),
-            links: Links::default(),
-            aliases: Aliases::default(),
+            linking: Linking::default(),
             names: ProcessNames::new(names),
             new_process: None,
             lookup,
-            out: Output::default(),
             #[cfg(test)]
             pending: Vec::new(),
             env: SpanEnv {
@@ -202,15 +207,8 @@ impl Correlator {
                 let order = conn.sequence.check(ev.seq);
                 if order != crate::capture::Order::Next {
                     Stats::inc(&self.env.stats.event_sequence_gaps);
-                    conn.events_lost(&mut self.out);
-                    absorb(
-                        &mut self.links,
-                        &mut self.aliases,
-                        &self.env,
-                        conn,
-                        &mut self.out,
-                        spans,
-                    );
+                    conn.events_lost(&mut self.linking.out);
+                    absorb(&mut self.linking, &self.env, conn, spans);
                     if order == crate::capture::Order::Stale {
                         return;
                     }
@@ -228,17 +226,10 @@ impl Correlator {
                         ctx: ev.ctx,
                     },
                     &self.env.kept,
-                    &mut self.out,
+                    &mut self.linking.out,
                 );
                 // Disjoint fields: the connection stays in the table.
-                absorb(
-                    &mut self.links,
-                    &mut self.aliases,
-                    &self.env,
-                    conn,
-                    &mut self.out,
-                    spans,
-                );
+                absorb(&mut self.linking, &self.env, conn, spans);
             }
         }
         Stats::set(&self.env.stats.conns_tracked, self.conns.len() as u64);
@@ -248,15 +239,8 @@ impl Correlator {
     /// the kernel's per-connection event sequence): pairing restarts.
     pub fn events_lost(&mut self, key: ConnKey, spans: &mut Vec<Span>) {
         if let Some(conn) = self.conns.get_mut(&key) {
-            conn.events_lost(&mut self.out);
-            absorb(
-                &mut self.links,
-                &mut self.aliases,
-                &self.env,
-                conn,
-                &mut self.out,
-                spans,
-            );
+            conn.events_lost(&mut self.linking.out);
+            absorb(&mut self.linking, &self.env, conn, spans);
         }
     }
 
@@ -264,7 +248,7 @@ impl Correlator {
     /// once a second also forgets idle connections and stale link entries.
     pub fn tick(&mut self, now_ktime_ns: u64, spans: &mut Vec<Span>) {
         self.env.clock = Clock::sample();
-        spans.extend(self.links.expired(now_ktime_ns));
+        spans.extend(self.linking.links.expired(now_ktime_ns));
         if now_ktime_ns.saturating_sub(self.last_sweep_ns) < SWEEP_EVERY_NS {
             return;
         }
@@ -286,8 +270,8 @@ impl Correlator {
             self.conns.shrink_to_fit();
             self.generations.shrink_to_fit();
         }
-        self.links.purge(now_ktime_ns);
-        self.aliases.purge(now_ktime_ns);
+        self.linking.links.purge(now_ktime_ns);
+        self.linking.aliases.purge(now_ktime_ns);
         self.names.purge(now_ktime_ns);
         Stats::set(&self.env.stats.process_names_cached, self.names.len() as u64);
         Stats::set(&self.env.stats.process_names_evictions, self.names.evictions);
@@ -297,12 +281,12 @@ impl Correlator {
 
     /// Spans are held until a deadline only a tick can see pass.
     pub fn has_waiting(&self) -> bool {
-        self.links.has_waiting()
+        self.linking.links.has_waiting()
     }
 
     /// Emits everything still held (shutdown).
     pub fn flush(&mut self, spans: &mut Vec<Span>) {
-        spans.extend(self.links.expired(u64::MAX));
+        spans.extend(self.linking.links.expired(u64::MAX));
     }
 
     /// A new connection on a reused fd ends the one before it.
@@ -379,36 +363,24 @@ impl Correlator {
         if self.generations.get(&(key.tgid, key.fd)) == Some(&key.conn_id) {
             self.generations.remove(&(key.tgid, key.fd));
         }
-        conn.close(why, at_ktime_ns, &mut self.out);
+        conn.close(why, at_ktime_ns, &mut self.linking.out);
         let unanswered = self
+            .linking
             .out
             .exchanges
             .iter()
             .filter(|e| matches!(e.response, Response::Missing(_)))
             .count();
         Stats::add(&self.env.stats.spans_unanswered, unanswered as u64);
-        absorb(
-            &mut self.links,
-            &mut self.aliases,
-            &self.env,
-            &conn,
-            &mut self.out,
-            spans,
-        );
+        absorb(&mut self.linking, &self.env, &conn, spans);
     }
 }
 
 /// Turns what a connection produced into spans, linking the two sides of
 /// same-node calls.
 /// Leaves `out` empty for the next event.
-fn absorb(
-    links: &mut Links,
-    aliases: &mut Aliases,
-    env: &SpanEnv,
-    conn: &Conn,
-    out: &mut Output,
-    spans: &mut Vec<Span>,
-) {
+fn absorb(linking: &mut Linking, env: &SpanEnv, conn: &Conn, spans: &mut Vec<Span>) {
+    let Linking { links, aliases, out } = linking;
     let counts = [
         (&env.stats.http_malformed, &out.malformed),
         (&env.stats.http_orphan_responses, &out.orphans),
