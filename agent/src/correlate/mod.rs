@@ -93,6 +93,7 @@ pub struct Correlator {
 struct Linking {
     /// The two sides of same-node calls, matched.
     links: Links,
+    /// Trace ids the kernel chose that a header replaced (see `alias.rs`).
     aliases: Aliases,
     /// What the current event produced: passed to the connection empty and
     /// emptied by [`absorb`] (see [`protocol::Protocol`]).
