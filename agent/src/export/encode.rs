@@ -282,32 +282,29 @@ fn key_value(w: &mut Writer, field: u32, prefix: &str, key: &str, v: Attr<'_>) {
         Attr::Bool(_) => 2,
         Attr::StrArray1(s) => delimited(delimited(delimited(s.len()))),
     };
-    let kv_len = delimited(key_len) + delimited(any_len);
-    if !w.short_prefixes(field, kv_len, field::KEY, key_len) {
-        w.len_prefix(field, kv_len);
-        w.len_prefix(field::KEY, key_len);
-    }
+    w.len_prefixes(field, delimited(key_len) + delimited(any_len), field::KEY, key_len);
     if !prefix.is_empty() {
         // Only header attributes have one: no empty copy for the rest.
         w.raw(prefix.as_bytes());
     }
     w.raw(key.as_bytes());
-    if let Attr::Str(s) = v {
-        if !w.short_prefixes(field::VALUE, any_len, field::STRING_VALUE, s.len()) {
-            w.len_prefix(field::VALUE, any_len);
-            w.len_prefix(field::STRING_VALUE, s.len());
-        }
-        return w.raw(s.as_bytes());
-    }
-    w.len_prefix(field::VALUE, any_len);
     match v {
-        Attr::Str(s) => w.string(field::STRING_VALUE, s),
-        Attr::Int(i) => w.varint(field::INT_VALUE, i as u64),
-        Attr::Bool(b) => w.varint(field::BOOL_VALUE, u64::from(b)),
+        Attr::Str(s) => {
+            w.len_prefixes(field::VALUE, any_len, field::STRING_VALUE, s.len());
+            w.raw(s.as_bytes());
+        }
+        Attr::Int(i) => {
+            w.len_prefix(field::VALUE, any_len);
+            w.varint(field::INT_VALUE, i as u64);
+        }
+        Attr::Bool(b) => {
+            w.len_prefix(field::VALUE, any_len);
+            w.varint(field::BOOL_VALUE, u64::from(b));
+        }
         Attr::StrArray1(s) => {
-            w.len_prefix(field::ARRAY_VALUE, delimited(delimited(s.len())));
-            w.len_prefix(field::ARRAY_VALUES, delimited(s.len()));
-            w.string(field::STRING_VALUE, s);
+            w.len_prefixes(field::VALUE, any_len, field::ARRAY_VALUE, delimited(delimited(s.len())));
+            w.len_prefixes(field::ARRAY_VALUES, delimited(s.len()), field::STRING_VALUE, s.len());
+            w.raw(s.as_bytes());
         }
     }
 }
