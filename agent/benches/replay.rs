@@ -20,6 +20,11 @@ use meshless::{
     capture::{record, Arena, Event},
     correlate::{Correlator, Limits},
     export::{attributes::Options, encode::Encoder, resource::Resources, sampler::Sampler},
+    k8s::{
+        index::{Index, NamespaceFilter, Update},
+        quiet::QuietPods,
+        IstioLabels, PodMeta, SliceMeta, WorkloadKind,
+    },
     pipeline::{Pipeline, Router, Sink},
     privacy::HeaderPolicy,
     span::{Span, SpanKind},
@@ -120,6 +125,43 @@ fn pipeline() -> (Pipeline, Counters, Arc<Stats>) {
 /// One pass over the recording, shifted to round `round` (new connection
 /// generations, later kernel times) so that passes follow each other like
 /// new traffic.
+/// `--k8s`: every process of the recording in a pod of its own (one
+/// container each), and the loopback address a pod behind a Service, so
+/// that each span is enriched as on a node: own pod and container, the
+/// peer's pod, workload, Istio labels and Service.
+fn kubernetes(cgroups: &std::collections::BTreeSet<u64>) -> Index {
+    let (_updates, rx) = tokio::sync::mpsc::channel(1);
+    let mut ix = Index::new(rx, NamespaceFilter::default(), QuietPods::default());
+    let loopback: std::net::IpAddr = std::net::Ipv4Addr::LOCALHOST.into();
+    for (n, cgroup) in cgroups.iter().enumerate() {
+        let uid = format!("pod-{n}");
+        let container = format!("{:064x}", n + 1);
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert("app".to_owned(), format!("web{n}"));
+        labels.insert("version".to_owned(), "v1".to_owned());
+        ix.apply(Update::Pod(PodMeta {
+            uid: uid.clone(),
+            name: format!("web{n}-5d4f8b7c9-x7k2p"),
+            namespace: "shop".into(),
+            node: "node-a".into(),
+            ips: if n == 0 { vec![loopback] } else { vec![] },
+            app_label: Some(format!("web{n}")),
+            workload: Some((WorkloadKind::Deployment, format!("web{n}"))),
+            containers: vec![(container.clone(), "app".into())],
+            opted_out: false,
+            istio: Box::new(IstioLabels::from_labels(&labels)),
+        }));
+        ix.assume_cgroup(*cgroup, &uid, Some(&container));
+    }
+    ix.apply(Update::Slice(SliceMeta {
+        name: "web0-abc".into(),
+        namespace: "shop".into(),
+        service: Some("web0".into()),
+        endpoints: vec![(loopback, Some("web0-5d4f8b7c9-x7k2p".into()))],
+    }));
+    ix
+}
+
 fn replay(p: &mut Pipeline, arena: &mut Arena, records: &[&[u8]], round: u64, span_ns: u64, next_tick: &mut u64) {
     let shift = round * span_ns;
     let mut batch: Vec<Event> = Vec::with_capacity(BATCH);
@@ -160,6 +202,14 @@ fn main() {
     let span_ns = last - first + 1_000_000_000;
 
     let (mut p, c, stats) = pipeline();
+    if std::env::args().any(|a| a == "--k8s") {
+        let cgroups: std::collections::BTreeSet<u64> = records
+            .iter()
+            .filter_map(|r| Event::decode(r).ok())
+            .map(|e| e.cgroup_id)
+            .collect();
+        p.router.k8s = Some(kubernetes(&cgroups));
+    }
     let mut next_tick = 0;
     let mut arena = Arena::default();
     // Warm-up pass: tables and buffers reach their steady size.
@@ -179,6 +229,9 @@ fn main() {
     let events = rounds * records.len() as u64;
     let per_s = |n: u64| n as f64 / cpu.as_secs_f64();
     println!("recording        {path}: {} records", records.len());
+    if p.router.k8s.is_some() {
+        println!("kubernetes       every process in a pod, the peers pods behind a Service (--k8s)");
+    }
     println!(
         "rounds           {rounds} ({:.2} s CPU, {:.2} s wall)",
         cpu.as_secs_f64(),

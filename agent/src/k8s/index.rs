@@ -96,6 +96,18 @@ impl Index {
         }
     }
 
+    /// Takes `cgroup_id` to be a container of the pod `pod_uid` without
+    /// reading `/proc` (the replay benchmark: a recording's processes
+    /// are gone).
+    #[doc(hidden)]
+    pub fn assume_cgroup(&mut self, cgroup_id: u64, pod_uid: &str, container_id: Option<&str>) {
+        let cg = cgroup::PodCgroup {
+            pod_uid: pod_uid.to_owned(),
+            container_id: container_id.map(str::to_owned),
+        };
+        self.cgroups.insert(cgroup_id, Some(cg));
+    }
+
     /// True once every watcher delivered its first full list.
     pub fn synced(&self) -> bool {
         self.synced.len() == 3
