@@ -265,12 +265,15 @@ pub fn span_bytes(span: &Span) -> u64 {
         + span.process.executable.len()
         + span.trace_state.as_ref().map_or(0, String::len)
         + span.peer_comm.as_ref().map_or(0, |c| c.len());
+    // Shared by the spans to one address (see k8s::index::Index::shared),
+    // but counted for each: an upper bound.
     let peer = span.peer_k8s.as_ref().map_or(0, |p| {
         std::mem::size_of::<crate::k8s::PeerK8s>()
-            + [&p.namespace, &p.workload, &p.pod, &p.service_fqdn]
+            + [&p.namespace, &p.workload, &p.pod]
                 .iter()
                 .map(|s| s.as_ref().map_or(0, String::len))
                 .sum::<usize>()
+            + p.service_fqdn.as_ref().map_or(0, |s| s.len())
     });
     let rpc = span.rpc.as_ref().map_or(0, |r| {
         std::mem::size_of::<crate::span::Rpc>() + r.service.len() + r.method.len()

@@ -82,9 +82,9 @@ pub struct Span {
     pub resolved_server: Option<SocketAddr>,
     /// Pod and container of the traced process (Kubernetes only).
     pub k8s: Option<crate::k8s::SpanK8s>,
-    /// What the cluster knows about the other end (Kubernetes only).
-    /// Boxed: present only in Kubernetes mode, and a span is moved a few times.
-    pub peer_k8s: Option<Box<crate::k8s::PeerK8s>>,
+    /// What the cluster knows about the other end (Kubernetes only),
+    /// shared with the metadata index's cache and the other spans to it.
+    pub peer_k8s: Option<std::sync::Arc<crate::k8s::PeerK8s>>,
     /// Allow-listed request headers, credentials already redacted.
     pub request_headers: Vec<(String, String)>,
     /// Allow-listed response headers, credentials already redacted.

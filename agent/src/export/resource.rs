@@ -105,7 +105,7 @@ impl Resources {
             attrs.push(s("k8s.pod.name", pod.name.clone()));
             attrs.push(s("k8s.pod.uid", pod.uid.clone()));
             if let Some(c) = &k.container {
-                attrs.push(s("k8s.container.name", c.clone()));
+                attrs.push(s("k8s.container.name", c.to_string()));
             }
             if let Some((kind, name)) = &pod.workload {
                 attrs.push(s(kind.attribute(), name.clone()));

@@ -4,7 +4,7 @@ use std::{collections::HashSet, net::IpAddr, sync::Arc};
 use foldhash::HashMap;
 use tokio::sync::mpsc;
 
-use super::{cgroup, quiet::QuietPods, PodMeta, ServiceMeta, SliceMeta};
+use super::{cgroup, quiet::QuietPods, PeerK8s, PodMeta, ServiceMeta, SliceMeta, SpanK8s};
 
 mod enrich;
 
@@ -58,6 +58,28 @@ pub enum Verdict {
     Drop,
 }
 
+/// Entries each [`Shared`] cache keeps at most; it starts over past it.
+const MAX_SHARED: usize = 4096;
+
+/// See [`Index::shared`].
+#[derive(Default)]
+struct Shared {
+    own: HashMap<u64, Option<SpanK8s>>,
+    peers: HashMap<(IpAddr, Option<IpAddr>), Option<Arc<PeerK8s>>>,
+}
+
+impl Shared {
+    fn clear(&mut self) {
+        // Emptied on every update: skip the table walk when already empty.
+        if !self.own.is_empty() {
+            self.own.clear();
+        }
+        if !self.peers.is_empty() {
+            self.peers.clear();
+        }
+    }
+}
+
 pub struct Index {
     updates: mpsc::Receiver<Update>,
     pods: HashMap<String, Arc<PodMeta>>,
@@ -69,6 +91,12 @@ pub struct Index {
     endpoint_by_ip: HashMap<IpAddr, (String, Option<String>, Option<String>)>,
     /// cgroup id → pod UID and container id (None: not in a pod).
     cgroups: HashMap<u64, Option<cgroup::PodCgroup>>,
+    /// What spans are given, built on first use and shared by `Arc` until
+    /// the metadata changes (any update empties them): the pod and
+    /// container of a cgroup, and what is known about a peer address (and
+    /// the pod a Service IP was DNATed to). A span then costs no copy of
+    /// the names; each cache is bounded by [`MAX_SHARED`].
+    shared: Shared,
     synced: HashSet<Kind>,
     filter: NamespaceFilter,
     cgroup_root: Option<std::path::PathBuf>,
@@ -88,6 +116,7 @@ impl Index {
             slices: HashMap::default(),
             endpoint_by_ip: HashMap::default(),
             cgroups: HashMap::default(),
+            shared: Shared::default(),
             synced: HashSet::new(),
             filter,
             cgroup_root: cgroup::cgroup2_root(),
@@ -121,6 +150,7 @@ impl Index {
     }
 
     pub fn apply(&mut self, update: Update) {
+        self.shared.clear();
         match update {
             Update::Pod(p) => self.put_pod(p),
             Update::PodGone { uid } => self.remove_pod(&uid),

@@ -12,7 +12,7 @@ pub mod index;
 pub mod quiet;
 pub mod watch;
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 /// The controller that owns a pod, as far as names tell without API calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -120,12 +120,12 @@ impl PodMeta {
             .unwrap_or_else(|| "latest".to_owned())
     }
 
-    pub fn container_name(&self, container_id: Option<&str>) -> Option<String> {
+    pub fn container_name(&self, container_id: Option<&str>) -> Option<&str> {
         let id = container_id?;
         self.containers
             .iter()
             .find(|(cid, _)| cid == id)
-            .map(|(_, n)| n.clone())
+            .map(|(_, n)| n.as_str())
     }
 }
 
@@ -147,23 +147,26 @@ pub struct SliceMeta {
     pub endpoints: Vec<(IpAddr, Option<String>)>,
 }
 
-/// What a span learned about its own side.
+/// What a span learned about its own side. Every field is shared with the
+/// index's caches (see [`index::Index`]): putting it on a span allocates
+/// nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpanK8s {
-    pub pod: std::sync::Arc<PodMeta>,
-    pub container: Option<String>,
+    pub pod: Arc<PodMeta>,
+    pub container: Option<Arc<str>>,
     /// The service this pod serves behind, for server spans.
-    pub service_fqdn: Option<String>,
+    pub service_fqdn: Option<Arc<str>>,
 }
 
-/// What is known about the other end of a span.
+/// What is known about the other end of a span (built once per address
+/// and shared by the spans, see [`index::Index`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PeerK8s {
     pub namespace: Option<String>,
     pub workload: Option<String>,
     pub pod: Option<String>,
     /// `<service>.<namespace>.svc.cluster.local` when the peer is behind a service.
-    pub service_fqdn: Option<String>,
+    pub service_fqdn: Option<Arc<str>>,
     /// Istio's labels of the peer pod, when it runs on this node.
     pub istio: Option<IstioLabels>,
 }

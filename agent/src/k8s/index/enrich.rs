@@ -2,7 +2,7 @@
 //! what the cluster knows about an address, and both put on a span.
 use std::{net::IpAddr, sync::Arc};
 
-use super::{Index, Verdict};
+use super::{Index, Verdict, MAX_SHARED};
 use crate::{
     k8s::{cgroup, fqdn, PeerK8s, PodMeta, SpanK8s},
     span::{Span, SpanKind},
@@ -15,16 +15,25 @@ const MAX_CGROUPS: usize = 16_384;
 const RESCAN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Index {
-    /// The pod a process runs in, via its cgroup.
+    /// The pod a process runs in, via its cgroup (shared: see [`Index::shared`]).
     pub fn pod_of(&mut self, pid: u32, cgroup_id: u64) -> Option<SpanK8s> {
-        let pod = self.pod_meta(pid, cgroup_id)?.clone();
-        let cg = self.cgroups.get(&cgroup_id)?.as_ref()?;
-        let container = pod.container_name(cg.container_id.as_deref());
-        Some(SpanK8s {
+        if let Some(known) = self.shared.own.get(&cgroup_id) {
+            return known.clone();
+        }
+        let pod = self.pod_meta(pid, cgroup_id).cloned();
+        // Only a cgroup already resolved is an answer to keep: one not
+        // found yet may be found by the next scan.
+        let cg = self.cgroups.get(&cgroup_id)?;
+        let own = pod.zip(cg.as_ref()).map(|(pod, cg)| SpanK8s {
+            container: pod.container_name(cg.container_id.as_deref()).map(Arc::from),
             pod,
-            container,
             service_fqdn: None,
-        })
+        });
+        if self.shared.own.len() >= MAX_SHARED {
+            self.shared.own.clear();
+        }
+        self.shared.own.insert(cgroup_id, own.clone());
+        own
     }
 
     /// True when the spans of a process are dropped (see [`Self::untraced`]).
@@ -76,6 +85,32 @@ impl Index {
         }
     }
 
+    /// What the cluster knows about the other end at `ip`, merged with the
+    /// pod `resolved` names when `ip` was a Service IP DNATed to it; built
+    /// once per pair and shared (see [`Index::shared`]).
+    fn shared_peer(&mut self, ip: IpAddr, resolved: Option<IpAddr>) -> Option<Arc<PeerK8s>> {
+        if let Some(known) = self.shared.peers.get(&(ip, resolved)) {
+            return known.clone();
+        }
+        let mut peer = self.peer(ip);
+        if let Some(real) = resolved.and_then(|r| self.peer(r)) {
+            // A Service IP names the service; the pod it was DNATed to
+            // names the workload.
+            let p = peer.get_or_insert_with(PeerK8s::default);
+            p.pod = real.pod.or(p.pod.take());
+            p.workload = real.workload.or(p.workload.take());
+            p.istio = real.istio.or(p.istio.take());
+            p.namespace = p.namespace.take().or(real.namespace);
+            p.service_fqdn = p.service_fqdn.take().or(real.service_fqdn);
+        }
+        let peer = peer.map(Arc::new);
+        if self.shared.peers.len() >= MAX_SHARED {
+            self.shared.peers.clear();
+        }
+        self.shared.peers.insert((ip, resolved), peer.clone());
+        peer
+    }
+
     /// What the cluster knows about an address.
     pub fn peer(&self, ip: IpAddr) -> Option<PeerK8s> {
         let mut peer = PeerK8s::default();
@@ -90,7 +125,7 @@ impl Index {
         if let Some((ns, svc, pod)) = self.endpoint_by_ip.get(&ip) {
             peer.namespace.get_or_insert_with(|| ns.clone());
             if let Some(svc) = svc {
-                peer.service_fqdn = Some(fqdn(svc, ns));
+                peer.service_fqdn = Some(fqdn(svc, ns).into());
             }
             if peer.pod.is_none() {
                 peer.pod.clone_from(pod);
@@ -102,7 +137,7 @@ impl Index {
         }
         if let Some((ns, name)) = self.service_by_ip.get(&ip) {
             peer.namespace.get_or_insert_with(|| ns.clone());
-            peer.service_fqdn = Some(fqdn(name, ns));
+            peer.service_fqdn = Some(fqdn(name, ns).into());
         }
         (peer != PeerK8s::default()).then_some(peer)
     }
@@ -115,7 +150,10 @@ impl Index {
         }
         if let Some(mut k8s) = k8s {
             if span.kind == SpanKind::Server {
-                k8s.service_fqdn = span.server.and_then(|a| self.peer(a.ip())).and_then(|p| p.service_fqdn);
+                k8s.service_fqdn = span
+                    .server
+                    .and_then(|a| self.shared_peer(a.ip(), None))
+                    .and_then(|p| p.service_fqdn.clone());
             }
             span.k8s = Some(k8s);
         }
@@ -130,18 +168,13 @@ impl Index {
             SpanKind::Server => span.client,
             SpanKind::Client => span.server,
         };
-        let mut peer = peer_ip.and_then(|a| self.peer(a.ip()));
-        if let Some(real) = span.resolved_server.and_then(|a| self.peer(a.ip())) {
-            // A Service IP names the service; the pod it was DNATed to
-            // names the workload.
-            let p = peer.get_or_insert_with(PeerK8s::default);
-            p.pod = real.pod.or(p.pod.take());
-            p.workload = real.workload.or(p.workload.take());
-            p.istio = real.istio.or(p.istio.take());
-            p.namespace = p.namespace.take().or(real.namespace);
-            p.service_fqdn = p.service_fqdn.take().or(real.service_fqdn);
-        }
-        span.peer_k8s = peer.map(Box::new);
+        let resolved = span.resolved_server.map(|a| a.ip());
+        span.peer_k8s = match (peer_ip, resolved) {
+            (Some(a), _) => self.shared_peer(a.ip(), resolved),
+            // No address for the other end: only the DNAT target is known.
+            (None, Some(r)) => self.shared_peer(r, None),
+            (None, None) => None,
+        };
         Verdict::Keep
     }
 }
@@ -318,6 +351,79 @@ mod tests {
         let mut host = span_in_cgroup(14);
         assert_eq!(ix.enrich(&mut host), Verdict::Keep);
         assert!(host.k8s.is_none());
+    }
+
+    #[test]
+    fn spans_share_what_is_known_until_the_metadata_changes() {
+        let mut ix = index();
+        let mut web = pod("u3", "web-0", "10.0.0.5");
+        web.containers = vec![("c1".into(), "app".into())];
+        ix.apply(Update::Pod(web));
+        ix.apply(Update::Pod(pod("u4", "orders-5d4f8b7c9-x7k2p", "10.0.0.9")));
+        ix.cgroups.insert(
+            13,
+            Some(cgroup::PodCgroup {
+                pod_uid: "u3".into(),
+                container_id: Some("c1".into()),
+            }),
+        );
+        let enriched = |ix: &mut Index| {
+            let mut span = span_in_cgroup(13);
+            assert_eq!(ix.enrich(&mut span), Verdict::Keep);
+            span
+        };
+        let (a, b) = (enriched(&mut ix), enriched(&mut ix));
+        let (pa, pb) = (a.peer_k8s.expect("peer"), b.peer_k8s.expect("peer"));
+        assert!(Arc::ptr_eq(&pa, &pb), "one peer for both spans");
+        let (ka, kb) = (a.k8s.expect("own"), b.k8s.expect("own"));
+        assert_eq!(ka.container.as_deref(), Some("app"));
+        assert!(Arc::ptr_eq(
+            ka.container.as_ref().expect("c"),
+            kb.container.as_ref().expect("c")
+        ));
+        assert_eq!(ka.service_fqdn, None);
+        // The peer gets a Service, this pod one too: the next span says so.
+        ix.apply(Update::Slice(SliceMeta {
+            name: "orders-abc".into(),
+            namespace: "shop".into(),
+            service: Some("orders".into()),
+            endpoints: vec![("10.0.0.9".parse().expect("ip"), Some("orders-5d4f8b7c9-x7k2p".into()))],
+        }));
+        ix.apply(Update::Service(ServiceMeta {
+            name: "web".into(),
+            namespace: "shop".into(),
+            cluster_ips: vec!["10.0.0.5".parse().expect("ip")],
+        }));
+        let c = enriched(&mut ix);
+        let pc = c.peer_k8s.expect("peer");
+        assert_eq!(pc.service_fqdn.as_deref(), Some("orders.shop.svc.cluster.local"));
+        assert_eq!(pa.service_fqdn, None, "a span keeps what it was given");
+        assert_eq!(
+            c.k8s.expect("own").service_fqdn.as_deref(),
+            Some("web.shop.svc.cluster.local")
+        );
+        // The pod goes: its spans name no pod any more.
+        ix.apply(Update::PodGone { uid: "u3".into() });
+        assert!(enriched(&mut ix).k8s.is_none());
+    }
+
+    #[test]
+    fn the_shared_caches_stay_within_their_bound() {
+        let mut ix = index();
+        for i in 0..(MAX_SHARED as u32 + 100) {
+            let mut span = span_in_cgroup(u64::from(i));
+            span.client = Some(std::net::SocketAddr::from((
+                std::net::Ipv4Addr::from(0x0a00_0000 + i),
+                5000,
+            )));
+            ix.cgroups.insert(u64::from(i), None);
+            assert_eq!(ix.enrich(&mut span), Verdict::Keep);
+            assert!(ix.shared.own.len() <= MAX_SHARED && ix.shared.peers.len() <= MAX_SHARED);
+        }
+        assert!(!ix.shared.peers.is_empty());
+        // A cgroup not resolved yet is not remembered as outside every pod.
+        assert!(ix.pod_of(u32::MAX, u64::MAX).is_none());
+        assert!(!ix.shared.own.contains_key(&u64::MAX));
     }
 
     #[test]
