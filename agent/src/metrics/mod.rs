@@ -10,7 +10,12 @@ pub use bounded::{SeriesLimits, MAX_SERIES_PER_FAMILY, SERIES_EXPIRY_SECS};
 pub use otlp::OtlpMetrics;
 pub use prom::Prometheus;
 
-use crate::span::{Span, SpanKind};
+use std::sync::Arc;
+
+use crate::{
+    k8s::{PeerK8s, PodMeta},
+    span::{Span, SpanKind},
+};
 
 /// Who a span's two ends are, in the terms dashboards use. Every name is
 /// borrowed from the span, its metadata or the configuration: built for
@@ -27,6 +32,51 @@ pub struct Peers<'a> {
     /// `destination_service_name` / `_namespace`: the Service's own, else unknown.
     pub destination_service_name: &'a str,
     pub destination_service_namespace: &'a str,
+    /// What all of the above was made from.
+    pub sources: PeerSources<'a>,
+}
+
+/// Everything [`Peers`] is made from, and nothing else: [`Peers::of`]
+/// reads the span only to take these. The metadata is held by `Arc` and
+/// never changed in place, so spans whose sources are the same objects
+/// (by address) and equal names have equal peers; the Istio series cache
+/// in [`Prometheus`] keys on that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerSources<'a> {
+    pub kind: SpanKind,
+    /// This end's pod.
+    pub pod: Option<&'a Arc<PodMeta>>,
+    /// The Service this end serves behind (server spans only; a client
+    /// span's Service is the peer's).
+    pub own_service: Option<&'a Arc<str>>,
+    /// What the cluster knows about the other end.
+    pub peer: Option<&'a Arc<PeerK8s>>,
+    /// This end's service name (a process outside Kubernetes is named by it).
+    pub service_name: &'a str,
+    /// The other end's workload: from the cluster, else the service name of
+    /// the local process at the other end, else unknown.
+    pub peer_workload: &'a str,
+}
+
+impl<'a> PeerSources<'a> {
+    pub fn of(span: &'a Span, service_name: &'a str, service_of: impl Fn(&'a str) -> &'a str) -> Self {
+        let peer = span.peer_k8s.as_ref();
+        let peer_workload = peer
+            .and_then(|p| p.workload.as_deref())
+            .or_else(|| span.peer_comm.as_deref().map(&service_of))
+            .unwrap_or(UNKNOWN);
+        Self {
+            kind: span.kind,
+            pod: span.k8s.as_ref().map(|k| &k.pod),
+            own_service: match span.kind {
+                SpanKind::Server => span.k8s.as_ref().and_then(|k| k.service_fqdn.as_ref()),
+                SpanKind::Client => None,
+            },
+            peer,
+            service_name,
+            peer_workload,
+        }
+    }
 }
 
 /// The rest of Istio's standard labels for one end (`source_*` or
@@ -49,7 +99,7 @@ pub const ISTIO_CLUSTER: &str = "Kubernetes";
 const LATEST: &str = "latest";
 
 /// The workload name as Istio labels use it ([`crate::k8s::PodMeta::workload_name`], borrowed).
-fn workload_name(pod: &crate::k8s::PodMeta) -> &str {
+fn workload_name(pod: &PodMeta) -> &str {
     pod.workload.as_ref().map_or(pod.name.as_str(), |(_, n)| n.as_str())
 }
 
@@ -62,17 +112,14 @@ impl<'a> IstioSide<'a> {
         cluster: UNKNOWN,
     };
 
-    fn own(span: &'a Span) -> Self {
-        match &span.k8s {
-            Some(k) => {
-                let istio = &k.pod.istio;
+    fn own(pod: Option<&'a PodMeta>) -> Self {
+        match pod {
+            Some(pod) => {
+                let istio = &pod.istio;
                 IstioSide {
                     app: istio.app.as_deref().unwrap_or(UNKNOWN),
                     version: istio.version.as_deref().unwrap_or(UNKNOWN),
-                    canonical_service: istio
-                        .canonical_service
-                        .as_deref()
-                        .unwrap_or_else(|| workload_name(&k.pod)),
+                    canonical_service: istio.canonical_service.as_deref().unwrap_or_else(|| workload_name(pod)),
                     canonical_revision: istio.canonical_revision.as_deref().unwrap_or(LATEST),
                     cluster: ISTIO_CLUSTER,
                 }
@@ -81,8 +128,7 @@ impl<'a> IstioSide<'a> {
         }
     }
 
-    fn peer(span: &'a Span, workload: &'a str) -> Self {
-        let peer = span.peer_k8s.as_ref();
+    fn peer(peer: Option<&'a PeerK8s>, workload: &'a str) -> Self {
         match peer.and_then(|p| p.istio.as_ref()) {
             Some(l) => IstioSide {
                 app: l.app.as_deref().unwrap_or(UNKNOWN),
@@ -110,46 +156,43 @@ impl<'a> Peers<'a> {
     /// call was linked on this node. A raw `ip:port` is never a name: pod
     /// IPs churn, and each would be a new series.
     pub fn of(span: &'a Span, service_name: &'a str, service_of: impl Fn(&'a str) -> &'a str) -> Self {
-        let (own_workload, own_ns) = match &span.k8s {
-            Some(k) => (workload_name(&k.pod), k.pod.namespace.as_str()),
-            None => (service_name, UNKNOWN),
+        Self::from_sources(PeerSources::of(span, service_name, service_of))
+    }
+
+    /// The peers made from `sources` alone (see [`PeerSources`]).
+    pub fn from_sources(sources: PeerSources<'a>) -> Self {
+        let pod = sources.pod.map(|p| &**p);
+        let peer = sources.peer.map(|p| &**p);
+        let (own_workload, own_ns) = match pod {
+            Some(pod) => (workload_name(pod), pod.namespace.as_str()),
+            None => (sources.service_name, UNKNOWN),
         };
-        let peer = span.peer_k8s.as_ref();
-        let peer_workload = peer
-            .and_then(|p| p.workload.as_deref())
-            .or_else(|| span.peer_comm.as_deref().map(&service_of))
-            .unwrap_or(UNKNOWN);
+        let peer_workload = sources.peer_workload;
         let peer_ns = peer.and_then(|p| p.namespace.as_deref()).unwrap_or(UNKNOWN);
-        let (own, other) = (IstioSide::own(span), IstioSide::peer(span, peer_workload));
-        let service = match span.kind {
-            SpanKind::Server => span.k8s.as_ref().and_then(|k| k.service_fqdn.as_deref()),
+        let (own, other) = (IstioSide::own(pod), IstioSide::peer(peer, peer_workload));
+        let service = match sources.kind {
+            SpanKind::Server => sources.own_service.map(|s| &**s),
             SpanKind::Client => peer.and_then(|p| p.service_fqdn.as_deref()),
         };
         let (service_name, service_ns) = service.and_then(crate::k8s::split_fqdn).unwrap_or((UNKNOWN, UNKNOWN));
         let destination_service = service.unwrap_or(UNKNOWN);
-        match span.kind {
-            SpanKind::Server => Peers {
-                source_workload: peer_workload,
-                source_namespace: peer_ns,
-                destination_workload: own_workload,
-                destination_namespace: own_ns,
-                destination_service,
-                source: other,
-                destination: own,
-                destination_service_name: service_name,
-                destination_service_namespace: service_ns,
-            },
-            SpanKind::Client => Peers {
-                source_workload: own_workload,
-                source_namespace: own_ns,
-                destination_workload: peer_workload,
-                destination_namespace: peer_ns,
-                destination_service,
-                source: own,
-                destination: other,
-                destination_service_name: service_name,
-                destination_service_namespace: service_ns,
-            },
+        let own_end = (own_workload, own_ns, own);
+        let peer_end = (peer_workload, peer_ns, other);
+        let (source_end, destination_end) = match sources.kind {
+            SpanKind::Server => (peer_end, own_end),
+            SpanKind::Client => (own_end, peer_end),
+        };
+        Peers {
+            source_workload: source_end.0,
+            source_namespace: source_end.1,
+            destination_workload: destination_end.0,
+            destination_namespace: destination_end.1,
+            destination_service,
+            source: source_end.2,
+            destination: destination_end.2,
+            destination_service_name: service_name,
+            destination_service_namespace: service_ns,
+            sources,
         }
     }
 }

@@ -1,5 +1,8 @@
 //! Prometheus series (text exposition via prometheus-client).
-use std::sync::Arc;
+use std::{
+    hash::BuildHasher,
+    sync::{Arc, Mutex},
+};
 
 use prometheus_client::{
     collector::Collector,
@@ -10,9 +13,10 @@ use prometheus_client::{
 
 use super::{
     bounded::{Bounded, BoundedPair, SeriesLimits},
-    duration_secs, Peers, ISTIO_BUCKETS, SEMCONV_BUCKETS, UNKNOWN,
+    duration_secs, PeerSources, Peers, ISTIO_BUCKETS, SEMCONV_BUCKETS, UNKNOWN,
 };
 use crate::{
+    k8s::{PeerK8s, PodMeta},
     span::{Span, SpanKind},
     stats::Stats,
     text::{StackText, Text},
@@ -27,6 +31,8 @@ pub struct Prometheus {
     client_duration: Bounded<Histogram>,
     /// Istio's request count and duration: the same 25 labels, one lookup.
     istio: BoundedPair<Counter, Histogram>,
+    /// Their series by what the labels are made from (see [`IstioMemo`]).
+    istio_memo: Mutex<IstioMemo>,
     /// Series times are seconds since this (see [`Bounded::with_at`]).
     epoch: std::time::Instant,
 }
@@ -79,15 +85,22 @@ impl Prometheus {
             server_duration,
             client_duration,
             istio,
+            istio_memo: Mutex::default(),
             epoch: std::time::Instant::now(),
         }
     }
 
     /// Records one request. Label values are borrowed or formatted on the
-    /// stack: an existing series is written without allocating.
+    /// stack: an existing series is written without allocating. Of
+    /// `peers`, only its sources are read (the Istio labels are made
+    /// from them, see [`IstioKey`]).
     pub fn record(&self, span: &Span, service_name: &str, peers: &Peers) {
         // One clock read for both families (each read was a vDSO call).
-        let now_secs = self.epoch.elapsed().as_secs();
+        self.record_at(span, service_name, peers, self.epoch.elapsed().as_secs());
+    }
+
+    /// [`Self::record`] at second `now_secs` of [`Self::epoch`] (tests drive time).
+    fn record_at(&self, span: &Span, service_name: &str, peers: &Peers, now_secs: u64) {
         // Istio reports "0" for requests that got no response.
         let status = StackText::<8>::number(u64::from(span.status_code.unwrap_or(0)));
         let port = match span.server {
@@ -125,56 +138,47 @@ impl Prometheus {
             SpanKind::Client => &self.client_duration,
         };
         durations.with_at(&http, now_secs, |h| h.observe(secs));
-        let reporter = match span.kind {
-            SpanKind::Server => "destination",
-            SpanKind::Client => "source",
+        let key = IstioKey {
+            sources: peers.sources,
+            status: span.status_code,
+            grpc_status: span.grpc_status(),
+            flags: span.unanswered.map_or("-", |u| u.response_flags(span.kind)),
+            grpc: span.rpc.is_some(),
         };
-        let flags = span.unanswered.map_or("-", |u| u.response_flags(span.kind));
-        let grpc_status = match span.grpc_status() {
+        let ms = secs * 1000.0;
+        let mut memo = self.istio_memo.lock().unwrap_or_else(|e| e.into_inner());
+        let hash = key.hash(&memo.hasher);
+        let known = memo.get_mut(hash, &key);
+        if let Some(entry) = known.as_ref().filter(|e| e.second == now_secs) {
+            entry.requests.inc();
+            entry.duration.observe(ms);
+            return;
+        }
+        // New, or last looked up in an earlier second: through the family,
+        // which refreshes the series' expiry (and may have replaced it).
+        let grpc_status = match key.grpc_status {
             Some(code) => StackText::<12>::number(u64::from(code)),
             None => StackText::default(),
         };
-        let (src, dst) = (&peers.source, &peers.destination);
-        // Istio's standard label set, in its order and with its placeholders
-        // (no mTLS identity here: principals are unknown, and the
-        // destination reports its connection security policy as none).
-        let istio = [
-            ("reporter", reporter),
-            ("source_workload", peers.source_workload),
-            ("source_workload_namespace", peers.source_namespace),
-            ("source_principal", UNKNOWN),
-            ("source_app", src.app),
-            ("source_version", src.version),
-            ("source_cluster", src.cluster),
-            ("source_canonical_service", src.canonical_service),
-            ("source_canonical_revision", src.canonical_revision),
-            ("destination_workload", peers.destination_workload),
-            ("destination_workload_namespace", peers.destination_namespace),
-            ("destination_principal", UNKNOWN),
-            ("destination_app", dst.app),
-            ("destination_version", dst.version),
-            ("destination_service", peers.destination_service),
-            ("destination_service_name", peers.destination_service_name),
-            ("destination_service_namespace", peers.destination_service_namespace),
-            ("destination_cluster", dst.cluster),
-            ("destination_canonical_service", dst.canonical_service),
-            ("destination_canonical_revision", dst.canonical_revision),
-            ("request_protocol", if span.rpc.is_some() { "grpc" } else { "http" }),
-            ("response_code", status.as_str()),
-            ("grpc_response_status", grpc_status.as_str()),
-            ("response_flags", flags),
-            (
-                "connection_security_policy",
-                match span.kind {
-                    SpanKind::Server => "none",
-                    SpanKind::Client => UNKNOWN,
-                },
-            ),
-        ];
-        self.istio.with_at(&istio, now_secs, |(requests, duration)| {
+        // Remade from the key's sources (not taken from the caller), so
+        // that the labels cached under a key are made from it alone.
+        let peers = Peers::from_sources(key.sources);
+        let labels = istio_labels(&key, &peers, status.as_str(), grpc_status.as_str());
+        let mut handles = None;
+        self.istio.with_at(&labels, now_secs, |(requests, duration)| {
             requests.inc();
-            duration.observe(secs * 1000.0);
+            duration.observe(ms);
+            handles = Some((requests.clone(), duration.clone()));
         });
+        let Some((requests, duration)) = handles else {
+            return;
+        };
+        match known {
+            Some(entry) => {
+                (entry.requests, entry.duration, entry.second) = (requests, duration, now_secs);
+            }
+            None => memo.insert(hash, MemoEntry::new(&key, requests, duration, now_secs)),
+        }
     }
 
     /// The text exposition of every series.
@@ -183,6 +187,181 @@ impl Prometheus {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
     }
+}
+
+/// Most entries [`IstioMemo`] keeps; it starts over past it.
+const MAX_MEMO: usize = 4096;
+
+/// What a span's 25 Istio labels are made from: its peers' sources and its
+/// own few values. Equal keys make equal labels ([`istio_labels`] reads
+/// nothing else), so a span whose key is known skips building, hashing
+/// and comparing them.
+#[derive(Debug, Clone, Copy)]
+struct IstioKey<'a> {
+    sources: PeerSources<'a>,
+    status: Option<u16>,
+    grpc_status: Option<u32>,
+    flags: &'static str,
+    grpc: bool,
+}
+
+impl IstioKey<'_> {
+    /// Metadata by address (an entry keeps its objects alive, so an
+    /// address is never another object's while the entry exists), names
+    /// and values by content.
+    fn hash(&self, hasher: &impl BuildHasher) -> u64 {
+        let s = &self.sources;
+        hasher.hash_one((
+            s.kind == SpanKind::Server,
+            s.pod.map_or(0, |p| Arc::as_ptr(p) as usize),
+            s.own_service.map_or(0, |p| Arc::as_ptr(p) as *const u8 as usize),
+            s.peer.map_or(0, |p| Arc::as_ptr(p) as usize),
+            s.service_name,
+            s.peer_workload,
+            (self.status, self.grpc_status, self.flags, self.grpc),
+        ))
+    }
+
+    fn is(&self, e: &MemoEntry) -> bool {
+        fn same<T: ?Sized>(a: Option<&Arc<T>>, b: &Option<Arc<T>>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+        }
+        let s = &self.sources;
+        s.kind == e.kind
+            && same(s.pod, &e.pod)
+            && same(s.own_service, &e.own_service)
+            && same(s.peer, &e.peer)
+            && *s.service_name == *e.service_name
+            && *s.peer_workload == *e.peer_workload
+            && (self.status, self.grpc_status, self.flags, self.grpc) == (e.status, e.grpc_status, e.flags, e.grpc)
+    }
+}
+
+/// One [`IstioKey`], owned, with the handles of its series.
+#[derive(Debug)]
+struct MemoEntry {
+    kind: SpanKind,
+    pod: Option<Arc<PodMeta>>,
+    own_service: Option<Arc<str>>,
+    peer: Option<Arc<PeerK8s>>,
+    service_name: Box<str>,
+    peer_workload: Box<str>,
+    status: Option<u16>,
+    grpc_status: Option<u32>,
+    flags: &'static str,
+    grpc: bool,
+    requests: Counter,
+    duration: Histogram,
+    /// The second (of [`Prometheus::epoch`]) the handles were looked up
+    /// through the family; they are used only within it.
+    second: u64,
+}
+
+impl MemoEntry {
+    fn new(key: &IstioKey<'_>, requests: Counter, duration: Histogram, second: u64) -> Self {
+        let s = &key.sources;
+        Self {
+            kind: s.kind,
+            pod: s.pod.cloned(),
+            own_service: s.own_service.cloned(),
+            peer: s.peer.cloned(),
+            service_name: s.service_name.into(),
+            peer_workload: s.peer_workload.into(),
+            status: key.status,
+            grpc_status: key.grpc_status,
+            flags: key.flags,
+            grpc: key.grpc,
+            requests,
+            duration,
+            second,
+        }
+    }
+}
+
+/// The Istio series' handles by [`IstioKey`]. A hit skips the family's
+/// label lookup only within the second the entry was last looked up
+/// through the family: the first write of each second goes through it,
+/// so a series in use never expires, and a series that was replaced
+/// (expired, or the family went over its cap) is found again. Bounded by
+/// [`MAX_MEMO`].
+#[derive(Debug, Default)]
+struct IstioMemo {
+    /// By key hash; a bucket holds more than one entry only on a collision.
+    entries: foldhash::HashMap<u64, Vec<MemoEntry>>,
+    len: usize,
+    hasher: foldhash::fast::RandomState,
+}
+
+impl IstioMemo {
+    fn get_mut(&mut self, hash: u64, key: &IstioKey<'_>) -> Option<&mut MemoEntry> {
+        self.entries.get_mut(&hash)?.iter_mut().find(|e| key.is(e))
+    }
+
+    fn insert(&mut self, hash: u64, entry: MemoEntry) {
+        if self.len >= MAX_MEMO {
+            self.entries.clear();
+            self.len = 0;
+        }
+        self.entries.entry(hash).or_default().push(entry);
+        self.len += 1;
+    }
+}
+
+/// Istio's standard label set, in its order and with its placeholders (no
+/// mTLS identity here: principals are unknown, and the destination reports
+/// its connection security policy as none). Made from `key` and the peers
+/// made from its sources only, so that equal keys make equal labels.
+fn istio_labels<'a>(
+    key: &IstioKey<'a>,
+    peers: &Peers<'a>,
+    status: &'a str,
+    grpc_status: &'a str,
+) -> [(&'static str, &'a str); 25] {
+    let kind = key.sources.kind;
+    let (src, dst) = (&peers.source, &peers.destination);
+    [
+        (
+            "reporter",
+            match kind {
+                SpanKind::Server => "destination",
+                SpanKind::Client => "source",
+            },
+        ),
+        ("source_workload", peers.source_workload),
+        ("source_workload_namespace", peers.source_namespace),
+        ("source_principal", UNKNOWN),
+        ("source_app", src.app),
+        ("source_version", src.version),
+        ("source_cluster", src.cluster),
+        ("source_canonical_service", src.canonical_service),
+        ("source_canonical_revision", src.canonical_revision),
+        ("destination_workload", peers.destination_workload),
+        ("destination_workload_namespace", peers.destination_namespace),
+        ("destination_principal", UNKNOWN),
+        ("destination_app", dst.app),
+        ("destination_version", dst.version),
+        ("destination_service", peers.destination_service),
+        ("destination_service_name", peers.destination_service_name),
+        ("destination_service_namespace", peers.destination_service_namespace),
+        ("destination_cluster", dst.cluster),
+        ("destination_canonical_service", dst.canonical_service),
+        ("destination_canonical_revision", dst.canonical_revision),
+        ("request_protocol", if key.grpc { "grpc" } else { "http" }),
+        ("response_code", status),
+        ("grpc_response_status", grpc_status),
+        ("response_flags", key.flags),
+        (
+            "connection_security_policy",
+            match kind {
+                SpanKind::Server => "none",
+                SpanKind::Client => UNKNOWN,
+            },
+        ),
+    ]
 }
 
 /// `server.address` of a client request: the host its target names
@@ -271,5 +450,205 @@ impl Collector for SelfMetrics {
         }
         encode_program_times(&self.0, &mut encoder)?;
         crate::budget::encode_prometheus(&self.0.budget, &mut encoder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::{IstioLabels, WorkloadKind};
+
+    fn pod(name: &str, app: Option<&str>) -> Arc<PodMeta> {
+        Arc::new(PodMeta {
+            uid: format!("uid-{name}"),
+            name: format!("{name}-5d4f8b7c9-x7k2p"),
+            namespace: "shop".into(),
+            node: "node-a".into(),
+            ips: vec![],
+            app_label: None,
+            workload: Some((WorkloadKind::Deployment, name.into())),
+            containers: vec![],
+            opted_out: false,
+            istio: Box::new(IstioLabels {
+                app: app.map(str::to_owned),
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn peer(workload: &str, service: Option<&str>) -> Arc<PeerK8s> {
+        Arc::new(PeerK8s {
+            namespace: Some("shop".into()),
+            workload: Some(workload.into()),
+            pod: None,
+            service_fqdn: service.map(|s| crate::k8s::fqdn(s, "shop").into()),
+            istio: None,
+        })
+    }
+
+    /// The Istio series lines of an exposition, in a stable order.
+    fn istio_lines(p: &Prometheus) -> Vec<String> {
+        let mut lines: Vec<String> = p
+            .encode()
+            .expect("encodes")
+            .lines()
+            .filter(|l| l.starts_with("istio_"))
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    /// Spans in every combination of the sources of an Istio label, with
+    /// objects that are equal but not the same (two `Arc`s of one pod or
+    /// peer), so that a key missing any source makes two spans share it.
+    fn varied_spans() -> Vec<Span> {
+        let (web, web_again, api) = (pod("web", Some("web")), pod("web", Some("web")), pod("api", None));
+        // The same names, told apart only by what the cluster says of them.
+        let mut web_v2 = (*web).clone();
+        web_v2.istio.version = Some("v2".into());
+        let web_v2 = Arc::new(web_v2);
+        let (orders, orders_again, billing) = (
+            peer("orders", Some("orders")),
+            peer("orders", Some("orders")),
+            peer("billing", None),
+        );
+        let mut orders_elsewhere = (*orders).clone();
+        orders_elsewhere.namespace = Some("other".into());
+        let orders_elsewhere = Arc::new(orders_elsewhere);
+        let own_service: Arc<str> = crate::k8s::fqdn("web", "shop").into();
+        let mut spans = Vec::new();
+        for kind in [SpanKind::Server, SpanKind::Client] {
+            for own in [None, Some(&web), Some(&web_again), Some(&web_v2), Some(&api)] {
+                for served in [false, true] {
+                    for peer in [
+                        None,
+                        Some(&orders),
+                        Some(&orders_again),
+                        Some(&orders_elsewhere),
+                        Some(&billing),
+                    ] {
+                        for comm in [None, Some("curl")] {
+                            for status in [Some(200), Some(503), None] {
+                                for grpc in [None, Some(0), Some(14)] {
+                                    let mut span = crate::export::encode::tests::span(7, "/");
+                                    span.kind = kind;
+                                    span.k8s = own.map(|pod| crate::k8s::SpanK8s {
+                                        pod: pod.clone(),
+                                        container: None,
+                                        service_fqdn: served.then(|| own_service.clone()),
+                                    });
+                                    span.peer_k8s = peer.cloned();
+                                    span.peer_comm = comm.map(Arc::from);
+                                    span.status_code = status;
+                                    span.unanswered =
+                                        status.is_none().then_some(crate::span::Unanswered::ConnectionClosed);
+                                    span.rpc = grpc.map(|code| {
+                                        Box::new(crate::span::Rpc {
+                                            service: "shop.Orders".into(),
+                                            method: "Get".into(),
+                                            grpc_status: (code != 0 || status.is_some()).then_some(code),
+                                        })
+                                    });
+                                    spans.push(span);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        spans
+    }
+
+    /// Never expires within a test's seconds.
+    fn prometheus() -> Prometheus {
+        let limits = SeriesLimits {
+            max_series: 100_000,
+            expiry_secs: 1 << 40,
+        };
+        Prometheus::with_limits(Arc::new(Stats::default()), limits)
+    }
+
+    fn record_all(p: &Prometheus, spans: &[Span], second_of: impl Fn(usize) -> u64) {
+        let names = crate::export::resource::Resources::new(Vec::new(), Default::default(), None);
+        for (i, span) in spans.iter().enumerate() {
+            let service = if i % 4 == 0 { "renamed" } else { names.service_of(span) };
+            let peers = Peers::of(span, service, |comm| names.service_name(comm));
+            p.record_at(span, service, &peers, second_of(i));
+        }
+    }
+
+    #[test]
+    fn cached_istio_series_are_the_ones_the_labels_name() {
+        let spans = varied_spans();
+        // Three rounds in one second: most writes take the cached series.
+        let cached = prometheus();
+        let entries = |p: &Prometheus| p.istio_memo.lock().expect("memo").len;
+        record_all(&cached, &spans, |_| 5);
+        let first_round = entries(&cached);
+        for _ in 0..2 {
+            record_all(&cached, &spans, |_| 5);
+        }
+        assert_eq!(entries(&cached), first_round, "later rounds hit the cache");
+        // Each write in a second of its own: every one looks its labels up.
+        let looked_up = prometheus();
+        for round in 0..3u64 {
+            record_all(&looked_up, &spans, |i| round * 10_000 + i as u64);
+        }
+        let lines = istio_lines(&looked_up);
+        assert!(lines.len() > 200, "the spans make many series: {}", lines.len());
+        assert_eq!(
+            istio_lines(&cached),
+            lines,
+            "cached writes land where looked-up ones do"
+        );
+    }
+
+    #[test]
+    fn a_cached_series_that_expired_is_looked_up_again() {
+        let p = Prometheus::with_limits(
+            Arc::new(Stats::default()),
+            SeriesLimits {
+                max_series: 2000,
+                expiry_secs: 60,
+            },
+        );
+        let spans = &varied_spans()[..1];
+        let count = |p: &Prometheus| {
+            let lines: Vec<String> = istio_lines(p)
+                .into_iter()
+                .filter(|l| l.starts_with("istio_requests_total{"))
+                .collect();
+            assert_eq!(lines.len(), 1, "{lines:#?}");
+            lines[0].rsplit(' ').next().unwrap_or_default().to_owned()
+        };
+        record_all(&p, spans, |_| 0);
+        record_all(&p, spans, |_| 0);
+        assert_eq!(count(&p), "2");
+        // Idle past the expiry: the family removes the series at this
+        // write's lookup, and the write goes to a new one (not to the
+        // removed one the cache still holds).
+        record_all(&p, spans, |_| 100);
+        assert_eq!(count(&p), "1");
+    }
+
+    #[test]
+    fn past_the_cap_cached_writes_go_to_the_overflow_series() {
+        let p = Prometheus::with_limits(
+            Arc::new(Stats::default()),
+            SeriesLimits {
+                max_series: 1,
+                expiry_secs: 600,
+            },
+        );
+        let spans = varied_spans();
+        for _ in 0..2 {
+            record_all(&p, &spans[..2], |_| 0);
+        }
+        let overflow = istio_lines(&p)
+            .into_iter()
+            .find(|l| l.starts_with("istio_requests_total{otel_metric_overflow=\"true\"}"));
+        assert_eq!(overflow.as_deref().and_then(|l| l.rsplit(' ').next()), Some("2"));
     }
 }
