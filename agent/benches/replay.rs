@@ -122,9 +122,6 @@ fn pipeline() -> (Pipeline, Counters, Arc<Stats>) {
     (Pipeline::new(correlator, router), c, stats)
 }
 
-/// One pass over the recording, shifted to round `round` (new connection
-/// generations, later kernel times) so that passes follow each other like
-/// new traffic.
 /// `--k8s`: every process of the recording in a pod of its own (one
 /// container each), and the loopback address a pod behind a Service, so
 /// that each span is enriched as on a node: own pod and container, the
@@ -162,6 +159,9 @@ fn kubernetes(cgroups: &std::collections::BTreeSet<u64>) -> Index {
     ix
 }
 
+/// One pass over the recording, shifted to round `round` (new connection
+/// generations, later kernel times) so that passes follow each other like
+/// new traffic.
 fn replay(p: &mut Pipeline, arena: &mut Arena, records: &[&[u8]], round: u64, span_ns: u64, next_tick: &mut u64) {
     let shift = round * span_ns;
     let mut batch: Vec<Event> = Vec::with_capacity(BATCH);

@@ -70,13 +70,8 @@ struct Shared {
 
 impl Shared {
     fn clear(&mut self) {
-        // Emptied on every update: skip the table walk when already empty.
-        if !self.own.is_empty() {
-            self.own.clear();
-        }
-        if !self.peers.is_empty() {
-            self.peers.clear();
-        }
+        self.own.clear();
+        self.peers.clear();
     }
 }
 
@@ -135,6 +130,7 @@ impl Index {
             container_id: container_id.map(str::to_owned),
         };
         self.cgroups.insert(cgroup_id, Some(cg));
+        self.shared.own.remove(&cgroup_id);
     }
 
     /// True once every watcher delivered its first full list.

@@ -196,8 +196,15 @@ impl<S: Store> Tracked<S> {
 
     /// Writes to the series of `labels`, or to the overflow series when the
     /// family is full, at second `now_secs` of the caller's clock (one read
-    /// serves every family a span writes; tests drive time).
-    pub fn with_at(&self, labels: &[(&'static str, &str)], now_secs: u64, write: impl FnOnce(&S::Metric)) {
+    /// serves every family a span writes; tests drive time). Returns true
+    /// when the write went to the overflow series.
+    ///
+    /// Series are removed only here, by the sweep at the start of a call
+    /// ([`Self::expire`]): the Istio cache in `prom.rs` (`IstioMemo`)
+    /// relies on a series it looked up staying in the family for the rest
+    /// of that second. Removing series anywhere else (evicting under cap
+    /// pressure, say) must invalidate that cache too.
+    pub fn with_at(&self, labels: &[(&'static str, &str)], now_secs: u64, write: impl FnOnce(&S::Metric)) -> bool {
         // A poisoned lock only means another writer panicked; the table
         // itself is still consistent.
         let mut guard = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
@@ -213,9 +220,11 @@ impl<S: Store> Tracked<S> {
             .and_then(|b| b.iter_mut().find(|s| s.is(labels)))
         {
             series.last_write = now_secs;
-            return write(&series.metric);
+            write(&series.metric);
+            return false;
         }
-        let (chosen, hash) = if t.len < self.limits.max_series {
+        let overflow = t.len >= self.limits.max_series;
+        let (chosen, hash) = if !overflow {
             let owned: Labels = labels.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
             (owned, hash)
         } else {
@@ -240,6 +249,7 @@ impl<S: Store> Tracked<S> {
         let series = &mut bucket[at];
         series.last_write = now_secs;
         write(&series.metric);
+        overflow
     }
 
     /// Series currently kept (overflow series included).
@@ -248,6 +258,8 @@ impl<S: Store> Tracked<S> {
         self.tracker.lock().unwrap_or_else(|e| e.into_inner()).len
     }
 
+    /// Removes the series idle past the expiry (the only place series are
+    /// removed, see [`Self::with_at`]).
     fn expire(&self, t: &mut Tracker<S::Metric>, now_secs: u64) {
         let expiry = self.limits.expiry_secs;
         let family = &self.family;

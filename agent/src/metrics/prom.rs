@@ -33,6 +33,8 @@ pub struct Prometheus {
     istio: BoundedPair<Counter, Histogram>,
     /// Their series by what the labels are made from (see [`IstioMemo`]).
     istio_memo: Mutex<IstioMemo>,
+    /// For the overflow count of writes the cache serves.
+    stats: Arc<Stats>,
     /// Series times are seconds since this (see [`Bounded::with_at`]).
     epoch: std::time::Instant,
 }
@@ -79,13 +81,14 @@ impl Prometheus {
             "Request duration in milliseconds, Istio standard metric",
             istio_duration,
         );
-        registry.register_collector(Box::new(SelfMetrics(stats)));
+        registry.register_collector(Box::new(SelfMetrics(stats.clone())));
         Self {
             registry,
             server_duration,
             client_duration,
             istio,
             istio_memo: Mutex::default(),
+            stats,
             epoch: std::time::Instant::now(),
         }
     }
@@ -138,6 +141,7 @@ impl Prometheus {
             SpanKind::Client => &self.client_duration,
         };
         durations.with_at(&http, now_secs, |h| h.observe(secs));
+        debug_assert_eq!(peers.sources.kind, span.kind, "peers of another span");
         let key = IstioKey {
             sources: peers.sources,
             status: span.status_code,
@@ -152,6 +156,10 @@ impl Prometheus {
         if let Some(entry) = known.as_ref().filter(|e| e.second == now_secs) {
             entry.requests.inc();
             entry.duration.observe(ms);
+            if entry.overflow {
+                // Counted per write, as the family counts the ones it takes.
+                Stats::inc(&self.stats.metric_series_overflow);
+            }
             return;
         }
         // New, or last looked up in an earlier second: through the family,
@@ -165,7 +173,7 @@ impl Prometheus {
         let peers = Peers::from_sources(key.sources);
         let labels = istio_labels(&key, &peers, status.as_str(), grpc_status.as_str());
         let mut handles = None;
-        self.istio.with_at(&labels, now_secs, |(requests, duration)| {
+        let overflow = self.istio.with_at(&labels, now_secs, |(requests, duration)| {
             requests.inc();
             duration.observe(ms);
             handles = Some((requests.clone(), duration.clone()));
@@ -176,8 +184,9 @@ impl Prometheus {
         match known {
             Some(entry) => {
                 (entry.requests, entry.duration, entry.second) = (requests, duration, now_secs);
+                entry.overflow = overflow;
             }
-            None => memo.insert(hash, MemoEntry::new(&key, requests, duration, now_secs)),
+            None => memo.insert(hash, MemoEntry::new(&key, (requests, duration, overflow), now_secs)),
         }
     }
 
@@ -256,13 +265,15 @@ struct MemoEntry {
     grpc: bool,
     requests: Counter,
     duration: Histogram,
+    /// The handles are the overflow series'.
+    overflow: bool,
     /// The second (of [`Prometheus::epoch`]) the handles were looked up
     /// through the family; they are used only within it.
     second: u64,
 }
 
 impl MemoEntry {
-    fn new(key: &IstioKey<'_>, requests: Counter, duration: Histogram, second: u64) -> Self {
+    fn new(key: &IstioKey<'_>, (requests, duration, overflow): (Counter, Histogram, bool), second: u64) -> Self {
         let s = &key.sources;
         Self {
             kind: s.kind,
@@ -277,6 +288,7 @@ impl MemoEntry {
             grpc: key.grpc,
             requests,
             duration,
+            overflow,
             second,
         }
     }
@@ -529,7 +541,13 @@ mod tests {
                         Some(&billing),
                     ] {
                         for comm in [None, Some("curl")] {
-                            for status in [Some(200), Some(503), None] {
+                            for (status, unanswered) in [
+                                (Some(200), None),
+                                (Some(503), None),
+                                (None, None),
+                                (None, Some(crate::span::Unanswered::ConnectionClosed)),
+                                (None, Some(crate::span::Unanswered::Timeout)),
+                            ] {
                                 for grpc in [None, Some(0), Some(14)] {
                                     let mut span = crate::export::encode::tests::span(7, "/");
                                     span.kind = kind;
@@ -541,8 +559,7 @@ mod tests {
                                     span.peer_k8s = peer.cloned();
                                     span.peer_comm = comm.map(Arc::from);
                                     span.status_code = status;
-                                    span.unanswered =
-                                        status.is_none().then_some(crate::span::Unanswered::ConnectionClosed);
+                                    span.unanswered = unanswered;
                                     span.rpc = grpc.map(|code| {
                                         Box::new(crate::span::Rpc {
                                             service: "shop.Orders".into(),
@@ -650,5 +667,12 @@ mod tests {
             .into_iter()
             .find(|l| l.starts_with("istio_requests_total{otel_metric_overflow=\"true\"}"));
         assert_eq!(overflow.as_deref().and_then(|l| l.rsplit(' ').next()), Some("2"));
+        // Both overflowed Istio writes are counted (the second one taken
+        // from the cache), with the semconv family's two of its own.
+        let counted = p
+            .stats
+            .metric_series_overflow
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(counted, 2 + 2, "Istio and semconv overflow writes");
     }
 }

@@ -15,7 +15,8 @@ const MAX_CGROUPS: usize = 16_384;
 const RESCAN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Index {
-    /// The pod a process runs in, via its cgroup (shared: see [`Index::shared`]).
+    /// The pod a process runs in, via its cgroup (built once per cgroup
+    /// and shared until the next metadata update).
     pub fn pod_of(&mut self, pid: u32, cgroup_id: u64) -> Option<SpanK8s> {
         if let Some(known) = self.shared.own.get(&cgroup_id) {
             return known.clone();
