@@ -144,10 +144,12 @@ impl Prometheus {
         debug_assert_eq!(peers.sources.kind, span.kind, "peers of another span");
         let key = IstioKey {
             sources: peers.sources,
-            status: span.status_code,
-            grpc_status: span.grpc_status(),
-            flags: span.unanswered.map_or("-", |u| u.response_flags(span.kind)),
-            grpc: span.rpc.is_some(),
+            outcome: Outcome {
+                status: span.status_code,
+                grpc_status: span.grpc_status(),
+                flags: span.unanswered.map_or("-", |u| u.response_flags(span.kind)),
+                grpc: span.rpc.is_some(),
+            },
         };
         let ms = secs * 1000.0;
         let mut memo = self.istio_memo.lock().unwrap_or_else(|e| e.into_inner());
@@ -164,14 +166,11 @@ impl Prometheus {
         }
         // New, or last looked up in an earlier second: through the family,
         // which refreshes the series' expiry (and may have replaced it).
-        let grpc_status = match key.grpc_status {
+        let grpc_status = match key.outcome.grpc_status {
             Some(code) => StackText::<12>::number(u64::from(code)),
             None => StackText::default(),
         };
-        // Remade from the key's sources (not taken from the caller), so
-        // that the labels cached under a key are made from it alone.
-        let peers = Peers::from_sources(key.sources);
-        let labels = istio_labels(&key, &peers, status.as_str(), grpc_status.as_str());
+        let labels = istio_labels(&key, status.as_str(), grpc_status.as_str());
         let mut handles = None;
         let overflow = self.istio.with_at(&labels, now_secs, |(requests, duration)| {
             requests.inc();
@@ -208,8 +207,15 @@ const MAX_MEMO: usize = 4096;
 #[derive(Debug, Clone, Copy)]
 struct IstioKey<'a> {
     sources: PeerSources<'a>,
+    outcome: Outcome,
+}
+
+/// How a request ended, as far as Istio's labels tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Outcome {
     status: Option<u16>,
     grpc_status: Option<u32>,
+    /// Istio's response flags (`-` when answered).
     flags: &'static str,
     grpc: bool,
 }
@@ -221,13 +227,13 @@ impl IstioKey<'_> {
     fn hash(&self, hasher: &impl BuildHasher) -> u64 {
         let s = &self.sources;
         hasher.hash_one((
-            s.kind == SpanKind::Server,
+            s.kind,
             s.pod.map_or(0, |p| Arc::as_ptr(p) as usize),
             s.own_service.map_or(0, |p| Arc::as_ptr(p) as *const u8 as usize),
             s.peer.map_or(0, |p| Arc::as_ptr(p) as usize),
             s.service_name,
             s.peer_workload,
-            (self.status, self.grpc_status, self.flags, self.grpc),
+            self.outcome,
         ))
     }
 
@@ -246,7 +252,7 @@ impl IstioKey<'_> {
             && same(s.peer, &e.peer)
             && *s.service_name == *e.service_name
             && *s.peer_workload == *e.peer_workload
-            && (self.status, self.grpc_status, self.flags, self.grpc) == (e.status, e.grpc_status, e.flags, e.grpc)
+            && self.outcome == e.outcome
     }
 }
 
@@ -259,10 +265,7 @@ struct MemoEntry {
     peer: Option<Arc<PeerK8s>>,
     service_name: Box<str>,
     peer_workload: Box<str>,
-    status: Option<u16>,
-    grpc_status: Option<u32>,
-    flags: &'static str,
-    grpc: bool,
+    outcome: Outcome,
     requests: Counter,
     duration: Histogram,
     /// The handles are the overflow series'.
@@ -282,10 +285,7 @@ impl MemoEntry {
             peer: s.peer.cloned(),
             service_name: s.service_name.into(),
             peer_workload: s.peer_workload.into(),
-            status: key.status,
-            grpc_status: key.grpc_status,
-            flags: key.flags,
-            grpc: key.grpc,
+            outcome: key.outcome,
             requests,
             duration,
             overflow,
@@ -325,15 +325,12 @@ impl IstioMemo {
 
 /// Istio's standard label set, in its order and with its placeholders (no
 /// mTLS identity here: principals are unknown, and the destination reports
-/// its connection security policy as none). Made from `key` and the peers
-/// made from its sources only, so that equal keys make equal labels.
-fn istio_labels<'a>(
-    key: &IstioKey<'a>,
-    peers: &Peers<'a>,
-    status: &'a str,
-    grpc_status: &'a str,
-) -> [(&'static str, &'a str); 25] {
+/// its connection security policy as none). Made from `key` alone (the
+/// peers from its sources, not the caller's), so that equal keys make equal
+/// labels; `status` and `grpc_status` are its codes as text.
+fn istio_labels<'a>(key: &IstioKey<'a>, status: &'a str, grpc_status: &'a str) -> [(&'static str, &'a str); 25] {
     let kind = key.sources.kind;
+    let peers = Peers::from_sources(key.sources);
     let (src, dst) = (&peers.source, &peers.destination);
     [
         (
@@ -362,10 +359,10 @@ fn istio_labels<'a>(
         ("destination_cluster", dst.cluster),
         ("destination_canonical_service", dst.canonical_service),
         ("destination_canonical_revision", dst.canonical_revision),
-        ("request_protocol", if key.grpc { "grpc" } else { "http" }),
+        ("request_protocol", if key.outcome.grpc { "grpc" } else { "http" }),
         ("response_code", status),
         ("grpc_response_status", grpc_status),
-        ("response_flags", key.flags),
+        ("response_flags", key.outcome.flags),
         (
             "connection_security_policy",
             match kind {
