@@ -365,6 +365,35 @@ pub fn parse(block: &[u8], truncated: bool, flow: Option<Flow>, kept: &KeptHeade
     } else {
         block
     };
+    // Fast path: a complete block parses into uninitialized headers (the
+    // 2 KiB array is not zeroed first). Anything else (a block cut short,
+    // too many fields, an error) parses again into zeroed headers, where
+    // httparse leaves the fields it read before stopping.
+    let mut uninit = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let config = httparse::ParserConfig::default();
+    if is_response {
+        let mut resp = httparse::Response::new(&mut []);
+        let status = config.parse_response_with_uninit_headers(&mut resp, block, &mut uninit);
+        if let (Ok(httparse::Status::Complete(_)), Some(code), Some(version)) = (status, resp.code, resp.version) {
+            return finish(
+                HeadKind::Response { status: code },
+                "",
+                version,
+                resp.headers,
+                status,
+                truncated,
+                kept,
+            );
+        }
+    } else {
+        let mut req = httparse::Request::new(&mut []);
+        let status = config.parse_request_with_uninit_headers(&mut req, block, &mut uninit);
+        if let (Ok(httparse::Status::Complete(_)), Some(method), Some(path), Some(version)) =
+            (status, req.method, req.path, req.version)
+        {
+            return request(method, path, version, req.headers, status, truncated, kept);
+        }
+    }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     if is_response {
         let mut resp = httparse::Response::new(&mut headers);
@@ -387,24 +416,36 @@ pub fn parse(block: &[u8], truncated: bool, flow: Option<Flow>, kept: &KeptHeade
         let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
             return Err(status.err().map_or("incomplete request line", error_name));
         };
-        if method.len() > MAX_METHOD {
-            return Err("method token too long");
-        }
-        let glued = req
-            .headers
-            .iter()
-            .take_while(|h| !h.name.is_empty())
-            .any(|h| h.value.ends_with(b" HTTP/1.1") || h.value.ends_with(b" HTTP/1.0"));
-        if glued {
-            // A request line inside the header block: the bytes between two
-            // requests were lost and the second was appended to the first.
-            return Err("request line inside a header block");
-        }
-        let kind = HeadKind::Request {
-            method: Method::new(method),
-        };
-        finish(kind, path, version, req.headers, status, truncated, kept)
+        request(method, path, version, req.headers, status, truncated, kept)
     }
+}
+
+/// A request head from httparse's fields.
+fn request(
+    method: &str,
+    path: &str,
+    version: u8,
+    raw: &[httparse::Header<'_>],
+    status: httparse::Result<usize>,
+    truncated: bool,
+    kept: &KeptHeaders,
+) -> Result<Head, &'static str> {
+    if method.len() > MAX_METHOD {
+        return Err("method token too long");
+    }
+    let glued = raw
+        .iter()
+        .take_while(|h| !h.name.is_empty())
+        .any(|h| h.value.ends_with(b" HTTP/1.1") || h.value.ends_with(b" HTTP/1.0"));
+    if glued {
+        // A request line inside the header block: the bytes between two
+        // requests were lost and the second was appended to the first.
+        return Err("request line inside a header block");
+    }
+    let kind = HeadKind::Request {
+        method: Method::new(method),
+    };
+    finish(kind, path, version, raw, status, truncated, kept)
 }
 
 fn finish(

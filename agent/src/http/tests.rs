@@ -259,6 +259,27 @@ fn a_message_boundary_in_uncaptured_bytes_is_reported_as_a_gap() {
 }
 
 #[test]
+fn a_head_with_more_fields_than_kept_keeps_the_first_and_counts_the_rest() {
+    // Past MAX_HEADERS fields httparse stops with an error; the fields it
+    // read before are kept (parsed again into zeroed headers).
+    for start in ["GET /many HTTP/1.1\r\n", "HTTP/1.1 200 OK\r\n"] {
+        let mut block = start.to_string();
+        for i in 0..MAX_HEADERS + 6 {
+            block.push_str(&format!("X-F{i}: v{i}\r\n"));
+        }
+        block.push_str("Content-Length: 0\r\n\r\n");
+        let mut s = HttpStream::new();
+        let items = feed(&mut s, &[block.as_bytes()]);
+        let h = heads(&items)[0];
+        assert_eq!(h.headers.len(), MAX_HEADERS, "{start}");
+        assert_eq!(h.headers_dropped, 1, "{start}");
+        assert_eq!(h.header("x-f0"), Some("v0"));
+        assert_eq!(h.header("x-f63"), Some("v63"));
+        assert_eq!(h.header("x-f64"), None);
+    }
+}
+
+#[test]
 fn header_buffer_shrinks_back_after_a_big_header_block() {
     let mut s = HttpStream::new();
     let mut big = b"GET / HTTP/1.1\r\nX-Fill: ".to_vec();
