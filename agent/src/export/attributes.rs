@@ -86,6 +86,9 @@ pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'
         );
     }
     let target = crate::span::Target::parse(span.target());
+    // Each address is written out once: the peer is the client or the server.
+    let server_ip = span.server.map(|s| Text::ip(s.ip()));
+    let client_ip = span.client.map(|c| Text::ip(c.ip()));
     if let Some(path) = target.path {
         put("url.path", capped(path, MAX_URL_PART, &mut cut));
     }
@@ -105,7 +108,7 @@ pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'
         if let Some(port) = port.or(span.server.map(|s| s.port())) {
             put("server.port", Attr::Int(i64::from(port)));
         }
-    } else if let Some(server) = span.server {
+    } else if let (Some(server), Some(server_ip)) = (span.server, &server_ip) {
         // A client span names the service it called when the cluster knows it.
         let fqdn = match span.kind {
             crate::span::SpanKind::Client => span.peer_k8s.as_ref().and_then(|p| p.service_fqdn.as_deref()),
@@ -113,7 +116,7 @@ pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'
         };
         match fqdn {
             Some(fqdn) => put("server.address", Attr::Str(fqdn)),
-            None => put("server.address", Attr::Str(Text::ip(server.ip()).as_str())),
+            None => put("server.address", Attr::Str(server_ip.as_str())),
         }
         put("server.port", Attr::Int(i64::from(server.port())));
     }
@@ -126,12 +129,17 @@ pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'
         );
         put("meshless.server.resolved.port", Attr::Int(i64::from(real.port())));
     }
-    if let Some(client) = span.client {
-        put("client.address", Attr::Str(Text::ip(client.ip()).as_str()));
+    if let (Some(client), Some(client_ip)) = (span.client, &client_ip) {
+        put("client.address", Attr::Str(client_ip.as_str()));
         put("client.port", Attr::Int(i64::from(client.port())));
     }
-    if let Some(peer) = span.peer() {
-        put("network.peer.address", Attr::Str(Text::ip(peer.ip()).as_str()));
+    let peer = match span.kind {
+        crate::span::SpanKind::Server => span.client.zip(client_ip.as_ref()),
+        crate::span::SpanKind::Client => span.server.zip(server_ip.as_ref()),
+    };
+    debug_assert_eq!(peer.map(|(p, _)| p), span.peer());
+    if let Some((peer, peer_ip)) = peer {
+        put("network.peer.address", Attr::Str(peer_ip.as_str()));
         put("network.peer.port", Attr::Int(i64::from(peer.port())));
     }
     // network.transport (tcp) and network.protocol.name (http) are left

@@ -330,11 +330,18 @@ impl HttpStream {
             // The usual case, a whole head in one syscall: parsed where it
             // lies, not copied into the header buffer first.
             if let Some(head_len) = find_head_end(&chunk[..chunk.len().min(room)]) {
-                let data = seg.data.clone();
-                let block = &data[seg.pos..seg.pos + head_len];
+                // Lent out while parsing and put back (a clone would take
+                // and give back a reference on the capture arena's shared
+                // count, a cache line the capture thread writes).
+                let data = std::mem::take(&mut seg.data);
+                let start = seg.pos;
                 seg.pos += head_len;
                 let ktime = seg.ktime_ns;
-                return Some(self.parse_block(block, false, ktime));
+                let item = self.parse_block(&data[start..start + head_len], false, ktime);
+                if let Some(seg) = self.segments.front_mut() {
+                    seg.data = data;
+                }
+                return Some(item);
             }
         }
         let take = chunk.len().min(room);
