@@ -16,7 +16,7 @@ const CLIENT_TTL_NS: u64 = 30 * 1_000_000_000;
 const MAX_CLIENTS: usize = 200_000;
 
 /// (client end, server end if loopback, request index on the connection).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkKey {
     pub client: SocketAddr,
     pub server: Option<SocketAddr>,
@@ -37,6 +37,28 @@ impl LinkKey {
     }
 }
 
+/// Hashed as a few words (the derived hash fed the hasher each address
+/// field apart: ~200 instructions a key, several keys a request). Equal
+/// keys hash alike: only fields `Eq` compares are hashed.
+impl std::hash::Hash for LinkKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        let (client, client_port) = addr_words(&self.client);
+        h.write_u128(client);
+        let (server, server_port) = self.server.as_ref().map_or((0, 0), addr_words);
+        h.write_u128(server);
+        h.write_u64(client_port << 32 | server_port);
+        h.write_u64(self.seq);
+    }
+}
+
+/// An address as (IP bits, port with the family and presence above it).
+fn addr_words(addr: &SocketAddr) -> (u128, u64) {
+    match addr {
+        SocketAddr::V4(a) => (u128::from(a.ip().to_bits()), 1 << 16 | u64::from(a.port())),
+        SocketAddr::V6(a) => (a.ip().to_bits(), 2 << 16 | u64::from(a.port())),
+    }
+}
+
 fn server_part(client: SocketAddr, server: SocketAddr) -> Option<SocketAddr> {
     client.ip().is_loopback().then_some(server)
 }
@@ -53,10 +75,11 @@ pub struct Links {
     /// Server requests that may still adopt a local client's ids: their
     /// kernel trace id and time.
     started: HashMap<LinkKey, (TraceId, u64)>,
-    /// Server processes by (client end, server end), for naming the peer
-    /// of client spans. A server reads a request before the client can
-    /// read the response, so this is always known in time.
-    servers: HashMap<(SocketAddr, Option<SocketAddr>), ServerSeen>,
+    /// Server processes by connection (its [`LinkKey`] at request index
+    /// 0), for naming the peer of client spans. A server reads a request
+    /// before the client can read the response, so this is always known
+    /// in time.
+    servers: HashMap<LinkKey, ServerSeen>,
 }
 
 /// The local client process of a linked call: name, pid, cgroup id.
@@ -107,7 +130,7 @@ impl Links {
     /// A server process read a request on the connection `client`→`server`.
     pub fn server_seen(&mut self, client: SocketAddr, server: SocketAddr, comm: &Arc<str>, ktime_ns: u64) {
         self.servers
-            .insert((client, server_part(client, server)), (comm.clone(), server, ktime_ns));
+            .insert(LinkKey::new(client, server, 0), (comm.clone(), server, ktime_ns));
     }
 
     /// The server process of the connection `client`→`server`, if on this
@@ -115,7 +138,7 @@ impl Links {
     /// dialled a Service IP).
     pub fn server_of(&self, client: SocketAddr, server: SocketAddr) -> Option<(Arc<str>, SocketAddr)> {
         self.servers
-            .get(&(client, server_part(client, server)))
+            .get(&LinkKey::new(client, server, 0))
             .map(|(comm, real, _)| (comm.clone(), *real))
     }
 
