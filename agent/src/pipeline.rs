@@ -139,6 +139,7 @@ impl Router {
         if let Some(ix) = &mut self.k8s {
             ix.refresh();
         }
+        let second = self.prometheus.second();
         // Filtered in place: a span is a large struct, and moving each one
         // into a new vector showed in the profile.
         kept.retain_mut(|span| {
@@ -154,7 +155,7 @@ impl Router {
             }
             let service = self.names.service_of(span);
             let peers = Peers::of(span, service, |comm| self.names.service_name(comm));
-            self.prometheus.record(span, service, &peers);
+            self.prometheus.record_at(span, service, &peers, second);
             if let Some(m) = &self.otlp_metrics {
                 m.record(span, service);
             }

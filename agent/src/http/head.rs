@@ -62,10 +62,11 @@ pub struct Headers {
     /// (name end, value end) in `text`; a name starts where the previous
     /// field's value ends. Inline up to a typical header count.
     ends: SmallVec<[(u32, u32); 8]>,
-    /// Bit `i` set: a field named `LOOKED_UP[i]` is present. Most of the
-    /// agent's lookups are of headers a message does not carry
-    /// (`traceparent`, `b3`, `transfer-encoding`…): they cost no scan.
-    present: u32,
+    /// Where the first field named `LOOKED_UP[i]` is: 1 + its index (0:
+    /// none; `u8::MAX`: too far down to say, found by a scan). The agent's
+    /// lookups cost no scan, and most are of headers a message does not
+    /// carry (`traceparent`, `b3`, `transfer-encoding`…).
+    first: [u8; LOOKED_UP.len()],
 }
 
 /// Which header fields an HTTP/1 head keeps: all of them, or only those
@@ -119,7 +120,7 @@ impl Headers {
             text,
             target_end: target.len() as u32,
             ends: SmallVec::with_capacity(fields),
-            present: 0,
+            first: [0; LOOKED_UP.len()],
         }
     }
 
@@ -189,8 +190,8 @@ impl Headers {
         if lowercase {
             self.text[start..].make_ascii_lowercase();
         }
-        if let Some(i) = index {
-            self.present |= 1 << i;
+        if let Some(first) = index.map(|i| &mut self.first[i as usize]).filter(|f| **f == 0) {
+            *first = u8::try_from(self.ends.len() + 1).unwrap_or(u8::MAX);
         }
         self.text.push_str(value);
         self.ends.push((name_end, value_end));
@@ -212,8 +213,15 @@ impl Headers {
 
     /// First value of a header (exact name).
     pub fn get(&self, name: &str) -> Option<&str> {
-        if looked_up(name).is_some_and(|i| self.present & (1 << i) == 0) {
-            return None;
+        if let Some(i) = looked_up(name) {
+            match self.first[i as usize] {
+                0 => return None,
+                u8::MAX => {}
+                at => {
+                    let (name_end, value_end) = self.ends[usize::from(at) - 1];
+                    return Some(&self.text[name_end as usize..value_end as usize]);
+                }
+            }
         }
         self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }

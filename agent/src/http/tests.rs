@@ -324,6 +324,15 @@ fn heads_keep_only_the_fields_the_agent_reads_and_the_captured_ones() {
 }
 
 #[test]
+fn a_looked_up_field_past_the_255th_is_found_by_a_scan() {
+    let mut fields = vec![("x", "y"); 300];
+    fields.extend([("host", "far"), ("host", "farther")]);
+    let h = Headers::request("/", fields);
+    assert_eq!(h.get("host"), Some("far"));
+    assert_eq!(h.get("te"), None);
+}
+
+#[test]
 fn a_lookup_of_an_absent_field_finds_nothing_and_of_a_present_one_its_first_value() {
     let h = Headers::request("/", [("te", "trailers"), ("b3", "1"), ("x", "y"), ("b3", "2")]);
     assert_eq!(h.get("b3"), Some("1"));
@@ -331,6 +340,21 @@ fn a_lookup_of_an_absent_field_finds_nothing_and_of_a_present_one_its_first_valu
     assert_eq!(h.get("x"), Some("y"));
     assert_eq!(h.get("traceparent"), None);
     assert_eq!(h.get("content-length"), None);
+}
+
+proptest! {
+    #[test]
+    fn a_lookup_finds_the_first_field_of_its_name_however_far_down(
+        names in proptest::collection::vec(prop_oneof![Just("host"), Just("te"), Just("b3"), Just("x"), Just("user-agent")], 0..300),
+    ) {
+        // Past 254 fields the position no longer fits a byte: found by a scan.
+        let fields: Vec<(String, String)> = names.iter().enumerate().map(|(i, n)| (n.to_string(), i.to_string())).collect();
+        let h = Headers::request("/", fields.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        for name in ["host", "te", "b3", "x", "user-agent", "traceparent"] {
+            let model = fields.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+            prop_assert_eq!(h.get(name), model, "{}", name);
+        }
+    }
 }
 
 proptest! {

@@ -98,12 +98,18 @@ impl Prometheus {
     /// `peers`, only its sources are read (the Istio labels are made
     /// from them, see [`IstioKey`]).
     pub fn record(&self, span: &Span, service_name: &str, peers: &Peers) {
-        // One clock read for both families (each read was a vDSO call).
-        self.record_at(span, service_name, peers, self.epoch.elapsed().as_secs());
+        self.record_at(span, service_name, peers, self.second());
+    }
+
+    /// The second of [`Self::epoch`] it is now: read once per batch of
+    /// spans and given to [`Self::record_at`] (a clock read per span was
+    /// a vDSO call each).
+    pub fn second(&self) -> u64 {
+        self.epoch.elapsed().as_secs()
     }
 
     /// [`Self::record`] at second `now_secs` of [`Self::epoch`] (tests drive time).
-    fn record_at(&self, span: &Span, service_name: &str, peers: &Peers, now_secs: u64) {
+    pub fn record_at(&self, span: &Span, service_name: &str, peers: &Peers, now_secs: u64) {
         // Istio reports "0" for requests that got no response.
         let status = StackText::<8>::number(u64::from(span.status_code.unwrap_or(0)));
         let port = match span.server {
