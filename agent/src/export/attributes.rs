@@ -86,7 +86,7 @@ pub fn visit(span: &Span, opts: Options, mut emit: impl FnMut(&str, &str, Attr<'
         );
     }
     let target = crate::span::Target::parse(span.target());
-    // Each address is written out once: the peer is the client or the server.
+    // Each address is formatted once: the peer is the client or the server.
     let server_ip = span.server.map(|s| Text::ip(s.ip()));
     let client_ip = span.client.map(|c| Text::ip(c.ip()));
     if let Some(path) = target.path {

@@ -33,7 +33,8 @@ pub fn key_of(span: &Span) -> WorkloadKey {
 pub fn is_of(key: &WorkloadKey, span: &Span) -> bool {
     let p = &span.process;
     let uid = span.k8s.as_ref().map_or("", |k| k.pod.uid.as_str());
-    // The process names are shared: the same `Arc` compares without a memcmp.
+    // The process name and executable are shared: the same `Arc` compares
+    // without a memcmp.
     let same = |a: &Arc<str>, b: &Arc<str>| Arc::ptr_eq(a, b) || **a == **b;
     key.0 == p.pid && same(&key.1, &p.name) && same(&key.2, &p.executable) && key.3 == uid
 }

@@ -6,7 +6,9 @@ use super::{
     pool, Flow, Method,
 };
 
-/// Headers kept per message; the rest are counted in `Head::headers_dropped`.
+/// Headers kept per message; a head with more has a nonzero
+/// `Head::headers_dropped` (1: httparse stops at the limit, so how many
+/// more is not known).
 pub const MAX_HEADERS: usize = 64;
 // `finish` marks the fields it keeps in one u64.
 const _: () = assert!(MAX_HEADERS <= 64);

@@ -338,7 +338,10 @@ impl HttpStream {
                 seg.pos += head_len;
                 let ktime = seg.ktime_ns;
                 let item = self.parse_block(&data[start..start + head_len], false, ktime);
-                if let Some(seg) = self.segments.front_mut() {
+                // Parsing touches no segment: the one lent from is still first.
+                let seg = self.segments.front_mut();
+                debug_assert!(seg.is_some(), "the segment lent from is gone");
+                if let Some(seg) = seg {
                     seg.data = data;
                 }
                 return Some(item);

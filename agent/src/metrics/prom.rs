@@ -93,14 +93,6 @@ impl Prometheus {
         }
     }
 
-    /// Records one request. Label values are borrowed or formatted on the
-    /// stack: an existing series is written without allocating. Of
-    /// `peers`, only its sources are read (the Istio labels are made
-    /// from them, see [`IstioKey`]).
-    pub fn record(&self, span: &Span, service_name: &str, peers: &Peers) {
-        self.record_at(span, service_name, peers, self.second());
-    }
-
     /// The second of [`Self::epoch`] it is now: read once per batch of
     /// spans and given to [`Self::record_at`] (a clock read per span was
     /// a vDSO call each).
@@ -108,7 +100,11 @@ impl Prometheus {
         self.epoch.elapsed().as_secs()
     }
 
-    /// [`Self::record`] at second `now_secs` of [`Self::epoch`] (tests drive time).
+    /// Records one request at second `now_secs` of [`Self::epoch`]
+    /// ([`Self::second`]; tests drive time). Label values are borrowed or
+    /// formatted on the stack: an existing series is written without
+    /// allocating. Of `peers`, only its sources are read (the Istio labels
+    /// are made from them, see [`IstioKey`]).
     pub fn record_at(&self, span: &Span, service_name: &str, peers: &Peers, now_secs: u64) {
         // Istio reports "0" for requests that got no response.
         let status = StackText::<8>::number(u64::from(span.status_code.unwrap_or(0)));
