@@ -358,14 +358,23 @@ pub fn starts_message(data: &[u8], flow: Option<Flow>) -> bool {
     }
 }
 
+/// The head at the start of `data` (more bytes may follow it) and its
+/// length, when it ends with a blank CRLF line and parses in one pass.
+/// None otherwise: the caller finds the head's end itself and calls
+/// [`parse`], which gives the same head or says what is wrong with it.
+pub fn parse_leading(data: &[u8], flow: Option<Flow>, kept: &KeptHeaders) -> Option<(Head, usize)> {
+    match parse_complete(data, is_response(data, flow), false, kept)? {
+        // A head's lines hold no CR or LF, so the first blank line ends it:
+        // where a search for CRLFCRLF would have found the end too.
+        (Ok(head), len) if data[..len].ends_with(b"\r\n\r\n") => Some((head, len)),
+        _ => None,
+    }
+}
+
 /// Parses a header block. With `truncated`, a block cut short is accepted
 /// as long as its start line is complete.
 pub fn parse(block: &[u8], truncated: bool, flow: Option<Flow>, kept: &KeptHeaders) -> Result<Head, &'static str> {
-    let is_response = match flow {
-        Some(Flow::Responses) => true,
-        Some(Flow::Requests) => false,
-        None => block.starts_with(b"HTTP/"),
-    };
+    let is_response = is_response(block, flow);
     // A cut block may end mid-line; parse only its complete lines.
     let block = if truncated {
         match block.iter().rposition(|&b| b == b'\n') {
@@ -375,74 +384,95 @@ pub fn parse(block: &[u8], truncated: bool, flow: Option<Flow>, kept: &KeptHeade
     } else {
         block
     };
-    // Fast path: a complete block parses into uninitialized headers (the
-    // 2 KiB array is not zeroed first). Anything else (a block cut short,
-    // too many fields, an error) parses again into zeroed headers, where
-    // httparse leaves the fields it read before stopping.
+    if let Some((parsed, _)) = parse_complete(block, is_response, truncated, kept) {
+        return parsed;
+    }
+    // Not complete (cut short, too many fields, an error): parsed again
+    // into zeroed headers, where httparse leaves the fields it read
+    // before stopping.
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    if is_response {
+        let mut resp = httparse::Response::new(&mut headers);
+        let status = resp.parse(block);
+        response(&resp, status, truncated, kept)
+    } else {
+        let mut req = httparse::Request::new(&mut headers);
+        let status = req.parse(block);
+        request(&req, status, truncated, kept)
+    }
+}
+
+fn is_response(data: &[u8], flow: Option<Flow>) -> bool {
+    match flow {
+        Some(Flow::Responses) => true,
+        Some(Flow::Requests) => false,
+        None => data.starts_with(b"HTTP/"),
+    }
+}
+
+/// A head that httparse finds complete, parsed into uninitialized headers
+/// (the 2 KiB array is not zeroed first), and its length; None when it
+/// is not complete.
+fn parse_complete(
+    block: &[u8],
+    is_response: bool,
+    truncated: bool,
+    kept: &KeptHeaders,
+) -> Option<(Result<Head, &'static str>, usize)> {
     let mut uninit = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let config = httparse::ParserConfig::default();
     if is_response {
         let mut resp = httparse::Response::new(&mut []);
         let status = config.parse_response_with_uninit_headers(&mut resp, block, &mut uninit);
-        if let (Ok(httparse::Status::Complete(_)), Some(code), Some(version)) = (status, resp.code, resp.version) {
-            return finish(
-                HeadKind::Response { status: code },
-                "",
-                version,
-                resp.headers,
-                status,
-                truncated,
-                kept,
-            );
-        }
+        let Ok(httparse::Status::Complete(len)) = status else {
+            return None;
+        };
+        Some((response(&resp, status, truncated, kept), len))
     } else {
         let mut req = httparse::Request::new(&mut []);
         let status = config.parse_request_with_uninit_headers(&mut req, block, &mut uninit);
-        if let (Ok(httparse::Status::Complete(_)), Some(method), Some(path), Some(version)) =
-            (status, req.method, req.path, req.version)
-        {
-            return request(method, path, version, req.headers, status, truncated, kept);
-        }
-    }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    if is_response {
-        let mut resp = httparse::Response::new(&mut headers);
-        let status = resp.parse(block);
-        let (Some(code), Some(version)) = (resp.code, resp.version) else {
-            return Err(status.err().map_or("incomplete status line", error_name));
+        let Ok(httparse::Status::Complete(len)) = status else {
+            return None;
         };
-        finish(
-            HeadKind::Response { status: code },
-            "",
-            version,
-            resp.headers,
-            status,
-            truncated,
-            kept,
-        )
-    } else {
-        let mut req = httparse::Request::new(&mut headers);
-        let status = req.parse(block);
-        let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
-            return Err(status.err().map_or("incomplete request line", error_name));
-        };
-        request(method, path, version, req.headers, status, truncated, kept)
+        Some((request(&req, status, truncated, kept), len))
     }
 }
 
-/// A request head from httparse's fields.
-fn request(
-    method: &str,
-    path: &str,
-    version: u8,
-    raw: &[httparse::Header<'_>],
+/// A response head from what httparse read.
+fn response(
+    resp: &httparse::Response<'_, '_>,
     status: httparse::Result<usize>,
     truncated: bool,
     kept: &KeptHeaders,
 ) -> Result<Head, &'static str> {
+    let (Some(code), Some(version)) = (resp.code, resp.version) else {
+        return Err(status.err().map_or("incomplete status line", error_name));
+    };
+    finish(
+        HeadKind::Response { status: code },
+        "",
+        version,
+        &*resp.headers,
+        status,
+        truncated,
+        kept,
+    )
+}
+
+/// A request head from what httparse read.
+fn request(
+    req: &httparse::Request<'_, '_>,
+    status: httparse::Result<usize>,
+    truncated: bool,
+    kept: &KeptHeaders,
+) -> Result<Head, &'static str> {
+    let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(status.err().map_or("incomplete request line", error_name));
+    };
     if method.len() > MAX_METHOD {
         return Err("method token too long");
     }
+    let raw = &*req.headers;
     let glued = raw
         .iter()
         .take_while(|h| !h.name.is_empty())

@@ -328,8 +328,15 @@ impl HttpStream {
         let chunk = &seg.data[seg.pos..];
         if old_len == 0 {
             // The usual case, a whole head in one syscall: parsed where it
-            // lies, not copied into the header buffer first.
-            if let Some(head_len) = find_head_end(&chunk[..chunk.len().min(room)]) {
+            // lies, not copied into the header buffer first, and in the
+            // same pass that finds its end.
+            let data = &chunk[..chunk.len().min(room)];
+            if let Some((head, head_len)) = head::parse_leading(data, self.flow, &self.kept) {
+                seg.pos += head_len;
+                let ktime = seg.ktime_ns;
+                return Some(self.parsed(Ok(head), false, ktime));
+            }
+            if let Some(head_len) = find_head_end(data) {
                 // Lent out while parsing and put back (a clone would take
                 // and give back a reference on the capture arena's shared
                 // count, a cache line the capture thread writes).
@@ -386,6 +393,11 @@ impl HttpStream {
     /// Parses one header block and moves to the state its framing says.
     fn parse_block(&mut self, block: &[u8], truncated: bool, ktime: u64) -> Item {
         let parsed = head::parse(block, truncated, self.flow, &self.kept);
+        self.parsed(parsed, truncated, ktime)
+    }
+
+    /// Moves to the state a parsed header block's framing says.
+    fn parsed(&mut self, parsed: Result<Head, &'static str>, truncated: bool, ktime: u64) -> Item {
         self.last_ktime = ktime;
         match parsed {
             Ok(mut h) => {
