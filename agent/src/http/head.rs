@@ -358,17 +358,19 @@ pub fn starts_message(data: &[u8], flow: Option<Flow>) -> bool {
     }
 }
 
-/// The head at the start of `data` (more bytes may follow it) and its
-/// length, when it ends with a blank CRLF line and parses in one pass.
-/// None otherwise: the caller finds the head's end itself and calls
-/// [`parse`], which gives the same head or says what is wrong with it.
-pub fn parse_leading(data: &[u8], flow: Option<Flow>, kept: &KeptHeaders) -> Option<(Head, usize)> {
-    match parse_complete(data, is_response(data, flow), false, kept)? {
-        // A head's lines hold no CR or LF, so the first blank line ends it:
-        // where a search for CRLFCRLF would have found the end too.
-        (Ok(head), len) if data[..len].ends_with(b"\r\n\r\n") => Some((head, len)),
-        _ => None,
-    }
+/// The head at the start of `data` (more bytes may follow it), or what is
+/// wrong with it, and its length, when httparse finds it complete and it
+/// ends with a blank CRLF line: what [`parse`] would say of the block a
+/// search for CRLFCRLF finds. None otherwise: the caller finds the end
+/// itself and calls [`parse`].
+pub fn parse_leading(
+    data: &[u8],
+    flow: Option<Flow>,
+    kept: &KeptHeaders,
+) -> Option<(Result<Head, &'static str>, usize)> {
+    // A head's lines hold no CR or LF, so the first blank line ends it:
+    // where a search for CRLFCRLF would have found the end too.
+    parse_complete(data, is_response(data, flow), false, kept).filter(|(_, len)| data[..*len].ends_with(b"\r\n\r\n"))
 }
 
 /// Parses a header block. With `truncated`, a block cut short is accepted

@@ -331,10 +331,10 @@ impl HttpStream {
             // lies, not copied into the header buffer first, and in the
             // same pass that finds its end.
             let data = &chunk[..chunk.len().min(room)];
-            if let Some((head, head_len)) = head::parse_leading(data, self.flow, &self.kept) {
+            if let Some((parsed, head_len)) = head::parse_leading(data, self.flow, &self.kept) {
                 seg.pos += head_len;
                 let ktime = seg.ktime_ns;
-                return Some(self.parsed(Ok(head), false, ktime));
+                return Some(self.parsed(parsed, false, ktime));
             }
             if let Some(head_len) = find_head_end(data) {
                 // Lent out while parsing and put back (a clone would take
