@@ -120,6 +120,7 @@ fn event(tgid: u32, direction: Direction, payload: &str, t: u64, local: &str, re
             direction,
             len: payload.len() as u64,
             payload: Bytes::copy_from_slice(payload.as_bytes()),
+            sent_ns: 0,
         },
     }
 }
@@ -242,6 +243,7 @@ pub fn correlator(data: &[u8], faults: Faults) -> CorrelatorRun {
                         direction: *direction,
                         len: a.len() as u64,
                         payload: a,
+                        sent_ns: 0,
                     };
                     run.events += 1;
                     c.handle(first, &mut spans);
@@ -249,6 +251,7 @@ pub fn correlator(data: &[u8], faults: Faults) -> CorrelatorRun {
                         direction: *direction,
                         len: b.len() as u64,
                         payload: b,
+                        sent_ns: 0,
                     };
                     ev.seq = number(&ev);
                 }
@@ -368,6 +371,7 @@ impl WithPayload for Event {
                 direction,
                 len: payload.len() as u64 + missing,
                 payload: Bytes::copy_from_slice(payload),
+                sent_ns: 0,
             };
         }
         self

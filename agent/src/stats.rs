@@ -43,6 +43,7 @@ counters! {
     events_dropped_queue: "Events dropped because the pipeline was behind.",
     http_malformed: "Byte runs on tracked sockets that were not valid HTTP/1.x.",
     http_orphan_responses: "Responses with no request seen (e.g. agent started mid-request).",
+    http_early_responses: "HTTP/1 responses whose event came before their request's (a client writing and reading on different threads), paired by when the request was sent.",
     http_pairing_resyncs: "Requests given up so that request/response pairing cannot drift (response lost or ambiguous).",
     http_pending_overflows: "Connections whose queue of requests awaiting a response overflowed.",
     event_sequence_gaps: "Gaps in a connection's kernel event numbering (events lost): its pairing restarted there.",

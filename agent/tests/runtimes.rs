@@ -48,7 +48,10 @@ fn go_client_to_go_server_gives_linked_spans() {
                 .filter(|s| kind(s) == k && attr_str(s, "url.path") == path)
                 .collect();
             assert_eq!(side.len(), n, "{k} {path}");
-            assert!(side.iter().all(|s| attr_u64(s, "http.response.status_code") == status));
+            assert!(
+                side.iter().all(|s| attr_u64(s, "http.response.status_code") == status),
+                "{k} {path}: {side:#?}"
+            );
             assert!(side.iter().all(|s| attr_str(s, "process.executable.name") == "goapp"));
         }
     }

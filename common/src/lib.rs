@@ -430,6 +430,13 @@ pub struct EventHeader {
     pub comm: [u8; 16],
     /// Trace context of the request starting in this payload, if any.
     pub ctx: TraceCtx,
+    /// Egress data: `bpf_ktime_get_ns` when the call that sent the bytes
+    /// began (sys_enter, or an SSL call's entry), so before they could
+    /// leave. Events of one connection made by different threads reach the
+    /// ring buffer in the order their exits ran, which a preempted writer
+    /// can put after the peer's answer; this time keeps cause before
+    /// effect. 0: not taken (ingress, or the exit is as early).
+    pub sent_ns: u64,
 }
 
 /// Size of the header on the wire.
@@ -437,7 +444,7 @@ pub const HEADER_SIZE: usize = core::mem::size_of::<EventHeader>();
 
 // The wire layout both sides compile against: a change here is a change of
 // the ring-buffer format (and of the verifier-checked copies into it).
-const _: () = assert!(HEADER_SIZE == 176);
+const _: () = assert!(HEADER_SIZE == 184);
 const _: () = assert!(core::mem::offset_of!(EventHeader, seq) == 60);
 const _: () = assert!(core::mem::offset_of!(EventHeader, addrs) == 64);
 

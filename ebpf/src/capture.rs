@@ -469,6 +469,7 @@ pub fn fill_header_of(ev: &mut crate::maps::EventBuf, id: u64, args: &Args, stat
     ev.header.direction = args.direction;
     ev.header.syscall = args.syscall;
     crate::mem::copy(&mut ev.header.ctx, &args.ctx);
+    ev.header.sent_ns = args.sent_ns;
 }
 
 #[inline(always)]
@@ -483,6 +484,7 @@ fn fill_header(ev: &mut crate::maps::EventBuf, tgid: u32, tid: u32, fd: u32, kin
     h.kind = kind as u32;
     crate::mem::copy(&mut h.addrs, &state.addrs);
     h.sock_ino = state.sock_ino;
+    h.sent_ns = 0;
     // Straight into the header (the helper zeroes it on failure).
     // SAFETY: a buffer of the given size.
     unsafe { generated::bpf_get_current_comm(h.comm.as_mut_ptr().cast(), h.comm.len() as u32) };

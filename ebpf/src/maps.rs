@@ -70,6 +70,8 @@ pub struct Args {
     /// Context of the request an egress call starts (decided at sys_enter,
     /// before the bytes can leave, so the TCP option can carry it).
     pub ctx: TraceCtx,
+    /// Egress: when the call began (`EventHeader::sent_ns`); 0 otherwise.
+    pub sent_ns: u64,
 }
 
 impl Args {
@@ -96,6 +98,7 @@ impl Args {
             (&raw mut (*p).syscall).write(syscall);
             (&raw mut (*p).direction).write(direction);
             crate::mem::zero_raw(&raw mut (*p).ctx);
+            (&raw mut (*p).sent_ns).write(0);
             out.assume_init_mut()
         }
     }

@@ -37,6 +37,10 @@ pub enum EventBody {
         len: u64,
         /// The captured prefix of those bytes.
         payload: Bytes,
+        /// Egress: when the sending call began, before the bytes could
+        /// leave (`EventHeader::sent_ns`); 0 when not taken, then
+        /// `ktime_ns` stands for it (see [`sent_at`]).
+        sent_ns: u64,
     },
     Close,
     /// The process started a new program.
@@ -102,6 +106,20 @@ impl Arena {
     }
 }
 
+/// When the bytes of a data event that exited at `ktime_ns` were on their
+/// way: `sent_ns` if the kernel took it (and it is not later), else the
+/// exit. An ingress event's exit is after its bytes arrived and an egress
+/// event's `sent_ns` before they left, so between the two ends of a
+/// connection these times keep cause before effect, whatever order the
+/// events came in.
+pub fn sent_at(ktime_ns: u64, sent_ns: u64) -> u64 {
+    if sent_ns != 0 && sent_ns <= ktime_ns {
+        sent_ns
+    } else {
+        ktime_ns
+    }
+}
+
 impl Event {
     /// Decodes one ring-buffer record (header + payload), its payload
     /// copied on its own.
@@ -135,6 +153,7 @@ impl Event {
                 },
                 len: u64::from(h.len),
                 payload: copy(&record[HEADER_SIZE..HEADER_SIZE + announced]),
+                sent_ns: h.sent_ns,
             },
             k if k == EventKind::Close as u32 => EventBody::Close,
             k if k == EventKind::Exec as u32 => EventBody::Exec,
@@ -288,6 +307,7 @@ mod tests {
             sock_ino: 0,
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
             ctx: meshless_common::TraceCtx::default(),
+            sent_ns: 4,
         }
     }
 
@@ -304,7 +324,8 @@ mod tests {
             EventBody::Data {
                 direction: Direction::Egress,
                 len: 10,
-                payload: Bytes::from_static(b"GET ")
+                payload: Bytes::from_static(b"GET "),
+                sent_ns: 4,
             }
         );
     }

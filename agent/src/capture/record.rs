@@ -6,14 +6,17 @@ use std::{fs::File, io::Write, path::Path};
 
 use tracing::warn;
 
-/// First bytes of a recording (format version 1).
-pub const MAGIC: &[u8; 8] = b"MLREC001";
+/// First bytes of a recording (format version 2: records carry the
+/// 184-byte header with `sent_ns`; version 1 had 176 bytes).
+pub const MAGIC: &[u8; 8] = b"MLREC002";
 
 /// Why a recording could not be read.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RecordingError {
     #[error("not a meshless recording (magic {MAGIC:?} missing)")]
     Magic,
+    #[error("a recording of an older format ({0}): record it again with this agent's --record")]
+    Version(String),
     #[error("recording cut in the middle of record {0}")]
     Cut(usize),
 }
@@ -52,7 +55,14 @@ impl Recorder {
 
 /// The records of a recording, in order.
 pub fn records(bytes: &[u8]) -> Result<Vec<&[u8]>, RecordingError> {
-    let mut rest = bytes.strip_prefix(MAGIC.as_slice()).ok_or(RecordingError::Magic)?;
+    let Some(mut rest) = bytes.strip_prefix(MAGIC.as_slice()) else {
+        return Err(match bytes.get(..8) {
+            Some(magic) if magic.starts_with(b"MLREC") => {
+                RecordingError::Version(String::from_utf8_lossy(magic).into_owned())
+            }
+            _ => RecordingError::Magic,
+        });
+    };
     let mut out = Vec::new();
     while !rest.is_empty() {
         let cut = RecordingError::Cut(out.len());
@@ -86,5 +96,6 @@ mod tests {
         assert_eq!(got, vec![&b"first"[..], b"", b"third record"]);
         assert_eq!(records(&bytes[..bytes.len() - 1]), Err(RecordingError::Cut(2)));
         assert_eq!(records(b"nonsense"), Err(RecordingError::Magic));
+        assert_eq!(records(b"MLREC001"), Err(RecordingError::Version("MLREC001".into())));
     }
 }

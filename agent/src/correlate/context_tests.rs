@@ -52,6 +52,7 @@ fn event(e: Ev<'_>) -> Event {
             direction: e.dir,
             len: e.bytes.len() as u64,
             payload: Bytes::copy_from_slice(e.bytes),
+            sent_ns: 0,
         },
     }
 }

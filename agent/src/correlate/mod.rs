@@ -182,6 +182,7 @@ impl Correlator {
                 direction,
                 len,
                 payload,
+                sent_ns,
             } => {
                 self.retire_old_generation(key, spans);
                 if !self.conns.contains_key(&key) {
@@ -220,6 +221,7 @@ impl Correlator {
                         payload,
                         len,
                         ktime_ns: ev.ktime_ns,
+                        sent_ns: crate::capture::event::sent_at(ev.ktime_ns, sent_ns),
                         thread: protocol::Thread {
                             tid: ev.tid,
                             comm: ev.comm,
@@ -385,6 +387,7 @@ fn absorb(linking: &mut Linking, env: &SpanEnv, conn: &Conn, spans: &mut Vec<Spa
     let counts = [
         (&env.stats.http_malformed, &out.malformed),
         (&env.stats.http_orphan_responses, &out.orphans),
+        (&env.stats.http_early_responses, &out.early_answers),
         (&env.stats.http_pairing_resyncs, &out.resyncs),
         (&env.stats.http_pending_overflows, &out.overflows),
         (&env.stats.http_duplicate_events, &out.duplicates),

@@ -25,7 +25,11 @@ pub struct Segment {
     pub payload: bytes::Bytes,
     /// Bytes the syscall moved (at least `payload.len()`).
     pub len: u64,
+    /// When the syscall returned.
     pub ktime_ns: u64,
+    /// When the bytes were on their way ([`crate::capture::sent_at`]):
+    /// what pairing compares across directions.
+    pub sent_ns: u64,
     pub thread: Thread,
     /// The context the kernel chose, if these bytes start a request.
     pub ctx: Option<KernelCtx>,
@@ -131,6 +135,8 @@ pub struct Output {
     pub exchanges: SmallVec<[Exchange; 1]>,
     pub malformed: u64,
     pub orphans: u64,
+    /// Responses paired with a request whose event came after theirs.
+    pub early_answers: u64,
     /// Requests given up to keep pairing right (their responses were lost,
     /// or could not be told apart); each is a span not emitted.
     pub resyncs: u64,
@@ -159,6 +165,7 @@ impl Output {
             exchanges,
             malformed,
             orphans,
+            early_answers,
             resyncs,
             overflows,
             duplicates,
@@ -171,7 +178,15 @@ impl Output {
         exchanges.clear();
         aliases.clear();
         *upgrade = None;
-        for n in [malformed, orphans, resyncs, overflows, duplicates, limited] {
+        for n in [
+            malformed,
+            orphans,
+            early_answers,
+            resyncs,
+            overflows,
+            duplicates,
+            limited,
+        ] {
             *n = 0;
         }
     }

@@ -31,6 +31,7 @@ fn data(tgid: u32, fd: u32, dir: Direction, bytes: &'static [u8], t: u64, local:
             direction: dir,
             len: bytes.len() as u64,
             payload: Bytes::from_static(bytes),
+            sent_ns: 0,
         },
     }
 }
@@ -205,6 +206,7 @@ fn client_event(dir: Direction, bytes: Vec<u8>, len: u64, t: u64) -> Event {
         direction: dir,
         len,
         payload: Bytes::from(bytes),
+        sent_ns: 0,
     };
     ev
 }
@@ -345,6 +347,115 @@ fn a_response_cannot_answer_a_request_seen_after_it_started() {
     assert_paired_right(&spans);
     assert_eq!(spans.len(), 1);
     assert_eq!(spans[0].path(), "/r1");
+}
+
+/// [`send`] of bytes whose syscall began at `sent` and returned at `t`.
+fn send_at(c: &mut Correlator, spans: &mut Vec<Span>, dir: Direction, bytes: &[u8], sent: u64, t: u64) {
+    let mut ev = client_event(dir, bytes.to_vec(), bytes.len() as u64, t);
+    if let EventBody::Data { sent_ns, .. } = &mut ev.body {
+        *sent_ns = sent;
+    }
+    c.handle(ev, spans);
+}
+
+/// [`send_at`] on the server's connection (pid 2, fd 5).
+fn serve_at(c: &mut Correlator, spans: &mut Vec<Span>, dir: Direction, bytes: &[u8], sent: u64, t: u64) {
+    let mut ev = data(2, 5, dir, b"", t, SERVER, CLIENT);
+    ev.body = EventBody::Data {
+        direction: dir,
+        len: bytes.len() as u64,
+        payload: Bytes::copy_from_slice(bytes),
+        sent_ns: sent,
+    };
+    c.handle(ev, spans);
+}
+
+#[test]
+fn a_response_whose_event_came_before_its_request_still_answers_it() {
+    // A client that writes on one thread and reads on another (Go): the
+    // write of request i began at 100i + 1, the answer was read at
+    // 100i + 20, and only then did the write get to its exit (100i + 50).
+    let mut c = correlator();
+    let mut spans = Vec::new();
+    for i in 0..3 {
+        let t = 100 * i;
+        let answer = response(i, 10);
+        if i == 1 {
+            // The body's last bytes come after the request's event.
+            send(
+                &mut c,
+                &mut spans,
+                Direction::Ingress,
+                &answer[..answer.len() - 4],
+                t + 20,
+            );
+            send_at(&mut c, &mut spans, Direction::Egress, &request(i), t + 1, t + 50);
+            send(
+                &mut c,
+                &mut spans,
+                Direction::Ingress,
+                &answer[answer.len() - 4..],
+                t + 60,
+            );
+        } else {
+            send(&mut c, &mut spans, Direction::Ingress, &answer, t + 20);
+            send_at(&mut c, &mut spans, Direction::Egress, &request(i), t + 1, t + 50);
+        }
+    }
+    close_client(&mut c, &mut spans, 400);
+    assert_paired_right(&spans);
+    let statuses: Vec<_> = spans.iter().map(|s| s.status_code).collect();
+    assert_eq!(statuses, [Some(210), Some(211), Some(212)]);
+    // From when the request was sent to when the answer was read.
+    let durations: Vec<_> = spans.iter().map(|s| s.end_unix_nano - s.start_unix_nano).collect();
+    assert_eq!(durations, [19, 59, 19]);
+    assert_eq!(counter(&c, |s| &s.http_early_responses), 3);
+    assert_eq!(counter(&c, |s| &s.http_orphan_responses), 0);
+}
+
+#[test]
+fn a_response_that_began_before_a_request_was_sent_does_not_answer_it() {
+    // The answer to a request never seen (the agent started mid-request),
+    // then a request sent after it arrived: they are not a pair.
+    let mut c = correlator();
+    let mut spans = Vec::new();
+    send(&mut c, &mut spans, Direction::Ingress, &response(0, 0), 10);
+    send_at(&mut c, &mut spans, Direction::Egress, &request(1), 20, 21);
+    send(&mut c, &mut spans, Direction::Ingress, &response(1, 0), 30);
+    assert_paired_right(&spans);
+    assert_eq!(spans.len(), 1);
+    assert_eq!(spans[0].status_code, Some(211));
+    assert_eq!(counter(&c, |s| &s.http_orphan_responses), 1);
+    assert_eq!(counter(&c, |s| &s.http_early_responses), 0);
+}
+
+#[test]
+fn a_server_write_that_returned_after_the_next_request_began_loses_neither() {
+    // Go's server reads the next request's first byte on another thread
+    // while the write of the answer before it has not got to its exit.
+    let mut c = correlator();
+    let mut spans = Vec::new();
+    serve_at(&mut c, &mut spans, Direction::Ingress, &request(0), 0, 10);
+    serve_at(&mut c, &mut spans, Direction::Ingress, &request(1)[..1], 0, 30);
+    serve_at(&mut c, &mut spans, Direction::Egress, &response(0, 0), 20, 40);
+    serve_at(&mut c, &mut spans, Direction::Ingress, &request(1)[1..], 0, 50);
+    serve_at(&mut c, &mut spans, Direction::Egress, &response(1, 0), 60, 61);
+    // No client side here: released after the wait for one.
+    c.tick(61 + Limits::default().link_wait_ns, &mut spans);
+    assert_paired_right(&spans);
+    // Released together, in no set order.
+    spans.sort_by(|a, b| a.path().cmp(b.path()));
+    let paths: Vec<_> = spans.iter().map(|s| (s.path().to_string(), s.kind)).collect();
+    assert_eq!(
+        paths,
+        [
+            ("/r0".to_string(), SpanKind::Server),
+            ("/r1".to_string(), SpanKind::Server)
+        ]
+    );
+    // Each ends when its answer's write returned.
+    assert_eq!(spans[0].end_unix_nano - spans[0].start_unix_nano, 30);
+    assert_eq!(counter(&c, |s| &s.http_pairing_resyncs), 0);
 }
 
 #[test]
@@ -491,6 +602,7 @@ fn correlator_state_is_measured_and_shed_over_its_limit() {
             direction: Direction::Egress,
             len: big.len() as u64,
             payload: Bytes::from(big.clone()),
+            sent_ns: 0,
         };
         c.handle(ev, &mut spans);
     }

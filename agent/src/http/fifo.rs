@@ -61,6 +61,25 @@ pub struct Http1 {
     /// message start again: Some(time of the last segment skipped meanwhile),
     /// Some(0) before any was.
     resyncing: [Option<u64>; 2],
+    /// A response that came while no request waited, kept until the next
+    /// request head in case it answers that one (see [`Early`]).
+    early: Option<Box<Early>>,
+}
+
+/// A response seen before the request it answers. A client whose writes
+/// and reads run on different threads (Go's net/http) can have its read
+/// of the answer return, and its event reach the ring buffer, before the
+/// write of the request got to its own exit. Events come in the order
+/// their exits ran, so such a request shows up after its response. The
+/// request's `sent_ns` (taken at sys_enter) still comes before the
+/// response's arrival: a request sent no later than the response began to
+/// arrive, on a connection that does not pipeline and had nothing else
+/// waiting, is the one it answers. Anything else drops it (an orphan).
+#[derive(Debug)]
+struct Early {
+    head: Head,
+    /// The time its last bytes were read, once they were.
+    end_ktime_ns: Option<u64>,
 }
 
 /// Kernel contexts remembered per connection while their heads complete.
@@ -107,6 +126,7 @@ impl Http1 {
             last_event: None,
             kernel_ctx: VecDeque::new(),
             resyncing: [None; 2],
+            early: None,
         }
     }
 
@@ -125,6 +145,10 @@ impl Http1 {
             + self.egress.state_bytes()
             + self.pending.iter().map(request_bytes).sum::<usize>()
             + self.responding.as_ref().map_or(0, |(r, _)| request_bytes(r) + 512)
+            + self
+                .early
+                .as_ref()
+                .map_or(0, |e| std::mem::size_of::<Early>() + e.head.headers.heap_bytes())
     }
 
     /// Feeds one syscall's bytes, with the context the kernel chose if they
@@ -135,6 +159,7 @@ impl Http1 {
             payload,
             len,
             ktime_ns: ktime,
+            sent_ns: sent,
             thread,
             ctx,
         } = segment;
@@ -146,19 +171,20 @@ impl Http1 {
             if self.kernel_ctx.len() >= KERNEL_CTX_KEPT {
                 self.kernel_ctx.pop_front();
             }
-            self.kernel_ctx.push_back((direction, ktime, ctx));
+            // Keyed by the time the head it starts is dated by.
+            self.kernel_ctx.push_back((direction, sent, ctx));
         }
         self.last_ktime_ns = self.last_ktime_ns.max(ktime);
         let seen = &mut self.last_bytes_ns[way(direction)];
-        *seen = (*seen).max(ktime);
+        *seen = (*seen).max(sent);
         let missing = len.saturating_sub(payload.len() as u64);
         if let Some(skipped) = self.resyncing[way(direction)].filter(|t| *t > 0) {
             self.lose_skipped(direction, skipped, out);
         }
-        self.stream(direction).push(payload, missing, ktime);
-        self.drain(direction, thread, ktime, out);
+        self.stream(direction).push_sent(payload, missing, ktime, sent);
+        self.drain(direction, thread, sent, out);
         if self.resyncing[way(direction)].is_some() {
-            self.resyncing[way(direction)] = self.stream(direction).desynced().then_some(ktime);
+            self.resyncing[way(direction)] = self.stream(direction).desynced().then_some(sent);
         }
     }
 
@@ -196,6 +222,7 @@ impl Http1 {
         let end = self.last_ktime_ns;
         // A response head seen whose end never came still answered.
         self.finish_response(end, out);
+        self.drop_early(out);
         match why {
             Some(why) if !self.poisoned => self.give_up(why, end, out),
             _ => out.resyncs += std::mem::take(&mut self.pending).len() as u64,
@@ -206,6 +233,7 @@ impl Http1 {
     /// event sequence jumped): whatever is pending may have been answered
     /// in them, and both streams restart at the next message start.
     fn lose_events(&mut self, out: &mut Output) {
+        self.drop_early(out);
         out.resyncs += self.pending.len() as u64 + u64::from(self.responding.is_some());
         self.pending.clear();
         self.responding = None;
@@ -237,7 +265,8 @@ impl Http1 {
         }
     }
 
-    fn drain(&mut self, direction: Direction, thread: Thread, ktime: u64, out: &mut Output) {
+    /// `sent`: when the bytes just pushed were on their way.
+    fn drain(&mut self, direction: Direction, thread: Thread, sent: u64, out: &mut Output) {
         let other = match direction {
             Direction::Ingress => Direction::Egress,
             Direction::Egress => Direction::Ingress,
@@ -255,18 +284,24 @@ impl Http1 {
                     // Where a response should start there are bytes we
                     // cannot read: the response to what was sent before is
                     // unknowable, never to be taken from the next one.
-                    self.lose_responses(ktime, false, out);
+                    self.lose_responses(sent, false, out);
                 }
                 (Item::Malformed(_), _) => {
                     out.malformed += 1;
-                    self.lose_requests(ktime, out);
+                    self.lose_requests(sent, out);
                 }
                 (Item::Gap { ktime_ns }, Some(Flow::Responses)) => self.lose_responses(ktime_ns, true, out),
                 (Item::Gap { ktime_ns }, _) => self.lose_requests(ktime_ns, out),
                 (Item::Head(head), Some(Flow::Requests)) => self.request_head(direction, head, thread, out),
-                (Item::Head(head), _) => self.response_head(direction, head, ktime, out),
-                (Item::End { ktime_ns }, Some(Flow::Responses)) => self.finish_response(ktime_ns, out),
-                (Item::End { ktime_ns }, _) => self.last_request_end_ns = ktime_ns,
+                (Item::Head(head), _) => self.response_head(direction, head, sent, out),
+                (Item::End { ktime_ns }, Some(Flow::Responses)) => {
+                    if let (None, Some(early)) = (&self.responding, &mut self.early) {
+                        early.end_ktime_ns.get_or_insert(ktime_ns);
+                    }
+                    self.finish_response(ktime_ns, out);
+                }
+                // Dated like the head that may begin in the same syscall.
+                (Item::End { .. }, _) => self.last_request_end_ns = self.stream(direction).last_sent(),
             }
         }
     }
@@ -336,10 +371,18 @@ impl Http1 {
 
     /// Stops pairing on this connection for good.
     fn poison(&mut self, out: &mut Output) {
+        self.drop_early(out);
         if !self.poisoned {
             self.poisoned = true;
             out.resyncs += self.pending.len() as u64;
             self.pending.clear();
+        }
+    }
+
+    /// Forgets a response kept for a request that did not come: an orphan.
+    fn drop_early(&mut self, out: &mut Output) {
+        if self.early.take().is_some() {
+            out.orphans += 1;
         }
     }
 
@@ -380,6 +423,7 @@ impl Http1 {
             out.resyncs += 1;
             return;
         }
+        let early = self.early.take();
         let waiting = !self.pending.is_empty() || self.responding.is_some();
         if waiting && head.start_ktime_ns == self.last_request_end_ns {
             // It began in the syscall that ended the request before it.
@@ -394,14 +438,36 @@ impl Http1 {
                 self.finish_response(ktime_ns, out);
             }
         }
-        // Bytes came back while this head was being written: a peer that
-        // does not pipeline never does that, so the head is glued together
-        // from two requests around lost bytes.
-        let glued = self.last_bytes_ns[way(response_direction)] > head.start_ktime_ns;
+        // Bytes came back while this head, in parts, was being written: a
+        // peer that does not pipeline never does that, so the head is glued
+        // together from two requests around lost bytes. (One syscall's bytes
+        // are one write; an answer dated inside it came after they left.)
+        let glued = !head.in_one_segment && self.last_bytes_ns[way(response_direction)] > head.start_ktime_ns;
         if glued && self.pipelined {
             self.poison(out);
         }
-        if self.poisoned || glued || head.start_ktime_ns < self.last_response_start_ns {
+        let version = if head.version == 0 { "1.0" } else { "1.1" };
+        let request = Request {
+            head,
+            kind,
+            thread,
+            seq,
+            ctx,
+            version,
+        };
+        if let Some(early) = early {
+            let answers = !waiting
+                && !self.pipelined
+                && !self.poisoned
+                && !glued
+                && request.head.start_ktime_ns <= early.head.start_ktime_ns;
+            if answers {
+                self.answer_early(request, *early, response_direction, out);
+                return;
+            }
+            out.orphans += 1;
+        }
+        if self.poisoned || glued || request.head.start_ktime_ns < self.last_response_start_ns {
             out.resyncs += 1;
             return;
         }
@@ -413,31 +479,43 @@ impl Http1 {
             self.poisoned = true;
             return;
         }
-        let version = if head.version == 0 { "1.0" } else { "1.1" };
-        self.pending.push_back(Request {
-            head,
-            kind,
-            thread,
-            seq,
-            ctx,
-            version,
-        });
+        self.pending.push_back(request);
     }
 
-    fn response_head(&mut self, direction: Direction, head: Head, ktime: u64, out: &mut Output) {
+    /// Pairs a request that came after its response ([`Early`]).
+    fn answer_early(&mut self, request: Request, early: Early, response_direction: Direction, out: &mut Output) {
+        out.early_answers += 1;
+        match early.end_ktime_ns {
+            Some(end_ktime_ns) => out.exchanges.push(Exchange {
+                rpc: None,
+                request,
+                response: Response::Seen(early.head),
+                end_ktime_ns,
+            }),
+            None => {
+                if request.head.method() == Some("HEAD") {
+                    self.stream(response_direction).expect_no_body();
+                }
+                self.responding = Some((request, early.head));
+            }
+        }
+    }
+
+    /// `sent`: when the bytes that completed the head were on their way.
+    fn response_head(&mut self, direction: Direction, head: Head, sent: u64, out: &mut Output) {
         let status = head.status().unwrap_or(0);
         self.last_response_start_ns = self.last_response_start_ns.max(head.start_ktime_ns);
         let request_direction = match direction {
             Direction::Ingress => Direction::Egress,
             Direction::Egress => Direction::Ingress,
         };
-        if !self.pipelined && self.last_bytes_ns[way(request_direction)] > head.start_ktime_ns {
+        if !self.pipelined && !head.in_one_segment && self.last_bytes_ns[way(request_direction)] > head.start_ktime_ns {
             // Request bytes went out while this head was arriving: a peer
             // that does not pipeline never does that, so the head is glued
             // from two responses around lost bytes. Whatever it answers is
             // unknowable.
             out.orphans += 1;
-            self.lose_responses(ktime, false, out);
+            self.lose_responses(sent, false, out);
             self.stream(direction).force_end();
             return;
         }
@@ -452,12 +530,25 @@ impl Http1 {
             self.pending.pop_front()
         };
         let Some(request) = request else {
+            if matches!(status, 100..=199 | 204 | 304) {
+                self.stream(direction).expect_no_body();
+            }
+            let may_be_early = !self.pipelined
+                && !self.poisoned
+                && self.pending.is_empty()
+                && self.responding.is_none()
+                && !(100..200).contains(&status);
+            if may_be_early {
+                self.drop_early(out);
+                self.early = Some(Box::new(Early {
+                    head,
+                    end_ktime_ns: None,
+                }));
+                return;
+            }
             out.orphans += 1;
             if !self.pending.is_empty() {
                 out.resyncs += 1;
-            }
-            if matches!(status, 100..=199 | 204 | 304) {
-                self.stream(direction).expect_no_body();
             }
             return;
         };

@@ -45,11 +45,15 @@ pub struct Head {
     pub headers_dropped: usize,
     /// The header block was not seen to its end.
     pub truncated: bool,
-    /// Time of the syscall that carried the first byte.
+    /// When the first byte was on its way: the syscall's return for bytes
+    /// read, its start for bytes written (`crate::capture::event::sent_at`).
     pub start_ktime_ns: u64,
     /// The head began at the first byte of a syscall's payload (where the
     /// kernel decides a request's trace context).
     pub at_segment_start: bool,
+    /// The whole head came in one syscall's bytes: nothing the other way
+    /// can have come between its parts.
+    pub in_one_segment: bool,
 }
 
 /// A request's target and the header fields of one message, in order, in
@@ -550,6 +554,7 @@ fn finish(
         truncated,
         start_ktime_ns: 0,
         at_segment_start: false,
+        in_one_segment: false,
     })
 }
 

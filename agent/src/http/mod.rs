@@ -41,7 +41,8 @@ pub enum Item {
     Malformed(&'static str),
     /// Bytes after a message boundary (or the rest of a header block) were
     /// not captured: whole messages may have been in them. Framing resumes
-    /// at the next segment that starts like a message.
+    /// at the next segment that starts like a message. `ktime_ns` is when
+    /// the bytes were on their way (as a head's start).
     Gap { ktime_ns: u64 },
 }
 
@@ -65,13 +66,22 @@ enum State {
     Desync,
 }
 
+/// When a segment's syscall returned (`ktime`: what spans are timed by)
+/// and when its bytes were on their way (`sent`: what pairing compares
+/// across directions, see [`crate::capture::event::sent_at`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Stamp {
+    ktime: u64,
+    sent: u64,
+}
+
 #[derive(Debug)]
 struct Segment {
     data: bytes::Bytes,
     pos: usize,
     /// Bytes the syscall moved beyond what was captured.
     missing: u64,
-    ktime_ns: u64,
+    at: Stamp,
     /// The segment before this one ended inside a token: if this one looks
     /// like a request it may continue a method name, so it cannot be
     /// trusted to begin a message after framing was lost (responses start
@@ -90,7 +100,8 @@ pub struct HttpStream {
     head_at_start: bool,
     /// A message is open (head returned, end not yet).
     open: bool,
-    last_ktime: u64,
+    /// The last segment whose bytes went to a message.
+    last: Stamp,
     /// The head just returned has no body: `End` is due next.
     end_due: bool,
     /// A `Gap` at this time is due after the item just returned.
@@ -121,13 +132,19 @@ impl HttpStream {
             head_ktime: 0,
             head_at_start: false,
             open: false,
-            last_ktime: 0,
+            last: Stamp::default(),
             end_due: false,
             gap_due: None,
             segments: VecDeque::new(),
             open_token: false,
             kept,
         }
+    }
+
+    /// When the bytes of the last segment that went to a message were on
+    /// their way.
+    pub fn last_sent(&self) -> u64 {
+        self.last.sent
     }
 
     /// Requests or responses, once the first message was seen.
@@ -138,6 +155,13 @@ impl HttpStream {
     /// Queues the bytes of one syscall: `data` was captured, `missing` more
     /// bytes were moved but not captured.
     pub fn push(&mut self, data: bytes::Bytes, missing: u64, ktime_ns: u64) {
+        self.push_sent(data, missing, ktime_ns, ktime_ns);
+    }
+
+    /// [`Self::push`] of bytes that were on their way at `sent_ns`, before
+    /// their syscall returned at `ktime_ns`: heads and gaps are dated by
+    /// `sent_ns`, ends by `ktime_ns`.
+    pub fn push_sent(&mut self, data: bytes::Bytes, missing: u64, ktime_ns: u64, sent_ns: u64) {
         let after_open_token = self.open_token;
         // Past missing bytes the syscall's end is a write boundary; apps
         // write whole messages far more often than method fragments.
@@ -147,7 +171,10 @@ impl HttpStream {
             data,
             pos: 0,
             missing,
-            ktime_ns,
+            at: Stamp {
+                ktime: ktime_ns,
+                sent: sent_ns,
+            },
         });
     }
 
@@ -165,7 +192,7 @@ impl HttpStream {
         self.gap_due = None;
         self.state = State::Desync;
         std::mem::replace(&mut self.open, false).then_some(Item::End {
-            ktime_ns: self.last_ktime,
+            ktime_ns: self.last.ktime,
         })
     }
 
@@ -184,7 +211,7 @@ impl HttpStream {
         self.end_due = false;
         self.state = State::Start;
         was_open.then_some(Item::End {
-            ktime_ns: self.last_ktime,
+            ktime_ns: self.last.ktime,
         })
     }
 
@@ -215,7 +242,7 @@ impl HttpStream {
                 self.end_due = false;
                 self.open = false;
                 return Some(Item::End {
-                    ktime_ns: self.last_ktime,
+                    ktime_ns: self.last.ktime,
                 });
             }
             if let Some(ktime_ns) = self.gap_due.take() {
@@ -235,7 +262,7 @@ impl HttpStream {
     /// Advances the state machine on the front segment; may return an item.
     fn step(&mut self) -> Option<Item> {
         let seg = self.segments.front_mut()?;
-        let ktime = seg.ktime_ns;
+        let at = seg.at;
         match &mut self.state {
             State::Start => self.step_start(),
             State::Body { remaining } => {
@@ -248,7 +275,7 @@ impl HttpStream {
                     seg.missing -= gap;
                     *remaining -= gap;
                 }
-                self.last_ktime = ktime;
+                self.last = at;
                 if *remaining == 0 {
                     return Some(self.finish_message());
                 }
@@ -264,7 +291,7 @@ impl HttpStream {
                     chunked.feed(data)
                 };
                 seg.pos += used;
-                self.last_ktime = ktime;
+                self.last = at;
                 match step {
                     ChunkStep::More => None,
                     ChunkStep::Done => Some(self.finish_message()),
@@ -277,7 +304,7 @@ impl HttpStream {
             State::UntilClose => {
                 seg.pos = seg.data.len();
                 seg.missing = 0;
-                self.last_ktime = ktime;
+                self.last = at;
                 None
             }
             State::Desync => {
@@ -289,7 +316,7 @@ impl HttpStream {
                     if self.open {
                         self.open = false;
                         return Some(Item::End {
-                            ktime_ns: self.last_ktime,
+                            ktime_ns: self.last.ktime,
                         });
                     }
                     return None;
@@ -297,7 +324,7 @@ impl HttpStream {
                 seg.pos = seg.data.len();
                 seg.missing = 0;
                 if self.open {
-                    self.last_ktime = ktime;
+                    self.last = at;
                 }
                 None
             }
@@ -317,11 +344,11 @@ impl HttpStream {
                     // A message boundary fell in bytes we never saw.
                     seg.missing = 0;
                     self.state = State::Desync;
-                    return Some(Item::Gap { ktime_ns: seg.ktime_ns });
+                    return Some(Item::Gap { ktime_ns: seg.at.sent });
                 }
                 return None;
             }
-            self.head_ktime = seg.ktime_ns;
+            self.head_ktime = seg.at.sent;
         }
         let old_len = self.head.len();
         let room = MAX_HEAD_BYTES.saturating_sub(old_len);
@@ -333,8 +360,8 @@ impl HttpStream {
             let data = &chunk[..chunk.len().min(room)];
             if let Some((parsed, head_len)) = head::parse_leading(data, self.flow, &self.kept) {
                 seg.pos += head_len;
-                let ktime = seg.ktime_ns;
-                return Some(self.parsed(parsed, false, ktime));
+                let at = seg.at;
+                return Some(self.parsed(parsed, false, true, at));
             }
             if let Some(head_len) = find_head_end(data) {
                 // Lent out while parsing and put back (a clone would take
@@ -343,8 +370,8 @@ impl HttpStream {
                 let data = std::mem::take(&mut seg.data);
                 let start = seg.pos;
                 seg.pos += head_len;
-                let ktime = seg.ktime_ns;
-                let item = self.parse_block(&data[start..start + head_len], false, ktime);
+                let at = seg.at;
+                let item = self.parse_block(&data[start..start + head_len], false, true, at);
                 // Parsing touches no segment: the one lent from is still first.
                 let seg = self.segments.front_mut();
                 debug_assert!(seg.is_some(), "the segment lent from is gone");
@@ -362,8 +389,8 @@ impl HttpStream {
             let unused = self.head.len() - head_len;
             seg.pos += take - unused;
             self.head.truncate(head_len);
-            let ktime = seg.ktime_ns;
-            return Some(self.parse_head(false, ktime));
+            let at = seg.at;
+            return Some(self.parse_head(false, at));
         }
         seg.pos += take;
         let overflow = take < chunk.len();
@@ -371,17 +398,17 @@ impl HttpStream {
             // The header block continues in bytes we never saw.
             seg.missing = 0;
             seg.pos = seg.data.len();
-            let ktime = seg.ktime_ns;
-            return Some(self.parse_head(true, ktime));
+            let at = seg.at;
+            return Some(self.parse_head(true, at));
         }
         None
     }
 
     /// Parses the buffered header block; `truncated` means its end was lost.
-    fn parse_head(&mut self, truncated: bool, ktime: u64) -> Item {
+    fn parse_head(&mut self, truncated: bool, at: Stamp) -> Item {
         // Parse in place and keep the buffer's capacity for the next message.
         let head = std::mem::take(&mut self.head);
-        let item = self.parse_block(&head, truncated, ktime);
+        let item = self.parse_block(&head, truncated, false, at);
         self.head = head;
         self.head.clear();
         if self.head.capacity() > KEEP_HEAD_CAPACITY {
@@ -391,18 +418,19 @@ impl HttpStream {
     }
 
     /// Parses one header block and moves to the state its framing says.
-    fn parse_block(&mut self, block: &[u8], truncated: bool, ktime: u64) -> Item {
+    fn parse_block(&mut self, block: &[u8], truncated: bool, whole: bool, at: Stamp) -> Item {
         let parsed = head::parse(block, truncated, self.flow, &self.kept);
-        self.parsed(parsed, truncated, ktime)
+        self.parsed(parsed, truncated, whole, at)
     }
 
     /// Moves to the state a parsed header block's framing says.
-    fn parsed(&mut self, parsed: Result<Head, &'static str>, truncated: bool, ktime: u64) -> Item {
-        self.last_ktime = ktime;
+    fn parsed(&mut self, parsed: Result<Head, &'static str>, truncated: bool, whole: bool, at: Stamp) -> Item {
+        self.last = at;
         match parsed {
             Ok(mut h) => {
                 h.start_ktime_ns = self.head_ktime;
                 h.at_segment_start = self.head_at_start;
+                h.in_one_segment = whole;
                 self.flow = Some(h.flow());
                 self.open = true;
                 self.state = if truncated {
@@ -427,7 +455,7 @@ impl HttpStream {
             }
             Err(_) if truncated => {
                 self.state = State::Desync;
-                Item::Gap { ktime_ns: ktime }
+                Item::Gap { ktime_ns: at.sent }
             }
             Err(reason) => {
                 self.state = State::Desync;
@@ -440,7 +468,7 @@ impl HttpStream {
         self.state = State::Start;
         self.open = false;
         Item::End {
-            ktime_ns: self.last_ktime,
+            ktime_ns: self.last.ktime,
         }
     }
 }

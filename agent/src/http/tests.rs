@@ -349,6 +349,7 @@ fn a_head_is_read_alike_whole_or_split_whatever_its_line_ends() {
                     Item::Head(mut h) => {
                         h.start_ktime_ns = 0;
                         h.at_segment_start = false;
+                        h.in_one_segment = false;
                         Item::Head(h)
                     }
                     Item::End { .. } => Item::End { ktime_ns: 0 },

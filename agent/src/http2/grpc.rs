@@ -150,6 +150,7 @@ mod tests {
             truncated: false,
             start_ktime_ns: 0,
             at_segment_start: false,
+            in_one_segment: false,
         }
     }
 

@@ -382,6 +382,7 @@ fn request_head(block: Option<&Block>, ktime_ns: u64) -> Head {
         truncated,
         start_ktime_ns: ktime_ns,
         at_segment_start: false,
+        in_one_segment: false,
     }
 }
 
@@ -404,5 +405,6 @@ fn response_head(block: &Block) -> Option<Head> {
         truncated: block.has_unknown() || block.limited,
         start_ktime_ns: 0,
         at_segment_start: false,
+        in_one_segment: false,
     })
 }

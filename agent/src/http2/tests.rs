@@ -71,6 +71,7 @@ impl Peer {
                 direction,
                 len: bytes.len() as u64,
                 payload: Bytes::from(bytes),
+                sent_ns: 0,
             },
         }
     }

@@ -1,7 +1,7 @@
 //! read/write-family syscalls: stash arguments on enter, emit on exit.
 use core::mem::MaybeUninit;
 
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
 use meshless_common::{Direction, Syscall};
 
 use super::{arg, current, ret};
@@ -93,6 +93,8 @@ fn stash(ctx: &TracePointContext, syscall: Syscall, direction: Direction, layout
             let addrs = request_addrs(state, key);
             client_request(id, addrs, &mut args.ctx);
         }
+        // SAFETY: no preconditions.
+        args.sent_ns = unsafe { bpf_ktime_get_ns() };
     }
     put_args(id, args);
     0

@@ -311,6 +311,7 @@ fn leave(ctx: &RetProbeContext, ex: bool) -> u32 {
     args.syscall = if ingress { Syscall::Read } else { Syscall::Write } as u32;
     args.direction = call.direction;
     args.ctx = call.ctx;
+    args.sent_ns = if ingress { 0 } else { call.ktime_ns };
     if membio {
         // Kept between calls: its next socket read ties the next call.
         call.inside = 0;

@@ -81,6 +81,8 @@ fn plaintext(ptr: u64, n: u64, fd: u32, direction: Direction) -> Option<&'static
     } as u32;
     args.direction = direction as u32;
     crate::mem::zero(&mut args.ctx);
+    // Emitted at the call's entry: its own time is before the bytes leave.
+    args.sent_ns = 0;
     Some(args)
 }
 
