@@ -63,6 +63,62 @@ fn go_client_to_go_server_gives_linked_spans() {
     assert!(linked, "{spans:#?}");
 }
 
+/// The kernel dates written bytes at the call's start too (`sent_ns`):
+/// what keeps an answer a Go client reads on another thread from passing
+/// the request that asked for it. Checked in the raw records.
+#[test]
+fn written_bytes_carry_when_their_write_began() {
+    let _serial = serial();
+    let bin = goapp();
+    let pods = PodPair::new();
+    let rec = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sent-{}.mlrec", std::process::id()));
+    let agent = Agent::start_with(&["--record", rec.to_str().expect("utf-8 path")]);
+    let port = 9091;
+    let mut server = PodPair::cmd(&pods.b, bin.to_str().expect("utf-8 path"));
+    server.args(["server", &format!("{}:{port}", pods.ip_b)]);
+    let _server = spawn(server);
+    wait_port(&pods.a, &pods.ip_b, port);
+    let mut client = PodPair::cmd(&pods.a, bin.to_str().expect("utf-8 path"));
+    client.args(["client", &format!("http://{}:{port}/hello", pods.ip_b), "3"]);
+    run(client);
+    let spans = agent.collect(to_server(&pods.ip_b, port), 6, Duration::from_secs(10));
+    assert_eq!(spans.len(), 6, "{spans:#?}");
+    drop(agent);
+    let bytes = std::fs::read(&rec).expect("the recording");
+    let _ = std::fs::remove_file(&rec);
+    let (mut egress, mut ingress) = (0, 0);
+    for record in meshless::capture::record::records(&bytes).expect("a whole recording") {
+        let Ok(ev) = meshless::capture::Event::decode(record) else {
+            continue;
+        };
+        let ours = [ev.socket.local, ev.socket.remote]
+            .iter()
+            .any(|a| a.is_some_and(|a| a.port() == port));
+        let meshless::capture::EventBody::Data { direction, sent_ns, .. } = ev.body else {
+            continue;
+        };
+        if !ours {
+            continue;
+        }
+        match direction {
+            meshless_common::Direction::Egress => {
+                assert!(
+                    sent_ns > 0 && sent_ns <= ev.ktime_ns && ev.ktime_ns - sent_ns < 1_000_000_000,
+                    "a write dated {sent_ns} ns at its start and {} ns at its exit",
+                    ev.ktime_ns
+                );
+                egress += 1;
+            }
+            meshless_common::Direction::Ingress => {
+                assert_eq!(sent_ns, 0, "a read carries no start time");
+                ingress += 1;
+            }
+        }
+    }
+    // Three requests and three answers each way at least.
+    assert!(egress >= 6 && ingress >= 6, "{egress} writes, {ingress} reads recorded");
+}
+
 #[test]
 fn node_server_with_chunked_response_is_traced_from_curl() {
     let _serial = serial();

@@ -274,6 +274,7 @@ pub fn emit_plain<C: EbpfContext>(
     ev.header.captured = captured as u32;
     ev.header.flags = flags;
     crate::mem::copy(&mut ev.header.ctx, &args.ctx);
+    ev.header.sent_ns = args.sent_ns;
     // The rest of a long request head follows the first event, also when
     // the first event leaves through the server-context tail call.
     if let Some(cont) = CONT.get_ptr_mut(0) {

@@ -533,7 +533,11 @@ impl Http1 {
             if matches!(status, 100..=199 | 204 | 304) {
                 self.stream(direction).expect_no_body();
             }
-            let may_be_early = !self.pipelined
+            // Only a client reads answers on a thread of their own; a server
+            // writes one only after reading the request's head, whose event
+            // is out by then.
+            let may_be_early = direction == Direction::Ingress
+                && !self.pipelined
                 && !self.poisoned
                 && self.pending.is_empty()
                 && self.responding.is_none()
