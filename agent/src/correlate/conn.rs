@@ -17,6 +17,10 @@ pub struct Conn {
     pub sequence: crate::capture::Sequence,
     /// Decided by the first data event.
     protocol: Option<Box<dyn Protocol>>,
+    /// Events were lost before the protocol was chosen: it is told so
+    /// before its first bytes (what came before them may have answered
+    /// them, see `Http1::lost_until_ns`).
+    lost_first: bool,
 }
 
 impl Conn {
@@ -29,6 +33,7 @@ impl Conn {
             tls: false,
             sequence: crate::capture::Sequence::default(),
             protocol: None,
+            lost_first: false,
         }
     }
 
@@ -52,6 +57,9 @@ impl Conn {
         let protocol = self
             .protocol
             .get_or_insert_with(|| protocol::detect(&segment.payload, segment.direction, kept));
+        if std::mem::take(&mut self.lost_first) {
+            protocol.events_lost(out);
+        }
         protocol.data(segment, out);
         if let Some(request) = out.upgrade.take() {
             self.protocol = Some(Box::new(crate::http2::Http2::upgraded(request)));
@@ -68,8 +76,9 @@ impl Conn {
 
     /// Events of this connection were lost: pairing restarts.
     pub fn events_lost(&mut self, out: &mut Output) {
-        if let Some(p) = &mut self.protocol {
-            p.events_lost(out);
+        match &mut self.protocol {
+            Some(p) => p.events_lost(out),
+            None => self.lost_first = true,
         }
     }
 }

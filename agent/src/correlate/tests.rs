@@ -798,3 +798,18 @@ fn clean_traffic_pairs_every_exchange() {
         assert_eq!(spans.iter().filter(|s| s.status_code.is_some()).count() as u64, n);
     }
 }
+
+/// A late write on a connection first seen just after lost events: the
+/// lost events held the first answer, read while the write of both
+/// (pipelined) requests was on its way to its exit. Neither request may
+/// take the second answer.
+#[test]
+fn a_connection_first_seen_after_lost_events_pairs_no_request_they_may_have_answered() {
+    let mut splits = vec![0usize; 30];
+    splits[0] = 3904;
+    let mut sizes = vec![0usize; 30];
+    sizes[0] = 22;
+    let faults = [(0u8, 0u8, 5u8), (8, 5, 5), (8, 0, 0)];
+    let spans = faulty_run_late(2, true, true, &splits, &sizes, &faults, &[true]);
+    assert_paired_right(&spans);
+}

@@ -64,6 +64,14 @@ pub struct Http1 {
     /// A response that came while no request waited, kept until the next
     /// request head in case it answers that one (see [`Early`]).
     early: Option<Box<Early>>,
+    /// Events were lost just before the next event (set by `lose_events`).
+    lost_before_next: bool,
+    /// The exit of the event that came right after lost events: a request
+    /// sent before it may have been answered in them. Events are numbered
+    /// as their exits run, so an answer read while its request's write was
+    /// still on its way to its exit is numbered first, and can be lost
+    /// while the request is not.
+    lost_until_ns: u64,
 }
 
 /// A response seen before the request it answers. A client whose writes
@@ -127,6 +135,8 @@ impl Http1 {
             kernel_ctx: VecDeque::new(),
             resyncing: [None; 2],
             early: None,
+            lost_before_next: false,
+            lost_until_ns: 0,
         }
     }
 
@@ -166,6 +176,9 @@ impl Http1 {
         if self.last_event.replace((direction, ktime, len)) == Some((direction, ktime, len)) {
             out.duplicates += 1;
             return;
+        }
+        if std::mem::take(&mut self.lost_before_next) {
+            self.lost_until_ns = ktime;
         }
         if let Some(ctx) = ctx {
             if self.kernel_ctx.len() >= KERNEL_CTX_KEPT {
@@ -240,6 +253,7 @@ impl Http1 {
         self.ingress.force_end();
         self.egress.force_end();
         self.resyncing = [Some(0); 2];
+        self.lost_before_next = true;
         if self.pipelined {
             // Responses to requests sent before the loss may still come.
             self.poisoned = true;
@@ -467,7 +481,9 @@ impl Http1 {
             }
             out.orphans += 1;
         }
-        if self.poisoned || glued || request.head.start_ktime_ns < self.last_response_start_ns {
+        let maybe_answered_in_lost = request.head.start_ktime_ns < self.lost_until_ns;
+        if self.poisoned || glued || maybe_answered_in_lost || request.head.start_ktime_ns < self.last_response_start_ns
+        {
             out.resyncs += 1;
             return;
         }
