@@ -29,6 +29,23 @@ struct Stream {
     trailers: Option<Block>,
 }
 
+/// Responses kept per connection for requests not seen yet (see
+/// [`Early`]); past this the lowest stream's is dropped as an orphan.
+pub const MAX_EARLY: usize = 16;
+
+/// A response whose event came before its request's: a client that writes
+/// and reads on different threads (Go) can have the answer's read reach the
+/// ring buffer before the write of the request got to its exit. Stream ids
+/// are never reused, so it answers the request on its stream when that
+/// comes.
+#[derive(Debug)]
+struct Early {
+    response: Block,
+    trailers: Option<Block>,
+    /// When END_STREAM came, if it did.
+    end_ktime_ns: Option<u64>,
+}
+
 /// HTTP/2 state of one connection.
 #[derive(Debug)]
 pub struct Http2 {
@@ -38,6 +55,7 @@ pub struct Http2 {
     /// first block with a known `:method`).
     requests: Option<Direction>,
     streams: foldhash::HashMap<u32, Stream>,
+    early: foldhash::HashMap<u32, Early>,
     last_ktime_ns: u64,
 }
 
@@ -68,6 +86,7 @@ impl Http2 {
             egress: stream(Direction::Egress),
             requests: preface,
             streams: foldhash::HashMap::default(),
+            early: foldhash::HashMap::default(),
             last_ktime_ns: 0,
         }
     }
@@ -95,6 +114,7 @@ impl Http2 {
             egress: stream(Direction::Egress),
             requests: Some(requests),
             streams: foldhash::HashMap::default(),
+            early: foldhash::HashMap::default(),
             last_ktime_ns: request.head.start_ktime_ns,
         };
         h2.streams.insert(
@@ -125,6 +145,9 @@ impl Http2 {
             } => self.headers(direction, stream, block, end_stream, ktime_ns, thread, out),
             Frame::DataEnd { stream, ktime_ns } => {
                 if Some(direction) != self.requests {
+                    if let Some(early) = self.early.get_mut(&stream) {
+                        early.end_ktime_ns.get_or_insert(ktime_ns);
+                    }
                     self.finish(stream, ktime_ns, None, out);
                 }
             }
@@ -174,14 +197,19 @@ impl Http2 {
         if self.requests.is_none() && says_response {
             self.requests = Some(opposite(direction));
         }
-        let Some(open) = self.streams.get_mut(&stream) else {
-            out.orphans += 1;
-            return;
-        };
         let block = block.unwrap_or_else(|| Block {
             fields: vec![Field::Unknown],
             limited: false,
         });
+        let Some(open) = self.streams.get_mut(&stream) else {
+            // Answers come in on a client's side: kept for their request.
+            if direction == Direction::Ingress {
+                self.keep_early(stream, block, end_stream.then_some(ktime_ns), out);
+            } else {
+                out.orphans += 1;
+            }
+            return;
+        };
         if open.response.is_none() {
             open.response = Some(block);
         } else {
@@ -227,12 +255,47 @@ impl Http2 {
             ctx,
             version: "2",
         };
+        let (response, trailers, end) = match self.early.remove(&stream) {
+            Some(early) => {
+                out.early_answers += 1;
+                (Some(early.response), early.trailers, early.end_ktime_ns)
+            }
+            None => (None, None, None),
+        };
         self.streams.insert(
             stream,
             Stream {
                 request,
-                response: None,
+                response,
+                trailers,
+            },
+        );
+        if let Some(end) = end {
+            self.finish(stream, end, None, out);
+        }
+    }
+
+    /// Keeps a header block that came back on a stream whose request was
+    /// not seen: its response, or trailers after it.
+    fn keep_early(&mut self, stream: u32, block: Block, end: Option<u64>, out: &mut Output) {
+        if let Some(early) = self.early.get_mut(&stream) {
+            early.trailers = Some(block);
+            early.end_ktime_ns = early.end_ktime_ns.or(end);
+            return;
+        }
+        if self.early.len() >= MAX_EARLY {
+            // The lowest stream's request is the least likely to come.
+            if let Some(lowest) = self.early.keys().copied().min() {
+                self.early.remove(&lowest);
+                out.orphans += 1;
+            }
+        }
+        self.early.insert(
+            stream,
+            Early {
+                response: block,
                 trailers: None,
+                end_ktime_ns: end,
             },
         );
     }
@@ -300,8 +363,15 @@ impl Protocol for Http2 {
         self.last_ktime_ns = self.last_ktime_ns.max(segment.ktime_ns);
         let missing = segment.len.saturating_sub(segment.payload.len() as u64);
         let mut frames = Vec::new();
+        // Requests are dated by when their bytes were on their way (a
+        // write's start), like HTTP/1 heads; everything else by exits.
+        let at = if self.requests == Some(segment.direction) {
+            segment.sent_ns
+        } else {
+            segment.ktime_ns
+        };
         self.way(segment.direction)
-            .push(&segment.payload, missing, segment.ktime_ns, &mut frames);
+            .push(&segment.payload, missing, at, &mut frames);
         for frame in frames {
             self.frame(segment.direction, frame, segment.thread, out);
         }
@@ -309,6 +379,8 @@ impl Protocol for Http2 {
     }
 
     fn close(&mut self, why: Option<Unanswered>, at_ktime_ns: u64, out: &mut Output) {
+        out.orphans += self.early.len() as u64;
+        self.early.clear();
         let end = self.last_ktime_ns.max(at_ktime_ns);
         let mut open: Vec<u32> = self.streams.keys().copied().collect();
         open.sort_unstable();
@@ -350,6 +422,8 @@ impl Protocol for Http2 {
                             .sum::<usize>()
                 })
                 .sum::<usize>()
+            // Kept responses: their blocks' fields, bounded by MAX_EARLY.
+            + self.early.len() * (std::mem::size_of::<Early>() + 512)
     }
 }
 

@@ -141,6 +141,88 @@ fn a_hundred_concurrent_streams_become_a_hundred_client_spans() {
     }
 }
 
+#[test]
+fn an_answer_whose_event_came_before_its_request_still_answers_it() {
+    // A Go client: the answers to streams 1 and 3 were read before the
+    // writes of their requests got to their exits (sent at 10 and 30).
+    let (mut c, stats) = correlator();
+    let mut spans = Vec::new();
+    let mut peer = Peer::new(1, CLIENT, SERVER);
+    let mut first = preface();
+    first.extend(peer.request(5, "/items/5", false, true));
+    c.handle(peer.event(Direction::Egress, first, 5), &mut spans);
+    let mut back = peer.response(1, &[(":status", "201")], false);
+    back.extend(frame(0, 1, 1, b"ok"));
+    c.handle(peer.event(Direction::Ingress, back, 20), &mut spans);
+    let back = peer.response(3, &[(":status", "404")], false);
+    c.handle(peer.event(Direction::Ingress, back, 40), &mut spans);
+    let (one, three) = (
+        peer.request(1, "/items/1", false, true),
+        peer.request(3, "/items/3", false, true),
+    );
+    let mut late = peer.event(Direction::Egress, one, 50);
+    let mut later = peer.event(Direction::Egress, three, 55);
+    for (ev, sent) in [(&mut late, 10), (&mut later, 30)] {
+        if let EventBody::Data { sent_ns, .. } = &mut ev.body {
+            *sent_ns = sent;
+        }
+    }
+    c.handle(late, &mut spans);
+    c.handle(later, &mut spans);
+    // Stream 3's body ends after its request came.
+    c.handle(peer.event(Direction::Ingress, frame(0, 1, 3, b"no"), 60), &mut spans);
+    let five = peer.response(5, &[(":status", "200")], true);
+    c.handle(peer.event(Direction::Ingress, five, 70), &mut spans);
+    spans.sort_by_key(|s| s.target().to_string());
+    let got: Vec<_> = spans
+        .iter()
+        .map(|s| {
+            (
+                s.target().to_string(),
+                s.status_code,
+                s.end_unix_nano - s.start_unix_nano,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("/items/1".to_string(), Some(201), 10),
+            ("/items/3".to_string(), Some(404), 30),
+            ("/items/5".to_string(), Some(200), 65),
+        ]
+    );
+    let early = stats.http_early_responses.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(early, 2);
+    assert_eq!(
+        stats.http_orphan_responses.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[test]
+fn answers_on_streams_whose_requests_never_come_are_bounded_and_counted() {
+    let (mut c, stats) = correlator();
+    let mut spans = Vec::new();
+    let mut peer = Peer::new(1, CLIENT, SERVER);
+    c.handle(peer.event(Direction::Egress, preface(), 5), &mut spans);
+    for i in 0..100u32 {
+        let back = peer.response(2 * i + 1, &[(":status", "200")], true);
+        c.handle(peer.event(Direction::Ingress, back, 10 + u64::from(i)), &mut spans);
+    }
+    assert!(c.state_bytes() < 64 * 1024, "{} bytes kept", c.state_bytes());
+    let close = Event {
+        body: EventBody::Close,
+        ..peer.event(Direction::Egress, Vec::new(), 200)
+    };
+    c.handle(close, &mut spans);
+    assert!(spans.is_empty());
+    assert_eq!(
+        stats.http_orphan_responses.load(std::sync::atomic::Ordering::Relaxed),
+        100
+    );
+}
+
 fn grpc_call(peer: &mut Peer, stream: u32, trailers: &[(&str, &str)]) -> (Vec<u8>, Vec<u8>) {
     let mut req = peer.request(stream, "/helloworld.Greeter/SayHello", true, false);
     req.extend(frame(0, 1, stream, &[0, 0, 0, 0, 2, 8, 1]));
