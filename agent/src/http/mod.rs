@@ -95,7 +95,8 @@ pub struct HttpStream {
     flow: Option<Flow>,
     state: State,
     head: Vec<u8>,
-    head_ktime: u64,
+    /// When the first bytes of the head being buffered were on their way.
+    head_sent: u64,
     /// The head being buffered began at a segment's first byte.
     head_at_start: bool,
     /// A message is open (head returned, end not yet).
@@ -129,7 +130,7 @@ impl HttpStream {
             flow: None,
             state: State::Start,
             head: Vec::new(),
-            head_ktime: 0,
+            head_sent: 0,
             head_at_start: false,
             open: false,
             last: Stamp::default(),
@@ -348,7 +349,7 @@ impl HttpStream {
                 }
                 return None;
             }
-            self.head_ktime = seg.at.sent;
+            self.head_sent = seg.at.sent;
         }
         let old_len = self.head.len();
         let room = MAX_HEAD_BYTES.saturating_sub(old_len);
@@ -428,7 +429,7 @@ impl HttpStream {
         self.last = at;
         match parsed {
             Ok(mut h) => {
-                h.start_ktime_ns = self.head_ktime;
+                h.start_ktime_ns = self.head_sent;
                 h.at_segment_start = self.head_at_start;
                 h.in_one_segment = whole;
                 self.flow = Some(h.flow());
@@ -438,7 +439,7 @@ impl HttpStream {
                     // messages were in the bytes not captured. The gap
                     // is dated at the head's start: the head itself was
                     // seen (cut), only what follows it may be lost.
-                    self.gap_due = Some(self.head_ktime);
+                    self.gap_due = Some(self.head_sent);
                     State::Desync
                 } else {
                     match h.framing() {
