@@ -49,6 +49,7 @@ counters! {
     event_sequence_gaps: "Gaps in a connection's kernel event numbering (events lost): its pairing restarted there.",
     http_duplicate_events: "Events seen twice (same connection, direction, time and length) and ignored.",
     http_header_limits: "HTTP/2 header blocks or fields not kept because of decoding limits (HPACK bombs, oversized blocks).",
+    link_wait_overflows: "Server spans sent without waiting for their same-node client because too many were already waiting (they name no client and may lack its trace).",
     correlator_state_bytes: "Approximate bytes held by the correlator's per-connection state.",
     correlator_shed_conns: "Connections dropped because the correlator was over its memory limit.",
     metric_series_overflow: "Metric recordings folded into the overflow series because a family hit its series limit.",

@@ -14,6 +14,9 @@ use crate::{span::Span, trace_context::TraceId};
 const CLIENT_TTL_NS: u64 = 30 * 1_000_000_000;
 /// Most client contexts kept; beyond it the oldest half is dropped.
 const MAX_CLIENTS: usize = 200_000;
+/// Most server spans held for their client (~600 bytes each: ~10 MB);
+/// beyond it a span goes out unlinked at once.
+pub const MAX_WAITING: usize = 16_384;
 
 /// (client end, server end if loopback, request index on the connection).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +74,10 @@ type ServerSeen = (Arc<str>, SocketAddr, u64);
 pub struct Links {
     /// Client requests seen: their context, time and process.
     clients: HashMap<LinkKey, (SpanContext, u64, ClientProcess)>,
-    waiting: HashMap<LinkKey, (Span, u64)>,
+    /// Server spans held for their client: the span, its deadline, and
+    /// whether it takes the client's ids (false: a header gave it ids, and
+    /// it waits only for the client's name).
+    waiting: HashMap<LinkKey, Held>,
     /// Server requests that may still adopt a local client's ids: their
     /// kernel trace id and time.
     started: HashMap<LinkKey, (TraceId, u64)>,
@@ -81,6 +87,10 @@ pub struct Links {
     /// in time.
     servers: HashMap<LinkKey, ServerSeen>,
 }
+
+/// A server span waiting for its client: the span, its deadline, and
+/// whether it adopts the client's ids.
+type Held = (Span, u64, bool);
 
 /// The local client process of a linked call: name, pid, cgroup id.
 pub type ClientProcess = (Arc<str>, u32, u64);
@@ -107,8 +117,8 @@ impl Links {
         process: ClientProcess,
     ) -> (Option<Span>, Option<TraceId>) {
         let alias = self.started.remove(&key).map(|(t, _)| t);
-        if let Some((mut span, _)) = self.waiting.remove(&key) {
-            adopt(&mut span, &ctx, process, true);
+        if let Some((mut span, _, ids)) = self.waiting.remove(&key) {
+            adopt(&mut span, &ctx, process, ids);
             return (Some(span), alias);
         }
         self.clients.insert(key, (ctx, ktime_ns, process));
@@ -143,8 +153,12 @@ impl Links {
     }
 
     /// A server exchange finished: true if it goes out now, linked to its
-    /// client if that is known (or with the ids a header gave it,
-    /// `adopt_ids` false); false if it must [`Self::hold`] for its client.
+    /// client (or, with `adopt_ids` false, keeping the ids a header gave it
+    /// and taking only the client's name); false if the client is not known
+    /// yet and it must [`Self::hold`] for it. A span with its own ids waits
+    /// too: the client's write may return (and its event come) after the
+    /// server answered, and without the client the span and its metrics
+    /// would name no source.
     /// The span is changed where it lies: it is a large struct, and moving
     /// it in and out showed in the profile.
     pub fn server_done(&mut self, key: LinkKey, span: &mut Span, adopt_ids: bool) -> bool {
@@ -153,13 +167,18 @@ impl Links {
             adopt(span, &ctx, comm, adopt_ids);
             return true;
         }
-        !adopt_ids
+        false
     }
 
     /// Holds a server span [`Self::server_done`] could not link yet until
     /// its client shows up or `deadline_ns` passes.
-    pub fn hold(&mut self, key: LinkKey, span: Span, deadline_ns: u64) {
-        self.waiting.insert(key, (span, deadline_ns));
+    pub fn hold(&mut self, key: LinkKey, span: Span, deadline_ns: u64, adopt_ids: bool) {
+        self.waiting.insert(key, (span, deadline_ns, adopt_ids));
+    }
+
+    /// [`MAX_WAITING`] spans are held: the next goes out unlinked at once.
+    pub fn holding_all_it_may(&self) -> bool {
+        self.waiting.len() >= MAX_WAITING
     }
 
     /// Server spans whose wait is over, released as they are.
@@ -173,12 +192,12 @@ impl Links {
         let due: Vec<LinkKey> = self
             .waiting
             .iter()
-            .filter(|(_, (_, d))| *d <= now_ns)
+            .filter(|(_, (_, d, _))| *d <= now_ns)
             .map(|(k, _)| *k)
             .collect();
         due.into_iter()
             .filter_map(|k| self.waiting.remove(&k))
-            .map(|(s, _)| s)
+            .map(|(s, _, _)| s)
             .collect()
     }
 

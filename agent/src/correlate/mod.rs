@@ -446,9 +446,11 @@ fn absorb(linking: &mut Linking, env: &SpanEnv, conn: &Conn, spans: &mut Vec<Spa
         }
         if let Some(key) = link {
             if !links.server_done(key, span, adopt_ids) {
-                let deadline = conn.last_ktime_ns.saturating_add(env.limits.link_wait_ns);
-                if let Some(held) = spans.pop() {
-                    links.hold(key, held, deadline);
+                if links.holding_all_it_may() {
+                    Stats::inc(&env.stats.link_wait_overflows);
+                } else if let Some(held) = spans.pop() {
+                    let deadline = conn.last_ktime_ns.saturating_add(env.limits.link_wait_ns);
+                    links.hold(key, held, deadline, adopt_ids);
                 }
             }
         }

@@ -90,13 +90,66 @@ fn incoming_traceparent_makes_the_server_span_its_child() {
     let req: &'static [u8] = b"GET / HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\ntracestate: k=v\r\n\r\n";
     c.handle(data(2, 5, Direction::Ingress, req, 10, SERVER, CLIENT), &mut spans);
     c.handle(data(2, 5, Direction::Egress, RESP, 20, SERVER, CLIENT), &mut spans);
+    assert!(spans.is_empty(), "it waits for a local client's name");
+    c.tick(20 + Limits::default().link_wait_ns, &mut spans);
     assert_eq!(spans.len(), 1);
+    assert_eq!(spans[0].peer_comm, None);
     assert_eq!(spans[0].trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(
         spans[0].parent_span_id.map(|p| p.to_string()).as_deref(),
         Some("00f067aa0ba902b7")
     );
     assert_eq!(spans[0].trace_state.as_deref(), Some("k=v"));
+}
+
+#[test]
+fn a_server_span_with_header_ids_keeps_them_and_names_a_client_whose_event_came_late() {
+    // The client's write returned (and its event came) after the server
+    // had answered: the server span keeps the header's ids and still names
+    // its client, as metrics' source workload needs.
+    let mut c = correlator();
+    let mut spans = Vec::new();
+    let req: &'static [u8] =
+        b"GET / HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n";
+    c.handle(data(2, 5, Direction::Ingress, req, 10, SERVER, CLIENT), &mut spans);
+    c.handle(data(2, 5, Direction::Egress, RESP, 20, SERVER, CLIENT), &mut spans);
+    c.handle(data(1, 3, Direction::Egress, req, 25, CLIENT, SERVER), &mut spans);
+    c.handle(data(1, 3, Direction::Ingress, RESP, 30, CLIENT, SERVER), &mut spans);
+    assert_eq!(spans.len(), 2);
+    let server = spans.iter().find(|s| s.kind == SpanKind::Server).expect("server span");
+    let client = spans.iter().find(|s| s.kind == SpanKind::Client).expect("client span");
+    assert_eq!(server.peer_comm, Some(client.process.name.clone()));
+    assert_eq!(server.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(
+        server.parent_span_id.map(|p| p.to_string()).as_deref(),
+        Some("00f067aa0ba902b7")
+    );
+    assert_eq!(client.trace_id, server.trace_id);
+    assert_eq!(
+        server.peer_process, None,
+        "ids came from the header, not the local client"
+    );
+}
+
+#[test]
+fn server_spans_held_for_their_client_are_bounded() {
+    let mut c = correlator();
+    let mut spans = Vec::new();
+    let n = link::MAX_WAITING + 10;
+    for i in 0..n {
+        let client = format!("10.0.{}.{}:40000", i / 250, i % 250);
+        let t = 10 + i as u64 * 10;
+        let mut ev = data(2, 5, Direction::Ingress, REQ, t, SERVER, &client);
+        ev.conn.conn_id = i as u64 + 1;
+        c.handle(ev, &mut spans);
+        let mut ev = data(2, 5, Direction::Egress, RESP, t + 5, SERVER, &client);
+        ev.conn.conn_id = i as u64 + 1;
+        c.handle(ev, &mut spans);
+    }
+    assert_eq!(spans.len(), 10, "past the bound, spans go out unlinked at once");
+    assert_eq!(counter(&c, |s| &s.link_wait_overflows), 10);
+    c.flush(&mut spans);
+    assert_eq!(spans.len(), n);
 }
 
 #[test]
