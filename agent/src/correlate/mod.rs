@@ -238,15 +238,6 @@ impl Correlator {
         Stats::set(&self.env.stats.conns_tracked, self.conns.len() as u64);
     }
 
-    /// Events of connection `key` were lost before the next one (a gap in
-    /// the kernel's per-connection event sequence): pairing restarts.
-    pub fn events_lost(&mut self, key: ConnKey, spans: &mut Vec<Span>) {
-        if let Some(conn) = self.conns.get_mut(&key) {
-            conn.events_lost(&mut self.linking.out);
-            absorb(&mut self.linking, &self.env, conn, spans);
-        }
-    }
-
     /// Periodic work: releases server spans whose client never showed up;
     /// once a second also forgets idle connections and stale link entries.
     pub fn tick(&mut self, now_ktime_ns: u64, spans: &mut Vec<Span>) {
