@@ -367,6 +367,7 @@ async fn correlate_stage(
         tokio::select! {
             batch = events_rx.recv() => match batch {
                 Some(mut batch) => {
+                    pipeline.correlator.arrived(Clock::monotonic_now());
                     pipeline.events(batch.items.drain(..));
                     quiet = false;
                     // Traffic again: tick at full rate from now on.

@@ -108,6 +108,9 @@ struct SpanEnv {
     headers: HeaderPolicy,
     /// The header fields HTTP/1 heads keep (from `headers`).
     kept: crate::http::KeptHeaders,
+    /// Kernel time at which the events being handled reached the agent
+    /// (see [`Correlator::arrived`]); 0 when not told.
+    arrived_ns: u64,
 }
 
 /// (local, remote) of socket `fd` of process `pid` with inode `ino`, as
@@ -149,6 +152,7 @@ impl Correlator {
                 stats,
                 limits,
                 kept: headers.kept(),
+                arrived_ns: 0,
                 headers,
             },
             last_sweep_ns: 0,
@@ -165,6 +169,16 @@ impl Correlator {
     /// Reports every new connection's process to `tx` (dropped when full).
     pub fn notify_new_processes(&mut self, tx: std::sync::mpsc::SyncSender<crate::propagation::Seen>) {
         self.new_process = Some(tx);
+    }
+
+    /// The events handled next reached the agent at kernel time `now_ns`.
+    /// A server span waits for its same-node client for
+    /// [`Limits::link_wait_ns`] from the later of its last event and this:
+    /// when the agent is behind (a backlog in the ring buffer, a CPU
+    /// starved by the traced apps), the client's event is not late, only
+    /// still queued behind, and [`Self::tick`] runs on the clock.
+    pub fn arrived(&mut self, now_ns: u64) {
+        self.env.arrived_ns = now_ns;
     }
 
     /// Handles one event; finished spans are appended to `spans`.
@@ -440,7 +454,8 @@ fn absorb(linking: &mut Linking, env: &SpanEnv, conn: &Conn, spans: &mut Vec<Spa
                 if links.holding_all_it_may() {
                     Stats::inc(&env.stats.link_wait_overflows);
                 } else if let Some(held) = spans.pop() {
-                    let deadline = conn.last_ktime_ns.saturating_add(env.limits.link_wait_ns);
+                    let from = conn.last_ktime_ns.max(env.arrived_ns);
+                    let deadline = from.saturating_add(env.limits.link_wait_ns);
                     links.hold(key, held, deadline, adopt_ids);
                 }
             }

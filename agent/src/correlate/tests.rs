@@ -84,6 +84,37 @@ fn a_server_span_without_a_local_client_is_released_after_the_wait() {
 }
 
 #[test]
+fn a_server_span_waits_for_its_client_from_when_the_agent_got_it() {
+    // The agent is behind by a second: the client's event is queued behind
+    // the server's, not late, and the span still links.
+    let wait = Limits::default().link_wait_ns;
+    let mut c = correlator();
+    let mut spans = Vec::new();
+    c.arrived(1_000_000_000);
+    c.handle(data(2, 5, Direction::Ingress, REQ, 10, SERVER, CLIENT), &mut spans);
+    c.handle(data(2, 5, Direction::Egress, RESP, 20, SERVER, CLIENT), &mut spans);
+    c.tick(20 + wait + 1, &mut spans);
+    assert!(spans.is_empty(), "released by the events' time, not the agent's");
+    c.arrived(1_000_000_000 + wait / 2);
+    c.handle(data(1, 3, Direction::Egress, REQ, 25, CLIENT, SERVER), &mut spans);
+    c.handle(data(1, 3, Direction::Ingress, RESP, 30, CLIENT, SERVER), &mut spans);
+    let server = spans.iter().find(|s| s.kind == SpanKind::Server).expect("server span");
+    let client = spans.iter().find(|s| s.kind == SpanKind::Client).expect("client span");
+    assert_eq!(server.parent_span_id, Some(client.span_id));
+    // With no client, the wait ends a link wait after the agent got it.
+    let mut spans = Vec::new();
+    let other = "10.0.0.9:40001";
+    c.arrived(2_000_000_000);
+    c.handle(data(2, 6, Direction::Ingress, REQ, 40, SERVER, other), &mut spans);
+    c.handle(data(2, 6, Direction::Egress, RESP, 50, SERVER, other), &mut spans);
+    c.tick(2_000_000_000 + wait - 1, &mut spans);
+    assert!(spans.is_empty());
+    c.tick(2_000_000_000 + wait, &mut spans);
+    assert_eq!(spans.len(), 1);
+    assert_eq!(spans[0].parent_span_id, None);
+}
+
+#[test]
 fn incoming_traceparent_makes_the_server_span_its_child() {
     let mut c = correlator();
     let mut spans = Vec::new();
