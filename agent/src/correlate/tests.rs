@@ -94,7 +94,7 @@ fn a_server_span_waits_for_its_client_from_when_the_agent_got_it() {
     c.handle(data(2, 5, Direction::Ingress, REQ, 10, SERVER, CLIENT), &mut spans);
     c.handle(data(2, 5, Direction::Egress, RESP, 20, SERVER, CLIENT), &mut spans);
     c.tick(20 + wait + 1, &mut spans);
-    assert!(spans.is_empty(), "released by the events' time, not the agent's");
+    assert!(spans.is_empty(), "the wait counts from when the agent got the events");
     c.arrived(1_000_000_000 + wait / 2);
     c.handle(data(1, 3, Direction::Egress, REQ, 25, CLIENT, SERVER), &mut spans);
     c.handle(data(1, 3, Direction::Ingress, RESP, 30, CLIENT, SERVER), &mut spans);
