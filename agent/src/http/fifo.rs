@@ -304,8 +304,8 @@ impl Http1 {
                     out.malformed += 1;
                     self.lose_requests(sent, out);
                 }
-                (Item::Gap { ktime_ns }, Some(Flow::Responses)) => self.lose_responses(ktime_ns, true, out),
-                (Item::Gap { ktime_ns }, _) => self.lose_requests(ktime_ns, out),
+                (Item::Gap { sent_ns }, Some(Flow::Responses)) => self.lose_responses(sent_ns, true, out),
+                (Item::Gap { sent_ns }, _) => self.lose_requests(sent_ns, out),
                 (Item::Head(head), Some(Flow::Requests)) => self.request_head(direction, head, thread, out),
                 (Item::Head(head), _) => self.response_head(direction, head, sent, out),
                 (Item::End { ktime_ns }, Some(Flow::Responses)) => {

@@ -41,9 +41,9 @@ pub enum Item {
     Malformed(&'static str),
     /// Bytes after a message boundary (or the rest of a header block) were
     /// not captured: whole messages may have been in them. Framing resumes
-    /// at the next segment that starts like a message. `ktime_ns` is when
+    /// at the next segment that starts like a message. `sent_ns` is when
     /// the bytes were on their way (as a head's start).
-    Gap { ktime_ns: u64 },
+    Gap { sent_ns: u64 },
 }
 
 /// Which kind of messages a stream carries, decided by its first bytes.
@@ -246,8 +246,8 @@ impl HttpStream {
                     ktime_ns: self.last.ktime,
                 });
             }
-            if let Some(ktime_ns) = self.gap_due.take() {
-                return Some(Item::Gap { ktime_ns });
+            if let Some(sent_ns) = self.gap_due.take() {
+                return Some(Item::Gap { sent_ns });
             }
             let seg = self.segments.front_mut()?;
             if seg.pos >= seg.data.len() && seg.missing == 0 {
@@ -345,7 +345,7 @@ impl HttpStream {
                     // A message boundary fell in bytes we never saw.
                     seg.missing = 0;
                     self.state = State::Desync;
-                    return Some(Item::Gap { ktime_ns: seg.at.sent });
+                    return Some(Item::Gap { sent_ns: seg.at.sent });
                 }
                 return None;
             }
@@ -456,7 +456,7 @@ impl HttpStream {
             }
             Err(_) if truncated => {
                 self.state = State::Desync;
-                Item::Gap { ktime_ns: at.sent }
+                Item::Gap { sent_ns: at.sent }
             }
             Err(reason) => {
                 self.state = State::Desync;

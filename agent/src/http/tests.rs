@@ -137,7 +137,7 @@ fn header_block_larger_than_the_capture_keeps_method_and_path() {
     assert_eq!(h.method(), Some("GET"));
     assert_eq!(h.header("host"), Some("x"));
     // Whatever followed the head is unknown: say so.
-    assert_eq!(s.next_item(), Some(Item::Gap { ktime_ns: 1 }));
+    assert_eq!(s.next_item(), Some(Item::Gap { sent_ns: 1 }));
     assert_eq!(s.next_item(), None);
     // The next request resyncs the stream and ends the truncated one.
     s.push(Bytes::from_static(b"GET /next HTTP/1.1\r\n\r\n"), 0, 2);
@@ -254,7 +254,7 @@ fn a_message_boundary_in_uncaptured_bytes_is_reported_as_a_gap() {
     );
     assert!(matches!(s.next_item(), Some(Item::Head(_))));
     assert_eq!(s.next_item(), Some(Item::End { ktime_ns: 7 }));
-    assert_eq!(s.next_item(), Some(Item::Gap { ktime_ns: 7 }));
+    assert_eq!(s.next_item(), Some(Item::Gap { sent_ns: 7 }));
     assert_eq!(s.next_item(), None);
 }
 
@@ -353,7 +353,7 @@ fn a_head_is_read_alike_whole_or_split_whatever_its_line_ends() {
                         Item::Head(h)
                     }
                     Item::End { .. } => Item::End { ktime_ns: 0 },
-                    Item::Gap { .. } => Item::Gap { ktime_ns: 0 },
+                    Item::Gap { .. } => Item::Gap { sent_ns: 0 },
                     other => other,
                 })
                 .collect()
