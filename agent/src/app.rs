@@ -222,7 +222,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         max_conns: config.max_connections as usize,
         idle_timeout_ns: config.idle_timeout_secs * 1_000_000_000,
         max_state_bytes: stats.budget.limit_of(Share::Correlate) as usize,
-        ..Limits::default()
+        link_wait_ns: Limits::link_wait_for_poll(config.poll_interval()),
     };
     let router = Router {
         sinks,

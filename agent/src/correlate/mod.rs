@@ -56,6 +56,16 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The link wait for an agent that drains the ring buffer every
+    /// `poll`: a client's event may come one drain after its server's, so
+    /// the wait spans two drains when that is longer than the default.
+    pub fn link_wait_for_poll(poll: std::time::Duration) -> u64 {
+        let two_drains = u64::try_from(poll.as_nanos()).unwrap_or(u64::MAX / 2).saturating_mul(2);
+        Self::default().link_wait_ns.max(two_drains)
+    }
+}
+
 /// Bytes a tracked connection costs at least: its table slot (tables run
 /// at most half full after growing), its boxed protocol state (HTTP/1, the
 /// common case), the generation entry and small heap parts.

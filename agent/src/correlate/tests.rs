@@ -115,6 +115,14 @@ fn a_server_span_waits_for_its_client_from_when_the_agent_got_it() {
 }
 
 #[test]
+fn the_link_wait_spans_two_drains_of_a_slow_poll() {
+    use std::time::Duration;
+    let default = Limits::default().link_wait_ns;
+    assert_eq!(Limits::link_wait_for_poll(Duration::from_millis(50)), default);
+    assert_eq!(Limits::link_wait_for_poll(Duration::from_millis(500)), 1_000_000_000);
+}
+
+#[test]
 fn incoming_traceparent_makes_the_server_span_its_child() {
     let mut c = correlator();
     let mut spans = Vec::new();
