@@ -74,9 +74,7 @@ type ServerSeen = (Arc<str>, SocketAddr, u64);
 pub struct Links {
     /// Client requests seen: their context, time and process.
     clients: HashMap<LinkKey, (SpanContext, u64, ClientProcess)>,
-    /// Server spans held for their client: the span, its deadline, and
-    /// whether it takes the client's ids (false: a header gave it ids, and
-    /// it waits only for the client's name).
+    /// Server spans held for their client.
     waiting: HashMap<LinkKey, Held>,
     /// Server requests that may still adopt a local client's ids: their
     /// kernel trace id and time.
@@ -88,9 +86,15 @@ pub struct Links {
     servers: HashMap<LinkKey, ServerSeen>,
 }
 
-/// A server span waiting for its client: the span, its deadline, and
-/// whether it adopts the client's ids.
-type Held = (Span, u64, bool);
+/// A server span waiting for its client.
+#[derive(Debug)]
+struct Held {
+    span: Span,
+    deadline_ns: u64,
+    /// It takes the client's ids (false: a header gave it ids, and it
+    /// waits only for the client's name).
+    adopt_ids: bool,
+}
 
 /// The local client process of a linked call: name, pid, cgroup id.
 pub type ClientProcess = (Arc<str>, u32, u64);
@@ -117,9 +121,9 @@ impl Links {
         process: ClientProcess,
     ) -> (Option<Span>, Option<TraceId>) {
         let alias = self.started.remove(&key).map(|(t, _)| t);
-        if let Some((mut span, _, ids)) = self.waiting.remove(&key) {
-            adopt(&mut span, &ctx, process, ids);
-            return (Some(span), alias);
+        if let Some(mut held) = self.waiting.remove(&key) {
+            adopt(&mut held.span, &ctx, process, held.adopt_ids);
+            return (Some(held.span), alias);
         }
         self.clients.insert(key, (ctx, ktime_ns, process));
         (None, alias)
@@ -173,7 +177,14 @@ impl Links {
     /// Holds a server span [`Self::server_done`] could not link yet until
     /// its client shows up or `deadline_ns` passes.
     pub fn hold(&mut self, key: LinkKey, span: Span, deadline_ns: u64, adopt_ids: bool) {
-        self.waiting.insert(key, (span, deadline_ns, adopt_ids));
+        self.waiting.insert(
+            key,
+            Held {
+                span,
+                deadline_ns,
+                adopt_ids,
+            },
+        );
     }
 
     /// [`MAX_WAITING`] spans are held: the next goes out unlinked at once.
@@ -192,12 +203,12 @@ impl Links {
         let due: Vec<LinkKey> = self
             .waiting
             .iter()
-            .filter(|(_, (_, d, _))| *d <= now_ns)
+            .filter(|(_, held)| held.deadline_ns <= now_ns)
             .map(|(k, _)| *k)
             .collect();
         due.into_iter()
             .filter_map(|k| self.waiting.remove(&k))
-            .map(|(s, _, _)| s)
+            .map(|held| held.span)
             .collect()
     }
 
