@@ -575,4 +575,6 @@ fn build_span(conn: &Conn, ex: Exchange, clock: &Clock, headers: &HeaderPolicy) 
 #[cfg(test)]
 mod context_tests;
 #[cfg(test)]
+mod link_tests;
+#[cfg(test)]
 mod tests;
