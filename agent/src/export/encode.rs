@@ -5,7 +5,7 @@
 use foldhash::HashMap;
 
 use super::{
-    attributes::{self, Attr},
+    attributes::{self, Attr, ConnectionKey},
     proto::{varint_len, Writer},
     resource::{self, Resources, WorkloadKey},
 };
@@ -16,6 +16,10 @@ use crate::{
 
 /// Encoded resources kept at most; the cache starts over past it.
 const MAX_CACHED: usize = 4096;
+/// Slots of the cache of encoded connection attributes (a power of two):
+/// a slot holds one connection's key and bytes (~250 bytes), so the cache
+/// stays under ~400 KB whatever the traffic.
+const CONNECTION_SLOTS: usize = 1024;
 
 /// Field numbers of the OTLP messages written here.
 mod field {
@@ -57,6 +61,9 @@ const FLAG_SAMPLED: u32 = 0x01;
 const FLAG_HAS_IS_REMOTE: u32 = 0x100;
 const FLAG_IS_REMOTE: u32 = 0x200;
 
+/// A connection's key and its encoded attributes (empty: never used).
+type ConnectionSlot = Option<(ConnectionKey, Vec<u8>)>;
+
 /// Builds export requests from spans.
 pub struct Encoder {
     resources: Resources,
@@ -68,6 +75,12 @@ pub struct Encoder {
     /// (workload hash, span index) of the batch, sorted to group workloads.
     order: Vec<(u64, u32)>,
     members: Vec<u32>,
+    /// Encoded [`attributes::visit_connection`] attributes by connection,
+    /// direct-mapped by the key's hash: a span on a connection (and
+    /// thread) seen before copies them instead of formatting addresses and
+    /// encoding ten key/values again. A miss overwrites its slot, reusing
+    /// its buffer.
+    connections: Box<[ConnectionSlot]>,
     w: Writer,
 }
 
@@ -80,6 +93,7 @@ impl Encoder {
             hasher: foldhash::fast::RandomState::default(),
             order: Vec::new(),
             members: Vec::new(),
+            connections: (0..CONNECTION_SLOTS).map(|_| None).collect(),
             w: Writer::default(),
         }
     }
@@ -198,7 +212,9 @@ impl Encoder {
     fn push_span(&mut self, span: &Span, max: usize) -> bool {
         let mark = self.w.written();
         self.w.begin(field::SCOPE_SPANS_SPANS, 2);
-        write_span(&mut self.w, span, self.opts);
+        write_span(&mut self.w, span, self.opts, |w, names_server| {
+            connection_attributes(w, span, self.opts, names_server, &mut self.connections, &self.hasher)
+        });
         self.w.end();
         // Room for the lengths of the enclosing messages to grow.
         if self.w.written() + 16 > max {
@@ -209,7 +225,43 @@ impl Encoder {
     }
 }
 
-fn write_span(w: &mut Writer, span: &Span, opts: attributes::Options) {
+/// Writes [`attributes::visit_connection`]'s attributes of `span`: copied
+/// from its connection's slot when the slot holds this span's key, else
+/// encoded and kept there.
+fn connection_attributes(
+    w: &mut Writer,
+    span: &Span,
+    opts: attributes::Options,
+    names_server: bool,
+    slots: &mut [ConnectionSlot],
+    hasher: &foldhash::fast::RandomState,
+) {
+    let h = ConnectionKey::hash_of(span, names_server, hasher);
+    let slot = &mut slots[h as usize % slots.len()];
+    if let Some((key, bytes)) = slot.as_ref() {
+        if key.is_of(span, names_server) {
+            w.raw(bytes);
+            return;
+        }
+    }
+    let mark = w.written();
+    attributes::visit_connection(span, opts, names_server, |prefix, key, v| {
+        key_value(w, field::ATTRIBUTES, prefix, key, v)
+    });
+    let encoded = &w.buf[mark..];
+    match slot {
+        Some((key, bytes)) => {
+            *key = ConnectionKey::of(span, names_server);
+            bytes.clear();
+            bytes.extend_from_slice(encoded);
+        }
+        None => *slot = Some((ConnectionKey::of(span, names_server), encoded.to_vec())),
+    }
+}
+
+/// Writes a span; `connection(w, names_server)` writes the attributes of
+/// its connection ([`attributes::visit_connection`]).
+fn write_span(w: &mut Writer, span: &Span, opts: attributes::Options, connection: impl FnOnce(&mut Writer, bool)) {
     use std::fmt::Write as _;
     w.bytes(field::TRACE_ID, &span.trace_id.0);
     w.bytes(field::SPAN_ID, &span.span_id.0);
@@ -245,9 +297,11 @@ fn write_span(w: &mut Writer, span: &Span, opts: attributes::Options) {
     );
     w.fixed64(field::START, span.start_unix_nano);
     w.fixed64(field::END, span.end_unix_nano);
-    attributes::visit(span, opts, |prefix, key, v| {
+    let names_server = attributes::visit_request(span, opts, |prefix, key, v| {
         key_value(w, field::ATTRIBUTES, prefix, key, v)
     });
+    connection(w, names_server);
+    attributes::visit_headers(span, |prefix, key, v| key_value(w, field::ATTRIBUTES, prefix, key, v));
     w.begin(field::STATUS, 1);
     if span.is_error() {
         match span.status_code {

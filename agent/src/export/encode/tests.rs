@@ -201,3 +201,78 @@ fn attributes_on_either_side_of_a_one_byte_length_decode_whole() {
         assert_eq!(attrs["http.request.method"], "GET");
     }
 }
+
+/// Attributes of an encoded span as (key, text) pairs, sorted.
+fn decoded_attributes(s: &opentelemetry_proto::tonic::trace::v1::Span) -> Vec<(String, String)> {
+    let mut a: Vec<_> = s
+        .attributes
+        .iter()
+        .map(|kv| (kv.key.clone(), text(&kv.value)))
+        .collect();
+    a.sort();
+    a
+}
+
+/// What `attributes::of` says of a span, as the encoder's text.
+fn expected_attributes(span: &Span) -> Vec<(String, String)> {
+    let mut a: Vec<_> = attributes::of(span, attributes::Options::default())
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                attributes::Value::Str(s) => s,
+                attributes::Value::Int(i) => i.to_string(),
+                attributes::Value::Bool(b) => b.to_string(),
+                attributes::Value::StrArray(a) => format!("{a:?}"),
+            };
+            (k.into_owned(), v)
+        })
+        .collect();
+    a.sort();
+    a
+}
+
+#[test]
+fn connection_attributes_reused_from_an_earlier_span_are_each_spans_own() {
+    // Each span differs from the first in one thing the connection's
+    // attributes depend on; encoded after it (twice over, so the second
+    // round copies from the cache), none may carry the first one's.
+    let base = span(40, "/a");
+    let mut variants = vec![base.clone()];
+    let mut vary = |f: &dyn Fn(&mut Span)| {
+        let mut s = base.clone();
+        f(&mut s);
+        variants.push(s);
+    };
+    vary(&|s| s.client = Some("10.0.0.1:40001".parse().expect("addr")));
+    vary(&|s| s.client = Some("10.0.0.2:40000".parse().expect("addr")));
+    vary(&|s| s.server = Some("[::1]:8081".parse().expect("addr")));
+    vary(&|s| s.server = None);
+    vary(&|s| s.resolved_server = Some("10.0.0.9:80".parse().expect("addr")));
+    vary(&|s| s.tls = true);
+    vary(&|s| s.kind = SpanKind::Client);
+    vary(&|s| s.protocol_version = "1.0");
+    vary(&|s| s.process.tid = 99);
+    vary(&|s| s.process.thread = "other".into());
+    vary(&|s| s.process.pid = 41);
+    vary(&|s| s.request = crate::span::RequestText::new("http://example.com:81/a", Some("curl/8")));
+    vary(&|s| s.request = crate::span::RequestText::new("/b", Some("wget")));
+    vary(&|s| s.status_code = Some(200));
+    for fqdn in ["web.default.svc.cluster.local", "api.default.svc.cluster.local"] {
+        let peer = std::sync::Arc::new(crate::k8s::PeerK8s {
+            service_fqdn: Some(fqdn.into()),
+            ..Default::default()
+        });
+        vary(&|s| {
+            s.kind = SpanKind::Client;
+            s.peer_k8s = Some(peer.clone());
+        });
+    }
+    let mut enc = encoder();
+    for round in 0..2 {
+        for v in &variants {
+            let (requests, _) = decode_all(&mut enc, std::slice::from_ref(v), usize::MAX);
+            let s = &requests[0].resource_spans[0].scope_spans[0].spans[0];
+            assert_eq!(decoded_attributes(s), expected_attributes(v), "round {round}: {v:?}");
+        }
+    }
+}
