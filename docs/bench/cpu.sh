@@ -33,7 +33,9 @@ sleep 2
 ticks() { awk '{print $14 + $15}' /proc/$AGENT/stat; }
 user_ticks() { awk '{print $14}' /proc/$AGENT/stat; }
 switches() { cat /proc/$AGENT/task/*/status | awk '/ctxt_switches/{s+=$2} END{print s}'; }
-T0=$(ticks); U0=$(user_ticks); S0=$(switches)
+# Nanoseconds on a CPU, summed over the agent's threads (exact, where ticks are 10 ms).
+run_ns() { cat /proc/$AGENT/task/*/schedstat | awk '{s+=$1} END{printf "%.0f", s}'; }
+T0=$(ticks); U0=$(user_ticks); S0=$(switches); N0=$(run_ns)
 per_thread() { for t in /proc/$AGENT/task/*; do echo "${t##*/} $(cat $t/comm | tr ' ' _) $(awk '/^voluntary_ctxt_switches/{print $2}' $t/status) $(awk '{print $14 + $15}' $t/stat)"; done | sort; }
 P0=$(per_thread)
 if [ -n "${PERF:-}" ]; then
@@ -41,17 +43,19 @@ if [ -n "${PERF:-}" ]; then
 else
   sleep $SECS
 fi
-T1=$(ticks); U1=$(user_ticks); S1=$(switches)
+T1=$(ticks); U1=$(user_ticks); S1=$(switches); N1=$(run_ns)
 P1=$(per_thread)
 wait $OHA
 HZ=$(getconf CLK_TCK)
-python3 - "$D/oha.json" "$T0" "$T1" "$HZ" "$SECS" "$S0" "$S1" "$U0" "$U1" <<'PY'
+python3 - "$D/oha.json" "$T0" "$T1" "$HZ" "$SECS" "$S0" "$S1" "$U0" "$U1" "$N0" "$N1" <<'PY'
 import json, sys
-d = json.load(open(sys.argv[1])); t0, t1, hz, secs, s0, s1, u0, u1 = map(int, sys.argv[2:])
+d = json.load(open(sys.argv[1])); t0, t1, hz, secs, s0, s1, u0, u1, n0, n1 = map(int, sys.argv[2:])
 rps = d['summary']['requestsPerSec']
 cpu_s = (t1 - t0) / hz
+exact_s = (n1 - n0) / 1e9
 print(f"oha {rps:.0f} req/s (success {d['summary']['successRate']:.3f}); agent CPU {cpu_s:.2f} s in {secs} s "
-      f"= {100 * cpu_s / secs:.1f} % of a core = {cpu_s * 1e6 / (rps * secs):.1f} µs/request; "
+      f"= {100 * cpu_s / secs:.1f} % of a core = {cpu_s * 1e6 / (rps * secs):.1f} µs/request "
+      f"(exact runtime: {exact_s * 1e6 / (rps * secs):.2f} µs/request); "
       f"(user {100 * (u1 - u0) / max(t1 - t0, 1):.0f} %); context switches {s1 - s0} ({(s1 - s0) / secs:.0f}/s)")
 PY
 curl -s 127.0.0.1:$MPORT/metrics | grep -E "^meshless_(spans_exported|dropped|kernel_events_lost|events_read)[a-z_]*" | head -8
