@@ -2,6 +2,7 @@
 use smallvec::SmallVec;
 
 use super::{
+    memo,
     names::{looked_up, looked_up_any_case, LOOKED_UP},
     pool, Flow, Method,
 };
@@ -98,6 +99,16 @@ impl KeptHeaders {
         }
     }
 
+    /// Whether `other` keeps the same fields: the same rules object (or
+    /// both keep every field).
+    pub fn same_rules(&self, other: &KeptHeaders) -> bool {
+        match (&self.captured, &other.captured) {
+            (None, None) => true,
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
     /// Whether a field named `name` (any case) whose index in
     /// [`LOOKED_UP`] is `known` is kept.
     fn keeps(&self, name: &str, known: Option<u32>) -> bool {
@@ -137,6 +148,29 @@ impl Headers {
             headers.push(n, v);
         }
         headers
+    }
+
+    /// A copy whose buffer comes from the thread's [`pool`] (the derived
+    /// `clone` allocates a new one).
+    pub fn pooled_clone(&self) -> Self {
+        let mut text = pool::take(self.text.len());
+        text.push_str(&self.text);
+        Self {
+            text,
+            target_end: self.target_end,
+            ends: self.ends.clone(),
+            first: self.first,
+        }
+    }
+
+    /// Becomes a copy of `other`, in its own buffers.
+    fn clone_from_pooled(&mut self, other: &Headers) {
+        self.text.clear();
+        self.text.push_str(&other.text);
+        self.target_end = other.target_end;
+        self.ends.clear();
+        self.ends.extend_from_slice(&other.ends);
+        self.first = other.first;
     }
 
     /// The request target (empty for a response).
@@ -273,6 +307,46 @@ pub enum Framing {
 }
 
 impl Head {
+    /// A copy whose header buffer comes from the thread's pool.
+    pub fn pooled_clone(&self) -> Self {
+        Self {
+            kind: self.kind.clone(),
+            headers: self.headers.pooled_clone(),
+            ..*self
+        }
+    }
+
+    /// Becomes a copy of `other`, reusing its own header buffer.
+    pub fn clone_from_pooled(&mut self, other: &Head) {
+        self.kind.clone_from(&other.kind);
+        self.headers.clone_from_pooled(&other.headers);
+        let Head {
+            kind: _,
+            headers: _,
+            version,
+            headers_dropped,
+            truncated,
+            start_ktime_ns,
+            at_segment_start,
+            in_one_segment,
+        } = *other;
+        (
+            self.version,
+            self.headers_dropped,
+            self.truncated,
+            self.start_ktime_ns,
+            self.at_segment_start,
+            self.in_one_segment,
+        ) = (
+            version,
+            headers_dropped,
+            truncated,
+            start_ktime_ns,
+            at_segment_start,
+            in_one_segment,
+        );
+    }
+
     pub fn flow(&self) -> Flow {
         match self.kind {
             HeadKind::Request { .. } => Flow::Requests,
@@ -373,7 +447,29 @@ pub fn parse_leading(
     kept: &KeptHeaders,
 ) -> Option<(Result<Head, &'static str>, usize)> {
     // A head's lines hold no CR or LF, so the first blank line ends it:
-    // where a search for CRLFCRLF would have found the end too.
+    // where a search for CRLFCRLF would have found the end too (and with
+    // none in `data` there is no such head).
+    let end = super::find_head_end(data)?;
+    // httparse reads a head no further than its end: the same bytes up to
+    // there parse the same whatever follows them.
+    if let Some(head) = memo::get(&data[..end], flow, kept) {
+        return Some((Ok(head), end));
+    }
+    let parsed = parse_leading_fresh(data, flow, kept);
+    if let Some((Ok(head), len)) = &parsed {
+        if *len == end {
+            memo::put(&data[..end], flow, kept, head);
+        }
+    }
+    parsed
+}
+
+/// [`parse_leading`] without the memo.
+pub(super) fn parse_leading_fresh(
+    data: &[u8],
+    flow: Option<Flow>,
+    kept: &KeptHeaders,
+) -> Option<(Result<Head, &'static str>, usize)> {
     parse_complete(data, is_response(data, flow), false, kept).filter(|(_, len)| data[..*len].ends_with(b"\r\n\r\n"))
 }
 

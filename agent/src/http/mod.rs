@@ -9,6 +9,7 @@
 mod chunked;
 mod fifo;
 mod head;
+mod memo;
 mod method;
 mod names;
 mod pool;
