@@ -210,7 +210,7 @@ impl Unanswered {
 }
 
 /// A span's semconv `error.type`: a status code, or why there was no response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorType {
     Code(u32),
     Reason(&'static str),

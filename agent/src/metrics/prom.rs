@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     k8s::{PeerK8s, PodMeta},
-    span::{Span, SpanKind},
+    span::{ErrorType, Span, SpanKind},
     stats::Stats,
     text::{StackText, Text},
 };
@@ -31,8 +31,10 @@ pub struct Prometheus {
     client_duration: Bounded<Histogram>,
     /// Istio's request count and duration: the same 25 labels, one lookup.
     istio: BoundedPair<Counter, Histogram>,
-    /// Their series by what the labels are made from (see [`IstioMemo`]).
-    istio_memo: Mutex<IstioMemo>,
+    /// Their series by what the labels are made from (see [`Memo`]).
+    istio_memo: Mutex<Memo<MemoEntry>>,
+    /// The semconv duration series likewise (see [`SemconvKey`]).
+    semconv_memo: Mutex<Memo<SemconvEntry>>,
     /// For the overflow count of writes the cache serves.
     stats: Arc<Stats>,
     /// Series times are seconds since this (see [`Bounded::with_at`]).
@@ -88,6 +90,7 @@ impl Prometheus {
             client_duration,
             istio,
             istio_memo: Mutex::default(),
+            semconv_memo: Mutex::default(),
             stats,
             epoch: std::time::Instant::now(),
         }
@@ -106,43 +109,8 @@ impl Prometheus {
     /// allocating. Of `peers`, only its sources are read (the Istio labels
     /// are made from them, see [`IstioKey`]).
     pub fn record_at(&self, span: &Span, service_name: &str, peers: &Peers, now_secs: u64) {
-        // Istio reports "0" for requests that got no response.
-        let status = StackText::<8>::number(u64::from(span.status_code.unwrap_or(0)));
-        let port = match span.server {
-            Some(s) => StackText::<8>::number(u64::from(s.port())),
-            None => StackText::default(),
-        };
-        let ip;
-        let server_address = match span.kind {
-            SpanKind::Client => match client_server_address(span) {
-                ServerAddress::Host(host) => host,
-                ServerAddress::Ip(addr) => {
-                    ip = Text::ip(addr);
-                    ip.as_str()
-                }
-                ServerAddress::Unknown => "",
-            },
-            SpanKind::Server => "",
-        };
-        let error_type = match span.error_kind() {
-            Some(e) => StackText::<32>::of(e),
-            None => StackText::default(),
-        };
-        let http = [
-            ("service_name", service_name),
-            ("http_request_method", span.method_label()),
-            ("http_response_status_code", status.as_str()),
-            ("network_protocol_version", span.protocol_version),
-            ("server_address", server_address),
-            ("server_port", port.as_str()),
-            ("error_type", error_type.as_str()),
-        ];
         let secs = duration_secs(span);
-        let durations = match span.kind {
-            SpanKind::Server => &self.server_duration,
-            SpanKind::Client => &self.client_duration,
-        };
-        durations.with_at(&http, now_secs, |h| h.observe(secs));
+        self.record_semconv(span, service_name, secs, now_secs);
         debug_assert_eq!(peers.sources.kind, span.kind, "peers of another span");
         let key = IstioKey {
             sources: peers.sources,
@@ -156,7 +124,7 @@ impl Prometheus {
         let ms = secs * 1000.0;
         let mut memo = self.istio_memo.lock().unwrap_or_else(|e| e.into_inner());
         let hash = key.hash(&memo.hasher);
-        let known = memo.get_mut(hash, &key);
+        let known = memo.get_mut(hash, |e| key.is(e));
         if let Some(entry) = known.as_ref().filter(|e| e.second == now_secs) {
             entry.requests.inc();
             entry.duration.observe(ms);
@@ -168,6 +136,8 @@ impl Prometheus {
         }
         // New, or last looked up in an earlier second: through the family,
         // which refreshes the series' expiry (and may have replaced it).
+        // Istio reports "0" for requests that got no response.
+        let status = StackText::<8>::number(u64::from(span.status_code.unwrap_or(0)));
         let grpc_status = match key.outcome.grpc_status {
             Some(code) => StackText::<12>::number(u64::from(code)),
             None => StackText::default(),
@@ -191,6 +161,68 @@ impl Prometheus {
         }
     }
 
+    /// The semconv request duration (`http.{server,client}.request.duration`)
+    /// of one request: through [`Self::semconv_memo`] within the second
+    /// its series was last looked up, else through the family (as the
+    /// Istio series, see [`Memo`]).
+    fn record_semconv(&self, span: &Span, service_name: &str, secs: f64, now_secs: u64) {
+        let key = SemconvKey::of(span, service_name);
+        let mut memo = self.semconv_memo.lock().unwrap_or_else(|e| e.into_inner());
+        let hash = memo.hasher.hash_one(key);
+        let known = memo.get_mut(hash, |e| key.is(e));
+        if let Some(entry) = known.as_ref().filter(|e| e.second == now_secs) {
+            entry.histogram.observe(secs);
+            if entry.overflow {
+                Stats::inc(&self.stats.metric_series_overflow);
+            }
+            return;
+        }
+        // Istio reports "0" for requests that got no response; so does this.
+        let status = StackText::<8>::number(u64::from(key.status.unwrap_or(0)));
+        let port = match key.port {
+            Some(p) => StackText::<8>::number(u64::from(p)),
+            None => StackText::default(),
+        };
+        let ip;
+        let server_address = match key.server {
+            ServerAddress::Host(host) => host,
+            ServerAddress::Ip(addr) => {
+                ip = Text::ip(addr);
+                ip.as_str()
+            }
+            ServerAddress::Unknown => "",
+        };
+        let error_type = match key.error {
+            Some(e) => StackText::<32>::of(e),
+            None => StackText::default(),
+        };
+        let labels = [
+            ("service_name", key.service_name),
+            ("http_request_method", key.method),
+            ("http_response_status_code", status.as_str()),
+            ("network_protocol_version", key.protocol_version),
+            ("server_address", server_address),
+            ("server_port", port.as_str()),
+            ("error_type", error_type.as_str()),
+        ];
+        let durations = match key.kind {
+            SpanKind::Server => &self.server_duration,
+            SpanKind::Client => &self.client_duration,
+        };
+        let mut handle = None;
+        let overflow = durations.with_at(&labels, now_secs, |h| {
+            h.observe(secs);
+            handle = Some(h.clone());
+        });
+        let Some(histogram) = handle else {
+            return;
+        };
+        match known {
+            Some(entry) => (entry.histogram, entry.overflow, entry.second) = (histogram, overflow, now_secs),
+            None => memo.insert(hash, SemconvEntry::new(&key, histogram, overflow, now_secs)),
+        }
+    }
+
     /// The text exposition of every series.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
@@ -199,7 +231,7 @@ impl Prometheus {
     }
 }
 
-/// Most entries [`IstioMemo`] keeps; it starts over past it.
+/// Most entries a [`Memo`] keeps; it starts over past it.
 const MAX_MEMO: usize = 4096;
 
 /// What a span's 25 Istio labels are made from: its peers' sources and its
@@ -296,32 +328,140 @@ impl MemoEntry {
     }
 }
 
-/// The Istio series' handles by [`IstioKey`]. A hit skips the family's
-/// label lookup only within the second the entry was last looked up
-/// through the family: the first write of each second goes through it,
-/// so a series in use never expires, and a series that was replaced
-/// (expired, or the family went over its cap) is found again. Bounded by
-/// [`MAX_MEMO`].
-#[derive(Debug, Default)]
-struct IstioMemo {
+/// Series handles by what their labels are made from ([`IstioKey`],
+/// [`SemconvKey`]). A hit skips the family's label lookup only within the
+/// second the entry was last looked up through the family: the first write
+/// of each second goes through it, so a series in use never expires, and a
+/// series that was replaced (expired, or the family went over its cap) is
+/// found again. Bounded by [`MAX_MEMO`].
+#[derive(Debug)]
+struct Memo<E> {
     /// By key hash; a bucket holds more than one entry only on a collision.
-    entries: foldhash::HashMap<u64, Vec<MemoEntry>>,
+    entries: foldhash::HashMap<u64, Vec<E>>,
     len: usize,
     hasher: foldhash::fast::RandomState,
 }
 
-impl IstioMemo {
-    fn get_mut(&mut self, hash: u64, key: &IstioKey<'_>) -> Option<&mut MemoEntry> {
-        self.entries.get_mut(&hash)?.iter_mut().find(|e| key.is(e))
+impl<E> Default for Memo<E> {
+    fn default() -> Self {
+        Self {
+            entries: Default::default(),
+            len: 0,
+            hasher: Default::default(),
+        }
+    }
+}
+
+impl<E> Memo<E> {
+    fn get_mut(&mut self, hash: u64, is: impl Fn(&E) -> bool) -> Option<&mut E> {
+        self.entries.get_mut(&hash)?.iter_mut().find(|e| is(e))
     }
 
-    fn insert(&mut self, hash: u64, entry: MemoEntry) {
+    fn insert(&mut self, hash: u64, entry: E) {
         if self.len >= MAX_MEMO {
             self.entries.clear();
             self.len = 0;
         }
         self.entries.entry(hash).or_default().push(entry);
         self.len += 1;
+    }
+}
+
+/// What a span's semconv duration labels are made from, as values (no
+/// text is formatted for a span whose key is known).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SemconvKey<'a> {
+    kind: SpanKind,
+    service_name: &'a str,
+    method: &'a str,
+    status: Option<u16>,
+    protocol_version: &'static str,
+    /// Of a client request (a server's is empty).
+    server: ServerAddress<'a>,
+    port: Option<u16>,
+    error: Option<ErrorType>,
+}
+
+impl<'a> SemconvKey<'a> {
+    fn of(span: &'a Span, service_name: &'a str) -> Self {
+        Self {
+            kind: span.kind,
+            service_name,
+            method: span.method_label(),
+            status: span.status_code,
+            protocol_version: span.protocol_version,
+            server: match span.kind {
+                SpanKind::Client => client_server_address(span),
+                SpanKind::Server => ServerAddress::Unknown,
+            },
+            port: span.server.map(|s| s.port()),
+            error: span.error_kind(),
+        }
+    }
+
+    fn is(&self, e: &SemconvEntry) -> bool {
+        let server = match (&e.server, self.server) {
+            (OwnedServerAddress::Host(a), ServerAddress::Host(b)) => **a == *b,
+            (OwnedServerAddress::Ip(a), ServerAddress::Ip(b)) => *a == b,
+            (OwnedServerAddress::Unknown, ServerAddress::Unknown) => true,
+            _ => false,
+        };
+        server
+            && self.kind == e.kind
+            && self.status == e.status
+            && self.port == e.port
+            && self.error == e.error
+            && self.protocol_version == e.protocol_version
+            && self.method == &*e.method
+            && self.service_name == &*e.service_name
+    }
+}
+
+/// [`ServerAddress`], owned.
+#[derive(Debug)]
+enum OwnedServerAddress {
+    Host(Box<str>),
+    Ip(std::net::IpAddr),
+    Unknown,
+}
+
+/// One [`SemconvKey`], owned, with the handle of its series.
+#[derive(Debug)]
+struct SemconvEntry {
+    kind: SpanKind,
+    service_name: Box<str>,
+    method: Box<str>,
+    status: Option<u16>,
+    protocol_version: &'static str,
+    server: OwnedServerAddress,
+    port: Option<u16>,
+    error: Option<ErrorType>,
+    histogram: Histogram,
+    /// The handle is the overflow series'.
+    overflow: bool,
+    /// As [`MemoEntry::second`].
+    second: u64,
+}
+
+impl SemconvEntry {
+    fn new(key: &SemconvKey<'_>, histogram: Histogram, overflow: bool, second: u64) -> Self {
+        Self {
+            kind: key.kind,
+            service_name: key.service_name.into(),
+            method: key.method.into(),
+            status: key.status,
+            protocol_version: key.protocol_version,
+            server: match key.server {
+                ServerAddress::Host(h) => OwnedServerAddress::Host(h.into()),
+                ServerAddress::Ip(ip) => OwnedServerAddress::Ip(ip),
+                ServerAddress::Unknown => OwnedServerAddress::Unknown,
+            },
+            port: key.port,
+            error: key.error,
+            histogram,
+            overflow,
+            second,
+        }
     }
 }
 
@@ -377,7 +517,7 @@ fn istio_labels<'a>(key: &IstioKey<'a>, status: &'a str, grpc_status: &'a str) -
 
 /// `server.address` of a client request: the host its target names
 /// (absolute or authority form), else the peer's IP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum ServerAddress<'a> {
     Host(&'a str),
     Ip(std::net::IpAddr),
@@ -616,6 +756,57 @@ mod tests {
         assert!(lines.len() > 200, "the spans make many series: {}", lines.len());
         assert_eq!(
             istio_lines(&cached),
+            lines,
+            "cached writes land where looked-up ones do"
+        );
+    }
+
+    /// The semconv duration series lines of an exposition, sorted.
+    fn semconv_lines(p: &Prometheus) -> Vec<String> {
+        let mut lines: Vec<String> = p
+            .encode()
+            .expect("encodes")
+            .lines()
+            .filter(|l| l.starts_with("http_"))
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn cached_semconv_series_are_the_ones_the_labels_name() {
+        // Istio's varied spans, and each of a few of them changed in one
+        // semconv label at a time.
+        let mut spans = varied_spans();
+        let bases: Vec<Span> = spans.iter().step_by(97).cloned().collect();
+        for base in bases {
+            let mut vary = |f: &dyn Fn(&mut Span)| {
+                let mut s = base.clone();
+                f(&mut s);
+                spans.push(s);
+            };
+            vary(&|s| s.method = "POST".into());
+            vary(&|s| s.method = "PURGE".into());
+            vary(&|s| s.method = "BREW".into());
+            vary(&|s| s.protocol_version = "1.0");
+            vary(&|s| s.server = Some("[::1]:9090".parse().expect("addr")));
+            vary(&|s| s.server = Some("10.1.2.3:8080".parse().expect("addr")));
+            vary(&|s| s.request = crate::span::RequestText::new("http://shop.example:81/x", None));
+            vary(&|s| s.request = crate::span::RequestText::new("http://other.example:81/x", None));
+        }
+        let cached = prometheus();
+        for _ in 0..3 {
+            record_all(&cached, &spans, |_| 5);
+        }
+        let looked_up = prometheus();
+        for round in 0..3u64 {
+            record_all(&looked_up, &spans, |i| round * 100_000 + i as u64);
+        }
+        let lines = semconv_lines(&looked_up);
+        assert!(lines.len() > 300, "the spans make many series: {}", lines.len());
+        assert_eq!(
+            semconv_lines(&cached),
             lines,
             "cached writes land where looked-up ones do"
         );
