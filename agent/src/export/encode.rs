@@ -81,7 +81,51 @@ pub struct Encoder {
     /// encoding ten key/values again. A miss overwrites its slot, reusing
     /// its buffer.
     connections: Box<[ConnectionSlot]>,
+    /// The workloads of the last spans, told by identity, and their cache
+    /// keys: a batch's spans come from few workloads, so most find theirs
+    /// here without hashing their names or touching the cache.
+    recent: [Option<Recent>; RECENT],
+    next_recent: usize,
     w: Writer,
+}
+
+/// Workloads remembered in [`Encoder::recent`].
+const RECENT: usize = 4;
+
+/// A workload by the objects a span names it with (each held, so its
+/// address is no other object's while remembered), and its cache key.
+struct Recent {
+    pid: u32,
+    name: std::sync::Arc<str>,
+    executable: std::sync::Arc<str>,
+    pod: Option<std::sync::Arc<crate::k8s::PodMeta>>,
+    hash: u64,
+}
+
+impl Recent {
+    fn of(span: &Span, hash: u64) -> Self {
+        Self {
+            pid: span.process.pid,
+            name: span.process.name.clone(),
+            executable: span.process.executable.clone(),
+            pod: span.k8s.as_ref().map(|k| k.pod.clone()),
+            hash,
+        }
+    }
+
+    fn is_of(&self, span: &Span) -> bool {
+        use std::sync::Arc;
+        let p = &span.process;
+        let same_pod = match (&self.pod, &span.k8s) {
+            (None, None) => true,
+            (Some(a), Some(k)) => Arc::ptr_eq(a, &k.pod),
+            _ => false,
+        };
+        self.pid == p.pid
+            && Arc::ptr_eq(&self.name, &p.name)
+            && Arc::ptr_eq(&self.executable, &p.executable)
+            && same_pod
+    }
 }
 
 impl Encoder {
@@ -94,6 +138,8 @@ impl Encoder {
             order: Vec::new(),
             members: Vec::new(),
             connections: (0..CONNECTION_SLOTS).map(|_| None).collect(),
+            recent: Default::default(),
+            next_recent: 0,
             w: Writer::default(),
         }
     }
@@ -109,6 +155,7 @@ impl Encoder {
     ) -> Vec<u32> {
         if self.cache.len() >= MAX_CACHED {
             self.cache.clear();
+            self.recent = Default::default();
         }
         let mut order = std::mem::take(&mut self.order);
         order.clear();
@@ -168,10 +215,16 @@ impl Encoder {
 
     /// The cache key of a span's resource, encoding the resource if new.
     fn resource(&mut self, span: &Span) -> u64 {
+        if let Some(recent) = self.recent.iter().flatten().find(|r| r.is_of(span)) {
+            return recent.hash;
+        }
         let h = resource::hash_of(span, &self.hasher);
         if self.cache.get(&h).is_some_and(|(key, _)| resource::is_of(key, span)) {
+            self.remember(span, h);
             return h;
         }
+        // The entry of `h` changes: what `recent` says of it may be stale.
+        self.recent = Default::default();
         // A different workload with the same 64-bit hash replaces the
         // entry (a collision this unlikely is not worth a second probe).
         let mut w = Writer::default();
@@ -185,7 +238,14 @@ impl Encoder {
             key_value(&mut w, field::RESOURCE_ATTRIBUTES, "", &k, v);
         }
         self.cache.insert(h, (resource::key_of(span), w.buf));
+        self.remember(span, h);
         h
+    }
+
+    /// Remembers `span`'s workload as having cache key `h`.
+    fn remember(&mut self, span: &Span, h: u64) {
+        self.recent[self.next_recent] = Some(Recent::of(span, h));
+        self.next_recent = (self.next_recent + 1) % RECENT;
     }
 
     fn open_group(&mut self, h: u64) {

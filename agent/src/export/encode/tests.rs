@@ -276,3 +276,86 @@ fn connection_attributes_reused_from_an_earlier_span_are_each_spans_own() {
         }
     }
 }
+
+#[test]
+fn spans_of_more_workloads_than_are_remembered_each_go_under_their_own_resource() {
+    // Workloads told apart by pid, by name under one pid (an exec), and by
+    // pod; more of them than `RECENT`, interleaved, over two batches.
+    let pod = |uid: &str| {
+        std::sync::Arc::new(crate::k8s::PodMeta {
+            uid: uid.into(),
+            name: format!("pod-{uid}"),
+            namespace: "shop".into(),
+            node: String::new(),
+            ips: Vec::new(),
+            app_label: None,
+            workload: None,
+            containers: Vec::new(),
+            opted_out: false,
+            istio: Default::default(),
+        })
+    };
+    // Clones share their names' objects: only what differs tells them apart.
+    let mut workloads: Vec<Span> = (0..5).map(|i| span(100 + i, "/")).collect();
+    let mut exec = workloads[0].clone();
+    exec.process.name = "renamed".into();
+    workloads.push(exec);
+    let mut other_pid = workloads[1].clone();
+    other_pid.process.pid = 300;
+    workloads.push(other_pid);
+    let in_pod = span(200, "/");
+    for uid in ["a", "b"] {
+        let mut s = in_pod.clone();
+        s.k8s = Some(crate::k8s::SpanK8s {
+            pod: pod(uid),
+            container: None,
+            service_fqdn: None,
+        });
+        workloads.push(s);
+    }
+    let resource_of = |s: &Span| {
+        let uid = s.k8s.as_ref().map_or("-", |k| k.pod.uid.as_str());
+        format!("{} {} {}", s.process.pid, s.process.name, uid)
+    };
+    let mut enc = encoder();
+    for batch in 0..2 {
+        let spans: Vec<Span> = (0..40)
+            .map(|i| workloads[(i * 5 + batch) % workloads.len()].clone())
+            .collect();
+        let (requests, _) = decode_all(&mut enc, &spans, usize::MAX);
+        let mut seen = Vec::new();
+        for rs in &requests[0].resource_spans {
+            let attrs: HashMap<_, _> = rs
+                .resource
+                .as_ref()
+                .expect("resource")
+                .attributes
+                .iter()
+                .map(|kv| (kv.key.clone(), text(&kv.value)))
+                .collect();
+            let uid = attrs.get("k8s.pod.uid").map_or("-", String::as_str);
+            let name = if attrs.contains_key("k8s.pod.uid") {
+                // A pod's service is named by the pod, not the process.
+                "server".to_owned()
+            } else {
+                attrs["service.name"].clone()
+            };
+            seen.push((
+                format!("{} {} {}", attrs["process.pid"], name, uid),
+                rs.scope_spans[0].spans.len(),
+            ));
+        }
+        seen.sort();
+        let mut want: Vec<(String, usize)> = workloads
+            .iter()
+            .map(|w| {
+                (
+                    resource_of(w),
+                    spans.iter().filter(|s| resource_of(s) == resource_of(w)).count(),
+                )
+            })
+            .collect();
+        want.sort();
+        assert_eq!(seen, want, "batch {batch}");
+    }
+}
