@@ -1,6 +1,7 @@
 #!/bin/bash
 # Usage: docs/bench/cpu.sh target/release/meshless [RATE [SECONDS]] [-- extra agent args...]   (root)
 #   PERF=1 also records a call-graph profile (perf.data in the work dir) and prints its top symbols.
+#   RANDOM_PATHS=1 gives every request a path of its own; CONNS=N sets the connections (16).
 # Agent CPU per traced request: nginx + oha -q RATE in a test-made cgroup
 # (both ends traced, 16 keep-alive connections), the agent scoped to that
 # cgroup, exporting every span over OTLP/gRPC to a blackhole rotel on
@@ -28,7 +29,10 @@ sh -c "echo \$\$ > $CG/cgroup.procs; exec nginx -c $D/nginx.conf" & NGINX=$!
   --stats-interval-secs 0 --cgroup $CG "$@" 2> $D/agent.log > /dev/null & AGENT=$!
 for i in $(seq 400); do grep -q "meshless ready" $D/agent.log && break; kill -0 $AGENT 2>/dev/null || { cat $D/agent.log; kill $NGINX $ROTEL_PID; exit 1; }; sleep 0.05; done
 sleep 1
-sh -c "echo \$\$ > $CG/cgroup.procs; exec oha --no-tui --output-format json -z $((SECS + 4))s -c ${CONNS:-16} -q $RATE --latency-correction http://127.0.0.1:$PORT/" > $D/oha.json & OHA=$!
+# RANDOM_PATHS=1: every request has a path of its own (no two request heads alike).
+URL="http://127.0.0.1:$PORT/"
+[ -n "${RANDOM_PATHS:-}" ] && URL="--rand-regex-url 'http://127.0.0.1:$PORT/[a-z]{16}'"
+sh -c "echo \$\$ > $CG/cgroup.procs; exec oha --no-tui --output-format json -z $((SECS + 4))s -c ${CONNS:-16} -q $RATE --latency-correction $URL" > $D/oha.json & OHA=$!
 sleep 2
 ticks() { awk '{print $14 + $15}' /proc/$AGENT/stat; }
 user_ticks() { awk '{print $14}' /proc/$AGENT/stat; }
