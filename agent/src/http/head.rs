@@ -318,33 +318,13 @@ impl Head {
 
     /// Becomes a copy of `other`, reusing its own header buffer.
     pub fn clone_from_pooled(&mut self, other: &Head) {
-        self.kind.clone_from(&other.kind);
-        self.headers.clone_from_pooled(&other.headers);
-        let Head {
-            kind: _,
-            headers: _,
-            version,
-            headers_dropped,
-            truncated,
-            start_ktime_ns,
-            at_segment_start,
-            in_one_segment,
-        } = *other;
-        (
-            self.version,
-            self.headers_dropped,
-            self.truncated,
-            self.start_ktime_ns,
-            self.at_segment_start,
-            self.in_one_segment,
-        ) = (
-            version,
-            headers_dropped,
-            truncated,
-            start_ktime_ns,
-            at_segment_start,
-            in_one_segment,
-        );
+        let mut headers = std::mem::take(&mut self.headers);
+        headers.clone_from_pooled(&other.headers);
+        *self = Head {
+            kind: other.kind.clone(),
+            headers,
+            ..*other
+        };
     }
 
     pub fn flow(&self) -> Flow {

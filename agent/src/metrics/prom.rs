@@ -639,11 +639,16 @@ mod tests {
 
     /// The Istio series lines of an exposition, in a stable order.
     fn istio_lines(p: &Prometheus) -> Vec<String> {
+        lines_of(p, "istio_")
+    }
+
+    /// The exposition's lines that start with `prefix`, sorted.
+    fn lines_of(p: &Prometheus, prefix: &str) -> Vec<String> {
         let mut lines: Vec<String> = p
             .encode()
             .expect("encodes")
             .lines()
-            .filter(|l| l.starts_with("istio_"))
+            .filter(|l| l.starts_with(prefix))
             .map(str::to_owned)
             .collect();
         lines.sort();
@@ -763,15 +768,7 @@ mod tests {
 
     /// The semconv duration series lines of an exposition, sorted.
     fn semconv_lines(p: &Prometheus) -> Vec<String> {
-        let mut lines: Vec<String> = p
-            .encode()
-            .expect("encodes")
-            .lines()
-            .filter(|l| l.starts_with("http_"))
-            .map(str::to_owned)
-            .collect();
-        lines.sort();
-        lines
+        lines_of(p, "http_")
     }
 
     #[test]

@@ -75,6 +75,17 @@ fn encoder() -> Encoder {
     )
 }
 
+/// A request's resource attributes as text, by key.
+fn resource_attributes(rs: &opentelemetry_proto::tonic::trace::v1::ResourceSpans) -> HashMap<String, String> {
+    rs.resource
+        .as_ref()
+        .expect("resource")
+        .attributes
+        .iter()
+        .map(|kv| (kv.key.clone(), text(&kv.value)))
+        .collect()
+}
+
 fn decode_all(enc: &mut Encoder, spans: &[Span], max: usize) -> (Vec<ExportTraceServiceRequest>, Vec<u32>) {
     let mut requests = Vec::new();
     let oversize = enc.encode(spans, max, |bytes, members| {
@@ -100,14 +111,7 @@ fn a_span_decodes_with_the_official_protobufs_carrying_every_field() {
         panic!("one request: {requests:?}")
     };
     let rs = &req.resource_spans[0];
-    let res: HashMap<_, _> = rs
-        .resource
-        .as_ref()
-        .expect("resource")
-        .attributes
-        .iter()
-        .map(|kv| (kv.key.clone(), text(&kv.value)))
-        .collect();
+    let res = resource_attributes(rs);
     assert_eq!(res["service.name"], "server");
     assert_eq!(res["process.pid"], "40");
     assert_eq!(res["process.executable.name"], "server-bin");
@@ -325,14 +329,7 @@ fn spans_of_more_workloads_than_are_remembered_each_go_under_their_own_resource(
         let (requests, _) = decode_all(&mut enc, &spans, usize::MAX);
         let mut seen = Vec::new();
         for rs in &requests[0].resource_spans {
-            let attrs: HashMap<_, _> = rs
-                .resource
-                .as_ref()
-                .expect("resource")
-                .attributes
-                .iter()
-                .map(|kv| (kv.key.clone(), text(&kv.value)))
-                .collect();
+            let attrs = resource_attributes(rs);
             let uid = attrs.get("k8s.pod.uid").map_or("-", String::as_str);
             let name = if attrs.contains_key("k8s.pod.uid") {
                 // A pod's service is named by the pod, not the process.
