@@ -432,13 +432,14 @@ pub fn parse_leading(
     let end = super::find_head_end(data)?;
     // httparse reads a head no further than its end: the same bytes up to
     // there parse the same whatever follows them.
-    if let Some(head) = memo::get(&data[..end], flow, kept) {
-        return Some((Ok(head), end));
-    }
+    let miss = match memo::get(&data[..end], flow, kept) {
+        Ok(head) => return Some((Ok(head), end)),
+        Err(miss) => miss,
+    };
     let parsed = parse_leading_fresh(data, flow, kept);
     if let Some((Ok(head), len)) = &parsed {
         if *len == end {
-            memo::put(&data[..end], flow, kept, head);
+            memo::put(miss, &data[..end], flow, kept, head);
         }
     }
     parsed

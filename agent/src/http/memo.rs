@@ -39,39 +39,46 @@ thread_local! {
 }
 
 impl Memo {
-    fn slot(&mut self, bytes: &[u8]) -> &mut Option<Slot> {
-        if self.slots.is_empty() {
-            self.slots.resize_with(SLOTS, || None);
-        }
-        let h = std::hash::BuildHasher::hash_one(&self.hasher, bytes);
-        &mut self.slots[h as usize % SLOTS]
+    /// The slot of `bytes`.
+    fn index(&self, bytes: &[u8]) -> usize {
+        std::hash::BuildHasher::hash_one(&self.hasher, bytes) as usize % SLOTS
     }
 }
+
+/// Where a head [`get`] did not find goes ([`put`]): its slot, found once
+/// (None: the head is too long to remember).
+pub struct Miss(Option<usize>);
 
 /// The head `bytes` (a whole head, blank line included) parsed to before,
 /// as a message of `flow` keeping `kept`'s fields.
-pub fn get(bytes: &[u8], flow: Option<Flow>, kept: &KeptHeaders) -> Option<Head> {
+pub fn get(bytes: &[u8], flow: Option<Flow>, kept: &KeptHeaders) -> Result<Head, Miss> {
     if bytes.len() > MAX_BYTES {
-        return None;
+        return Err(Miss(None));
     }
     MEMO.try_with(|m| {
-        let mut m = m.borrow_mut();
-        let slot = m.slot(bytes).as_ref()?;
-        let same = slot.flow == flow && slot.kept.same_rules(kept) && slot.bytes == bytes;
-        same.then(|| slot.head.pooled_clone())
+        let m = m.borrow();
+        let index = m.index(bytes);
+        match m.slots.get(index).and_then(Option::as_ref) {
+            Some(slot) if slot.flow == flow && slot.kept.same_rules(kept) && slot.bytes == bytes => {
+                Ok(slot.head.pooled_clone())
+            }
+            _ => Err(Miss(Some(index))),
+        }
     })
-    .ok()
-    .flatten()
+    .unwrap_or(Err(Miss(None)))
 }
 
-/// Remembers that `bytes` parsed to `head` (as in [`get`]).
-pub fn put(bytes: &[u8], flow: Option<Flow>, kept: &KeptHeaders, head: &Head) {
-    if bytes.len() > MAX_BYTES {
+/// Remembers that `bytes` parsed to `head`, where [`get`] missed it.
+pub fn put(miss: Miss, bytes: &[u8], flow: Option<Flow>, kept: &KeptHeaders, head: &Head) {
+    let Miss(Some(index)) = miss else {
         return;
-    }
+    };
     let _ = MEMO.try_with(|m| {
         let mut m = m.borrow_mut();
-        match m.slot(bytes) {
+        if m.slots.is_empty() {
+            m.slots.resize_with(SLOTS, || None);
+        }
+        match &mut m.slots[index] {
             Some(slot) => {
                 slot.flow = flow;
                 if !slot.kept.same_rules(kept) {
